@@ -1,0 +1,1 @@
+"""cdcddp.ddp layer."""

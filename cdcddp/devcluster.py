@@ -1,0 +1,237 @@
+"""A throwaway local PostgreSQL cluster, for the test suite, benchmarks and ``deploy/up``.
+
+PostgreSQL refuses to run as root, and CI runs as root: when this process is root the cluster
+runs as an unprivileged user (``postgres`` when it exists, else a ``cdcddp`` system user that is
+created on demand). The cluster listens on 127.0.0.1 and a unix socket inside its directory, so
+several clusters can run side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PG_MAJOR_PREFERRED = 15
+
+# Settings every cluster gets; callers may add or override.
+BASE_SETTINGS: dict[str, str] = {
+    "wal_level": "logical",
+    "max_replication_slots": "64",
+    "max_wal_senders": "64",
+    "max_connections": "200",
+    "listen_addresses": "'127.0.0.1'",
+    "shared_buffers": "128MB",
+    "logical_decoding_work_mem": "64MB",
+    "wal_sender_timeout": "60s",
+    "log_min_messages": "warning",
+    "log_line_prefix": "'%m [%p] %a '",
+    "timezone": "'UTC'",
+    "datestyle": "'iso, ymd'",
+}
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not be created or started; the message says what to fix."""
+
+
+def find_bindir() -> Path:
+    """The bin directory of the installed PostgreSQL server, preferring version 15."""
+    override = os.environ.get("CDCDDP_PG_BINDIR")
+    if override:
+        return Path(override)
+    base = Path("/usr/lib/postgresql")
+    versions = sorted(
+        (int(p.name) for p in base.glob("*") if p.name.isdigit() and (p / "bin/initdb").exists()),
+        reverse=True,
+    )
+    if not versions:
+        raise ClusterError(
+            "PostgreSQL server binaries not found under /usr/lib/postgresql: "
+            "install them with `apt-get install postgresql-15 postgresql-15-wal2json`."
+        )
+    major = PG_MAJOR_PREFERRED if PG_MAJOR_PREFERRED in versions else versions[0]
+    return base / str(major) / "bin"
+
+
+def has_wal2json(bindir: Path) -> bool:
+    pkglibdir = subprocess.run(
+        [str(bindir / "pg_config"), "--pkglibdir"], capture_output=True, text=True, check=False
+    ).stdout.strip() or str(bindir.parent / "lib")
+    return Path(pkglibdir, "wal2json.so").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _service_user() -> pwd.struct_passwd | None:
+    """The unprivileged account to run PostgreSQL as, or None when we are not root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "cdcddp"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "cdcddp"],
+        check=True,
+    )
+    return pwd.getpwnam("cdcddp")
+
+
+@dataclass
+class LocalCluster:
+    """A PostgreSQL cluster in ``root`` (data in ``root/data``, socket and log beside it)."""
+
+    root: Path
+    port: int = 0
+    settings: dict[str, str] = field(default_factory=dict)
+    superuser: str = "postgres"
+    bindir: Path = field(default_factory=find_bindir)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).absolute()
+        self._user = _service_user()
+        if not has_wal2json(self.bindir):
+            raise ClusterError(
+                f"wal2json is not installed for the PostgreSQL in {self.bindir.parent}: "
+                "install it with `apt-get install postgresql-15-wal2json`."
+            )
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def datadir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def socketdir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def logfile(self) -> Path:
+        return self.root / "postgres.log"
+
+    def dsn(self, dbname: str = "postgres", **extra: str) -> str:
+        parts = {"host": "127.0.0.1", "port": str(self.port), "user": self.superuser,
+                 "dbname": dbname, **extra}
+        return " ".join(f"{k}={v}" for k, v in parts.items())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        kwargs: dict[str, object] = {}
+        if self._user is not None:
+            kwargs = {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+        env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+        if self._user is not None:
+            env["HOME"] = str(self.root)
+        proc = subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]],
+            capture_output=True, text=True, env=env, cwd=self.root, check=False,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        if check and proc.returncode != 0:
+            log = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
+            raise ClusterError(
+                f"`{' '.join(args)}` failed ({proc.returncode}): {proc.stderr.strip()}\n{log}"
+            )
+        return proc
+
+    def _chown(self, path: Path) -> None:
+        if self._user is not None:
+            os.chown(path, self._user.pw_uid, self._user.pw_gid)
+
+    def init(self) -> None:
+        """Create the cluster unless it exists; (re)write its settings."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._chown(self.root)
+        if self._user is not None and not os.access(self.root, os.X_OK):
+            raise ClusterError(f"{self.root} is not reachable by user {self._user.pw_name}")
+        self.socketdir.mkdir(exist_ok=True)
+        self._chown(self.socketdir)
+        if not (self.datadir / "PG_VERSION").exists():
+            self._run("initdb", "-D", str(self.datadir), "-U", self.superuser, "--auth=trust",
+                      "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
+        if not self.port:
+            self.port = free_port()
+        conf = {**BASE_SETTINGS, "port": str(self.port),
+                "unix_socket_directories": f"'{self.socketdir}'", **self.settings}
+        auto = "".join(f"{k} = {v}\n" for k, v in conf.items())
+        target = self.datadir / "postgresql.auto.conf"
+        target.write_text("# written by cdcddp.devcluster\n" + auto)
+        self._chown(target)
+
+    def is_running(self) -> bool:
+        return self._run("pg_ctl", "-D", str(self.datadir), "status", check=False).returncode == 0
+
+    def start(self) -> None:
+        if self.is_running():
+            return
+        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60",
+                  "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.datadir / "PG_VERSION").exists() and self.is_running():
+            self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop", check=False)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def psql(self, sql: str, dbname: str = "postgres") -> str:
+        """Run SQL with psql (for set-up steps; tests use psycopg)."""
+        proc = subprocess.run(
+            [str(self.bindir / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",
+             "-d", self.dsn(dbname), "-c", sql],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            raise ClusterError(proc.stderr.strip())
+        return proc.stdout
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = subprocess.run([str(self.bindir / "pg_isready"), "-h", "127.0.0.1",
+                                   "-p", str(self.port)], capture_output=True, check=False)
+            if proc.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise ClusterError(f"PostgreSQL on port {self.port} did not become ready")
+
+
+def ensure_local(root: Path, port: int = 54329) -> LocalCluster:
+    """Create (once) and start the persistent development cluster used by ``deploy/up``."""
+    cluster = LocalCluster(root, port=port)
+    cluster.init()
+    cluster.start()
+    cluster.wait_ready()
+    return cluster
+
+
+def main() -> None:
+    """``python -m cdcddp.devcluster DIR [PORT]``: start the dev cluster, print its DSN."""
+    import sys
+
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else ".cdcddp")
+    port = int(sys.argv[2]) if len(sys.argv) > 2 else 54329
+    try:
+        cluster = ensure_local(root, port)
+    except ClusterError as exc:
+        sys.exit(f"cdcddp: {exc}")
+    print(cluster.dsn())
+
+
+if __name__ == "__main__":
+    main()

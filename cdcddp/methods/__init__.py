@@ -1,0 +1,1 @@
+"""cdcddp.methods layer."""

@@ -1,0 +1,1 @@
+"""cdcddp.server layer."""

@@ -1,0 +1,113 @@
+"""Typed change events decoded from wal2json format-version 2.
+
+One event per wal2json document. LSNs are ints (format/parse in ``cdcddp.wal.lsn``).
+Row values are dicts of column name -> Python value; a column wal2json left out (an unchanged
+TOASTed value) is simply not a key of the dict — never ``None``, which means SQL NULL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Literal
+
+
+class _Absent:
+    """Marker for a column whose value the stream did not carry (unchanged TOAST)."""
+
+    _instance: _Absent | None = None
+
+    def __new__(cls) -> _Absent:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Final = _Absent()
+"""``row.get(column, ABSENT)`` tells an omitted column from SQL NULL (``None``)."""
+
+Row = dict[str, Any]
+
+
+@dataclass(slots=True, frozen=True)
+class Begin:
+    xid: int
+    lsn: int  # start of the commit record (final_lsn)
+    end_lsn: int  # end of the commit record (wal2json "nextlsn"): what to acknowledge
+    timestamp: datetime | None  # commit timestamp (UTC)
+
+
+@dataclass(slots=True, frozen=True)
+class Commit:
+    xid: int
+    lsn: int
+    end_lsn: int  # acknowledge this once the transaction is applied
+    timestamp: datetime | None
+
+
+@dataclass(slots=True, frozen=True)
+class Insert:
+    xid: int
+    lsn: int
+    schema: str
+    table: str
+    new: Row
+    pk: tuple[str, ...]  # primary-key column names (empty when the table has none)
+    action: Literal["I"] = "I"
+
+
+@dataclass(slots=True, frozen=True)
+class Update:
+    xid: int
+    lsn: int
+    schema: str
+    table: str
+    new: Row  # may lack unchanged TOASTed columns
+    identity: Row  # replica identity columns: old key values (whole old row under FULL)
+    pk: tuple[str, ...]
+    action: Literal["U"] = "U"
+
+
+@dataclass(slots=True, frozen=True)
+class Delete:
+    xid: int
+    lsn: int
+    schema: str
+    table: str
+    identity: Row
+    pk: tuple[str, ...]
+    action: Literal["D"] = "D"
+
+
+@dataclass(slots=True, frozen=True)
+class Truncate:
+    xid: int
+    lsn: int
+    schema: str
+    table: str
+    action: Literal["T"] = "T"
+
+
+@dataclass(slots=True, frozen=True)
+class Message:
+    """``pg_logical_emit_message``; non-transactional ones have ``xid=None``."""
+
+    xid: int | None
+    lsn: int
+    transactional: bool
+    prefix: str
+    content: str
+    action: Literal["M"] = "M"
+
+
+RowChange = Insert | Update | Delete
+Event = Begin | Commit | Insert | Update | Delete | Truncate | Message
