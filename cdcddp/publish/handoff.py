@@ -1,0 +1,90 @@
+"""The snapshot/stream handoff: recent transactions kept for subscriptions being snapshotted.
+
+A new subscription runs its snapshot query while the stream keeps applying transactions. A
+transaction that commits after the snapshot was taken but is delivered by the stream before the
+subscription registers would otherwise be lost. So, before its query starts, a subscription
+*pins* the stream's current position; every transaction delivered after that position is kept
+here until the subscription registers and replays those of them that its snapshot did not see
+(``Snapshot.is_visible``). Transactions delivered before the pin committed before the snapshot
+was taken (delivery follows commit), so the snapshot saw them.
+
+Memory is bounded: when the kept transactions exceed ``max_changes``, the oldest are dropped
+and every pin that still needed them is marked broken; its subscription retakes its snapshot.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from cdcddp.wal.events import RowChange, Truncate
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedTransaction:
+    xid: int
+    end_lsn: int
+    changes: Sequence[RowChange | Truncate]
+
+
+@dataclass(eq=False, slots=True)
+class Pin:
+    """A subscription's claim on transactions delivered after ``after_seq``."""
+
+    after_seq: int
+    broken: bool = False
+    released: bool = field(default=False)
+
+
+class RecentTransactions:
+    """Transactions delivered since the oldest live pin, in commit order."""
+
+    def __init__(self, max_changes: int = 100_000) -> None:
+        self.max_changes = max_changes
+        self._kept: deque[tuple[int, CommittedTransaction]] = deque()
+        self._kept_changes = 0
+        self._seq = 0  # number of transactions delivered so far
+        self._pins: list[Pin] = []
+
+    def pin(self) -> Pin:
+        """Call before starting a snapshot query."""
+        p = Pin(after_seq=self._seq)
+        self._pins.append(p)
+        return p
+
+    def release(self, pin: Pin) -> None:
+        pin.released = True
+        self._pins = [p for p in self._pins if not p.released]
+        self._trim()
+
+    def delivered(self, txn: CommittedTransaction) -> None:
+        """Record a transaction the stream just applied (only kept while someone needs it)."""
+        self._seq += 1
+        if not self._pins:
+            return
+        self._kept.append((self._seq, txn))
+        self._kept_changes += max(1, len(txn.changes))
+        while self._kept_changes > self.max_changes and self._kept:
+            seq, dropped = self._kept.popleft()
+            self._kept_changes -= max(1, len(dropped.changes))
+            for p in self._pins:
+                if p.after_seq < seq:
+                    p.broken = True
+
+    def since(self, pin: Pin) -> Iterator[CommittedTransaction]:
+        """Transactions delivered after ``pin`` was taken; raises if some were dropped."""
+        if pin.broken:
+            raise LookupError("transactions needed by this handoff were dropped")
+        for seq, txn in self._kept:
+            if seq > pin.after_seq:
+                yield txn
+
+    def _trim(self) -> None:
+        oldest_needed = min((p.after_seq for p in self._pins), default=self._seq)
+        while self._kept and self._kept[0][0] <= oldest_needed:
+            _, dropped = self._kept.popleft()
+            self._kept_changes -= max(1, len(dropped.changes))
+
+    def __len__(self) -> int:
+        return len(self._kept)

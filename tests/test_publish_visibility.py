@@ -1,0 +1,69 @@
+"""Snapshot visibility of stream xids, checked against what a real snapshot sees."""
+
+import psycopg
+import pytest
+
+from cdcddp.publish.visibility import Snapshot
+
+
+def test_parse_and_rules() -> None:
+    snap = Snapshot.parse("100:110:102,105")
+    assert snap == Snapshot(100, 110, frozenset({102, 105}))
+    assert snap.is_visible(99)
+    assert snap.is_visible(101)
+    assert not snap.is_visible(102)
+    assert snap.is_visible(104)
+    assert not snap.is_visible(105)
+    assert not snap.is_visible(110)
+    assert not snap.is_visible(111)
+    with pytest.raises(ValueError):
+        Snapshot.parse("garbage")
+    with pytest.raises(ValueError):
+        Snapshot.parse("10:5:")
+
+
+def test_widen_across_epoch_boundary() -> None:
+    epoch1 = 1 << 32
+    snap = Snapshot.parse(f"{epoch1 - 5}:{epoch1 + 3}:{epoch1 - 2}")
+    # 32-bit xids just below the wrap belong to epoch 0, just above to epoch 1.
+    assert snap.widen((1 << 32) - 3) == epoch1 - 3
+    assert snap.widen(2) == epoch1 + 2
+    assert snap.is_visible((1 << 32) - 6)
+    assert snap.is_visible((1 << 32) - 3)
+    assert not snap.is_visible((1 << 32) - 2)  # in xip
+    assert snap.is_visible(2)
+    assert not snap.is_visible(3)
+
+
+def test_matches_what_a_real_snapshot_sees(db_dsn: str) -> None:
+    with psycopg.connect(db_dsn, autocommit=True) as setup:
+        setup.execute("CREATE TABLE t (id int primary key, xid bigint)")
+    conns = [psycopg.connect(db_dsn) for _ in range(4)]
+    try:
+        before, running, after, snap_conn = conns
+
+        def write(conn: psycopg.Connection, row_id: int) -> int:
+            (xid,) = conn.execute("SELECT txid_current()").fetchone()  # type: ignore[misc]
+            conn.execute("INSERT INTO t VALUES (%s, %s)", (row_id, xid))
+            return int(xid) & 0xFFFFFFFF  # what wal2json reports
+
+        xid_before = write(before, 1)
+        before.commit()
+        xid_running = write(running, 2)  # still open when the snapshot is taken
+        snap_conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        (text,) = snap_conn.execute("SELECT pg_current_snapshot()::text").fetchone()  # type: ignore[misc]
+        seen = {r[0] for r in snap_conn.execute("SELECT id FROM t")}
+        running.commit()
+        xid_after = write(after, 3)
+        after.commit()
+        seen_later = {r[0] for r in snap_conn.execute("SELECT id FROM t")}
+        snap_conn.commit()
+
+        snap = Snapshot.parse(text)
+        assert seen == seen_later == {1}
+        assert snap.is_visible(xid_before)
+        assert not snap.is_visible(xid_running)
+        assert not snap.is_visible(xid_after)
+    finally:
+        for c in conns:
+            c.close()
