@@ -1,0 +1,43 @@
+"""The thread-backed connection pool used from trio."""
+
+import psycopg
+import pytest
+import trio
+
+from cdcddp.db import Database
+
+
+async def test_run_commits_and_rolls_back(db_dsn: str) -> None:
+    db = Database(db_dsn, size=2)
+    try:
+        await db.execute("CREATE TABLE t (id int primary key)")
+        await db.execute("INSERT INTO t VALUES (%s)", (1,))
+
+        def fail(conn: psycopg.Connection) -> None:
+            conn.execute("INSERT INTO t VALUES (2)")
+            raise ValueError("boom")
+
+        with pytest.raises(ValueError):
+            await db.run(fail)
+        assert await db.fetchall("SELECT id FROM t ORDER BY id") == [(1,)]
+        # The session settings are pinned.
+        assert await db.fetchall("SHOW TimeZone") == [("UTC",)]
+    finally:
+        db.close()
+
+
+async def test_concurrent_calls_are_bounded_by_the_pool(db_dsn: str) -> None:
+    db = Database(db_dsn, size=3)
+    results: list[int] = []
+    try:
+        async def one(i: int) -> None:
+            rows = await db.fetchall("SELECT %s::int FROM pg_sleep(0.05)", (i,))
+            results.append(rows[0][0])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(9):
+                nursery.start_soon(one, i)
+        assert sorted(results) == list(range(9))
+        assert len(db._idle) <= 3
+    finally:
+        db.close()
