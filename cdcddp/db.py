@@ -18,8 +18,9 @@ import trio
 
 T = TypeVar("T")
 
-# Same value text everywhere, whatever the server's defaults (matches the replication session).
-SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601"
+# Same value text everywhere, whatever the server's defaults (as on the replication session,
+# except IntervalStyle: psycopg parses only the default one).
+SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO"
 
 
 class Database:
