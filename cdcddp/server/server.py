@@ -1,0 +1,228 @@
+"""The trio server: one port, an HTTP front that routes each request head, DDP over raw
+WebSocket (``/websocket``) and SockJS (``/sockjs/<server>/<session>/websocket``).
+
+Start it from code::
+
+    port = await nursery.start(serve, app)          # host 127.0.0.1, port 0 = any free port
+
+or keep a handle for a graceful stop::
+
+    server = Server(app, ServerConfig())
+    port = await nursery.start(server.serve, "0.0.0.0", 3000)
+    ...
+    await server.shutdown()   # stop accepting, close every session with 1001, wait (bounded)
+
+Cancelling ``serve`` also closes sessions gracefully (bounded by ``shutdown_timeout``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import signal
+
+import trio
+import trio_websocket
+
+from cdcddp.app import App
+from cdcddp.ddp.session import ServerSession
+from cdcddp.server import http
+from cdcddp.server.config import ServerConfig
+from cdcddp.server.connection import GOING_AWAY, Connection
+from cdcddp.server.transport import Framing, ReplayStream
+
+log = logging.getLogger(__name__)
+
+RECEIVE_CHUNK = 4096
+LINGER_SECONDS = 1.0
+LINGER_MAX_BYTES = 1_048_576
+
+
+class Server:
+    """Serves one App on one or more listening sockets."""
+
+    def __init__(self, app: App, config: ServerConfig | None = None) -> None:
+        self.app = app
+        self.config = config or ServerConfig()
+        self.port: int | None = None
+        # Every live handler's cancel scope, with its Connection once the WebSocket is open.
+        self._handlers: dict[trio.CancelScope, Connection | None] = {}
+        self._accept_scope: trio.CancelScope | None = None
+        self._shutting_down = False
+        self._handlers_gone = trio.Event()
+        self._stopped = trio.Event()
+
+    @property
+    def connections(self) -> list[Connection]:
+        return [c for c in self._handlers.values() if c is not None]
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
+                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until ``shutdown()`` or cancellation; reports the bound port."""
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
+        self.port = listeners[0].socket.getsockname()[1]
+        try:
+            async with trio.open_nursery() as handler_nursery:
+                try:
+                    async with trio.open_nursery() as accept_nursery:
+                        self._accept_scope = accept_nursery.cancel_scope
+                        await accept_nursery.start(functools.partial(
+                            trio.serve_listeners, self._handle_stream, listeners,
+                            handler_nursery=handler_nursery))
+                        task_status.started(self.port)
+                        if self._shutting_down:
+                            accept_nursery.cancel_scope.cancel()
+                finally:
+                    # Reached by shutdown() and by cancellation alike: handlers are shielded,
+                    # so sessions can still send their Close frames.
+                    with trio.CancelScope(shield=True):
+                        await self._close_all()
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            self._stopped.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every session (1001 going away), return once all are gone."""
+        self._shutting_down = True
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+            await self._stopped.wait()
+
+    async def _close_all(self) -> None:
+        self._shutting_down = True
+        for scope, connection in list(self._handlers.items()):
+            if connection is None:
+                scope.cancel()  # still reading a request head: nothing to close gracefully
+            else:
+                connection.request_close(*GOING_AWAY)
+        with trio.move_on_after(self.config.shutdown_timeout):
+            if self._handlers:
+                await self._handlers_gone.wait()
+        for scope in list(self._handlers):
+            scope.cancel()
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        # Shielded so that cancelling serve() does not cut connections before their Close
+        # frame; _close_all cancels these scopes itself once sessions had their chance.
+        with trio.CancelScope(shield=True) as scope:
+            self._handlers[scope] = None
+            if self._shutting_down:
+                scope.cancel()
+            try:
+                await self._serve_http(stream, scope)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except Exception:
+                log.exception("connection handler failed")
+            finally:
+                del self._handlers[scope]
+                if self._shutting_down and not self._handlers:
+                    self._handlers_gone.set()
+                await trio.aclose_forcefully(stream)
+
+    # ---- HTTP front ------------------------------------------------------------------------
+
+    async def _serve_http(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        config = self.config
+        buffer = bytearray()
+        end: int | None = None
+        with trio.move_on_after(config.head_timeout):
+            try:
+                while (end := http.find_head_end(bytes(buffer), config.max_head_bytes)) is None:
+                    data = await stream.receive_some(RECEIVE_CHUNK)
+                    if not data:
+                        return
+                    buffer += data
+            except http.BadRequest as exc:
+                await self._respond(stream, http.text_response(exc.status, f"{exc}\n"))
+                return
+        if end is None:
+            await self._respond(stream, http.text_response(408, "Request Timeout\n"))
+            return
+        try:
+            head = http.parse_request_head(bytes(buffer[:end]))
+        except http.BadRequest as exc:
+            await self._respond(stream, http.text_response(exc.status, f"{exc}\n"))
+            return
+        kind = http.route(head)
+        if kind in (http.RouteKind.RAW_WEBSOCKET, http.RouteKind.SOCKJS_WEBSOCKET) and (
+                http.is_websocket_upgrade(head)):
+            problem = http.websocket_handshake_problem(head)
+            if problem is not None:
+                await self._respond(stream, http.text_response(400, problem + "\n"))
+                return
+            if self._shutting_down:
+                await self._respond(stream, http.text_response(503, "Shutting down\n"))
+                return
+            framing = Framing(sockjs=kind is http.RouteKind.SOCKJS_WEBSOCKET)
+            replay = ReplayStream(stream, bytes(buffer[:end]), bytes(buffer[end:]))
+            await self._serve_websocket(replay, framing, scope)
+            return
+        response = http.plain_response(head, kind, entropy=secrets.randbits(32),
+                                       healthy=not self._shutting_down, static=config.static)
+        await self._respond(stream, response, head_only=head.method == "HEAD")
+
+    async def _respond(self, stream: trio.abc.Stream, response: http.HttpResponse, *,
+                       head_only: bool = False) -> None:
+        with trio.move_on_after(self.config.send_timeout):
+            await stream.send_all(response.encode(head_only=head_only))
+        # Lingering close: closing with unread request bytes makes the kernel send a reset,
+        # which can destroy the response before the client reads it (e.g. a 431). Half-close,
+        # then drain briefly and boundedly.
+        with trio.move_on_after(LINGER_SECONDS):
+            if isinstance(stream, trio.SocketStream):
+                await stream.send_eof()
+            drained = 0
+            while drained < LINGER_MAX_BYTES and (chunk := await stream.receive_some(65536)):
+                drained += len(chunk)
+
+    # ---- WebSocket -------------------------------------------------------------------------
+
+    async def _serve_websocket(self, stream: ReplayStream, framing: Framing,
+                               scope: trio.CancelScope) -> None:
+        config = self.config
+        async with trio.open_nursery() as ws_nursery:
+            ws: trio_websocket.WebSocketConnection | None = None
+            with trio.move_on_after(config.head_timeout):
+                request = await trio_websocket.wrap_server_stream(
+                    ws_nursery, stream, max_message_size=config.ws_max_message_chars)
+                ws = await request.accept()
+                stream.release()
+            if ws is None:
+                ws_nursery.cancel_scope.cancel()
+                return
+            session = ServerSession(config.session)
+            connection = Connection(app=self.app, session=session, ws=ws, framing=framing,
+                                    config=config)
+            self._handlers[scope] = connection
+            try:
+                if self._shutting_down:
+                    connection.request_close(*GOING_AWAY)
+                await connection.run()
+            finally:
+                self._handlers[scope] = None
+                ws_nursery.cancel_scope.cancel()
+
+
+async def serve(app: App, *, host: str = "127.0.0.1", port: int = 0,
+                config: ServerConfig | None = None,
+                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` until cancelled (closing sessions gracefully); reports the bound port."""
+    await Server(app, config).serve(host, port, task_status=task_status)
+
+
+async def serve_until_signal(app: App, *, host: str, port: int,
+                             config: ServerConfig | None = None) -> None:
+    """The CLI's entry: serve until SIGINT/SIGTERM, then shut down gracefully."""
+    server = Server(app, config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.serve, host, port)
+            log.info("cdcddp serving %s on %s:%s", app.name, host, bound)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                await server.shutdown()
+                nursery.cancel_scope.cancel()
+                break
