@@ -320,13 +320,17 @@ class ServerSession:
     def result(
         self, method_id: str, result: Any = UNDEFINED, error: MeteorError | None = None
     ) -> None:
-        """`result=UNDEFINED` (the default) sends no `result` key; `None` sends null."""
+        """`result=UNDEFINED` (the default) sends no `result` key; `None` sends null.
+
+        A value EJSON cannot encode raises ``EJSONError`` and leaves the method pending, so the
+        caller can still answer with an error."""
         progress = self._pending_methods.get(method_id)
         if progress is None or progress & _RESULT_SENT:
             return
+        text = messages.result(method_id, result, error)  # encode first: may raise
         self._advance_method(method_id, progress | _RESULT_SENT)
         if self.state == "connected":
-            self._outgoing.append(messages.result(method_id, result, error))
+            self._outgoing.append(text)
 
     def updated(self, method_ids: list[str]) -> None:
         due = []

@@ -19,7 +19,6 @@ import trio
 import trio_websocket
 
 from cdcddp.app import App, MethodContext, MethodHandler, PublicationHandler, bind_params
-from cdcddp.ddp import ejson
 from cdcddp.ddp.messages import UNDEFINED, MeteorError
 from cdcddp.ddp.session import (
     CloseRequested,
@@ -385,14 +384,11 @@ class Connection:
                                     error=to_meteor_error(exc, f"method {event.name!r}"))
             else:
                 try:
-                    ejson.dumps(value)  # a value that cannot be sent is the method's bug: 500
-                except Exception as exc:
+                    # Python's "returned nothing" is None: like Meteor's undefined, no value
+                    self.session.result(event.method_id, UNDEFINED if value is None else value)
+                except Exception as exc:  # a value that cannot be sent is the method's bug: 500
                     self.session.result(event.method_id,
                                         error=to_meteor_error(exc, f"method {event.name!r}"))
-                else:
-                    # Python's "returned nothing" is None: like Meteor's undefined, no value
-                    self.session.result(event.method_id,
-                                        UNDEFINED if value is None else value)
         self._method_finished(event.method_id)
 
     def _method_finished(self, method_id: str) -> None:
