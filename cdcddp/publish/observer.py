@@ -1,0 +1,223 @@
+"""Observers: the published set of one bound cursor, kept current from the change stream.
+
+An observer is shared by every subscription with the same (publication cursor, params, user)
+result. It holds each published row (all the columns the cursor needs, so rows whose unchanged
+TOASTed values wal2json left out can be completed) and the rendered document. Documents are
+immutable once rendered: a change renders a new ``fields`` dict, so merge boxes can keep
+references to them instead of copies (DESIGN invariant 8).
+
+"Was in" comes from this published set, never from old-row images (invariant 4), so tables need
+a primary key but not REPLICA IDENTITY FULL.
+
+Pure: no I/O. Where a stream row lacks a column the observer has no copy of (an unchanged
+TOASTed value of a row moving *into* the result), :meth:`Observer.apply` answers
+:class:`NeedsRow` and the caller fetches the row by key and calls :meth:`Observer.apply_fetched`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cdcddp.publish.definition import BoundCursor, Fields
+from cdcddp.publish.ids import id_stringify
+from cdcddp.publish.visibility import Snapshot
+from cdcddp.wal.events import Delete, Insert, RowChange, Update
+
+Row = dict[str, Any]
+Key = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DocOp:
+    """A document-level change of an observer's result, for the merge boxes."""
+
+    kind: Literal["added", "changed", "removed"]
+    collection: str
+    doc_id: str
+    fields: Mapping[str, Any] | None = None  # added: all fields; changed: the changed ones
+    cleared: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsRow:
+    """The change cannot be applied without the current row for ``key`` (see module doc)."""
+
+    key: Key
+    missing: tuple[str, ...]
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equality that tells 1 from True and 1 from 1.0: what the client would see differently."""
+    return type(a) is type(b) and a == b
+
+
+def diff_fields(old: Fields, new: Fields) -> tuple[Fields, tuple[str, ...]]:
+    """(fields whose value changed or appeared, fields that disappeared)."""
+    changed = {k: v for k, v in new.items() if k not in old or not same_value(old[k], v)}
+    cleared = tuple(k for k in old if k not in new)
+    return changed, cleared
+
+
+class Observer:
+    """The result set of one bound cursor."""
+
+    def __init__(self, bound: BoundCursor, snapshot: Snapshot | None = None) -> None:
+        cursor = bound.cursor
+        self.bound = bound
+        self.schema = cursor.schema_name
+        self.table = cursor.table_name
+        self.collection = cursor.collection_name
+        self.columns = bound.columns
+        self.key_columns = cursor.key_columns
+        self._matches = bound.predicate
+        self._filter_columns = bound.filter.columns
+        render = cursor.render
+
+        def render_for_wire(row: Row) -> tuple[str, Fields]:
+            doc_id, fields = render(row)
+            return id_stringify(doc_id), fields  # DocOps carry the DDP wire id
+        self._render = render_for_wire
+        self.rows: dict[Key, Row] = {}
+        self.docs: dict[Key, tuple[str, Fields]] = {}
+        # Until the stream passes the snapshot, transactions it already saw are skipped.
+        self.snapshot = snapshot
+
+    # -- the snapshot/stream handoff -----------------------------------------------------------
+    def wants_transaction(self, xid: int) -> bool:
+        """Apply this committed transaction? False when the snapshot already reflects it.
+
+        Commit order is delivery order, and every transaction the snapshot did not see committed
+        after it was taken, so once one invisible transaction arrives all later ones are
+        invisible too and the snapshot can be forgotten.
+        """
+        if self.snapshot is None:
+            return True
+        if self.snapshot.is_visible(xid):
+            return False
+        self.snapshot = None
+        return True
+
+    # -- loading and resync --------------------------------------------------------------------
+    def key_of(self, row: Mapping[str, Any]) -> Key:
+        return tuple(row[c] for c in self.key_columns)
+
+    def load(self, rows: Iterable[Row]) -> list[DocOp]:
+        """Replace the result with a query's rows; the ops turn the old result into the new.
+
+        Used for the initial snapshot (from empty: only ``added``) and for resync after a
+        stream gap or TRUNCATE (only the difference reaches clients).
+        """
+        old_docs = self.docs
+        self.rows, self.docs = {}, {}
+        ops: list[DocOp] = []
+        for row in rows:
+            key = self.key_of(row)
+            doc_id, fields = self._render(row)
+            self.rows[key] = row
+            previous = old_docs.pop(key, None)
+            if previous is None:
+                self.docs[key] = (doc_id, fields)
+                ops.append(DocOp("added", self.collection, doc_id, fields))
+            else:
+                changed, cleared = diff_fields(previous[1], fields)
+                if changed or cleared:
+                    self.docs[key] = (doc_id, fields)
+                    ops.append(DocOp("changed", self.collection, doc_id, changed, cleared))
+                else:
+                    self.docs[key] = previous  # keep the object merge boxes already reference
+        ops.extend(DocOp("removed", self.collection, doc_id) for doc_id, _ in old_docs.values())
+        return ops
+
+    def clear(self) -> list[DocOp]:
+        return self.load(())
+
+    # -- stream changes ------------------------------------------------------------------------
+    def apply(self, change: RowChange) -> list[DocOp] | NeedsRow:
+        if type(change) is Insert:
+            return self._upsert(None, change.new)
+        if type(change) is Update:
+            old_key = self._identity_key(change.identity, change.new)
+            return self._upsert(old_key, change.new, change.identity)
+        if type(change) is Delete:
+            key = self._identity_key(change.identity, None)
+            return self._remove(key) if key is not None else []
+        raise TypeError(f"not a row change: {change!r}")
+
+    def apply_fetched(self, old_key: Key | None, row: Row | None) -> list[DocOp]:
+        """Finish a change answered with :class:`NeedsRow`: ``row`` is the current row by key
+        (``None`` when it no longer exists: a later transaction deleted it, and that delete is
+        still to come through the stream)."""
+        if row is None:
+            return self._remove(old_key) if old_key is not None else []
+        result = self._upsert(old_key, row)
+        assert not isinstance(result, NeedsRow)  # a fetched row is complete
+        return result
+
+    def _identity_key(self, identity: Row, new: Row | None) -> Key | None:
+        try:
+            return tuple(identity[c] for c in self.key_columns)
+        except KeyError:
+            # Replica identity without the key columns (USING INDEX on other columns): the key
+            # is assumed unchanged by an update.
+            if new is None:
+                return None
+            try:
+                return self.key_of(new)
+            except KeyError:
+                return None
+
+    def _upsert(self, old_key: Key | None, new: Row, identity: Row | None = None
+                ) -> list[DocOp] | NeedsRow:
+        previous = self.rows.get(old_key) if old_key is not None else None
+        row = {c: new[c] for c in self.columns if c in new}
+        if len(row) < len(self.columns):
+            # Unchanged TOASTed values: from our copy, else from a FULL identity, else fetch.
+            for source in (previous, identity):
+                if source is not None:
+                    for c in self.columns:
+                        if c not in row and c in source:
+                            row[c] = source[c]
+            if len(row) < len(self.columns):
+                # previous is None here. No fetch if the row cannot match anyway.
+                if self._filter_columns <= row.keys() and not self._matches(row):
+                    return []
+                missing = tuple(c for c in self.columns if c not in row)
+                key = tuple(new.get(c, (identity or {}).get(c)) for c in self.key_columns)
+                return NeedsRow(key, missing)
+        new_key = self.key_of(row)
+        matches = self._matches(row)
+        ops: list[DocOp] = []
+        if previous is not None and (not matches or new_key != old_key):
+            ops.extend(self._remove(old_key))  # type: ignore[arg-type]
+        if not matches:
+            return ops
+        doc_id, fields = self._render(row)
+        self.rows[new_key] = row
+        current = self.docs.get(new_key)  # present also when a change is seen twice
+        if current is None:
+            self.docs[new_key] = (doc_id, fields)
+            ops.append(DocOp("added", self.collection, doc_id, fields))
+            return ops
+        changed, cleared = diff_fields(current[1], fields)
+        if changed or cleared:
+            self.docs[new_key] = (doc_id, fields)
+            ops.append(DocOp("changed", self.collection, doc_id, changed, cleared))
+        return ops
+
+    def _remove(self, key: Key) -> list[DocOp]:
+        self.rows.pop(key, None)
+        doc = self.docs.pop(key, None)
+        if doc is None:
+            return []
+        return [DocOp("removed", self.collection, doc[0])]
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def holds(self, key: Key) -> bool:
+        return key in self.docs
+
+    def documents(self) -> Sequence[tuple[str, Fields]]:
+        return list(self.docs.values())

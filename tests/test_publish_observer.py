@@ -1,0 +1,106 @@
+"""The observer core (pure): result maintenance, move in/out, TOAST completion, handoff."""
+
+from cdcddp.publish.definition import Cursor
+from cdcddp.publish.filters import C, Param
+from cdcddp.publish.observer import DocOp, NeedsRow, Observer
+from cdcddp.publish.visibility import Snapshot
+from cdcddp.wal.events import Delete, Insert, Update
+
+CURSOR = Cursor("public.todos", collection="todos", camel_case=True,
+                fields=["list_id", "text", "checked"],
+                filter=(C("list_id") == Param("listId")) & (C("checked") == False))  # noqa: E712
+
+
+def obs(snapshot: Snapshot | None = None) -> Observer:
+    return Observer(CURSOR.bind({"listId": 1}), snapshot)
+
+
+def row(i: int, list_id: int = 1, text: str = "t", checked: bool = False) -> dict:
+    return {"id": i, "list_id": list_id, "text": text, "checked": checked}
+
+
+def ins(r: dict) -> Insert:
+    return Insert(xid=1, lsn=1, schema="public", table="todos", new=r, pk=("id",))
+
+
+def upd(r: dict, old_id: int | None = None) -> Update:
+    ident = {"id": r["id"] if old_id is None else old_id}
+    return Update(xid=1, lsn=1, schema="public", table="todos", new=r, identity=ident, pk=("id",))
+
+
+def test_load_then_diff_on_reload() -> None:
+    o = obs()
+    ops = o.load([row(1), row(2)])
+    assert [(op.kind, op.doc_id) for op in ops] == [("added", "1"), ("added", "2")]
+    assert ops[0].fields == {"listId": 1, "text": "t", "checked": False}
+    kept = o.docs[(2,)]
+    ops = o.load([row(2), row(3, text="x")])  # resync: 1 gone, 3 new, 2 unchanged
+    assert sorted((op.kind, op.doc_id) for op in ops) == [("added", "3"), ("removed", "1")]
+    assert o.docs[(2,)] is kept  # unchanged documents keep their identity (shared references)
+
+
+def test_insert_update_delete_and_move_in_out() -> None:
+    o = obs()
+    assert o.apply(ins(row(1, list_id=2))) == []  # not matching
+    assert o.apply(ins(row(2))) == [DocOp("added", "todos", "2",
+                                          {"listId": 1, "text": "t", "checked": False})]
+    assert o.apply(upd(row(2, text="u"))) == [DocOp("changed", "todos", "2", {"text": "u"})]
+    assert o.apply(upd(row(2, text="u"))) == []  # no visible change, no message
+    assert o.apply(upd(row(2, text="u", checked=True))) == [DocOp("removed", "todos", "2")]
+    assert o.apply(upd(row(1))) == [DocOp("added", "todos", "1",
+                                          {"listId": 1, "text": "t", "checked": False})]
+    assert o.apply(Delete(xid=1, lsn=1, schema="public", table="todos", identity={"id": 1},
+                          pk=("id",))) == [DocOp("removed", "todos", "1")]
+    assert len(o) == 0
+
+
+def test_key_change_is_remove_plus_add() -> None:
+    o = obs()
+    o.load([row(1)])
+    ops = o.apply(upd(row(5), old_id=1))
+    assert [(op.kind, op.doc_id) for op in ops] == [("removed", "1"), ("added", "5")]
+
+
+def test_type_changes_are_changes() -> None:
+    o = Observer(Cursor("t", fields=["v"]).bind())
+    o.load([{"id": 1, "v": 1}])
+    assert o.apply(upd({"id": 1, "v": True})) == [DocOp("changed", "t", "1", {"v": True})]
+    assert o.apply(upd({"id": 1, "v": 1.0})) == [DocOp("changed", "t", "1", {"v": 1.0})]
+
+
+def test_absent_toast_columns_come_from_the_published_copy() -> None:
+    o = obs()
+    o.load([row(1, text="big")])
+    partial = {"id": 1, "list_id": 1, "checked": False}  # "text" unchanged, left out
+    assert o.apply(upd(partial)) == []
+    assert o.rows[(1,)]["text"] == "big"
+    ops = o.apply(upd({"id": 1, "list_id": 1, "checked": True}))
+    assert ops == [DocOp("removed", "todos", "1")]
+
+
+def test_absent_column_of_a_row_moving_in_needs_a_fetch() -> None:
+    o = obs()
+    partial = {"id": 7, "list_id": 1, "checked": False}
+    need = o.apply(upd(partial))
+    assert need == NeedsRow((7,), ("text",))
+    # ...unless the row cannot match whatever the missing value is.
+    assert o.apply(upd({"id": 8, "list_id": 3, "checked": False})) == []
+    ops = o.apply_fetched((7,), row(7, text="fetched"))
+    assert ops == [DocOp("added", "todos", "7",
+                         {"listId": 1, "text": "fetched", "checked": False})]
+    assert o.apply_fetched((7,), None) == [DocOp("removed", "todos", "7")]
+
+
+def test_snapshot_visibility_is_forgotten_after_the_first_invisible_transaction() -> None:
+    o = obs(Snapshot.parse("100:105:102"))
+    assert not o.wants_transaction(99)
+    assert not o.wants_transaction(104)
+    assert o.wants_transaction(102)
+    assert o.snapshot is None
+    assert o.wants_transaction(50)  # later transactions all committed after the snapshot
+
+
+def test_doc_ops_carry_the_meteor_wire_id() -> None:
+    o = Observer(Cursor("t", fields=["v"], primary_key=["code"]).bind())
+    ops = o.load([{"code": "-x", "v": 1}, {"code": "abc", "v": 2}])
+    assert [op.doc_id for op in ops] == ["--x", "abc"]
