@@ -1,0 +1,347 @@
+"""The per-client merge box: Meteor's SERVER_MERGE semantics with coalesced, pull-based output.
+
+For each collection and document id a client can see, the box knows which of the client's
+subscriptions publish it and with which fields. The client is shown the union:
+
+* a document exists for the client while at least one subscription publishes it;
+* a field's visible value comes from the subscription that has published that field the
+  longest (Meteor's precedence list: a subscription that starts publishing a field that is
+  already visible is appended to the end, so the first publisher wins; when it stops, the next
+  one in line is revealed);
+* a field disappears (``cleared``) when no subscription publishes it any more.
+
+Output is not pushed per operation. Operations only mark documents dirty, remembering what the
+client had at the last flush; :meth:`MergeBox.flush` then diffs "what the client has" against
+"what it should have" and returns the minimal ops. Flushing after every operation yields
+exactly the messages Meteor would send; flushing less often coalesces (add+change → one
+``added``, add+remove → nothing, change and change back → nothing), so a slow client costs at
+most one pending entry per document in its view, never a queue that grows with the change rate.
+
+Memory: field mappings are *shared, immutable* objects owned by whoever publishes them (one
+observer serving many clients). The box keeps references, never copies. A document held by a
+single subscription costs two dict entries per client (one in the client view, one in the
+subscription's published set); precedence lists exist only while subscriptions overlap on a
+document, and disappear when the overlap ends.
+
+The box is pure: no I/O, no clocks, no encoding. Raising :class:`MergeBoxError` means the
+publisher broke its contract (added twice, changed or removed something it does not publish).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Mapping
+from typing import Any, Literal, TypeAlias
+
+__all__ = [
+    "AddedOp",
+    "ChangedOp",
+    "Fields",
+    "MergeBox",
+    "MergeBoxError",
+    "Op",
+    "RemovedOp",
+    "SubId",
+    "values_equal",
+]
+
+# Field mappings are shared between clients and must never be mutated once handed to a box.
+Fields: TypeAlias = Mapping[str, Any]
+SubId: TypeAlias = Hashable
+
+AddedOp: TypeAlias = tuple[Literal["added"], str, str, Fields]
+ChangedOp: TypeAlias = tuple[Literal["changed"], str, str, Fields, tuple[str, ...]]
+RemovedOp: TypeAlias = tuple[Literal["removed"], str, str]
+Op: TypeAlias = AddedOp | ChangedOp | RemovedOp
+
+# Meteor's publish API ignores `_id` inside fields; it travels as the message's `id`.
+_ID_KEY = "_id"
+_MISSING: Any = object()
+
+
+class MergeBoxError(ValueError):
+    """A publisher violated the merge box contract; this is a bug in the caller."""
+
+
+def values_equal(a: Any, b: Any) -> bool:
+    """EJSON equality: what decides whether a client would see a different value.
+
+    Python's ``==`` says ``True == 1`` and ``{"a": 1} == {"a": True}``; JavaScript clients
+    distinguish booleans from numbers, so they must not be treated as unchanged. Numbers compare
+    by value (``1 == 1.0`` is one JavaScript number), NaN equals NaN (as in ``EJSON.equals``),
+    objects compare regardless of key order.
+    """
+    if a is b:
+        return True
+    type_a, type_b = type(a), type(b)
+    if type_a is bool or type_b is bool:
+        return type_a is type_b and a == b
+    if type_a in (int, float) and type_b in (int, float):
+        return a == b or (type_a is float and type_b is float and math.isnan(a) and math.isnan(b))
+    if isinstance(a, Mapping):
+        if not isinstance(b, Mapping) or len(a) != len(b):
+            return False
+        for key, value in a.items():
+            other = b.get(key, _MISSING)
+            if other is _MISSING or not values_equal(value, other):
+                return False
+        return True
+    if type_a in (list, tuple):
+        if type_b not in (list, tuple) or len(a) != len(b):
+            return False
+        return all(values_equal(x, y) for x, y in zip(a, b, strict=True))
+    return type_a is type_b and bool(a == b)
+
+
+class _Overlap:
+    """A document published by two or more of the client's subscriptions.
+
+    ``holders`` is Meteor's ``existsIn``; ``precedence[key]`` lists the holders that publish
+    ``key``, first publisher first; the visible value is the head's. Values are not stored here:
+    they are read from each holder's (shared) field mapping.
+    """
+
+    __slots__ = ("holders", "precedence")
+
+    def __init__(self, sole_holder: SubId, sole_fields: Fields) -> None:
+        self.holders: list[SubId] = [sole_holder]
+        self.precedence: dict[str, list[SubId]] = {key: [sole_holder] for key in sole_fields}
+
+
+# A client's view entry: the only holder's subscription id, or an _Overlap.
+_ViewEntry: TypeAlias = SubId | _Overlap
+
+
+def _apply_change(old: Fields, changed: Fields, cleared: Iterable[str]) -> dict[str, Any]:
+    new = {**old, **changed}
+    for key in cleared:
+        new.pop(key, None)
+    return new
+
+
+def _diff(before: Fields, after: Fields) -> tuple[dict[str, Any], tuple[str, ...]]:
+    fields = {
+        key: value
+        for key, value in after.items()
+        if key != _ID_KEY and not values_equal(before.get(key, _MISSING), value)
+    }
+    cleared = tuple(key for key in before if key not in after and key != _ID_KEY)
+    return fields, cleared
+
+
+def _without_id(fields: Fields) -> Fields:
+    if _ID_KEY in fields:
+        return {key: value for key, value in fields.items() if key != _ID_KEY}
+    return fields
+
+
+class MergeBox:
+    """One client's merge box. See the module docstring for the rules.
+
+    Subscription ids are any hashable values (the session's sub ids, or handles for universal
+    publications). Collections and document ids are strings (ids already stringified).
+    """
+
+    __slots__ = ("_dirty", "_published", "_views")
+
+    def __init__(self) -> None:
+        # collection -> doc id -> sole holder's sub id, or _Overlap.
+        self._views: dict[str, dict[str, _ViewEntry]] = {}
+        # sub id -> collection -> doc id -> that subscription's fields for the doc.
+        self._published: dict[SubId, dict[str, dict[str, Fields]]] = {}
+        # (collection, doc id) -> what the client had at the last flush (None: nothing).
+        self._dirty: dict[tuple[str, str], Fields | None] = {}
+
+    # ---- publisher operations -------------------------------------------------------------
+
+    def add(self, sub_id: SubId, collection: str, doc_id: str, fields: Fields) -> None:
+        """Subscription ``sub_id`` starts publishing ``doc_id`` with ``fields``."""
+        sub_docs = self._published.setdefault(sub_id, {}).setdefault(collection, {})
+        if doc_id in sub_docs:
+            raise MergeBoxError(f"{sub_id!r} already publishes {collection}/{doc_id}")
+        collection_view = self._views.setdefault(collection, {})
+        entry = collection_view.get(doc_id, _MISSING)
+        self._mark_dirty(collection, doc_id)
+        if entry is _MISSING:
+            collection_view[doc_id] = sub_id
+        else:
+            if type(entry) is not _Overlap:
+                entry = _Overlap(entry, self._published[entry][collection][doc_id])
+                collection_view[doc_id] = entry
+            entry.holders.append(sub_id)
+            for key in fields:
+                # Joining an existing key's list at the end: the earlier publisher keeps it.
+                entry.precedence.setdefault(key, []).append(sub_id)
+        sub_docs[doc_id] = fields
+
+    def change(
+        self,
+        sub_id: SubId,
+        collection: str,
+        doc_id: str,
+        changed: Fields,
+        cleared: Iterable[str] = (),
+        *,
+        fields_after: Fields | None = None,
+    ) -> None:
+        """Subscription ``sub_id`` changes fields of a document it publishes.
+
+        ``cleared`` keys are applied after ``changed``. Pass ``fields_after`` (the publisher's
+        new, shared mapping, equal to the old fields with the change applied) so that every
+        client references it instead of building its own merged copy.
+        """
+        old = self._published.get(sub_id, {}).get(collection, {}).get(doc_id)
+        if old is None:
+            raise MergeBoxError(f"{sub_id!r} does not publish {collection}/{doc_id}")
+        cleared = tuple(cleared)
+        if not changed and not cleared:
+            return
+        self._mark_dirty(collection, doc_id)
+        entry = self._views[collection][doc_id]
+        if type(entry) is _Overlap:
+            precedence = entry.precedence
+            for key in changed:
+                holders = precedence.get(key)
+                if holders is None:
+                    precedence[key] = [sub_id]
+                elif sub_id not in holders:
+                    holders.append(sub_id)
+            for key in cleared:
+                holders = precedence.get(key)
+                if holders is not None and sub_id in holders:
+                    holders.remove(sub_id)
+                    if not holders:
+                        del precedence[key]
+        new = fields_after if fields_after is not None else _apply_change(old, changed, cleared)
+        self._published[sub_id][collection][doc_id] = new
+
+    def remove(self, sub_id: SubId, collection: str, doc_id: str) -> None:
+        """Subscription ``sub_id`` stops publishing ``doc_id``."""
+        by_collection = self._published.get(sub_id, {})
+        sub_docs = by_collection.get(collection)
+        if sub_docs is None or doc_id not in sub_docs:
+            raise MergeBoxError(f"{sub_id!r} does not publish {collection}/{doc_id}")
+        self._mark_dirty(collection, doc_id)
+        del sub_docs[doc_id]
+        if not sub_docs:
+            del by_collection[collection]
+            if not by_collection:
+                del self._published[sub_id]
+        collection_view = self._views[collection]
+        entry = collection_view[doc_id]
+        if type(entry) is not _Overlap:
+            del collection_view[doc_id]
+            if not collection_view:
+                del self._views[collection]
+            return
+        entry.holders.remove(sub_id)
+        precedence = entry.precedence
+        for key in [key for key, holders in precedence.items() if sub_id in holders]:
+            holders = precedence[key]
+            holders.remove(sub_id)
+            if not holders:
+                del precedence[key]
+        if len(entry.holders) == 1:
+            # The remaining holder's mapping is now exactly the visible document.
+            collection_view[doc_id] = entry.holders[0]
+
+    def remove_subscription(self, sub_id: SubId) -> None:
+        """Everything ``sub_id`` publishes goes (unsub, sub error, or a rerun's teardown)."""
+        by_collection = self._published.get(sub_id)
+        if by_collection is None:
+            return
+        for collection, sub_docs in list(by_collection.items()):
+            for doc_id in list(sub_docs):
+                self.remove(sub_id, collection, doc_id)
+
+    def reset(self) -> None:
+        """Forget everything, sending nothing: the client is gone (or starts from empty)."""
+        self._views.clear()
+        self._published.clear()
+        self._dirty.clear()
+
+    # ---- output -------------------------------------------------------------------------------
+
+    def flush(self) -> list[Op]:
+        """The minimal ops that bring the client from what it has to what it should have.
+
+        ``added`` carries the publisher's mapping itself when it has no ``_id`` key: callers
+        must treat every ``fields`` in the output as read-only.
+        """
+        dirty, self._dirty = self._dirty, {}
+        ops: list[Op] = []
+        for (collection, doc_id), before in dirty.items():
+            after = self.visible(collection, doc_id)
+            if before is None:
+                if after is not None:
+                    ops.append(("added", collection, doc_id, _without_id(after)))
+            elif after is None:
+                ops.append(("removed", collection, doc_id))
+            elif before is not after:
+                fields, cleared = _diff(before, after)
+                if fields or cleared:
+                    ops.append(("changed", collection, doc_id, fields, cleared))
+        return ops
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether some document may differ from what the client has (a flush is due)."""
+        return bool(self._dirty)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._dirty)
+
+    # ---- inspection ---------------------------------------------------------------------------
+
+    def visible(self, collection: str, doc_id: str) -> Fields | None:
+        """The fields the client should see for a document (``None``: not in its view)."""
+        entry = self._views.get(collection, {}).get(doc_id, _MISSING)
+        if entry is _MISSING:
+            return None
+        if type(entry) is _Overlap:
+            published = self._published
+            return {
+                key: published[holders[0]][collection][doc_id][key]
+                for key, holders in entry.precedence.items()
+            }
+        return self._published[entry][collection][doc_id]
+
+    def published_fields(self, sub_id: SubId, collection: str, doc_id: str) -> Fields | None:
+        """What ``sub_id`` itself publishes for a document (``None``: nothing)."""
+        return self._published.get(sub_id, {}).get(collection, {}).get(doc_id)
+
+    def view(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """A copy of the whole view the client should have: collection -> id -> fields."""
+        return {
+            collection: {
+                doc_id: dict(_without_id(self.visible(collection, doc_id) or {}))
+                for doc_id in documents
+            }
+            for collection, documents in self._views.items()
+        }
+
+    @property
+    def document_count(self) -> int:
+        """Documents in the client's view, for the merge-box size metric."""
+        return sum(len(documents) for documents in self._views.values())
+
+    @property
+    def overlap_count(self) -> int:
+        """Documents currently held by more than one subscription (they cost more memory)."""
+        return sum(
+            type(entry) is _Overlap
+            for documents in self._views.values()
+            for entry in documents.values()
+        )
+
+    def subscriptions(self) -> list[SubId]:
+        """Subscriptions that currently publish at least one document."""
+        return list(self._published)
+
+    def _mark_dirty(self, collection: str, doc_id: str) -> None:
+        # Remember what the client had only at the first touch since the last flush; the
+        # snapshot of a single-holder document is just the reference to its immutable mapping.
+        key = (collection, doc_id)
+        if key not in self._dirty:
+            self._dirty[key] = self.visible(collection, doc_id)

@@ -1,0 +1,666 @@
+"""The per-client merge box: Meteor's SERVER_MERGE rules, coalescing, sharing, and a model check.
+
+Rule tests flush after every operation, which must give exactly Meteor's messages; their
+scenarios follow Meteor's own `livedata - sessionview` tests. The stateful test compares the
+box against an independent re-statement of Meteor's precedence-list algorithm.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from cdcddp.ddp.mergebox import MergeBox, MergeBoxError, Op, values_equal
+
+C = "items"
+
+
+def changed(doc_id: str, fields: dict[str, Any], cleared: Iterable[str] = ()) -> Op:
+    return ("changed", C, doc_id, fields, tuple(cleared))
+
+
+def added(doc_id: str, fields: dict[str, Any]) -> Op:
+    return ("added", C, doc_id, fields)
+
+
+def removed(doc_id: str) -> Op:
+    return ("removed", C, doc_id)
+
+
+# ---- Meteor's rules, one flush per operation ----------------------------------------------------
+
+
+def test_first_add_sends_added_with_all_fields_without_id() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"_id": "d1", "a": 1, "b": "x"})
+    assert box.flush() == [added("d1", {"a": 1, "b": "x"})]
+    assert box.flush() == []
+
+
+def test_add_with_no_fields_is_added_with_empty_fields() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {})
+    assert box.flush() == [added("d1", {})]
+
+
+def test_exists_reveal_sends_nothing_until_last_sub_leaves() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {})
+    box.flush()
+    box.add("B", C, "d1", {})
+    assert box.flush() == []
+    box.remove("A", C, "d1")
+    assert box.flush() == []
+    box.remove("B", C, "d1")
+    assert box.flush() == [removed("d1")]
+    assert box.document_count == 0
+
+
+def test_second_sub_reports_only_new_keys() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"a": "foo"})
+    box.flush()
+    box.add("B", C, "d1", {"a": "foo", "b": "bar"})
+    assert box.flush() == [changed("d1", {"b": "bar"})]
+    box.remove("A", C, "d1")
+    assert box.flush() == []
+    box.remove("B", C, "d1")
+    assert box.flush() == [removed("d1")]
+
+
+def test_first_publisher_wins_and_removal_reveals_next() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"foo": "bar"})
+    box.flush()
+    box.add("B", C, "d1", {"foo": "baz"})
+    assert box.flush() == []  # A published foo first: the client keeps "bar"
+    assert box.visible(C, "d1") == {"foo": "bar"}
+    box.remove("A", C, "d1")
+    assert box.flush() == [changed("d1", {"foo": "baz"})]
+    box.remove("B", C, "d1")
+    assert box.flush() == [removed("d1")]
+
+
+def test_change_by_head_is_sent_change_by_others_is_not() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"foo": "bar"})
+    box.add("B", C, "d1", {"foo": "bar"})
+    box.flush()
+    box.change("B", C, "d1", {"foo": "other"})
+    assert box.flush() == []
+    box.change("A", C, "d1", {"foo": "baz"})
+    assert box.flush() == [changed("d1", {"foo": "baz"})]
+    box.remove("A", C, "d1")  # B's value is revealed
+    assert box.flush() == [changed("d1", {"foo": "other"})]
+
+
+def test_change_to_same_value_sends_nothing() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"foo": "bar", "n": {"x": 1, "y": [1, 2]}})
+    box.flush()
+    box.change("A", C, "d1", {"foo": "bar", "n": {"y": [1, 2], "x": 1}})
+    assert box.flush() == []
+
+
+def test_change_makes_a_new_field_and_weird_key_names() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"foo": "bar"})
+    box.flush()
+    box.change("A", C, "d1", {"baz": "quux", "constructor": "bla"})
+    assert box.flush() == [changed("d1", {"baz": "quux", "constructor": "bla"})]
+
+
+def test_new_field_of_visible_value_from_another_sub_sends_nothing() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"foo": "bar"})
+    box.add("B", C, "d1", {})
+    box.flush()
+    box.change("B", C, "d1", {"foo": "bar"})  # B joins foo's list at the end
+    assert box.flush() == []
+    box.remove("A", C, "d1")
+    assert box.flush() == []
+    box.remove("B", C, "d1")
+    assert box.flush() == [removed("d1")]
+
+
+def test_new_field_of_other_value_from_non_head_waits_its_turn() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"foo": "bar"})
+    box.add("B", C, "d1", {})
+    box.flush()
+    box.change("B", C, "d1", {"foo": "mine"})
+    assert box.flush() == []
+    box.change("A", C, "d1", {}, ["foo"])
+    assert box.flush() == [changed("d1", {"foo": "mine"})]
+
+
+def test_field_clear_and_clear_of_absent_field() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"field": "value"})
+    box.flush()
+    box.change("A", C, "d1", {}, ["field"])
+    assert box.flush() == [changed("d1", {}, ["field"])]
+    box.change("A", C, "d1", {}, ["field"])
+    assert box.flush() == []
+    assert box.visible(C, "d1") == {}
+
+
+def test_field_clear_reveal() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"foo": "bar"})
+    box.add("B", C, "d1", {"foo": "baz"})
+    box.flush()
+    box.change("A", C, "d1", {}, ["foo"])
+    assert box.flush() == [changed("d1", {"foo": "baz"})]
+    box.remove("A", C, "d1")
+    assert box.flush() == []
+
+
+def test_clear_all_clears_only_once_and_change_all_changes_only_once() -> None:
+    box = MergeBox()
+    for sub in "ABC":
+        box.add(sub, C, "d1", {"foo": "bar"})
+    box.flush()
+    for sub in "BAC":
+        box.change(sub, C, "d1", {"foo": "baz"})
+        assert box.flush() == ([changed("d1", {"foo": "baz"})] if sub == "A" else [])
+    for sub in "ABC":
+        box.change(sub, C, "d1", {}, ["foo"])
+        assert box.flush() == ([changed("d1", {}, ["foo"])] if sub == "C" else [])
+
+
+def test_multiple_operations_in_one_change_and_remove_reveal() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"foo": "bar", "baz": "quux"})
+    box.flush()
+    box.add("B", C, "d1", {"foo": "baz"})
+    box.change("A", C, "d1", {"thing": "stuff"}, ["foo", "baz"])
+    assert box.flush() == [changed("d1", {"foo": "baz", "thing": "stuff"}, ["baz"])]
+    box.remove("A", C, "d1")
+    assert box.flush() == [changed("d1", {}, ["thing"])]
+    box.remove("B", C, "d1")
+    assert box.flush() == [removed("d1")]
+
+
+def test_add_remove_add_again() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"foo": "bar"})
+    box.flush()
+    box.remove("A", C, "d1")
+    assert box.flush() == [removed("d1")]
+    box.add("A", C, "d1", {"foo": "bar"})
+    assert box.flush() == [added("d1", {"foo": "bar"})]
+
+
+def test_remove_subscription_removes_only_unshared_documents() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"a": 1})
+    box.add("A", C, "d2", {"a": 2})
+    box.add("A", "other", "d3", {"a": 3})
+    box.add("B", C, "d2", {"b": 2})
+    box.flush()
+    box.remove_subscription("A")
+    ops = box.flush()
+    assert sorted(ops, key=repr) == sorted(
+        [removed("d1"), changed("d2", {}, ["a"]), ("removed", "other", "d3")], key=repr
+    )
+    assert box.subscriptions() == ["B"]
+    box.remove_subscription("A")  # unknown / already gone: nothing happens
+    assert box.flush() == []
+    assert box.view() == {C: {"d2": {"b": 2}}}
+
+
+def test_collections_are_independent() -> None:
+    box = MergeBox()
+    box.add("A", "x", "d1", {"v": 1})
+    box.add("A", "y", "d1", {"v": 2})
+    assert box.flush() == [("added", "x", "d1", {"v": 1}), ("added", "y", "d1", {"v": 2})]
+    box.remove("A", "x", "d1")
+    assert box.flush() == [("removed", "x", "d1")]
+    assert box.visible("y", "d1") == {"v": 2}
+
+
+def test_booleans_are_not_numbers_but_int_and_float_are_one_number() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"flag": 1, "n": 1, "nested": {"x": 1}})
+    box.flush()
+    box.change("A", C, "d1", {"flag": True, "n": 1.0, "nested": {"x": True}})
+    assert box.flush() == [changed("d1", {"flag": True, "nested": {"x": True}})]
+    assert values_equal(float("nan"), float("nan"))
+    assert not values_equal([1], (1, 2))
+    assert not values_equal({"a": None}, {"b": None})
+    assert not values_equal("1", 1)
+
+
+def test_contract_violations_raise() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {})
+    with pytest.raises(MergeBoxError):
+        box.add("A", C, "d1", {})  # one subscription cannot publish a document twice
+    with pytest.raises(MergeBoxError):
+        box.change("B", C, "d1", {"x": 1})
+    with pytest.raises(MergeBoxError):
+        box.remove("B", C, "d1")
+    with pytest.raises(MergeBoxError):
+        box.remove("A", C, "nope")
+    box.remove("A", C, "d1")
+    with pytest.raises(MergeBoxError):
+        box.remove("A", C, "d1")
+    # Failed calls leave nothing pending that would be sent.
+    assert box.flush() == []
+
+
+# ---- coalescing ---------------------------------------------------------------------------------
+
+
+def test_add_then_changes_before_flush_is_one_added_with_final_fields() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"a": 1, "b": 2})
+    box.change("A", C, "d1", {"a": 5, "c": 3}, ["b"])
+    box.change("A", C, "d1", {"a": 6})
+    assert box.flush() == [added("d1", {"a": 6, "c": 3})]
+
+
+def test_add_then_remove_before_flush_is_nothing() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"a": 1})
+    box.add("B", C, "d1", {"b": 1})
+    box.remove_subscription("A")
+    box.remove("B", C, "d1")
+    assert box.flush() == []
+    assert not box.has_pending and box.document_count == 0
+
+
+def test_change_and_change_back_is_nothing() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"a": 1})
+    box.flush()
+    box.change("A", C, "d1", {"a": 2, "b": 1})
+    box.change("A", C, "d1", {"a": 1}, ["b"])
+    assert box.flush() == []
+
+
+def test_remove_then_readd_before_flush_is_a_changed_not_removed_added() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"a": 1, "b": 1})
+    box.flush()
+    box.remove("A", C, "d1")
+    box.add("B", C, "d1", {"a": 1, "c": 1})
+    assert box.flush() == [changed("d1", {"c": 1}, ["b"])]
+    box.remove("B", C, "d1")
+    box.add("B", C, "d1", {"a": 1, "c": 1})
+    assert box.flush() == []
+
+
+def test_remove_after_changes_before_flush_is_just_removed() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"a": 1})
+    box.flush()
+    box.change("A", C, "d1", {"a": 2})
+    box.remove("A", C, "d1")
+    assert box.flush() == [removed("d1")]
+
+
+def test_pending_work_is_bounded_by_documents_not_by_change_rate() -> None:
+    box = MergeBox()
+    for i in range(10):
+        box.add("A", C, f"d{i}", {"n": 0})
+    box.flush()
+    for n in range(1, 1001):
+        box.change("A", C, f"d{n % 10}", {"n": n})
+    assert box.pending_count == 10
+    ops = box.flush()
+    assert len(ops) == 10
+    assert {op[2]: op[3]["n"] for op in ops if op[0] == "changed"} == {
+        f"d{i}": 1000 - (10 - i) % 10 for i in range(10)
+    }
+
+
+def test_user_change_rerun_sends_only_the_difference() -> None:
+    # Rule 8 (login/logout): tear all subscriptions down and rerun them before one flush.
+    box = MergeBox()
+    box.add("A", C, "d1", {"a": 1})
+    box.add("A", C, "d2", {"a": 2})
+    box.flush()
+    box.remove_subscription("A")
+    box.add("A", C, "d2", {"a": 2, "private": True})
+    box.add("A", C, "d3", {"a": 3})
+    ops = box.flush()
+    assert sorted(ops, key=repr) == sorted(
+        [removed("d1"), changed("d2", {"private": True}), added("d3", {"a": 3})], key=repr
+    )
+
+
+def test_reset_forgets_everything_silently() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"a": 1})
+    box.reset()
+    assert box.flush() == [] and box.document_count == 0 and box.subscriptions() == []
+
+
+# ---- sharing: references, not copies ------------------------------------------------------------
+
+
+def test_clients_share_the_publishers_field_mappings() -> None:
+    shared = {"title": "t", "done": False}
+    boxes = [MergeBox() for _ in range(3)]
+    for box in boxes:
+        box.add("sub", C, "d1", shared)
+    outputs = [box.flush() for box in boxes]
+    assert all(out[0][3] is shared for out in outputs)
+    assert all(box.visible(C, "d1") is shared for box in boxes)
+
+    after = {"title": "t2", "done": False}
+    for box in boxes:
+        box.change("sub", C, "d1", {"title": "t2"}, fields_after=after)
+    assert all(box.published_fields("sub", C, "d1") is after for box in boxes)
+    assert [box.flush() for box in boxes] == [[changed("d1", {"title": "t2"})]] * 3
+    assert shared == {"title": "t", "done": False}  # never mutated
+
+
+def test_change_without_fields_after_does_not_mutate_the_shared_mapping() -> None:
+    shared = {"a": 1, "b": 2}
+    box = MergeBox()
+    box.add("A", C, "d1", shared)
+    box.change("A", C, "d1", {"a": 9}, ["b"])
+    assert shared == {"a": 1, "b": 2}
+    assert box.visible(C, "d1") == {"a": 9}
+
+
+def test_overlap_structures_exist_only_while_subscriptions_overlap() -> None:
+    box = MergeBox()
+    box.add("A", C, "d1", {"a": 1})
+    box.add("A", C, "d2", {"a": 2})
+    assert box.overlap_count == 0
+    box.add("B", C, "d1", {"a": 9, "b": 1})
+    assert box.overlap_count == 1
+    assert box.visible(C, "d1") == {"a": 1, "b": 1}
+    box.remove("A", C, "d1")
+    assert box.overlap_count == 0
+    assert box.visible(C, "d1") is box.published_fields("B", C, "d1")
+
+
+# ---- model-based check against Meteor's algorithm -----------------------------------------------
+
+
+def canonical(value: Any) -> str:
+    # Independent of values_equal: JSON text distinguishes true from 1 and ignores key order.
+    return json.dumps(value, sort_keys=True)
+
+
+# existsIn, and key -> precedence list of [subscription, value], first publisher first.
+MeteorDoc = tuple[set[str], dict[str, list[list[Any]]]]
+
+
+class MeteorSessionView:
+    """Meteor's SessionCollectionView/SessionDocumentView restated from DDP's documented rules.
+
+    Per document: the set of subscriptions it exists in, and per key a precedence list of
+    [subscription, value]; emits Meteor's messages (empty `changed` suppressed).
+    """
+
+    def __init__(self) -> None:
+        self.docs: dict[tuple[str, str], MeteorDoc] = {}
+        self.messages: list[tuple[Any, ...]] = []
+
+    def _change_field(
+        self,
+        doc: MeteorDoc,
+        sub: str,
+        key: str,
+        value: Any,
+        collector: dict[str, Any],
+        is_add: bool,
+    ) -> None:
+        data = doc[1]
+        if key not in data:
+            data[key] = [[sub, value]]
+            collector[key] = value
+            return
+        entries = data[key]
+        mine = None if is_add else next((e for e in entries if e[0] == sub), None)
+        if mine is None:
+            entries.append([sub, value])
+        else:
+            if mine is entries[0] and canonical(mine[1]) != canonical(value):
+                collector[key] = value
+            mine[1] = value
+
+    def _clear_field(self, doc: MeteorDoc, sub: str, key: str, collector: dict[str, Any]) -> None:
+        data = doc[1]
+        entries = data.get(key)
+        if entries is None:
+            return
+        removed_head = None
+        for i, entry in enumerate(entries):
+            if entry[0] == sub:
+                if i == 0:
+                    removed_head = entry
+                del entries[i]
+                break
+        if not entries:
+            del data[key]
+            collector[key] = None  # stands for `undefined`
+            collector.setdefault("__cleared__", []).append(key)
+        elif removed_head is not None and canonical(removed_head[1]) != canonical(entries[0][1]):
+            collector[key] = entries[0][1]
+
+    def _emit_changed(self, coll: str, doc_id: str, collector: dict[str, Any]) -> None:
+        cleared = collector.pop("__cleared__", [])
+        fields = {k: v for k, v in collector.items() if k not in cleared}
+        if fields or cleared:
+            self.messages.append(("changed", coll, doc_id, canonical(fields), sorted(cleared)))
+
+    def added(self, sub: str, coll: str, doc_id: str, fields: dict[str, Any]) -> None:
+        doc = self.docs.get((coll, doc_id))
+        is_new = doc is None
+        if doc is None:
+            doc = self.docs[(coll, doc_id)] = (set(), {})
+        doc[0].add(sub)
+        collector: dict[str, Any] = {}
+        for key, value in fields.items():
+            self._change_field(doc, sub, key, value, collector, True)
+        if is_new:
+            self.messages.append(("added", coll, doc_id, canonical(collector)))
+        else:
+            self._emit_changed(coll, doc_id, collector)
+
+    def changed(self, sub: str, coll: str, doc_id: str, changes: dict[str, Any]) -> None:
+        doc = self.docs[(coll, doc_id)]
+        collector: dict[str, Any] = {}
+        for key, value in changes.items():
+            if value is CLEAR:
+                self._clear_field(doc, sub, key, collector)
+            else:
+                self._change_field(doc, sub, key, value, collector, False)
+        self._emit_changed(coll, doc_id, collector)
+
+    def removed(self, sub: str, coll: str, doc_id: str) -> None:
+        doc = self.docs[(coll, doc_id)]
+        doc[0].discard(sub)
+        if not doc[0]:
+            del self.docs[(coll, doc_id)]
+            self.messages.append(("removed", coll, doc_id))
+            return
+        collector: dict[str, Any] = {}
+        for key in list(doc[1]):
+            self._clear_field(doc, sub, key, collector)
+        self._emit_changed(coll, doc_id, collector)
+
+    def client_view(self) -> dict[tuple[str, str], str]:
+        return {
+            key: canonical({k: entries[0][1] for k, entries in doc[1].items()})
+            for key, doc in self.docs.items()
+        }
+
+
+CLEAR = object()
+SUBS = ["s1", "s2", "s3"]
+COLLECTIONS = ["c1", "c2"]
+DOC_IDS = ["d1", "d2"]
+KEYS = ["a", "b", "c"]
+VALUES = st.sampled_from([0, 1, 2, True, False, None, "x", [1], {"n": 1}, {"n": True}])
+FIELDS = st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=3)
+
+
+def normalize(op: Op) -> tuple[Any, ...]:
+    if op[0] == "added":
+        return ("added", op[1], op[2], canonical(dict(op[3])))
+    if op[0] == "changed":
+        return ("changed", op[1], op[2], canonical(dict(op[3])), sorted(op[4]))
+    return op
+
+
+def apply_to_client(store: dict[tuple[str, str], dict[str, Any]], op: Op) -> None:
+    """Apply one op the way a strict client (Meteor's server-side DDP client) would."""
+    key = (op[1], op[2])
+    if op[0] == "added":
+        assert key not in store, f"duplicate added {key}"
+        store[key] = dict(op[3])
+    elif op[0] == "changed":
+        assert key in store, f"changed for a document the client lacks {key}"
+        fields, cleared = op[3], op[4]
+        assert fields or cleared, "empty changed"
+        doc = store[key]
+        for field, value in fields.items():
+            assert field not in doc or not values_equal(doc[field], value), "no-op change sent"
+            doc[field] = value
+        for field in cleared:
+            assert field in doc, "cleared a field the client lacks"
+            del doc[field]
+    else:
+        assert key in store, f"removed for a document the client lacks {key}"
+        del store[key]
+
+
+class MergeBoxMachine(RuleBasedStateMachine):
+    """Two boxes fed the same operations: one flushed after every operation (must equal
+    Meteor's messages exactly), one flushed only by the `flush` rule (must converge to the
+    same client view with valid, coalesced ops)."""
+
+    @initialize()
+    def setup(self) -> None:
+        self.meteor = MeteorSessionView()
+        self.eager = MergeBox()
+        self.lazy = MergeBox()
+        self.eager_client: dict[tuple[str, str], dict[str, Any]] = {}
+        self.lazy_client: dict[tuple[str, str], dict[str, Any]] = {}
+        self.published: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def _check_eager(self) -> None:
+        ops = self.eager.flush()
+        expected = self.meteor.messages
+        self.meteor.messages = []
+        assert [normalize(op) for op in ops] == expected
+        for op in ops:
+            apply_to_client(self.eager_client, op)
+
+    @rule(
+        sub=st.sampled_from(SUBS),
+        coll=st.sampled_from(COLLECTIONS),
+        doc_id=st.sampled_from(DOC_IDS),
+        fields=FIELDS,
+    )
+    def add(self, sub: str, coll: str, doc_id: str, fields: dict[str, Any]) -> None:
+        if (sub, coll, doc_id) in self.published:
+            with pytest.raises(MergeBoxError):
+                self.lazy.add(sub, coll, doc_id, fields)
+            return
+        self.published[(sub, coll, doc_id)] = fields
+        self.meteor.added(sub, coll, doc_id, fields)
+        self.eager.add(sub, coll, doc_id, fields)
+        self.lazy.add(sub, coll, doc_id, fields)
+        self._check_eager()
+
+    @rule(
+        sub=st.sampled_from(SUBS),
+        coll=st.sampled_from(COLLECTIONS),
+        doc_id=st.sampled_from(DOC_IDS),
+        changes=FIELDS,
+        cleared=st.sets(st.sampled_from(KEYS)),
+        share=st.booleans(),
+    )
+    def change(
+        self,
+        sub: str,
+        coll: str,
+        doc_id: str,
+        changes: dict[str, Any],
+        cleared: set[str],
+        share: bool,
+    ) -> None:
+        old = self.published.get((sub, coll, doc_id))
+        if old is None:
+            with pytest.raises(MergeBoxError):
+                self.lazy.change(sub, coll, doc_id, changes)
+            return
+        cleared_keys = sorted(cleared - set(changes))
+        new = {k: v for k, v in {**old, **changes}.items() if k not in cleared_keys}
+        self.published[(sub, coll, doc_id)] = new
+        self.meteor.changed(sub, coll, doc_id, {**changes, **dict.fromkeys(cleared_keys, CLEAR)})
+        after = new if share else None
+        self.eager.change(sub, coll, doc_id, changes, cleared_keys, fields_after=after)
+        self.lazy.change(sub, coll, doc_id, changes, cleared_keys, fields_after=after)
+        self._check_eager()
+
+    @rule(
+        sub=st.sampled_from(SUBS),
+        coll=st.sampled_from(COLLECTIONS),
+        doc_id=st.sampled_from(DOC_IDS),
+    )
+    def remove(self, sub: str, coll: str, doc_id: str) -> None:
+        if self.published.pop((sub, coll, doc_id), None) is None:
+            with pytest.raises(MergeBoxError):
+                self.lazy.remove(sub, coll, doc_id)
+            return
+        self.meteor.removed(sub, coll, doc_id)
+        self.eager.remove(sub, coll, doc_id)
+        self.lazy.remove(sub, coll, doc_id)
+        self._check_eager()
+
+    @rule(sub=st.sampled_from(SUBS))
+    def remove_subscription(self, sub: str) -> None:
+        # Meteor's _removeAllDocuments: rule 5 for each document; order does not matter for
+        # the final view, and the eager box must still match message for message.
+        for key in sorted(k for k in self.published if k[0] == sub):
+            del self.published[key]
+            self.meteor.removed(*key)
+            self.eager.remove(*key)
+        self.lazy.remove_subscription(sub)
+        self._check_eager()
+
+    @precondition(lambda self: self.lazy.has_pending)
+    @rule()
+    def flush(self) -> None:
+        ops = self.lazy.flush()
+        touched = [(op[1], op[2]) for op in ops]
+        assert len(touched) == len(set(touched)), "more than one op per document per flush"
+        for op in ops:
+            apply_to_client(self.lazy_client, op)
+        assert {k: canonical(v) for k, v in self.lazy_client.items()} == self.meteor.client_view()
+        assert not self.lazy.has_pending
+
+    @invariant()
+    def eager_client_matches_meteor(self) -> None:
+        assert {k: canonical(v) for k, v in self.eager_client.items()} == (
+            self.meteor.client_view()
+        )
+        view = self.lazy.view()
+        assert {
+            (coll, doc_id): canonical(fields)
+            for coll, docs in view.items()
+            for doc_id, fields in docs.items()
+        } == self.meteor.client_view()
+        assert self.lazy.document_count == len(self.meteor.docs)
+
+
+MergeBoxMachine.TestCase.settings = settings(
+    max_examples=250, stateful_step_count=40, deadline=None
+)
+TestMergeBoxAgainstMeteor = MergeBoxMachine.TestCase
