@@ -65,7 +65,8 @@ def test_type_changes_are_changes() -> None:
     o = Observer(Cursor("t", fields=["v"]).bind())
     o.load([{"id": 1, "v": 1}])
     assert o.apply(upd({"id": 1, "v": True})) == [DocOp("changed", "t", "1", {"v": True})]
-    assert o.apply(upd({"id": 1, "v": 1.0})) == [DocOp("changed", "t", "1", {"v": 1.0})]
+    assert o.apply(upd({"id": 1, "v": 1})) == [DocOp("changed", "t", "1", {"v": 1})]
+    assert o.apply(upd({"id": 1, "v": 1.0})) == []  # the same JSON on the wire
 
 
 def test_absent_toast_columns_come_from_the_published_copy() -> None:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from cdcddp.ddp.mergebox import values_equal
 from cdcddp.publish.definition import BoundCursor, Fields
 from cdcddp.publish.ids import id_stringify
 from cdcddp.publish.visibility import Snapshot
@@ -48,14 +49,10 @@ class NeedsRow:
     missing: tuple[str, ...]
 
 
-def same_value(a: Any, b: Any) -> bool:
-    """Equality that tells 1 from True and 1 from 1.0: what the client would see differently."""
-    return type(a) is type(b) and a == b
-
-
 def diff_fields(old: Fields, new: Fields) -> tuple[Fields, tuple[str, ...]]:
-    """(fields whose value changed or appeared, fields that disappeared)."""
-    changed = {k: v for k, v in new.items() if k not in old or not same_value(old[k], v)}
+    """(fields whose value changed or appeared, fields that disappeared), compared as the client
+    would see them (EJSON equality: ``True`` is not ``1``, ``1`` is ``1.0``)."""
+    changed = {k: v for k, v in new.items() if k not in old or not values_equal(old[k], v)}
     cleared = tuple(k for k in old if k not in new)
     return changed, cleared
 
