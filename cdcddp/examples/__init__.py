@@ -1,0 +1,1 @@
+"""Example cdcddp applications (``cdcddp.examples.todos``: Meteor's Todos app)."""
