@@ -33,13 +33,18 @@ class Database:
         self._idle: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(size)
+        # Bounds connections held across awaits (a method call's transaction), separately
+        # from the short calls of run().
+        self.holders = trio.CapacityLimiter(size)
         self._closed = False
 
     def _connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, application_name=self.application_name,
                                options=SESSION_OPTIONS)
 
-    def _take(self) -> psycopg.Connection[Any]:
+    def checkout(self) -> psycopg.Connection[Any]:
+        """A pooled connection for exclusive use (blocking: call from a worker thread);
+        hand it back with :meth:`checkin`."""
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()
@@ -47,7 +52,7 @@ class Database:
                     return conn
         return self._connect()
 
-    def _give_back(self, conn: psycopg.Connection[Any]) -> None:
+    def checkin(self, conn: psycopg.Connection[Any]) -> None:
         if conn.closed or conn.broken or self._closed:
             conn.close()
             return
@@ -55,7 +60,7 @@ class Database:
             self._idle.append(conn)
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        conn = self._take()
+        conn = self.checkout()
         try:
             with conn.transaction():
                 return fn(conn, *args)
@@ -64,7 +69,7 @@ class Database:
                 conn.close()  # unknown state: don't reuse
             raise
         finally:
-            self._give_back(conn)
+            self.checkin(conn)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one transaction on a pooled connection."""

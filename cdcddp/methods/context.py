@@ -115,8 +115,7 @@ class MethodTransaction:
             if self._limiter is not None:
                 await self._limiter.acquire_on_behalf_of(self)
             try:
-                # Database has no public "lend me a connection" API yet; see the report.
-                self._conn = await trio.to_thread.run_sync(self._database._take)
+                self._conn = await trio.to_thread.run_sync(self._database.checkout)
             except BaseException:
                 if self._limiter is not None:
                     self._limiter.release_on_behalf_of(self)
@@ -200,7 +199,7 @@ class MethodTransaction:
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.close()
         assert self._database is not None
-        self._database._give_back(conn)
+        self._database.checkin(conn)
         if self._limiter is not None:
             self._limiter.release_on_behalf_of(self)
 

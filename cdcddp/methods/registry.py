@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -269,19 +268,6 @@ def _to_result(value: Any) -> Any:
     return value
 
 
-# Connections held by method calls, per pool: bounded by the pool's size unless the server
-# passes its own limiter (Database.run has a separate bound for its own short calls).
-_transaction_limiters: weakref.WeakKeyDictionary[Database, trio.CapacityLimiter] = (
-    weakref.WeakKeyDictionary())
-
-
-def _limiter_for(database: Database) -> trio.CapacityLimiter:
-    limiter = _transaction_limiters.get(database)
-    if limiter is None:
-        limiter = _transaction_limiters[database] = trio.CapacityLimiter(database.size)
-    return limiter
-
-
 async def invoke(methods: Methods, name: str, raw_params: list[Any] | None,
                  connection: ConnectionInfo, *, method_id: str, random_seed: Any = None,
                  database: Database | None = None,
@@ -289,7 +275,7 @@ async def invoke(methods: Methods, name: str, raw_params: list[Any] | None,
     """Run one DDP method call and say what to answer.
 
     ``connection_limiter`` bounds how many calls hold a database connection at once (default:
-    one limiter per ``Database``, of its ``size``). Cancellation (connection closed) rolls back
+    the database's ``holders``). Cancellation (connection closed) rolls back
     and propagates.
     """
     definition = methods.get(name)
@@ -304,7 +290,7 @@ async def invoke(methods: Methods, name: str, raw_params: list[Any] | None,
         return InvocationOutcome(error=exc)
 
     if connection_limiter is None and database is not None:
-        connection_limiter = _limiter_for(database)
+        connection_limiter = database.holders
     transaction = MethodTransaction(database, connection_limiter)
     context = MethodContext(connection=connection, method_id=method_id, method_name=name,
                             random=RandomStream(random_seed), transaction=transaction)
