@@ -111,3 +111,37 @@ class Message:
 
 RowChange = Insert | Update | Delete
 Event = Begin | Commit | Insert | Update | Delete | Truncate | Message
+
+
+# -- stream control events (appended by the replication client, cdcddp.wal.stream) ------------
+
+
+@dataclass(slots=True, frozen=True)
+class TransactionRestart:
+    """The connection dropped after part of transaction ``xid`` was delivered.
+
+    Discard every event of ``xid`` received since its ``Begin``: after the reconnect the whole
+    transaction is delivered again, from its ``Begin``. Never sent for a transaction whose
+    ``Commit`` was delivered — those are never delivered twice.
+    """
+
+    xid: int
+    action: Literal["R"] = "R"
+
+
+@dataclass(slots=True, frozen=True)
+class StreamGap:
+    """Changes may have been missed: the slot was (re)created after the stream had started.
+
+    Consumers must resync (re-run their queries) — DESIGN invariant 5. ``lsn`` is the new
+    slot's consistent point: the stream continues with transactions committed after it.
+    """
+
+    slot: str
+    lsn: int
+    reason: str
+    action: Literal["G"] = "G"
+
+
+StreamEvent = Event | TransactionRestart | StreamGap
+"""What ``cdcddp.wal.stream`` yields: change events plus the two control events."""

@@ -1,0 +1,243 @@
+"""``cdcddp`` command line: ``tail`` (the typed change feed) and ``slot create|drop|status``.
+
+Errors are one line on stderr (exit 1; usage errors exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import datetime as dt
+import decimal
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import psycopg
+import trio
+
+from cdcddp.wal import slot as slots
+from cdcddp.wal.events import Begin, Commit, StreamEvent
+from cdcddp.wal.lsn import format_lsn, parse_lsn
+
+_ACTIONS = {Begin: "B", Commit: "C"}
+_LSN_FIELDS = ("lsn", "end_lsn")
+
+
+class CliError(Exception):
+    """An operator mistake or an unusable server; printed as one line."""
+
+
+# -- JSON rendering of events -------------------------------------------------------------
+
+
+def _iso_duration(value: dt.timedelta) -> str:
+    sign = "-" if value < dt.timedelta(0) else ""
+    value = abs(value)
+    seconds = value.seconds + value.microseconds / 1e6
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{sign}P{value.days}DT{int(hours)}H{int(minutes)}M{secs:g}S"
+
+
+def json_default(value: Any) -> Any:
+    """Values orjson has no native form for (datetimes, UUIDs and dataclasses it has)."""
+    if isinstance(value, decimal.Decimal):
+        return str(value)  # exact: a JSON number would go through float in most readers
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, dt.timedelta):
+        return _iso_duration(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)  # ranges, inet, ... : their text form
+
+
+def event_record(event: StreamEvent) -> dict[str, Any]:
+    record: dict[str, Any] = {"action": _ACTIONS.get(type(event), getattr(event, "action", "?"))}
+    for f in dataclasses.fields(event):  # type: ignore[arg-type]
+        if f.name == "action":
+            continue
+        value = getattr(event, f.name)
+        if f.name in _LSN_FIELDS and isinstance(value, int):
+            value = format_lsn(value)
+        record[f.name] = value
+    return record
+
+
+def render_event(event: StreamEvent) -> bytes:
+    record = event_record(event)
+    try:
+        return orjson.dumps(record, default=json_default, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:  # e.g. integers beyond 64 bits
+        return json.dumps(record, default=json_default, ensure_ascii=False).encode()
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _connect(dsn: str) -> psycopg.Connection:
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or ["connection failed"])[0]
+        raise CliError(f"cannot connect to PostgreSQL ({first}): check --dsn.") from None
+
+
+def cmd_slot(args: argparse.Namespace) -> int:
+    with _connect(args.dsn) as conn:
+        if args.slot_command == "create":
+            status = slots.create(conn, args.slot)
+            print(f"created replication slot {status.name} at "
+                  f"{format_lsn(status.confirmed_flush_lsn or 0)}")
+        elif args.slot_command == "drop":
+            slots.drop(conn, args.slot)
+            print(f"dropped replication slot {args.slot}")
+        else:
+            found = slots.get_status(conn, args.slot)
+            if found is None:
+                raise CliError(f"replication slot {args.slot!r} does not exist: create it with "
+                               f"cdcddp slot create --slot {args.slot}.")
+            info = found.as_dict()
+            if args.json:
+                print(json.dumps(info))
+            else:
+                for key, value in info.items():
+                    if key == "safe_wal_size" and value is None:
+                        value = "unlimited"
+                    shown = str(value).lower() if isinstance(value, bool) else value
+                    print(f"{key}: {'' if shown is None else shown}")
+    return 0
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    from cdcddp.wal.stream import open_stream, tables_option
+
+    options = {"add-tables": tables_option(args.tables)} if args.tables else {}
+    out = sys.stdout.buffer
+    async with trio.open_nursery() as nursery:
+        stop = trio.CancelScope()
+        nursery.start_soon(_watch_signals, stop)
+        with stop:  # a signal cancels the loop; leaving open_stream then stops cleanly
+            async with open_stream(args.dsn, args.slot, create_slot=args.create,
+                                   temporary=args.temporary, start_lsn=args.start_lsn,
+                                   wal2json_options=options,
+                                   status_interval=args.status_interval) as stream:
+                async for event in stream:
+                    out.write(render_event(event) + b"\n")
+                    if isinstance(event, Commit):
+                        out.flush()  # printed before acknowledged
+                        stream.acknowledge(event.end_lsn)
+        out.flush()
+        nursery.cancel_scope.cancel()
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    if args.tables:
+        from cdcddp.wal.preflight import check_table
+
+        with _connect(args.dsn) as conn:
+            for name in args.tables:
+                finding = check_table(conn, name)
+                if finding.severity != "ok":
+                    print(f"cdcddp: warning: {finding.message}", file=sys.stderr)
+    try:
+        return trio.run(_tail, args)
+    except BrokenPipeError:
+        # The reader went away (| head): stop quietly and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+
+def _lsn_arg(text: str) -> int:
+    try:
+        return parse_lsn(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an LSN (like 0/16B3748): {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdcddp", description="PostgreSQL as a Meteor backend.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        env_dsn = os.environ.get("CDCDDP_DSN")
+        p.add_argument("--dsn", default=env_dsn, required=env_dsn is None,
+                       help="libpq connection string (default: $CDCDDP_DSN)")
+        p.add_argument("--slot", required=True, help="replication slot name")
+
+    tail = sub.add_parser("tail", help="print decoded changes as JSON lines")
+    common(tail)
+    tail.add_argument("--temporary", action="store_true",
+                      help="use a temporary slot (gone when cdcddp stops)")
+    tail.add_argument("--create", action=argparse.BooleanOptionalAction, default=True,
+                      help="create the slot when missing (default: yes)")
+    tail.add_argument("--tables", nargs="+", metavar="TABLE", default=[],
+                      help="only these tables (schema.table; plain names mean public)")
+    tail.add_argument("--start-lsn", type=_lsn_arg, default=None,
+                      help="resume after this LSN (default: where the slot is)")
+    tail.add_argument("--status-interval", type=float, default=10.0, metavar="SECONDS")
+    tail.set_defaults(func=cmd_tail)
+
+    slot = sub.add_parser("slot", help="create, drop or inspect the replication slot")
+    slot.add_argument("slot_command", choices=["create", "drop", "status"])
+    common(slot)
+    slot.add_argument("--json", action="store_true", help="status as one JSON object")
+    slot.set_defaults(func=cmd_slot)
+    return parser
+
+
+def _leaf_errors(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaf_errors(sub)]
+    return [exc]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="cdcddp: %(levelname)s: %(message)s", stream=sys.stderr)
+    from cdcddp.wal.protocol import AcknowledgeError
+    from cdcddp.wal.slot import SlotError
+
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException as exc:
+        leaves = _leaf_errors(exc)
+        known = (CliError, SlotError, AcknowledgeError, psycopg.Error, OSError)
+        try:
+            from cdcddp.wal.stream import StreamError
+
+            known = (*known, StreamError)
+        except ImportError:
+            pass
+        first = next((e for e in leaves if isinstance(e, known)), None)
+        if first is None:
+            raise
+        print(f"cdcddp: {str(first).strip().splitlines()[0]}", file=sys.stderr)
+        code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

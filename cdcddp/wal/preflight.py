@@ -1,0 +1,136 @@
+"""Checks that a database can feed cdcddp, each failure one actionable sentence.
+
+``run_preflight`` returns findings instead of raising, so ``cdcddp check`` can print them all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import psycopg
+
+from cdcddp.wal import slot as slots
+
+Severity = Literal["error", "warning", "ok"]
+
+
+@dataclass(slots=True, frozen=True)
+class Finding:
+    severity: Severity
+    code: str  # stable identifier, e.g. "wal_level"
+    message: str
+
+
+def errors(findings: Iterable[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity == "error"]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_wal_level(conn: psycopg.Connection) -> Finding:
+    (level,) = conn.execute("SHOW wal_level").fetchone() or ("?",)
+    if level != "logical":
+        return Finding("error", "wal_level",
+                       f"wal_level is {level!r}, not 'logical': run ALTER SYSTEM SET wal_level = "
+                       "logical and restart PostgreSQL.")
+    return Finding("ok", "wal_level", "wal_level is logical.")
+
+
+def check_replication_privilege(conn: psycopg.Connection) -> Finding:
+    row = conn.execute("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles "
+                       "WHERE rolname = current_user").fetchone()
+    user, allowed = row if row else ("?", False)
+    if not allowed:
+        return Finding("error", "replication_privilege",
+                       f"role {user!r} lacks the REPLICATION privilege: run "
+                       f'ALTER ROLE "{user}" REPLICATION as a superuser.')
+    return Finding("ok", "replication_privilege", f"role {user!r} may use replication.")
+
+
+def check_plugin(conn: psycopg.Connection, plugin: str = slots.PLUGIN) -> Finding:
+    """Create and drop a temporary slot with the plugin: the only sure way to know it loads."""
+    probe = f"cdcddp_preflight_{os.getpid()}"
+    try:
+        # Slot creation waits for running transactions: do not hang behind a long one.
+        conn.execute("SET statement_timeout = '10s'")
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, %s, true)", (probe, plugin))
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (probe,))
+    except psycopg.errors.QueryCanceled:
+        return Finding("warning", "plugin",
+                       f"could not verify that {plugin} is installed (a long transaction kept "
+                       "slot creation waiting): run the check again when it has finished.")
+    except psycopg.Error as exc:
+        text = _first_line(exc)
+        if "could not access file" in text or "No such file" in text:
+            return Finding("error", "plugin_missing",
+                           f"the {plugin} output plugin is not installed on the server: install "
+                           "it there (Debian/Ubuntu: apt-get install postgresql-15-wal2json).")
+        if "all replication slots are in use" in text:
+            return Finding("error", "slots_exhausted",
+                           "all replication slots are in use: raise max_replication_slots (and "
+                           "restart) or drop an unused slot.")
+        return Finding("error", "plugin", f"cannot create a {plugin} replication slot ({text}).")
+    finally:
+        conn.execute("RESET statement_timeout")
+    return Finding("ok", "plugin", f"{plugin} is installed.")
+
+
+def check_slot(conn: psycopg.Connection, slot: str) -> Finding:
+    status = slots.get_status(conn, slot)
+    if status is None:
+        return Finding("ok", "slot", f"replication slot {slot!r} does not exist yet; cdcddp "
+                       "creates it on start.")
+    (dbname,) = conn.execute("SELECT current_database()::text").fetchone() or ("?",)
+    try:
+        slots.verify(status, dbname)
+    except slots.SlotInvalidated as exc:
+        return Finding("error", "slot_lost", str(exc))
+    except slots.SlotBusy as exc:
+        return Finding("warning", "slot_busy", str(exc))
+    except slots.SlotError as exc:
+        return Finding("error", "slot_unusable", str(exc))
+    return Finding("ok", "slot", f"replication slot {slot!r} is usable "
+                   f"(wal_status {status.wal_status}, retains {status.retained_wal_bytes} bytes).")
+
+
+def check_table(conn: psycopg.Connection, table: str) -> Finding:
+    row = conn.execute(
+        "SELECT c.oid::regclass::text, c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i "
+        "WHERE i.indrelid = c.oid AND i.indisprimary) FROM pg_class c "
+        "WHERE c.oid = to_regclass(%s)", (table,)).fetchone()
+    if row is None:
+        return Finding("error", "table_missing",
+                       f"table {table} does not exist: create it or fix the table name.")
+    name, identity, has_pk = row
+    if identity == "n":
+        return Finding("error", "table_identity_nothing",
+                       f"table {name} has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs "
+                       f"are not streamed: run ALTER TABLE {name} REPLICA IDENTITY DEFAULT.")
+    if identity == "d" and not has_pk:
+        return Finding("error", "table_no_identity",
+                       f"table {name} has no primary key, so its UPDATEs and DELETEs are not "
+                       f"streamed: add one (ALTER TABLE {name} ADD PRIMARY KEY (...)) or set "
+                       "REPLICA IDENTITY USING INDEX or FULL.")
+    return Finding("ok", "table", f"table {name} has a replica identity.")
+
+
+def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = (),
+                  plugin: str = slots.PLUGIN) -> list[Finding]:
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        return [Finding("error", "connect",
+                        f"cannot connect to PostgreSQL ({_first_line(exc)}): check --dsn.")]
+    with conn:
+        findings = [check_wal_level(conn), check_replication_privilege(conn)]
+        if not errors(findings):
+            findings.append(check_plugin(conn, plugin))
+        if slot:
+            findings.append(check_slot(conn, slot))
+        findings.extend(check_table(conn, t) for t in tables)
+    return findings

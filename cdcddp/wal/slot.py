@@ -1,0 +1,154 @@
+"""Replication slot management: status, create, drop, verify.
+
+The SQL text and the row → ``SlotStatus`` parsing are shared by the two callers: the stream
+(replication connection, simple protocol only, so it quotes with ``pq.Escaping``) and the CLI /
+preflight (an ordinary psycopg connection with bound parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+
+from cdcddp.wal.lsn import format_lsn, parse_lsn
+
+PLUGIN = "wal2json"
+
+
+class SlotError(Exception):
+    """The slot cannot be used as asked; the message says what to do."""
+
+
+class SlotMissing(SlotError):
+    pass
+
+
+class SlotInvalidated(SlotError):
+    pass
+
+
+class SlotBusy(SlotError):
+    """Another process streams from the slot."""
+
+    def __init__(self, message: str, active_pid: int | None) -> None:
+        super().__init__(message)
+        self.active_pid = active_pid
+
+
+@dataclass(slots=True, frozen=True)
+class SlotStatus:
+    name: str
+    plugin: str | None
+    slot_type: str
+    database: str | None
+    temporary: bool
+    active: bool
+    active_pid: int | None
+    confirmed_flush_lsn: int | None
+    restart_lsn: int | None
+    wal_status: str | None  # reserved / extended / unreserved / lost
+    safe_wal_size: int | None  # bytes before invalidation; None when unlimited
+    retained_wal_bytes: int | None  # pg_current_wal_lsn() - restart_lsn
+
+    def as_dict(self) -> dict[str, object]:
+        def lsn(value: int | None) -> str | None:
+            return None if value is None else format_lsn(value)
+
+        return {
+            "slot_name": self.name, "plugin": self.plugin, "slot_type": self.slot_type,
+            "database": self.database, "temporary": self.temporary, "active": self.active,
+            "active_pid": self.active_pid,
+            "confirmed_flush_lsn": lsn(self.confirmed_flush_lsn),
+            "restart_lsn": lsn(self.restart_lsn), "wal_status": self.wal_status,
+            "safe_wal_size": self.safe_wal_size, "retained_wal_bytes": self.retained_wal_bytes,
+        }
+
+
+# Every column as text, so rows read the same through pq (bytes) and psycopg (str).
+_STATUS_SELECT = (
+    "SELECT slot_name::text, plugin::text, slot_type::text, database::text, temporary::text, "
+    "active::text, active_pid::text, confirmed_flush_lsn::text, restart_lsn::text, "
+    "wal_status::text, safe_wal_size::text, "
+    "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint::text "
+    "FROM pg_replication_slots WHERE slot_name = "
+)
+
+
+def status_sql(quoted_name: str) -> str:
+    """The status query for a slot name already quoted as an SQL literal."""
+    return _STATUS_SELECT + quoted_name
+
+
+def parse_status_row(row: Sequence[str | bytes | None]) -> SlotStatus:
+    text = [v.decode() if isinstance(v, bytes) else v for v in row]
+
+    def opt_int(v: str | None) -> int | None:
+        return None if v is None else int(v)
+
+    def opt_lsn(v: str | None) -> int | None:
+        return None if v is None else parse_lsn(v)
+
+    return SlotStatus(
+        name=text[0] or "", plugin=text[1], slot_type=text[2] or "", database=text[3],
+        temporary=text[4] == "true", active=text[5] == "true", active_pid=opt_int(text[6]),
+        confirmed_flush_lsn=opt_lsn(text[7]), restart_lsn=opt_lsn(text[8]),
+        wal_status=text[9], safe_wal_size=opt_int(text[10]), retained_wal_bytes=opt_int(text[11]),
+    )
+
+
+def verify(status: SlotStatus, dbname: str, own_pid: int | None = None) -> None:
+    """Raise ``SlotError`` unless this client can stream from the slot."""
+    if status.slot_type != "logical" or status.plugin != PLUGIN:
+        raise SlotError(
+            f"replication slot {status.name!r} uses {status.plugin or status.slot_type!r}, not "
+            f"{PLUGIN}: drop it (cdcddp slot drop --slot {status.name}) or choose another --slot.")
+    if status.database != dbname:
+        raise SlotError(
+            f"replication slot {status.name!r} belongs to database {status.database!r}, not "
+            f"{dbname!r}: connect to {status.database!r} or choose another --slot.")
+    if status.wal_status == "lost":
+        raise SlotInvalidated(
+            f"replication slot {status.name!r} is invalidated (wal_status = lost: the WAL it "
+            f"needed was removed): drop it (cdcddp slot drop --slot {status.name}) and create a "
+            "new one, then resync.")
+    if status.active and status.active_pid is not None and status.active_pid != own_pid:
+        raise SlotBusy(
+            f"replication slot {status.name!r} is in use by process {status.active_pid}: stop "
+            "that consumer or choose another --slot.", status.active_pid)
+
+
+def create_command(quoted_ident: str, temporary: bool) -> str:
+    """Replication command creating a wal2json slot (no snapshot: the stream starts now)."""
+    temp = " TEMPORARY" if temporary else ""
+    return f"CREATE_REPLICATION_SLOT {quoted_ident}{temp} LOGICAL {PLUGIN} (SNAPSHOT 'nothing')"
+
+
+# -- ordinary connection (CLI, preflight) ------------------------------------------------------
+
+
+def get_status(conn: psycopg.Connection, slot: str) -> SlotStatus | None:
+    row = conn.execute(_STATUS_SELECT + "%s", (slot,)).fetchone()
+    return None if row is None else parse_status_row(row)
+
+
+def create(conn: psycopg.Connection, slot: str) -> SlotStatus:
+    """Create a persistent wal2json slot in the connection's database."""
+    if get_status(conn, slot) is not None:
+        raise SlotError(f"replication slot {slot!r} already exists: use it, or drop it first "
+                        f"(cdcddp slot drop --slot {slot}).")
+    conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (slot, PLUGIN))
+    status = get_status(conn, slot)
+    assert status is not None
+    return status
+
+
+def drop(conn: psycopg.Connection, slot: str) -> None:
+    status = get_status(conn, slot)
+    if status is None:
+        raise SlotMissing(f"replication slot {slot!r} does not exist: nothing to drop.")
+    if status.active:
+        raise SlotBusy(f"replication slot {slot!r} is in use by process {status.active_pid}: "
+                       "stop that consumer first.", status.active_pid)
+    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))

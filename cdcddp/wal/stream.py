@@ -1,0 +1,662 @@
+"""The replication stream: a wal2json logical slot read over ``psycopg.pq``, driven by trio.
+
+    async with open_stream(dsn, slot="cdcddp") as stream:
+        async for event in stream:
+            apply(event)
+            if isinstance(event, Commit):
+                stream.acknowledge(event.end_lsn)
+
+Events arrive in commit order, one transaction at a time, never held whole (a bounded channel
+of small batches sits between the reader and the consumer). The flush position confirmed to
+the server only covers acknowledged commits and idle keepalives (``protocol.AckTracker``).
+
+Delivery contract across reconnects (the connection is re-established with backoff):
+
+* a transaction whose ``Commit`` was delivered is never delivered again, acknowledged or not;
+* a transaction cut by the drop after its ``Begin`` was delivered is announced by
+  ``TransactionRestart(xid)``: discard what was received of it, it comes again whole;
+* if the slot had to be (re)created after streaming started — a temporary slot after a
+  reconnect, a dropped slot, or ``start_lsn`` behind the slot — ``StreamGap`` says changes
+  may be missing: resync.
+
+Fatal problems (slot invalidated, wrong plugin, bad option, authentication) end the iteration
+with ``StreamError``; connection problems after the first connect are retried for ever.
+Non-transactional ``Message`` events are at-most-once: they are not part of a commit and are not
+acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import struct
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import trio
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from cdcddp.wal import slot as slots
+from cdcddp.wal.decode import SESSION_SETTINGS, WAL2JSON_OPTIONS, DecodeError, Decoder
+from cdcddp.wal.events import (
+    Begin,
+    Commit,
+    Message,
+    StreamEvent,
+    StreamGap,
+    TransactionRestart,
+)
+from cdcddp.wal.lsn import format_lsn, parse_lsn
+from cdcddp.wal.protocol import (
+    XLOGDATA_PAYLOAD_OFFSET,
+    AckTracker,
+    Keepalive,
+    ProtocolError,
+    build_status_update,
+    parse_copy_data,
+)
+
+log = logging.getLogger("cdcddp.wal.stream")
+
+_DATA_START = struct.Struct("!Q")
+_BATCH_MAX = 512  # events per channel item: amortises channel overhead, bounds memory
+_DROPPED_CHANGE_MARK = "no tuple identifier"  # wal2json WARNING for UPDATE/DELETE without key
+
+# SQLSTATEs that mean "try again shortly" when met during (re)connection.
+_TRANSIENT_SQLSTATES = {
+    "55006",  # object_in_use: the slot is still held by the walsender we just lost
+    "57P01", "57P02", "57P03",  # admin shutdown / crash shutdown / cannot connect now
+    "08000", "08003", "08006", "08001", "08004",  # connection exceptions
+    "53300",  # too many connections
+}
+
+
+class StreamError(Exception):
+    """The stream cannot continue; the message says what to fix."""
+
+
+class ServerError(StreamError):
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class ConnectionLost(Exception):
+    """The replication connection ended; the stream reconnects."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ConnectionLost | psycopg.OperationalError | OSError | trio.TooSlowError):
+        return True
+    return isinstance(exc, ServerError) and exc.sqlstate in _TRANSIENT_SQLSTATES
+
+
+class Backoff:
+    """Exponential backoff with jitter (half to full of the current step)."""
+
+    def __init__(self, initial: float = 0.1, maximum: float = 10.0, factor: float = 2.0) -> None:
+        self.initial, self.maximum, self.factor = initial, maximum, factor
+        self._step = initial
+
+    def next_delay(self) -> float:
+        delay = random.uniform(self._step / 2, self._step)
+        self._step = min(self._step * self.factor, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self._step = self.initial
+
+
+def _options_value(settings: Mapping[str, str]) -> str:
+    # libpq's "options" splits on spaces; a backslash escapes one inside a value.
+    def esc(v: str) -> str:
+        return v.replace("\\", "\\\\").replace(" ", "\\ ")
+
+    return " ".join(f"-c {esc(k)}={esc(v)}" for k, v in settings.items())
+
+
+def replication_conninfo(dsn: str, application_name: str,
+                         session_settings: Mapping[str, str]) -> str:
+    """The user's DSN turned into a logical replication connection with pinned GUCs."""
+    params = conninfo_to_dict(dsn)
+    options = _options_value(session_settings)
+    if params.get("options"):
+        options = f"{params['options']} {options}"  # ours last: they must win
+    params.update(replication="database", options=options)
+    params.setdefault("application_name", application_name)
+    params.setdefault("connect_timeout", "10")
+    params.setdefault("keepalives_idle", "30")
+    return make_conninfo("", **params)
+
+
+def _repl_literal(value: str) -> str:
+    # The replication command grammar knows only '...' strings (no E'...'), which is what
+    # escape_literal produces unless the value holds a backslash.
+    return "'" + value.replace("'", "''") + "'"
+
+
+def start_replication_command(ident: str, start_lsn: int, options: Mapping[str, str]) -> str:
+    opts = ", ".join(f'"{k}" {_repl_literal(v)}' for k, v in options.items())
+    return f"START_REPLICATION SLOT {ident} LOGICAL {format_lsn(start_lsn)}" + (
+        f" ({opts})" if opts else "")
+
+
+def tables_option(tables: list[str]) -> str:
+    """wal2json ``add-tables`` value for ``schema.table`` names (``table`` means public)."""
+    def esc(part: str) -> str:
+        for ch in "\\ ',.*":
+            part = part.replace(ch, "\\" + ch)
+        return part
+
+    out = []
+    for name in tables:
+        schema, dot, table = name.partition(".")
+        if not dot:
+            schema, table = "public", name
+        out.append(f"{esc(schema)}.{esc(table)}")
+    return ",".join(out)
+
+
+class ReplicationStream:
+    """One logical slot streamed to one consumer. Build it with ``open_stream``."""
+
+    def __init__(self, dsn: str, slot: str, *, create_slot: bool = True,
+                 temporary: bool = False, start_lsn: int | None = None,
+                 wal2json_options: Mapping[str, str] | None = None,
+                 session_settings: Mapping[str, str] | None = None,
+                 application_name: str = "cdcddp", status_interval: float = 10.0,
+                 buffer_batches: int = 16, connect_timeout: float = 15.0,
+                 busy_grace: float = 5.0, recreate_invalidated: bool = False,
+                 decoder_factory: Callable[[], Decoder] = Decoder) -> None:
+        self.slot = slot
+        self.create_slot = create_slot
+        self.temporary = temporary
+        self.start_lsn = start_lsn
+        self.wal2json_options = {**WAL2JSON_OPTIONS, **(wal2json_options or {})}
+        self.status_interval = status_interval
+        self.connect_timeout = connect_timeout
+        self.busy_grace = busy_grace
+        self.recreate_invalidated = recreate_invalidated
+        self._conninfo = replication_conninfo(
+            dsn, application_name, {**SESSION_SETTINGS, **(session_settings or {})})
+        self._decoder_factory = decoder_factory
+
+        # Counters and positions, read by metrics and tests.
+        self.reconnects = 0
+        self.decode_errors = 0
+        self.dropped_change_warnings = 0  # wal2json "no tuple identifier" WARNINGs
+        self.last_dropped_change_warning: str | None = None
+        self.status_updates_sent = 0
+        self.events_delivered = 0
+        self.connected = False
+        self.systemid: str | None = None
+        self.timeline: int | None = None
+        self.backend_pid: int | None = None
+        self.wal_sender_timeout: float | None = None  # seconds; 0 = disabled
+        self.last_error: str | None = None
+
+        self._tracker = AckTracker()
+        self._send, self._receive = trio.open_memory_channel[list[StreamEvent]](buffer_batches)
+        self._pending: deque[StreamEvent] = deque()
+        self._failure: BaseException | None = None
+        self._closing = False
+        self._session_scope: trio.CancelScope | None = None
+        self._pause_scope: trio.CancelScope | None = None
+        self._run_scope: trio.CancelScope | None = None
+        self._stopped = trio.Event()
+        self._status_wakeup = trio.Event()
+        self._ever_streamed = False
+        self._open_xid: int | None = None  # delivered Begin without its Commit
+        self._skip_xid: int | None = None  # replayed transaction already delivered: skip it
+        self._last_message_lsn = 0  # dedupe non-transactional messages after a reconnect
+
+    # -- consumer API ----------------------------------------------------------------------
+    @property
+    def received_lsn(self) -> int:
+        """Write position: highest LSN received from the server."""
+        return self._tracker.received_lsn
+
+    @property
+    def acknowledged_lsn(self) -> int:
+        """Flush position confirmed (or to be confirmed) to the server."""
+        return self._tracker.acknowledged_lsn
+
+    def acknowledge(self, end_lsn: int) -> None:
+        """The consumer is done with the transaction whose ``Commit.end_lsn`` this is."""
+        self._tracker.acknowledge(end_lsn)
+
+    def request_status(self) -> None:
+        """Send a status update now instead of at the next interval."""
+        self._status_wakeup.set()
+
+    def __aiter__(self) -> ReplicationStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if not self._pending:
+            try:
+                batch = await self._receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                if self._failure is not None:
+                    raise self._failure from None
+                raise StopAsyncIteration from None
+            self._pending.extend(batch)
+        return self._pending.popleft()
+
+    # -- connection ------------------------------------------------------------------------
+    async def _connect(self) -> pq.PGconn:
+        conn = pq.PGconn.connect_start(self._conninfo.encode())
+        try:
+            with trio.fail_after(self.connect_timeout):
+                poll = pq.PollingStatus.WRITING
+                while poll != pq.PollingStatus.OK:
+                    if conn.status == pq.ConnStatus.BAD or poll == pq.PollingStatus.FAILED:
+                        raise psycopg.OperationalError(
+                            conn.get_error_message().strip() or "connection failed")
+                    sock = conn.socket  # may change between attempts/hosts
+                    if poll == pq.PollingStatus.READING:
+                        await trio.lowlevel.wait_readable(sock)
+                    else:
+                        await trio.lowlevel.wait_writable(sock)
+                    poll = conn.connect_poll()
+        except BaseException:
+            conn.finish()
+            raise
+        conn.nonblocking = 1
+        conn.notice_handler = self._on_notice
+        return conn
+
+    def _on_notice(self, res: pq.PGresult) -> None:
+        text = (res.error_message or b"").decode(errors="replace").strip()
+        if _DROPPED_CHANGE_MARK in text:
+            self.dropped_change_warnings += 1
+            self.last_dropped_change_warning = text
+            log.warning("change dropped by wal2json (table without primary key or replica "
+                        "identity; fix with ALTER TABLE ... REPLICA IDENTITY): %s", text)
+        else:
+            log.info("server notice: %s", text)
+
+    async def _flush(self, conn: pq.PGconn) -> None:
+        while conn.flush() == 1:
+            await trio.lowlevel.wait_writable(conn.socket)
+
+    async def _execute(self, conn: pq.PGconn, sql: str) -> list[tuple[str | None, ...]]:
+        """Run a simple-protocol command; rows as text. Returns [] for COPY_BOTH."""
+        conn.send_query(sql.encode())
+        await self._flush(conn)
+        rows: list[tuple[str | None, ...]] = []
+        error: pq.PGresult | None = None
+        while True:
+            while conn.is_busy():
+                await trio.lowlevel.wait_readable(conn.socket)
+                conn.consume_input()
+            res = conn.get_result()
+            if res is None:
+                break
+            if res.status == pq.ExecStatus.COPY_BOTH:
+                return rows
+            if res.status == pq.ExecStatus.TUPLES_OK:
+                for r in range(res.ntuples):
+                    values = (res.get_value(r, c) for c in range(res.nfields))
+                    rows.append(tuple(None if v is None else bytes(v).decode() for v in values))
+            elif res.status != pq.ExecStatus.COMMAND_OK and error is None:
+                error = res
+        if error is not None:
+            sqlstate = error.error_field(pq.DiagnosticField.SQLSTATE)
+            message = (error.error_message or b"").decode(errors="replace").strip()
+            raise ServerError(message, sqlstate.decode() if sqlstate else None)
+        return rows
+
+    async def _prepare(self, conn: pq.PGconn) -> list[StreamEvent]:
+        """IDENTIFY_SYSTEM, check or create the slot, START_REPLICATION. Returns events
+        (a ``StreamGap``) to deliver before the stream's own."""
+        systemid, timeline, _xlogpos, dbname = (await self._execute(conn, "IDENTIFY_SYSTEM"))[0]
+        if self.systemid is not None and systemid != self.systemid:
+            raise StreamError(f"the server is now a different cluster (system id {systemid}, "
+                              f"was {self.systemid}): resync from a fresh slot.")
+        if dbname is None:
+            raise StreamError("the replication connection has no database: put dbname in --dsn.")
+        self.systemid, self.timeline = systemid, int(timeline or 0)
+        pid, sender_timeout = (await self._execute(
+            conn, "SELECT pg_backend_pid()::text, setting FROM pg_settings "
+                  "WHERE name = 'wal_sender_timeout'"))[0]
+        self.backend_pid = int(pid or 0)
+        self.wal_sender_timeout = int(sender_timeout or 0) / 1000
+
+        escaping = pq.Escaping(conn)
+        literal = escaping.escape_literal(self.slot.encode()).decode()
+        ident = escaping.escape_identifier(self.slot.encode()).decode()
+        rows = await self._execute(conn, slots.status_sql(literal))
+        status = slots.parse_status_row(rows[0]) if rows else None
+        gap: list[StreamEvent] = []
+        if status is not None and status.wal_status == "lost" and self.recreate_invalidated:
+            log.warning("slot %s is invalidated: dropping and recreating it", self.slot)
+            await self._execute(conn, f"DROP_REPLICATION_SLOT {ident} WAIT")
+            status = None
+        if status is None:
+            if not self.create_slot:
+                raise slots.SlotMissing(
+                    f"replication slot {self.slot!r} does not exist: create it "
+                    f"(cdcddp slot create --slot {self.slot}) or allow --create.")
+            (_name, point, _snap, _plugin), = await self._execute(
+                conn, slots.create_command(ident, self.temporary))
+            consistent = parse_lsn(point or "0/0")
+            log.info("created %s slot %s at %s", "temporary" if self.temporary else "persistent",
+                     self.slot, point)
+            if self._ever_streamed or self.start_lsn is not None:
+                gap.append(StreamGap(self.slot, consistent, "replication slot was created anew"))
+            confirmed = consistent
+        else:
+            slots.verify(status, dbname, own_pid=self.backend_pid)
+            confirmed = status.confirmed_flush_lsn or 0
+
+        if not self._ever_streamed:
+            start = self.start_lsn or 0
+            if self.start_lsn is not None and self.start_lsn < confirmed and not gap:
+                gap.append(StreamGap(self.slot, confirmed,
+                                     "slot is already past the requested start position"))
+            self._tracker = AckTracker(max(start, confirmed))
+        # Transactions up to the last delivered commit must not come again (acknowledged or not).
+        start_at = max(self._tracker.acknowledged_lsn, self._tracker.last_commit_lsn)
+        conn.notice_handler = self._on_notice  # wal2json WARNINGs only arrive as notices
+        await self._execute(conn, start_replication_command(
+            ident, start_at, self.wal2json_options))
+        return gap
+
+    # -- streaming -------------------------------------------------------------------------
+    async def _read(self, conn: pq.PGconn) -> None:
+        tracker = self._tracker
+        decode = self._decoder_factory().decode
+        send = self._send.send
+        unpack_start = _DATA_START.unpack_from
+        sock = conn.socket
+        batch: list[StreamEvent] = []
+        try:
+            while True:
+                n, buf = conn.get_copy_data(1)
+                if n > 0:
+                    if buf[0] == 0x77:  # 'w': the hot path, parsed inline
+                        data_start = unpack_start(buf, 1)[0]
+                        tracker.on_data(data_start)
+                        try:
+                            # bytes, not a view: the decoder searches the text for numerics
+                            event = decode(bytes(buf[XLOGDATA_PAYLOAD_OFFSET:]))
+                        except DecodeError as exc:
+                            # Skipping would lose a change; the same LSN fails again after a
+                            # restart, so stop with a clear message.
+                            self.decode_errors += 1
+                            raise StreamError(f"cannot decode the change at LSN "
+                                              f"{format_lsn(data_start)}: {exc}") from exc
+                        kind = type(event)
+                        if (kind is not Begin and kind is not Commit and kind is not Message
+                                and self._skip_xid is None):
+                            batch.append(event)  # a row change: the hot path needs no checks
+                            self.events_delivered += 1
+                        elif self._accept(event):
+                            batch.append(event)
+                            if len(batch) >= _BATCH_MAX:
+                                await send(batch)
+                                batch = []
+                    else:
+                        try:
+                            msg = parse_copy_data(buf)
+                        except ProtocolError as exc:
+                            raise StreamError(f"replication protocol error: {exc}") from exc
+                        if not isinstance(msg, Keepalive):
+                            raise StreamError(f"unexpected message {type(msg).__name__}")
+                        tracker.on_keepalive(msg.wal_end)
+                        if msg.reply_requested:
+                            self._status_wakeup.set()
+                elif n == 0:
+                    if batch:
+                        await send(batch)
+                        batch = []
+                    # Wake up now and then so a dead peer without RST is still noticed by
+                    # the status task's writes.
+                    with trio.move_on_after(self.status_interval):
+                        await trio.lowlevel.wait_readable(sock)
+                    conn.consume_input()
+                else:
+                    raise ConnectionLost(self._copy_end_reason(conn))
+        except (psycopg.OperationalError, ConnectionLost):
+            if batch:  # what was received is valid: deliver it before reconnecting
+                await send(batch)
+            raise
+
+    def _accept(self, event: StreamEvent) -> bool:
+        """Track transaction boundaries; drop what was already delivered before a reconnect."""
+        kind = type(event)
+        if kind is Begin:
+            assert isinstance(event, Begin)
+            self._tracker.on_begin()
+            if event.end_lsn <= self._tracker.last_commit_lsn:
+                self._skip_xid = event.xid
+                return False
+            self._open_xid = event.xid
+        elif kind is Commit:
+            assert isinstance(event, Commit)
+            self._tracker.on_commit(event.end_lsn)
+            if self._skip_xid is not None:
+                self._skip_xid = None
+                return False
+            self._open_xid = None
+        elif self._skip_xid is not None and getattr(event, "xid", None) == self._skip_xid:
+            return False
+        elif kind is Message and getattr(event, "xid", 0) is None:
+            lsn = event.lsn
+            if lsn <= self._last_message_lsn:
+                return False
+            self._last_message_lsn = lsn
+        self.events_delivered += 1
+        return True
+
+    def _copy_end_reason(self, conn: pq.PGconn) -> str:
+        reasons = []
+        while (res := conn.get_result()) is not None:
+            if res.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.COPY_OUT,
+                                  pq.ExecStatus.COPY_BOTH):
+                reasons.append((res.error_message or b"").decode(errors="replace").strip())
+            if conn.is_busy():
+                break
+        return "; ".join(r for r in reasons if r) or "the server ended the replication stream"
+
+    async def _send_status(self, conn: pq.PGconn) -> None:
+        t = self._tracker
+        msg = build_status_update(t.received_lsn, t.acknowledged_lsn, t.acknowledged_lsn)
+        while conn.put_copy_data(msg) == 0:
+            await trio.lowlevel.wait_writable(conn.socket)
+        await self._flush(conn)
+        self.status_updates_sent += 1
+
+    def _status_period(self) -> float:
+        period = self.status_interval
+        if self.wal_sender_timeout:
+            period = min(period, self.wal_sender_timeout / 3)
+        return max(period, 0.05)
+
+    async def _status_loop(self, conn: pq.PGconn) -> None:
+        # Independent of the reader: it runs while the reader is blocked on a slow consumer,
+        # so wal_sender_timeout never fires because of back-pressure.
+        while True:
+            await self._send_status(conn)
+            with trio.move_on_after(self._status_period()):
+                await self._status_wakeup.wait()
+            self._status_wakeup = trio.Event()
+
+    async def _session(self, conn: pq.PGconn) -> None:
+        """Reader + status sender until the connection fails or the stream closes."""
+        failure: list[BaseException] = []
+
+        async def guarded(fn: Callable[[pq.PGconn], Any]) -> None:
+            try:
+                await fn(conn)
+            except Exception as exc:
+                failure.append(exc)
+                nursery.cancel_scope.cancel()
+
+        with trio.CancelScope() as self._session_scope:
+            if self._closing:
+                self._session_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(guarded, self._read)
+                nursery.start_soon(guarded, self._status_loop)
+        self._session_scope = None
+        if failure:
+            raise failure[0]
+
+    async def _stop_copy(self, conn: pq.PGconn) -> None:
+        """Clean stop: final status with the acknowledged LSN, CopyDone, drain."""
+        with trio.move_on_after(3) as scope:
+            scope.shield = True
+            try:
+                await self._send_status(conn)
+                while conn.put_copy_end() == 0:
+                    await trio.lowlevel.wait_writable(conn.socket)
+                await self._flush(conn)
+                while True:
+                    n, _ = conn.get_copy_data(1)
+                    if n == -1:
+                        break
+                    if n == 0:
+                        await trio.lowlevel.wait_readable(conn.socket)
+                        conn.consume_input()
+                while conn.get_result() is not None:
+                    if conn.is_busy():
+                        await trio.lowlevel.wait_readable(conn.socket)
+                        conn.consume_input()
+            except (psycopg.OperationalError, OSError) as exc:
+                log.debug("error during clean stop: %s", exc)
+
+    def _close_conn(self, conn: pq.PGconn) -> None:
+        try:
+            trio.lowlevel.notify_closing(conn.socket)
+        except (psycopg.OperationalError, OSError):
+            pass
+        conn.finish()
+
+    async def _first_connect(self) -> pq.PGconn:
+        """Connect once; errors go straight to the caller, except a busy slot for a while."""
+        backoff = Backoff()
+        deadline = trio.current_time() + self.busy_grace
+        while True:
+            conn = await self._connect()
+            try:
+                prelude = await self._prepare(conn)
+            except BaseException as exc:
+                self._close_conn(conn)
+                busy = isinstance(exc, slots.SlotBusy) or (
+                    isinstance(exc, ServerError) and exc.sqlstate == "55006")
+                if busy and trio.current_time() < deadline:
+                    await trio.sleep(backoff.next_delay())
+                    continue
+                raise
+            self._mark_streaming(prelude)
+            return conn
+
+    def _mark_streaming(self, prelude: list[StreamEvent]) -> None:
+        self.connected = True
+        self._ever_streamed = True
+        if prelude:
+            self._send.send_nowait(prelude)  # channel is empty right after (re)connect
+
+    async def _pause(self, seconds: float) -> None:
+        with trio.CancelScope() as self._pause_scope:
+            if self._closing:
+                self._pause_scope.cancel()
+            await trio.sleep(seconds)
+        self._pause_scope = None
+
+    async def _run(self, conn: pq.PGconn | None) -> None:
+        """Supervisor: stream, reconnect on failure, stop cleanly on close.
+
+        Shielded: when the consumer is cancelled, ``aclose`` still gets to send the final status
+        update and CopyDone; ``aclose`` cancels ``_run_scope`` only if that takes too long.
+        """
+        backoff = Backoff()
+        with trio.CancelScope(shield=True) as self._run_scope:
+            try:
+                while not self._closing:
+                    if conn is None:
+                        try:
+                            conn = await self._connect()
+                            prelude = await self._prepare(conn)
+                        except Exception as exc:
+                            if conn is not None:
+                                self._close_conn(conn)
+                                conn = None
+                            if not _is_transient(exc):
+                                raise
+                            self.last_error = str(exc).strip()
+                            log.info("reconnect failed (%s); retrying", self.last_error)
+                            await self._pause(backoff.next_delay())
+                            continue
+                        self.reconnects += 1
+                        self._mark_streaming([])
+                        if prelude:
+                            await self._send.send(prelude)
+                        backoff.reset()
+                    try:
+                        await self._session(conn)
+                    except Exception as exc:
+                        if not _is_transient(exc):
+                            raise
+                        self.last_error = str(exc).strip()
+                        log.warning("replication connection lost (%s); reconnecting",
+                                    self.last_error)
+                        self.connected = False
+                        self._close_conn(conn)
+                        conn = None
+                        self._tracker.on_reconnect()
+                        if self._open_xid is not None:
+                            await self._send.send([TransactionRestart(self._open_xid)])
+                            self._open_xid = None
+                        self._skip_xid = None
+                        await self._pause(backoff.next_delay())
+                if conn is not None:
+                    await self._stop_copy(conn)
+            except Exception as exc:
+                self._failure = exc
+            finally:
+                self.connected = False
+                if conn is not None:
+                    self._close_conn(conn)
+                self._send.close()
+                self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Stop streaming: final status update with the acknowledged LSN, CopyDone."""
+        self._closing = True
+        for scope in (self._session_scope, self._pause_scope):
+            if scope is not None:
+                scope.cancel()
+        with trio.move_on_after(5) as waiting:
+            waiting.shield = True
+            await self._stopped.wait()
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+
+@asynccontextmanager
+async def open_stream(dsn: str, slot: str, **kwargs: Any) -> AsyncIterator[ReplicationStream]:
+    """Connect, check/create the slot, start streaming; see ``ReplicationStream`` for options.
+
+    Raises ``StreamError``/``SlotError``/``psycopg.OperationalError`` if the first connection
+    fails; later connection failures are retried in the background.
+    """
+    stream = ReplicationStream(dsn, slot, **kwargs)
+    conn = await stream._first_connect()
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream._run, conn)
+        try:
+            yield stream
+        except BaseException as exc:  # re-raised below, unwrapped by the nursery
+            body_error = exc
+        finally:
+            await stream.aclose()
+    if body_error is not None:
+        raise body_error

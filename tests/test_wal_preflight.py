@@ -1,0 +1,111 @@
+"""Preflight findings against real servers (the shared cluster and a private one)."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cdcddp.devcluster import LocalCluster
+from cdcddp.wal.preflight import Finding, check_plugin, errors, run_preflight
+
+_roles = itertools.count(1)
+
+
+def by_code(findings: list[Finding]) -> dict[str, Finding]:
+    return {f.code: f for f in findings}
+
+
+def test_healthy_database_has_no_errors(db_dsn: str) -> None:
+    findings = run_preflight(db_dsn, slot="not_there_yet")
+    assert errors(findings) == []
+    codes = by_code(findings)
+    assert {"wal_level", "replication_privilege", "plugin", "slot"} <= codes.keys()
+    assert "creates it" in codes["slot"].message
+
+
+def test_missing_plugin_is_named(db_dsn: str) -> None:
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        finding = check_plugin(conn, plugin="wal2json_not_installed")
+    assert finding.severity == "error" and finding.code == "plugin_missing"
+    assert "apt-get install postgresql-15-wal2json" in finding.message
+
+
+def test_missing_replication_privilege(db_dsn: str, pg_cluster: LocalCluster) -> None:
+    role = f"cdcddp_norepl_{next(_roles)}"
+    pg_cluster.psql(f'CREATE ROLE "{role}" LOGIN NOREPLICATION')
+    try:
+        findings = run_preflight(db_dsn.replace("user=postgres", f"user={role}"))
+        finding = by_code(findings)["replication_privilege"]
+        assert finding.severity == "error"
+        assert finding.message == (f"role {role!r} lacks the REPLICATION privilege: run "
+                                   f'ALTER ROLE "{role}" REPLICATION as a superuser.')
+    finally:
+        pg_cluster.psql(f'DROP ROLE "{role}"')
+
+
+def test_unreachable_server() -> None:
+    (finding,) = run_preflight("host=127.0.0.1 port=1 dbname=x connect_timeout=2")
+    assert finding.code == "connect" and finding.message.endswith("check --dsn.")
+
+
+def test_tables_without_identity(db_dsn: str) -> None:
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE good (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE nopk (v int)")
+        conn.execute("CREATE TABLE nothing (id int PRIMARY KEY)")
+        conn.execute("ALTER TABLE nothing REPLICA IDENTITY NOTHING")
+        conn.execute("CREATE TABLE full_ident (v int)")
+        conn.execute("ALTER TABLE full_ident REPLICA IDENTITY FULL")
+    findings = run_preflight(db_dsn, tables=["good", "public.nopk", "nothing", "full_ident",
+                                             "missing"])
+    table_findings = findings[-5:]
+    assert [f.severity for f in table_findings] == ["ok", "error", "error", "ok", "error"]
+    assert table_findings[1].message.startswith("table nopk has no primary key")
+    assert "ALTER TABLE nothing REPLICA IDENTITY DEFAULT" in table_findings[2].message
+    assert table_findings[4].message == ("table missing does not exist: create it or fix the "
+                                         "table name.")
+
+
+@pytest.fixture(scope="module")
+def replica_cluster() -> Iterator[LocalCluster]:
+    """A private cluster that starts at wal_level=replica (changing it needs a restart)."""
+    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="cdcddp-pre-")),
+                           settings={"wal_level": "replica", "fsync": "off",
+                                     "max_slot_wal_keep_size": "1MB"})
+    cluster.init()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def test_wal_level_then_invalidated_slot(replica_cluster: LocalCluster) -> None:
+    (finding,) = [f for f in run_preflight(replica_cluster.dsn()) if f.code == "wal_level"]
+    assert finding.severity == "error"
+    assert finding.message == ("wal_level is 'replica', not 'logical': run ALTER SYSTEM SET "
+                               "wal_level = logical and restart PostgreSQL.")
+
+    replica_cluster.psql("ALTER SYSTEM SET wal_level = logical")
+    replica_cluster.restart()
+    dsn = replica_cluster.dsn()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot('doomed', 'wal2json')")
+        conn.execute("CREATE TABLE filler (v text)")
+        # Push WAL past max_slot_wal_keep_size and checkpoint: the slot is invalidated.
+        for _ in range(4):
+            conn.execute("INSERT INTO filler SELECT repeat('x', 100) FROM generate_series(1, 10)")
+            conn.execute("SELECT pg_switch_wal()")
+        conn.execute("CHECKPOINT")
+        (wal_status,) = conn.execute(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'doomed'").fetchone()
+    assert wal_status == "lost"
+    finding = by_code(run_preflight(dsn, slot="doomed"))["slot_lost"]
+    assert finding.severity == "error"
+    assert finding.message.startswith("replication slot 'doomed' is invalidated")
+    assert "cdcddp slot drop --slot doomed" in finding.message

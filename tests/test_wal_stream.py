@@ -1,0 +1,356 @@
+"""The replication stream against real PostgreSQL: order, acknowledgements, reconnects."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+
+from cdcddp.devcluster import LocalCluster
+from cdcddp.wal.events import (
+    Begin,
+    Commit,
+    Insert,
+    StreamEvent,
+    StreamGap,
+    TransactionRestart,
+)
+from cdcddp.wal.lsn import parse_lsn
+from cdcddp.wal.slot import SlotBusy
+from cdcddp.wal.stream import ReplicationStream, open_stream
+
+FAST = {"status_interval": 0.2}
+_slot_numbers = itertools.count(1)
+
+
+def new_slot() -> str:
+    return f"s{next(_slot_numbers)}"
+
+
+def sql(dsn: str, *statements: str, params: Any = None) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        result = None
+        for statement in statements:
+            cur = conn.execute(statement, params)
+            result = cur.fetchall() if cur.description else None
+        return result
+
+
+async def asql(dsn: str, *statements: str) -> Any:
+    return await trio.to_thread.run_sync(lambda: sql(dsn, *statements))
+
+
+async def slot_row(dsn: str, slot: str) -> tuple[int, bool]:
+    rows = await asql(dsn, "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots "
+                           f"WHERE slot_name = '{slot}'")
+    return parse_lsn(rows[0][0]), rows[0][1]
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0) -> None:
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(0.05)
+
+
+class Collector:
+    """A consumer that applies whole transactions and acknowledges them."""
+
+    def __init__(self, stream: ReplicationStream, ack: bool = True) -> None:
+        self.stream = stream
+        self.ack = ack
+        self.transactions: list[tuple[Commit, list[StreamEvent]]] = []
+        self.events: list[StreamEvent] = []
+        self.restarts: list[TransactionRestart] = []
+        self.gaps: list[StreamGap] = []
+        self._open: list[StreamEvent] = []
+
+    def rows(self, column: str = "n") -> list[Any]:
+        return [e.new[column] for _, evs in self.transactions for e in evs
+                if isinstance(e, Insert)]
+
+    async def run(self, until: Callable[[Collector], bool] | None = None) -> None:
+        async for event in self.stream:
+            self.events.append(event)
+            if isinstance(event, TransactionRestart):
+                self.restarts.append(event)
+                assert self._open and isinstance(self._open[0], Begin)
+                assert self._open[0].xid == event.xid
+                self._open = []
+            elif isinstance(event, StreamGap):
+                self.gaps.append(event)
+            elif isinstance(event, Begin):
+                assert not self._open, "a transaction began inside another"
+                self._open = [event]
+            elif isinstance(event, Commit):
+                assert self._open and self._open[0].xid == event.xid  # type: ignore[union-attr]
+                self.transactions.append((event, self._open[1:]))
+                self._open = []
+                if self.ack:
+                    self.stream.acknowledge(event.end_lsn)
+            elif self._open:
+                self._open.append(event)
+            if until is not None and until(self):
+                return
+
+
+async def test_commit_order_across_concurrent_writers(db_dsn: str) -> None:
+    sql(db_dsn, "CREATE TABLE t (writer int, n int, v text, PRIMARY KEY (writer, n))")
+    writers, txs, per_tx = 4, 40, 3
+    barrier = threading.Barrier(writers)
+
+    def write(writer: int) -> None:
+        with psycopg.connect(db_dsn) as conn:
+            barrier.wait()
+            for tx in range(txs):
+                with conn.transaction():
+                    for i in range(per_tx):
+                        conn.execute("INSERT INTO t VALUES (%s, %s, 'x')",
+                                     (writer, tx * per_tx + i))
+                    conn.execute("UPDATE t SET v = 'y' WHERE writer = %s AND n = %s",
+                                 (writer, tx * per_tx))
+
+    async with open_stream(db_dsn, new_slot(), **FAST) as stream:
+        collector = Collector(stream)
+        total = writers * txs * per_tx
+        async with trio.open_nursery() as nursery:
+            for w in range(writers):
+                nursery.start_soon(trio.to_thread.run_sync, write, w)
+            with trio.fail_after(30):
+                await collector.run(until=lambda c: len(c.rows()) == total)
+
+    commit_lsns = [commit.lsn for commit, _ in collector.transactions]
+    assert commit_lsns == sorted(commit_lsns) and len(set(commit_lsns)) == len(commit_lsns)
+    rows = [(e.new["writer"], e.new["n"]) for _, evs in collector.transactions for e in evs
+            if isinstance(e, Insert)]
+    assert sorted(rows) == [(w, n) for w in range(writers) for n in range(txs * per_tx)]
+    for commit, evs in collector.transactions:  # each transaction arrives whole, alone
+        assert {e.xid for e in evs} == {commit.xid}  # type: ignore[union-attr]
+        assert len(evs) == per_tx + 1
+    # Per writer, its own transactions arrive in the order it committed them.
+    for w in range(writers):
+        mine = [n for writer, n in rows if writer == w]
+        assert mine == sorted(mine)
+
+
+async def test_rolled_back_transaction_yields_nothing(db_dsn: str) -> None:
+    sql(db_dsn, "CREATE TABLE t (n int PRIMARY KEY)")
+    async with open_stream(db_dsn, new_slot(), **FAST) as stream:
+        with psycopg.connect(db_dsn) as conn:
+            conn.execute("INSERT INTO t VALUES (1)")
+            conn.rollback()
+            conn.execute("INSERT INTO t VALUES (2)")
+            conn.commit()
+        collector = Collector(stream)
+        with trio.fail_after(10):
+            await collector.run(until=lambda c: len(c.transactions) == 1)
+    assert collector.rows() == [2]
+    assert all(getattr(e, "new", {}).get("n") != 1 for e in collector.events)
+
+
+async def _terminate_walsender(admin_dsn: str, slot: str) -> int:
+    rows = await asql(admin_dsn, "SELECT pg_terminate_backend(active_pid) FROM "
+                                 f"pg_replication_slots WHERE slot_name = '{slot}' AND active")
+    return len(rows or [])
+
+
+async def test_reconnects_after_terminate_lose_and_duplicate_nothing(
+        db_dsn: str, pg_cluster: LocalCluster) -> None:
+    sql(db_dsn, "CREATE TABLE t (n int PRIMARY KEY)")
+    slot = new_slot()
+    total, per_tx = 2000, 5
+
+    writer_done = threading.Event()
+
+    def write() -> None:
+        with psycopg.connect(db_dsn) as conn:
+            for start in range(1, total + 1, per_tx):
+                with conn.transaction():
+                    for n in range(start, start + per_tx):
+                        conn.execute("INSERT INTO t VALUES (%s)", (n,))
+                time.sleep(0.004)  # spread the load so several kills land during it
+        writer_done.set()
+
+    async with open_stream(db_dsn, slot, **FAST) as stream:
+        collector = Collector(stream)
+        kills = 0
+
+        async def killer() -> None:
+            nonlocal kills
+            while not writer_done.is_set():
+                await trio.sleep(0.2)
+                while not stream.connected:
+                    await trio.sleep(0.02)
+                kills += await _terminate_walsender(pg_cluster.dsn(), slot)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, write)
+            nursery.start_soon(killer)
+            with trio.fail_after(40):
+                await collector.run(until=lambda c: len(c.rows()) >= total)
+        rows = collector.rows()
+        assert sorted(rows) == list(range(1, total + 1))  # every row, exactly once
+        assert kills >= 4 and stream.reconnects >= kills - 1  # the last may be in flight
+        # The slot's position follows the consumer's acknowledgements.
+        last = collector.transactions[-1][0].end_lsn
+        await wait_for(lambda: _ge(slot_row(db_dsn, slot), last))
+
+
+async def _ge(row: Any, lsn: int) -> bool:
+    return (await row)[0] >= lsn
+
+
+async def test_drop_mid_transaction_restarts_it(db_dsn: str, pg_cluster: LocalCluster) -> None:
+    sql(db_dsn, "CREATE TABLE t (n int PRIMARY KEY)")
+    slot = new_slot()
+    rows = 5000
+    async with open_stream(db_dsn, slot, buffer_batches=1, **FAST) as stream:
+        sql(db_dsn, f"INSERT INTO t SELECT generate_series(1, {rows})")
+        collector = Collector(stream)
+        # Take the Begin and a few rows, then cut the connection under the consumer's feet.
+        await collector.run(until=lambda c: len(c.events) == 10)
+        assert isinstance(collector.events[0], Begin)
+        assert await _terminate_walsender(pg_cluster.dsn(), slot) == 1
+        with trio.fail_after(20):
+            await collector.run(until=lambda c: len(c.transactions) == 1)
+    assert len(collector.restarts) == 1
+    assert collector.restarts[0].xid == collector.transactions[0][0].xid
+    assert sorted(collector.rows()) == list(range(1, rows + 1))
+
+
+async def test_flush_never_passes_what_was_acknowledged(
+        db_dsn: str, pg_cluster: LocalCluster) -> None:
+    sql(db_dsn, "CREATE TABLE t (n int PRIMARY KEY)")
+    slot = new_slot()
+    async with open_stream(db_dsn, slot, **FAST) as stream:
+        start, _ = await slot_row(db_dsn, slot)
+        for n in range(3):
+            sql(db_dsn, f"INSERT INTO t VALUES ({n})")
+        collector = Collector(stream, ack=False)
+        with trio.fail_after(10):
+            await collector.run(until=lambda c: len(c.transactions) == 3)
+        # Keepalives keep coming (WAL is written elsewhere) but commits are pending.
+        sql(pg_cluster.dsn(), "CREATE TEMP TABLE other AS SELECT 1")
+        await trio.sleep(1.0)
+        assert stream.status_updates_sent >= 3
+        assert (await slot_row(db_dsn, slot))[0] == start
+        first = collector.transactions[0][0].end_lsn
+        stream.acknowledge(first)
+        await wait_for(lambda: _ge(slot_row(db_dsn, slot), first))
+        await trio.sleep(0.5)
+        assert (await slot_row(db_dsn, slot))[0] == first  # not a byte further
+        last = collector.transactions[-1][0].end_lsn
+        stream.acknowledge(last)
+        await wait_for(lambda: _ge(slot_row(db_dsn, slot), last))
+    # Clean stop: the slot is released and remembers the acknowledged position.
+    confirmed, active = await slot_row(db_dsn, slot)
+    assert not active and confirmed >= last
+
+
+async def test_idle_slot_confirms_keepalives(db_dsn: str, pg_cluster: LocalCluster) -> None:
+    """Writes in another database reach this slot only as keepalives; they are confirmed."""
+    slot = new_slot()
+    async with open_stream(db_dsn, slot, **FAST) as stream:
+        collector = Collector(stream)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collector.run)
+            start, _ = await slot_row(db_dsn, slot)
+            ((wal,),) = await asql(pg_cluster.dsn(),
+                                   "CREATE TEMP TABLE busy AS SELECT generate_series(1, 1000)",
+                                   "SELECT pg_current_wal_lsn()::text")
+            assert parse_lsn(wal) > start
+            await wait_for(lambda: _ge(slot_row(db_dsn, slot), parse_lsn(wal)))
+            nursery.cancel_scope.cancel()
+    assert collector.events == []
+
+
+async def test_slow_consumer_survives_wal_sender_timeout(db_dsn: str) -> None:
+    sql(db_dsn, "CREATE TABLE t (n int PRIMARY KEY, pad text)")
+    slot = new_slot()
+    rows = 20000
+    async with open_stream(db_dsn, slot, buffer_batches=1, status_interval=10,
+                           session_settings={"wal_sender_timeout": "1s"}) as stream:
+        assert stream.wal_sender_timeout == 1.0
+        sql(db_dsn, f"INSERT INTO t SELECT g, repeat('p', 200) FROM generate_series(1, {rows}) g")
+        collector = Collector(stream)
+        await collector.run(until=lambda c: len(c.events) == 2)
+        await trio.sleep(3.5)  # the reader is blocked on the full channel all this time
+        with trio.fail_after(20):
+            await collector.run(until=lambda c: len(c.transactions) == 1)
+        assert stream.reconnects == 0 and stream.connected
+    assert len(collector.rows()) == rows
+
+
+async def test_missing_primary_key_warning_is_counted(db_dsn: str) -> None:
+    sql(db_dsn, "CREATE TABLE nopk (v int)")
+    async with open_stream(db_dsn, new_slot(), **FAST) as stream:
+        sql(db_dsn, "INSERT INTO nopk VALUES (1)", "UPDATE nopk SET v = 2", "DELETE FROM nopk")
+        collector = Collector(stream)
+        with trio.fail_after(10):
+            await collector.run(until=lambda c: len(c.transactions) == 3)
+        assert [len(evs) for _, evs in collector.transactions] == [1, 0, 0]
+        assert stream.dropped_change_warnings == 2
+        assert "no tuple identifier" in (stream.last_dropped_change_warning or "")
+
+
+async def test_busy_slot_is_refused(db_dsn: str) -> None:
+    slot = new_slot()
+    async with open_stream(db_dsn, slot, **FAST):
+        with pytest.raises(SlotBusy, match="is in use by process"):
+            async with open_stream(db_dsn, slot, busy_grace=0.3):
+                pass
+
+
+async def test_temporary_slot_lost_on_reconnect_gives_gap(
+        db_dsn: str, pg_cluster: LocalCluster) -> None:
+    sql(db_dsn, "CREATE TABLE t (n int PRIMARY KEY)")
+    slot = new_slot()
+    async with open_stream(db_dsn, slot, temporary=True, **FAST) as stream:
+        sql(db_dsn, "INSERT INTO t VALUES (1)")
+        collector = Collector(stream)
+        with trio.fail_after(10):
+            await collector.run(until=lambda c: len(c.transactions) == 1)
+        await _terminate_walsender(pg_cluster.dsn(), slot)
+        with trio.fail_after(15):
+            await collector.run(until=lambda c: len(c.gaps) == 1)
+        sql(db_dsn, "INSERT INTO t VALUES (2)")
+        with trio.fail_after(10):
+            await collector.run(until=lambda c: len(c.transactions) == 2)
+    assert collector.rows() == [1, 2]
+    assert collector.gaps[0].slot == slot
+
+
+@pytest.fixture(scope="module")
+def private_cluster() -> Iterator[LocalCluster]:
+    """Our own cluster to restart, so the session-wide one is left alone."""
+    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="cdcddp-restart-")),
+                           settings={"fsync": "off"})
+    cluster.init()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+async def test_server_restart_is_survived(private_cluster: LocalCluster) -> None:
+    dsn = private_cluster.dsn()
+    sql(dsn, "DROP TABLE IF EXISTS t", "CREATE TABLE t (n int PRIMARY KEY)")
+    async with open_stream(dsn, "restart_slot", **FAST) as stream:
+        sql(dsn, "INSERT INTO t SELECT generate_series(1, 100)")
+        collector = Collector(stream)
+        with trio.fail_after(10):
+            await collector.run(until=lambda c: len(c.rows()) == 100)
+        await trio.to_thread.run_sync(private_cluster.restart)
+        sql(dsn, "INSERT INTO t SELECT generate_series(101, 200)")
+        with trio.fail_after(30):
+            await collector.run(until=lambda c: len(c.rows()) == 200)
+        assert stream.reconnects >= 1 and collector.gaps == []
+    assert collector.rows() == list(range(1, 201))
