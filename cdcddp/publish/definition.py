@@ -32,6 +32,7 @@ This module does no I/O: :meth:`BoundCursor.snapshot_query` produces the paramet
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
@@ -210,7 +211,8 @@ class BoundCursor:
         return self.cursor.render(row)
 
 
-CursorFunction: TypeAlias = Callable[[Any, UserIdValue], "Cursor | Sequence[Cursor] | None"]
+CursorFunction: TypeAlias = Callable[..., "Cursor | Sequence[Cursor] | None"]
+# (params, user_id) or, reading rows reactively, (params, user_id, lookup)
 
 
 @dataclass(frozen=True, eq=False)
@@ -294,8 +296,20 @@ class Publication:
             raise PublicationParamsError(self.name, f"invalid parameters: {reason}",
                                          details) from None
 
+    @property
+    def wants_lookup(self) -> bool:
+        """A function source declared with a third parameter reads rows reactively
+        (``cdcddp.publish.lookup``): it must be resolved with a lookup, off the trio thread."""
+        if not callable(self.source) or isinstance(self.source, Cursor):
+            return False
+        try:
+            parameters = inspect.signature(self.source).parameters
+        except (TypeError, ValueError):
+            return False
+        return len(parameters) >= 3
+
     def resolve(self, raw_params: Sequence[Any] | None,
-                user_id: UserIdValue = None) -> tuple[BoundCursor, ...]:
+                user_id: UserIdValue = None, lookup: Any = None) -> tuple[BoundCursor, ...]:
         """The bound cursors of one subscription (empty: ``ready`` with no documents).
 
         Raises :class:`PublicationParamsError` for bad parameters (checked before the user, so
@@ -305,7 +319,13 @@ class Publication:
         if self.requires_user and user_id is None:
             return ()
         if callable(self.source):
-            produced = self.source(params, user_id)
+            if self.wants_lookup:
+                if lookup is None:
+                    raise PublicationError(
+                        f"publication {self.name!r} reads rows: resolve it with a lookup")
+                produced = self.source(params, user_id, lookup)  # type: ignore[call-arg]
+            else:
+                produced = self.source(params, user_id)
             if produced is None:
                 cursors: tuple[Cursor, ...] = ()
             elif isinstance(produced, Cursor):

@@ -1,0 +1,45 @@
+"""Publication functions that read rows (reactive look-ups), against a real database."""
+
+import psycopg
+import pytest
+from pydantic import BaseModel
+
+from cdcddp.publish.definition import Cursor, PublicationError, Publications
+from cdcddp.publish.filters import C
+from cdcddp.publish.lookup import SqlRowLookup
+
+
+class InList(BaseModel):
+    listId: str
+
+
+publications = Publications()
+
+
+@publications.publication("todos.inList", params=InList)
+def todos_in_list(params: InList, user_id: str | None, lookup: SqlRowLookup):
+    lst = lookup.row("lists", params.listId, columns=["user_id"])
+    if lst is None or lst["user_id"] not in (None, user_id):
+        return None
+    return Cursor("todos", fields=["text"], filter=C("list_id") == params.listId)
+
+
+def test_lookup_decides_and_records_dependencies(db_dsn: str) -> None:
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE lists (id text primary key, user_id text)")
+        conn.execute("INSERT INTO lists VALUES ('pub', NULL), ('mine', 'u1')")
+        pub = publications.get("todos.inList")
+        assert pub is not None and pub.wants_lookup
+
+        lookup = SqlRowLookup(conn)
+        assert len(pub.resolve([{"listId": "pub"}], None, lookup)) == 1
+        assert pub.resolve([{"listId": "mine"}], None, lookup) == ()
+        assert len(pub.resolve([{"listId": "mine"}], "u1", lookup)) == 1
+        assert pub.resolve([{"listId": "gone"}], "u1", lookup) == ()
+        assert lookup.dependencies == {("public", "lists", ("pub",)),
+                                       ("public", "lists", ("mine",)),
+                                       ("public", "lists", ("gone",))}
+        with pytest.raises(PublicationError):
+            pub.resolve([{"listId": "pub"}], None)  # needs a lookup
+        # Hostile keys are parameters, not SQL.
+        assert SqlRowLookup(conn).row("lists", "x' OR '1'='1") is None
