@@ -14,7 +14,9 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,6 +211,24 @@ class LocalCluster:
                 return
             time.sleep(0.1)
         raise ClusterError(f"PostgreSQL on port {self.port} did not become ready")
+
+
+@contextlib.contextmanager
+def throwaway_cluster(prefix: str = "cdcddp-pg-", **settings: str) -> Iterator[LocalCluster]:
+    """A started cluster in a new temporary directory, destroyed on exit (tests, benchmarks).
+
+    fsync is off by default for speed; synchronous_commit stays on because the walsender only
+    decodes flushed WAL: an asynchronous commit would reach the stream up to wal_writer_delay
+    late.
+    """
+    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix=prefix)),
+                           settings={"fsync": "off", **settings})
+    cluster.init()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
 
 
 def ensure_local(root: Path, port: int = 54329) -> LocalCluster:

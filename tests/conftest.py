@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from cdcddp.devcluster import LocalCluster
+from cdcddp.devcluster import LocalCluster, throwaway_cluster
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,17 +28,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[LocalCluster]:
     """A throwaway PostgreSQL cluster (wal_level=logical) for the whole test session."""
-    root = Path(tempfile.mkdtemp(prefix="cdcddp-pg-"))
-    # fsync off for speed; synchronous_commit stays on: the walsender only decodes flushed WAL,
-    # so an async commit would reach the stream up to wal_writer_delay late.
-    cluster = LocalCluster(root, settings={"fsync": "off",
-                                           "full_page_writes": "off"})
-    cluster.init()
-    cluster.start()
-    try:
+    with throwaway_cluster("cdcddp-pg-", full_page_writes="off") as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 _db_numbers = itertools.count(1)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from cdcddp.devcluster import LocalCluster
+from cdcddp.devcluster import LocalCluster, throwaway_cluster
 from cdcddp.wal.preflight import Finding, check_plugin, errors, run_preflight
 
 _roles = itertools.count(1)
@@ -74,15 +72,9 @@ def test_tables_without_identity(db_dsn: str) -> None:
 @pytest.fixture(scope="module")
 def replica_cluster() -> Iterator[LocalCluster]:
     """A private cluster that starts at wal_level=replica (changing it needs a restart)."""
-    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="cdcddp-pre-")),
-                           settings={"wal_level": "replica", "fsync": "off",
-                                     "max_slot_wal_keep_size": "1MB"})
-    cluster.init()
-    cluster.start()
-    try:
+    with throwaway_cluster("cdcddp-pre-", wal_level="replica",
+                           max_slot_wal_keep_size="1MB") as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 def test_wal_level_then_invalidated_slot(replica_cluster: LocalCluster) -> None:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import trio
 
-from cdcddp.devcluster import LocalCluster
+from cdcddp.devcluster import LocalCluster, throwaway_cluster
 from cdcddp.wal.events import (
     Begin,
     Commit,
@@ -330,14 +328,8 @@ async def test_temporary_slot_lost_on_reconnect_gives_gap(
 @pytest.fixture(scope="module")
 def private_cluster() -> Iterator[LocalCluster]:
     """Our own cluster to restart, so the session-wide one is left alone."""
-    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="cdcddp-restart-")),
-                           settings={"fsync": "off"})
-    cluster.init()
-    cluster.start()
-    try:
+    with throwaway_cluster("cdcddp-restart-") as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 async def test_server_restart_is_survived(private_cluster: LocalCluster) -> None:

@@ -10,16 +10,14 @@ then decoded in a tight loop; the figure is decoder work only (no socket, no pro
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import orjson
 import psycopg
 
-from cdcddp.devcluster import LocalCluster
+from cdcddp.devcluster import throwaway_cluster
 from cdcddp.wal.decode import SESSION_SETTINGS, WAL2JSON_OPTIONS, Decoder
 
 WORKLOADS = {
@@ -39,14 +37,8 @@ def _database(dsn: str | None) -> Iterator[str]:
     if dsn is not None:
         yield dsn
         return
-    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="cdcddp-bench-")),
-                           settings={"fsync": "off"})
-    cluster.init()
-    cluster.start()
-    try:
+    with throwaway_cluster("cdcddp-bench-") as cluster:
         yield cluster.dsn()
-    finally:
-        cluster.destroy()
 
 
 def capture(dsn: str, workload: str, rows: int) -> list[bytes]:

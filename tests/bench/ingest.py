@@ -18,17 +18,19 @@ the clean stop, inside its process (interpreter start-up and imports excluded).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psycopg
+
+from cdcddp.devcluster import find_bindir, throwaway_cluster
 
 PER_TX = 10  # 6 inserts, 3 updates, 1 delete
 
@@ -158,58 +160,52 @@ def main() -> None:
         drain(args.dsn, args.slot, args.expect)
         return
 
-    from cdcddp.devcluster import LocalCluster, find_bindir
 
     rows = args.rows - args.rows % PER_TX
-    cluster = None
-    dsn = args.dsn
-    if dsn is None:
-        cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="cdcddp-bench-")),
-                               settings={"fsync": "off", "max_wal_size": "4GB"})
-        cluster.init()
-        cluster.start()
-        dsn = cluster.dsn()
-    try:
-        bindir = find_bindir()
-        recv_slots = [f"bench_recv_{i}" for i in range(args.runs)]
-        ours_slots = [f"bench_cdcddp_{i}" for i in range(args.runs)]
-        t0 = time.perf_counter()
-        endpos = prepare(dsn, recv_slots + ours_slots, rows)
-        print(f"backlog: {rows} row changes in {rows // PER_TX} transactions, "
-              f"written in {time.perf_counter() - t0:.1f} s, endpos {endpos}", flush=True)
-        recv_rates, ours_rates = [], []
-        for i in range(args.runs):
-            elapsed = run_recvlogical(bindir, dsn, recv_slots[i], endpos)
-            recv_rates.append(rows / elapsed)
-            print(f"run {i + 1}: pg_recvlogical {elapsed:.2f} s = {rows / elapsed:,.0f} rows/s",
-                  flush=True)
-            result = run_cdcddp(dsn, ours_slots[i], rows)
-            ours_rates.append(rows / result["elapsed"])
-            print(f"run {i + 1}: cdcddp        {result['elapsed']:.2f} s = "
-                  f"{rows / result['elapsed']:,.0f} rows/s", flush=True)
-        drop_slots(dsn, recv_slots + ours_slots)
-        recv, ours = statistics.median(recv_rates), statistics.median(ours_rates)
-        print(f"median: pg_recvlogical {recv:,.0f} rows/s, cdcddp {ours:,.0f} rows/s")
+    with contextlib.ExitStack() as stack:
+        dsn = args.dsn or stack.enter_context(
+            throwaway_cluster("cdcddp-bench-", max_wal_size="4GB")).dsn()
+        run_benchmark(args, dsn, rows)
 
-        if not args.skip_big:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute("TRUNCATE bench")
-                conn.execute("SELECT pg_create_logical_replication_slot('bench_big', 'wal2json')")
-                t0 = time.perf_counter()
-                conn.execute("INSERT INTO bench SELECT g, g, 'row ' || g, g * 1.5, now() "
-                             "FROM generate_series(1, %s) g", (args.big_rows,))
-            print(f"big transaction: {args.big_rows} rows written in "
-                  f"{time.perf_counter() - t0:.1f} s", flush=True)
-            result = run_cdcddp(dsn, "bench_big", args.big_rows)
-            drop_slots(dsn, ["bench_big"])
-            grown = (result["peak_kb"] - result["baseline_kb"]) / 1024
-            print(f"big transaction drained in {result['elapsed']:.1f} s; RSS baseline "
-                  f"{result['baseline_kb'] / 1024:.1f} MB, peak {result['peak_kb'] / 1024:.1f} MB")
-            print(f"big_tx_rss_mb={grown:.1f}")
-        print(f"ingest_ratio={ours / recv:.2f}")
-    finally:
-        if cluster is not None:
-            cluster.destroy()
+
+def run_benchmark(args: argparse.Namespace, dsn: str, rows: int) -> None:
+    bindir = find_bindir()
+    recv_slots = [f"bench_recv_{i}" for i in range(args.runs)]
+    ours_slots = [f"bench_cdcddp_{i}" for i in range(args.runs)]
+    t0 = time.perf_counter()
+    endpos = prepare(dsn, recv_slots + ours_slots, rows)
+    print(f"backlog: {rows} row changes in {rows // PER_TX} transactions, "
+          f"written in {time.perf_counter() - t0:.1f} s, endpos {endpos}", flush=True)
+    recv_rates, ours_rates = [], []
+    for i in range(args.runs):
+        elapsed = run_recvlogical(bindir, dsn, recv_slots[i], endpos)
+        recv_rates.append(rows / elapsed)
+        print(f"run {i + 1}: pg_recvlogical {elapsed:.2f} s = {rows / elapsed:,.0f} rows/s",
+              flush=True)
+        result = run_cdcddp(dsn, ours_slots[i], rows)
+        ours_rates.append(rows / result["elapsed"])
+        print(f"run {i + 1}: cdcddp        {result['elapsed']:.2f} s = "
+              f"{rows / result['elapsed']:,.0f} rows/s", flush=True)
+    drop_slots(dsn, recv_slots + ours_slots)
+    recv, ours = statistics.median(recv_rates), statistics.median(ours_rates)
+    print(f"median: pg_recvlogical {recv:,.0f} rows/s, cdcddp {ours:,.0f} rows/s")
+
+    if not args.skip_big:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("TRUNCATE bench")
+            conn.execute("SELECT pg_create_logical_replication_slot('bench_big', 'wal2json')")
+            t0 = time.perf_counter()
+            conn.execute("INSERT INTO bench SELECT g, g, 'row ' || g, g * 1.5, now() "
+                         "FROM generate_series(1, %s) g", (args.big_rows,))
+        print(f"big transaction: {args.big_rows} rows written in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        result = run_cdcddp(dsn, "bench_big", args.big_rows)
+        drop_slots(dsn, ["bench_big"])
+        grown = (result["peak_kb"] - result["baseline_kb"]) / 1024
+        print(f"big transaction drained in {result['elapsed']:.1f} s; RSS baseline "
+              f"{result['baseline_kb'] / 1024:.1f} MB, peak {result['peak_kb'] / 1024:.1f} MB")
+        print(f"big_tx_rss_mb={grown:.1f}")
+    print(f"ingest_ratio={ours / recv:.2f}")
 
 
 if __name__ == "__main__":
