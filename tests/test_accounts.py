@@ -19,7 +19,7 @@ from cdcddp.methods.accounts import (
 )
 from cdcddp.methods.passwords import PasswordHashing, hash_login_token
 from cdcddp.methods.schema import apply_schema
-from tests.test_methods_support import (  # noqa: F401  (fixtures)
+from tests.methods_support import (  # noqa: F401  (fixtures)
     FAST_HASHING,
     Client,
     app_database,

@@ -14,7 +14,7 @@ from cdcddp.methods.passwords import (
     new_user_id,
 )
 from cdcddp.methods.ratelimit import SlidingWindowLimiter, too_many_requests
-from tests.test_methods_support import FAST_HASHING
+from tests.methods_support import FAST_HASHING
 
 
 def test_sliding_window() -> None:

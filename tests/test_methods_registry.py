@@ -13,7 +13,7 @@ from cdcddp.db import Database
 from cdcddp.ddp.messages import UNDEFINED, MeteorError
 from cdcddp.ddp.meteor_random import RandomStream
 from cdcddp.methods import ConnectionInfo, MethodContext, Methods, invoke
-from tests.test_methods_support import Client, database  # noqa: F401  (fixture)
+from tests.methods_support import Client, database  # noqa: F401  (fixture)
 
 methods = Methods()
 

@@ -12,7 +12,7 @@ from cdcddp.ddp.meteor_random import RandomStream
 from cdcddp.examples import todos
 from cdcddp.methods import Methods
 from cdcddp.methods.accounts import Accounts, AccountsConfig
-from tests.test_methods_support import (  # noqa: F401  (fixtures)
+from tests.methods_support import (  # noqa: F401  (fixtures)
     FAST_HASHING,
     Client,
     app_database,
