@@ -163,6 +163,45 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return 0
 
 
+def _app_publications(spec: str) -> list[Any]:
+    """The publications an app declares: ``app.publications`` or the module's
+    ``publications`` (a ``cdcddp.publish.definition.Publications``)."""
+    import importlib
+
+    from cdcddp.publish.definition import Publications
+
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CliError(f"cannot import {module_name!r} ({exc}): check the APP argument") from None
+    app = getattr(module, attribute or "app", None)
+    for candidate in (getattr(app, "publications", None), getattr(module, "publications", None)):
+        if isinstance(candidate, Publications):
+            return [*candidate, *candidate.universal]
+    raise CliError(f"{spec!r} declares no publications (no Publications object found)")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Everything that can be wrong before serving, one line per finding."""
+    from cdcddp.publish.check import check_publications
+    from cdcddp.wal.preflight import errors, run_preflight
+
+    publications = _app_publications(args.app)
+    findings = run_preflight(args.dsn, slot=args.slot)
+    if not any(f.code == "connect" for f in findings):
+        with _connect(args.dsn) as conn:
+            findings.extend(check_publications(conn, publications))
+    findings = list(dict.fromkeys(findings))  # a table shared by several cursors: say it once
+    for finding in findings:
+        if finding.severity != "ok" or args.verbose:
+            print(f"{finding.severity}: {finding.message}")
+    failed = errors(findings)
+    print(f"cdcddp check: {len(failed)} error(s), "
+          f"{sum(f.severity == 'warning' for f in findings)} warning(s)")
+    return 1 if failed else 0
+
+
 # -- parsing -------------------------------------------------------------------------------
 
 
@@ -202,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(slot)
     slot.add_argument("--json", action="store_true", help="status as one JSON object")
     slot.set_defaults(func=cmd_slot)
+
+    check = sub.add_parser("check", help="preflight: can this database serve this app?")
+    check.add_argument("app", help="the application, as module:attribute")
+    env_dsn = os.environ.get("CDCDDP_DSN")
+    check.add_argument("--dsn", default=env_dsn, required=env_dsn is None,
+                       help="libpq connection string (default: $CDCDDP_DSN)")
+    check.add_argument("--slot", help="also check this replication slot")
+    check.set_defaults(func=cmd_check)
     return parser
 
 

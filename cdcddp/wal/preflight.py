@@ -119,6 +119,16 @@ def check_table(conn: psycopg.Connection, table: str) -> Finding:
     return Finding("ok", "table", f"table {name} has a replica identity.")
 
 
+def check_wal_keep_size(conn: psycopg.Connection) -> Finding:
+    (value,) = conn.execute("SHOW max_slot_wal_keep_size").fetchone() or ("-1",)
+    if value in ("-1", "-1kB"):
+        return Finding("warning", "wal_keep_unbounded",
+                       "max_slot_wal_keep_size is unlimited: a slot nobody consumes keeps WAL "
+                       "until the disk fills; set it (e.g. ALTER SYSTEM SET "
+                       "max_slot_wal_keep_size = '10GB') and reload.")
+    return Finding("ok", "wal_keep", f"max_slot_wal_keep_size is {value}.")
+
+
 def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = (),
                   plugin: str = slots.PLUGIN) -> list[Finding]:
     try:
@@ -127,7 +137,8 @@ def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = 
         return [Finding("error", "connect",
                         f"cannot connect to PostgreSQL ({_first_line(exc)}): check --dsn.")]
     with conn:
-        findings = [check_wal_level(conn), check_replication_privilege(conn)]
+        findings = [check_wal_level(conn), check_replication_privilege(conn),
+                    check_wal_keep_size(conn)]
         if not errors(findings):
             findings.append(check_plugin(conn, plugin))
         if slot:

@@ -1,0 +1,59 @@
+"""``cdcddp check APP``: preflight of the database and the app's publications."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "cdcddp.examples.todos:app"
+
+
+def check(dsn: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cdcddp.cli", "check", APP, "--dsn", dsn,
+                           *extra], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def apply_schema(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name in ("accounts", "todos"):
+            conn.execute((ROOT / "schema" / f"{name}.sql").read_text())
+
+
+def test_a_ready_database_passes_with_a_wal_keep_warning(db_dsn: str) -> None:
+    apply_schema(db_dsn)
+    done = check(db_dsn)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "warning: max_slot_wal_keep_size is unlimited" in done.stdout
+    assert done.stdout.strip().endswith("0 error(s), 1 warning(s)")
+
+
+def test_missing_tables_and_columns_are_named(db_dsn: str) -> None:
+    apply_schema(db_dsn)
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE users DROP COLUMN profile")
+        conn.execute("DROP TABLE todos")
+        conn.execute("ALTER TABLE lists DROP CONSTRAINT lists_pkey CASCADE")
+    done = check(db_dsn, "--slot", "nope")
+    assert done.returncode == 1
+    out = done.stdout
+    assert ("error: publication '(universal)': published column(s) profile do not exist in "
+            "public.users: fix the cursor or add the column(s).") in out
+    assert out.count("error: table lists has no primary key, so its UPDATEs and DELETEs are "
+                     "not streamed") == 1
+    assert out.strip().endswith("2 error(s), 1 warning(s)")  # a missing slot will be created
+    assert "Traceback" not in done.stderr
+
+
+def test_unreachable_database_and_bad_app_get_one_line(db_dsn: str) -> None:
+    bad = check("host=127.0.0.1 port=1 dbname=x user=x connect_timeout=2")
+    assert bad.returncode == 1
+    assert "cannot connect to PostgreSQL" in bad.stdout
+    wrong_app = subprocess.run([sys.executable, "-m", "cdcddp.cli", "check", "no.such:app",
+                                "--dsn", db_dsn], capture_output=True, text=True, timeout=60)
+    assert wrong_app.returncode == 1
+    assert wrong_app.stderr.startswith("cdcddp: cannot import 'no.such'")
+    assert "Traceback" not in wrong_app.stderr
