@@ -23,7 +23,7 @@ _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SOCKJS_WEBSOCKET = re.compile(r"^/sockjs/([^/.]+)/([^/.]+)/websocket/?$")
 
 REASONS = {
-    200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
+    200: "OK", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 431: "Request Header Fields Too Large",
     503: "Service Unavailable",
 }
