@@ -202,6 +202,48 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _load_config(args: argparse.Namespace) -> Any:
+    from cdcddp.config import ConfigError, cli_overrides_from_args, load_config
+
+    overrides = cli_overrides_from_args(args)
+    if getattr(args, "app", None):
+        overrides["app"] = args.app
+    try:
+        return load_config(args.config, os.environ, overrides)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cdcddp.logs import setup_logging
+    from cdcddp.server.main import run
+
+    config = _load_config(args)
+    setup_logging(config.log_level, json=config.log_json)
+    try:
+        load_app_or_fail(config.app)
+        trio.run(run, config)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def load_app_or_fail(spec: str) -> Any:
+    from cdcddp.app import load_app
+
+    try:
+        return load_app(spec)
+    except (ImportError, TypeError) as exc:
+        raise CliError(f"cannot load app {spec!r} ({exc}): give it as module:attribute") from None
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from cdcddp.config import render_config
+
+    print(render_config(_load_config(args)), end="")
+    return 0
+
+
 # -- parsing -------------------------------------------------------------------------------
 
 
@@ -249,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="libpq connection string (default: $CDCDDP_DSN)")
     check.add_argument("--slot", help="also check this replication slot")
     check.set_defaults(func=cmd_check)
+
+    from cdcddp.config import add_config_arguments
+
+    serve = sub.add_parser("serve", help="serve an app's publications and methods over DDP")
+    serve.add_argument("app", nargs="?", help="the application, as module:attribute")
+    add_config_arguments(serve, skip=("app",))
+    serve.set_defaults(func=cmd_serve)
+
+    config = sub.add_parser("config", help="print the effective configuration")
+    config.add_argument("config_command", choices=["show"])
+    config.add_argument("app", nargs="?", help="the application, as module:attribute")
+    add_config_arguments(config, skip=("app",))
+    config.set_defaults(func=cmd_config_show)
     return parser
 
 

@@ -1,0 +1,55 @@
+"""``cdcddp serve``: everything one server process runs, wired from one ``Config``.
+
+The DDP/HTTP server (with the static page), the Prometheus endpoint and the slot poller run in
+one trio nursery; SIGINT/SIGTERM stop accepting, close sessions with 1001 and let every task
+finish what it applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from cdcddp.app import App, load_app
+from cdcddp.config import Config
+from cdcddp.db import Database
+from cdcddp.metrics import Metrics, poll_slot, serve_metrics
+from cdcddp.server.server import Server
+from cdcddp.server.static import StaticFiles
+
+log = logging.getLogger("cdcddp.server")
+
+
+def build_server(app: App, config: Config) -> Server:
+    server_config = config.server_config()
+    server_config.static = StaticFiles(config.static_dir)
+    return Server(app, server_config)
+
+
+async def run(config: Config, *,
+              task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``config.app`` until SIGINT/SIGTERM (or cancellation); reports the DDP port."""
+    app = load_app(config.app)
+    metrics = Metrics()
+    database = Database(config.dsn_value, application_name="cdcddp")
+    server = build_server(app, config)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                if config.metrics_listen is not None:
+                    await nursery.start(serve_metrics, metrics, config.metrics_listen.host,
+                                        config.metrics_listen.port)
+                nursery.start_soon(poll_slot, metrics, database, config.slot,
+                                   config.slot_poll_interval)
+                port = await nursery.start(server.serve, config.listen.host, config.listen.port)
+                log.info("serving %s on http://%s:%s/", config.app, config.listen.host, port)
+                task_status.started(port)
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    await server.shutdown()
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        database.close()
