@@ -16,6 +16,20 @@ An app is a module that builds one ``App`` and declares its handlers on it::
         ctx.added("lists", "a1", {"name": "groceries", "owner": owner})
         ctx.ready()
 
+Declarative, SQL-backed publications (live: served from the replication stream when the
+server has a database) are declared with :mod:`cdcddp.publish.definition`::
+
+    from cdcddp.publish.definition import Cursor, Publication
+    from cdcddp.publish.filters import C, Param, UserId
+
+    app.add_publication(Publication(
+        "todos.mine", Cursor("todos", fields=["text", "checked"],
+                             filter=C("owner_id") == UserId()), requires_user=True))
+
+    @app.publication("todos.inList", params=ListParams)
+    def todos_in_list(params, user_id):
+        return Cursor("todos", fields=["text"], filter=C("list_id") == params.listId)
+
 and is served with ``cdcddp serve mymodule:app --listen 127.0.0.1:3000``.
 
 Secure by default: nothing is callable or published unless declared here; an undeclared name
@@ -23,9 +37,8 @@ gets a 404 error. Handlers are ``async`` functions called with a context and the
 spread as positional arguments. A params list that does not fit the handler's signature is a
 400 ("Match failed"), as Meteor's ``check`` would answer.
 
-This interface is deliberately narrow: the methods issue adds database transactions, accounts
-and the write fence to ``MethodContext``; the live-data issue adds declarative (SQL-backed)
-publications and the merge box behind ``PublicationContext``.
+Handler-style publications (``@app.publish``) and declarative ones share each client's merge
+box, so they may publish the same collections and documents.
 """
 
 from __future__ import annotations
@@ -35,6 +48,10 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import pydantic
+
+from cdcddp.publish.definition import CursorFunction, Publication, Publications
 
 __all__ = [
     "App", "MethodContext", "MethodHandler", "PublicationContext", "PublicationHandler",
@@ -88,10 +105,40 @@ PublicationHandler = Callable[..., Awaitable[None]]
 class App:
     """The registry of an application's methods and publications."""
 
-    def __init__(self, name: str = "cdcddp") -> None:
+    def __init__(self, name: str = "cdcddp", publications: Publications | None = None) -> None:
         self.name = name
         self.methods: dict[str, MethodHandler] = {}
-        self.publications: dict[str, PublicationHandler] = {}
+        # Declarative (SQL-backed, live) publications; `cdcddp check` reads them too.
+        self.publications: Publications = publications if publications is not None \
+            else Publications()
+        # Handler-style publications (``@app.publish``).
+        self.publish_handlers: dict[str, PublicationHandler] = {}
+
+    def add_publication(self, publication: Publication) -> Publication:
+        """Declare a declarative publication (see :class:`Publication`)."""
+        if publication.name and publication.name in self.publish_handlers:
+            raise ValueError(f"publication {publication.name!r} is already declared")
+        return self.publications.add(publication)
+
+    def include_publications(self, publications: Publications) -> None:
+        """Declare every publication of a :class:`Publications` registry."""
+        for publication in [*publications, *publications.universal]:
+            if publication not in self.publications.universal and (
+                    not publication.name or publication.name not in self.publications):
+                self.add_publication(publication)
+
+    def publication(self, name: str, *, params: type[pydantic.BaseModel] | None = None,
+                    requires_user: bool = False, universal: bool = False,
+                    positional_params: bool = False,
+                    ) -> Callable[[CursorFunction], CursorFunction]:
+        """Decorator: ``def fn(params, user_id) -> Cursor | [Cursor] | None`` as publication
+        ``name`` (``params`` is the validated model instance, or None without a model)."""
+        def register(function: CursorFunction) -> CursorFunction:
+            self.add_publication(Publication(
+                name, function, params=params, requires_user=requires_user,
+                universal=universal, positional_params=positional_params))
+            return function
+        return register
 
     def method(self, name: str) -> Callable[[MethodHandler], MethodHandler]:
         """Declare ``async def handler(ctx: MethodContext, *params)`` as method ``name``.
@@ -115,8 +162,10 @@ class App:
         come from the live-data layer, not from a handler that keeps running).
         """
         def register(handler: PublicationHandler) -> PublicationHandler:
-            _check_handler("publication", name, handler, self.publications)
-            self.publications[name] = handler
+            _check_handler("publication", name, handler, self.publish_handlers)
+            if name in self.publications:
+                raise ValueError(f"publication {name!r} is already declared")
+            self.publish_handlers[name] = handler
             return handler
         return register
 

@@ -92,13 +92,17 @@ def test_absent_column_of_a_row_moving_in_needs_a_fetch() -> None:
     assert o.apply_fetched((7,), None) == [DocOp("removed", "todos", "7")]
 
 
-def test_snapshot_visibility_is_forgotten_after_the_first_invisible_transaction() -> None:
-    o = obs(Snapshot.parse("100:105:102"))
-    assert not o.wants_transaction(99)
-    assert not o.wants_transaction(104)
-    assert o.wants_transaction(102)
+def test_snapshot_visibility_is_checked_until_the_stream_passes_the_snapshot_lsn() -> None:
+    o = Observer(CURSOR.bind({"listId": 1}), Snapshot.parse("100:105:102"), snapshot_lsn=1000)
+    assert not o.wants_transaction(99, 900)
+    assert not o.wants_transaction(104, 950)
+    assert o.wants_transaction(102, 960)
+    # Commit order is not visibility order: 103 committed after 102 yet the snapshot has it.
+    assert not o.wants_transaction(103, 980)
+    assert o.snapshot is not None
+    assert o.wants_transaction(101, 1001)  # written after the snapshot: so is all that follows
     assert o.snapshot is None
-    assert o.wants_transaction(50)  # later transactions all committed after the snapshot
+    assert o.wants_transaction(50, 1100)
 
 
 def test_doc_ops_carry_the_meteor_wire_id() -> None:

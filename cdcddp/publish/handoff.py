@@ -26,6 +26,10 @@ class CommittedTransaction:
     xid: int
     end_lsn: int
     changes: Sequence[RowChange | Truncate]
+    # Set when a table became of interest while this transaction was being delivered: pins
+    # numbered from this on may lack its earlier changes to their table, so it cannot be
+    # replayed for them (only skipped, if their snapshot saw it).
+    incomplete_for_pins_from: int | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -35,6 +39,7 @@ class Pin:
     after_seq: int
     broken: bool = False
     released: bool = field(default=False)
+    number: int = 0  # pins taken before this one
 
 
 class RecentTransactions:
@@ -46,12 +51,26 @@ class RecentTransactions:
         self._kept_changes = 0
         self._seq = 0  # number of transactions delivered so far
         self._pins: list[Pin] = []
+        self.pins_taken = 0
 
     def pin(self) -> Pin:
         """Call before starting a snapshot query."""
-        p = Pin(after_seq=self._seq)
+        p = Pin(after_seq=self._seq, number=self.pins_taken)
+        self.pins_taken += 1
         self._pins.append(p)
         return p
+
+    def break_pins(self) -> None:
+        """Every live pin must retake its snapshot: transactions it needs were not (or not
+        wholly) recorded — a stream gap, or a huge transaction applied in chunks."""
+        for p in self._pins:
+            p.broken = True
+        self._kept.clear()
+        self._kept_changes = 0
+
+    @property
+    def has_pins(self) -> bool:
+        return bool(self._pins)
 
     def release(self, pin: Pin) -> None:
         pin.released = True

@@ -17,7 +17,7 @@ TOASTed value of a row moving *into* the result), :meth:`Observer.apply` answers
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cdcddp.ddp.mergebox import values_equal
@@ -39,6 +39,9 @@ class DocOp:
     doc_id: str
     fields: Mapping[str, Any] | None = None  # added: all fields; changed: the changed ones
     cleared: tuple[str, ...] = ()
+    # changed: the document's whole (shared, immutable) fields after the change, so merge boxes
+    # reference the observer's mapping instead of building a copy each.
+    after: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,8 @@ def diff_fields(old: Fields, new: Fields) -> tuple[Fields, tuple[str, ...]]:
 class Observer:
     """The result set of one bound cursor."""
 
-    def __init__(self, bound: BoundCursor, snapshot: Snapshot | None = None) -> None:
+    def __init__(self, bound: BoundCursor, snapshot: Snapshot | None = None,
+                 snapshot_lsn: int | None = None) -> None:
         cursor = bound.cursor
         self.bound = bound
         self.schema = cursor.schema_name
@@ -79,22 +83,51 @@ class Observer:
         self.rows: dict[Key, Row] = {}
         self.docs: dict[Key, tuple[str, Fields]] = {}
         # Until the stream passes the snapshot, transactions it already saw are skipped.
+        # ``snapshot_lsn``: the WAL insert position read right after the snapshot was taken.
         self.snapshot = snapshot
+        self.snapshot_lsn = snapshot_lsn
+        # Rows fetched by key (NeedsRow) reflect every transaction their fetch snapshot saw;
+        # changes of those transactions to those rows must not be applied again.
+        self.fetched: dict[Key, tuple[Snapshot, int | None]] = {}
 
     # -- the snapshot/stream handoff -----------------------------------------------------------
-    def wants_transaction(self, xid: int) -> bool:
+    def wants_transaction(self, xid: int, end_lsn: int | None = None) -> bool:
         """Apply this committed transaction? False when the snapshot already reflects it.
 
-        Commit order is delivery order, and every transaction the snapshot did not see committed
-        after it was taken, so once one invisible transaction arrives all later ones are
-        invisible too and the snapshot can be forgotten.
+        Commit order is not visibility order: a transaction whose commit record comes later
+        can become visible first, so a snapshot may lack an earlier commit and have a later
+        one. Visibility is therefore checked for every transaction until the stream passes
+        ``snapshot_lsn`` (``end_lsn``: where the commit record ends): a commit record ending
+        beyond the WAL insert position read after the snapshot was written after it, and so
+        is every later one — then the snapshot can be forgotten.
         """
-        if self.snapshot is None:
+        snapshot = self.snapshot
+        if snapshot is None:
             return True
-        if self.snapshot.is_visible(xid):
-            return False
-        self.snapshot = None
-        return True
+        if end_lsn is not None and self.snapshot_lsn is not None and end_lsn > self.snapshot_lsn:
+            self.snapshot = None
+            return True
+        return not snapshot.is_visible(xid)
+
+    def begin_transaction(self, xid: int, end_lsn: int | None = None) -> None:
+        """Forget fetch snapshots the stream has passed (see :meth:`wants_transaction`)."""
+        if self.fetched and end_lsn is not None:
+            self.fetched = {k: (s, lsn) for k, (s, lsn) in self.fetched.items()
+                            if lsn is None or end_lsn <= lsn}
+
+    def note_fetched(self, key: Key, snapshot: Snapshot, lsn: int | None = None) -> None:
+        """The row ``key`` was just fetched under ``snapshot`` (WAL insert position ``lsn``
+        read after it); see :meth:`apply_fetched`."""
+        self.fetched[key] = (snapshot, lsn)
+
+    def _already_fetched(self, xid: int, *keys: Key | None) -> bool:
+        fetched = self.fetched
+        for key in keys:
+            if key is not None:
+                found = fetched.get(key)
+                if found is not None and found[0].is_visible(xid):
+                    return True
+        return False
 
     # -- loading and resync --------------------------------------------------------------------
     def key_of(self, row: Mapping[str, Any]) -> Key:
@@ -108,6 +141,7 @@ class Observer:
         """
         old_docs = self.docs
         self.rows, self.docs = {}, {}
+        self.fetched = {}
         ops: list[DocOp] = []
         for row in rows:
             key = self.key_of(row)
@@ -121,7 +155,8 @@ class Observer:
                 changed, cleared = diff_fields(previous[1], fields)
                 if changed or cleared:
                     self.docs[key] = (doc_id, fields)
-                    ops.append(DocOp("changed", self.collection, doc_id, changed, cleared))
+                    ops.append(DocOp("changed", self.collection, doc_id, changed, cleared,
+                                     fields))
                 else:
                     self.docs[key] = previous  # keep the object merge boxes already reference
         ops.extend(DocOp("removed", self.collection, doc_id) for doc_id, _ in old_docs.values())
@@ -133,12 +168,20 @@ class Observer:
     # -- stream changes ------------------------------------------------------------------------
     def apply(self, change: RowChange) -> list[DocOp] | NeedsRow:
         if type(change) is Insert:
+            if self.fetched and self._already_fetched(
+                    change.xid, self._key_or_none(change.new)):
+                return []
             return self._upsert(None, change.new)
         if type(change) is Update:
             old_key = self._identity_key(change.identity, change.new)
+            if self.fetched and self._already_fetched(
+                    change.xid, old_key, self._key_or_none(change.new)):
+                return []
             return self._upsert(old_key, change.new, change.identity)
         if type(change) is Delete:
             key = self._identity_key(change.identity, None)
+            if self.fetched and self._already_fetched(change.xid, key):
+                return []
             return self._remove(key) if key is not None else []
         raise TypeError(f"not a row change: {change!r}")
 
@@ -151,6 +194,12 @@ class Observer:
         result = self._upsert(old_key, row)
         assert not isinstance(result, NeedsRow)  # a fetched row is complete
         return result
+
+    def _key_or_none(self, row: Row) -> Key | None:
+        try:
+            return self.key_of(row)
+        except KeyError:
+            return None
 
     def _identity_key(self, identity: Row, new: Row | None) -> Key | None:
         try:
@@ -200,7 +249,7 @@ class Observer:
         changed, cleared = diff_fields(current[1], fields)
         if changed or cleared:
             self.docs[new_key] = (doc_id, fields)
-            ops.append(DocOp("changed", self.collection, doc_id, changed, cleared))
+            ops.append(DocOp("changed", self.collection, doc_id, changed, cleared, fields))
         return ops
 
     def _remove(self, key: Key) -> list[DocOp]:

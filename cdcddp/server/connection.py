@@ -10,6 +10,7 @@ only ever stalls its own pump, and is disconnected once its outbox or one write 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,6 +28,14 @@ from cdcddp.ddp.session import (
     SubscribeRequested,
     UnsubscribeRequested,
 )
+from cdcddp.publish.definition import (
+    BoundCursor,
+    Publication,
+    PublicationParamsError,
+)
+from cdcddp.publish.filters import FilterError
+from cdcddp.publish.livedata import OPEN_GATE, LiveClient, LiveData, ObserverEntry, SubKey
+from cdcddp.publish.lookup import SqlRowLookup
 from cdcddp.server.config import ServerConfig
 from cdcddp.server.sockjs import HEARTBEAT_FRAME, SockJSFramingError
 from cdcddp.server.transport import FrameWriter, Framing
@@ -52,20 +61,20 @@ def to_meteor_error(exc: BaseException, where: str) -> MeteorError:
 
 
 class Subscription:
-    """A running subscription; the ``PublicationContext`` its handler publishes through.
+    """A running handler-style subscription; the ``PublicationContext`` its handler publishes
+    through, into the connection's merge box (shared with declarative publications).
 
-    Documents are reference-counted per connection so that unsubscribing removes only what no
-    other subscription still publishes. This is the interim stand-in for the merge box (which
-    also tracks field precedence); the live-data issue replaces it.
+    The box is flushed after every call, so a handler gets exactly Meteor's messages (unless
+    the client's socket is busy: then changes coalesce until it is free).
     """
 
     def __init__(self, connection: Connection, sub_id: str, name: str) -> None:
         self.connection_id = connection.connection_id
-        self.user_id: str | None = None
+        self.user_id: str | None = connection.user_id
         self.sub_id = sub_id
         self.name = name
         self._connection = connection
-        self._docs: dict[tuple[str, str], None] = {}  # ordered: removals go out in add order
+        self._client = connection.client
         self._stopped = False
         self._readied = False
 
@@ -76,40 +85,36 @@ class Subscription:
     def added(self, collection: str, doc_id: str, fields: Mapping[str, Any]) -> None:
         if self._stopped:
             return
-        key = (collection, doc_id)
-        holders = self._connection.doc_holders.setdefault(key, set())
-        first = not holders
-        holders.add(self.sub_id)
-        self._docs[key] = None
-        session = self._connection.session
-        if first:
-            session.added(collection, doc_id, dict(fields))
-        elif fields:
-            session.changed(collection, doc_id, dict(fields), [])
-        self._connection.flush_soon()
+        box = self._client.box
+        fields = dict(fields)  # the box keeps a reference: the handler may reuse its dict
+        if box.published_fields(self.sub_id, collection, doc_id) is not None:
+            box.change(self.sub_id, collection, doc_id, fields)  # added twice: a change
+        else:
+            box.add(self.sub_id, collection, doc_id, fields)
+        self._client.request_flush()
 
     def changed(self, collection: str, doc_id: str, fields: Mapping[str, Any],
                 cleared: list[str] | tuple[str, ...] = ()) -> None:
-        if self._stopped or (collection, doc_id) not in self._docs:
+        box = self._client.box
+        if self._stopped or box.published_fields(self.sub_id, collection, doc_id) is None:
             return
-        if fields or cleared:
-            self._connection.session.changed(collection, doc_id, dict(fields), list(cleared))
-            self._connection.flush_soon()
+        box.change(self.sub_id, collection, doc_id, dict(fields), tuple(cleared))
+        self._client.request_flush()
 
     def removed(self, collection: str, doc_id: str) -> None:
-        key = (collection, doc_id)
-        if self._stopped or key not in self._docs:
+        box = self._client.box
+        if self._stopped or box.published_fields(self.sub_id, collection, doc_id) is None:
             return
-        del self._docs[key]
-        self._connection.release_document(key, self.sub_id)
-        self._connection.flush_soon()
+        box.remove(self.sub_id, collection, doc_id)
+        self._client.request_flush()
 
     def ready(self) -> None:
         if self._stopped or self._readied:
             return
         self._readied = True
-        self._connection.session.ready([self.sub_id])
-        self._connection.flush_soon()
+        session, sub_id = self._connection.session, self.sub_id
+        self._client.after_flush(lambda: session.ready([sub_id]))
+        self._client.request_flush()
 
     def error(self, error: BaseException) -> None:
         if self._stopped:
@@ -118,30 +123,50 @@ class Subscription:
                                            to_meteor_error(error, f"publication {self.name!r}"))
 
     def stop(self) -> None:
-        """Mark stopped and give up this subscription's documents (sending ``removed`` for
-        those nobody else holds); the caller sends ``nosub``."""
+        """Mark stopped; the connection removes its documents from the box."""
         self._stopped = True
-        for key in self._docs:
-            self._connection.release_document(key, self.sub_id)
-        self._docs.clear()
 
     def forget(self) -> None:
         """Disconnect: stop without sending anything."""
         self._stopped = True
-        self._docs.clear()
+
+
+class LiveSubscription:
+    """A subscription to a declarative publication: its observers, one per bound cursor.
+
+    ``key`` is its merge-box id: the DDP sub id, or a handle for a universal publication.
+    """
+
+    def __init__(self, key: SubKey, publication: Publication, params: list[Any]) -> None:
+        self.key = key
+        self.publication = publication
+        self.params = params
+        self.entries: list[ObserverEntry] = []
+        self.stopped = False
+
+    @property
+    def sub_id(self) -> str | None:
+        return self.key if isinstance(self.key, str) else None
 
 
 class Connection:
     """The I/O side of one DDP session over one WebSocket."""
 
     def __init__(self, *, app: App, session: ServerSession, ws: trio_websocket.WebSocketConnection,
-                 framing: Framing, config: ServerConfig) -> None:
+                 framing: Framing, config: ServerConfig, live: LiveData | None = None) -> None:
         self.app = app
         self.session = session
         self.connection_id = session.session_id
         self.framing = framing
         self.config = config
-        self.doc_holders: dict[tuple[str, str], set[str]] = {}
+        self.live = live
+        self.user_id: Any = None  # the logged-in user (set_user); None: anonymous
+        self.client = LiveClient(session, self.flush_soon, output_busy=self._output_busy,
+                                 gate=live.gate if live is not None else OPEN_GATE,
+                                 on_failure=self.abort)
+        self._writing = False
+        self._universal: list[LiveSubscription] = []
+        self._universal_started = False
         self._ws = ws
         self._writer = FrameWriter(ws)
         self._wake = trio.Event()
@@ -149,7 +174,7 @@ class Connection:
         self._outbox_chars = 0
         self._close_request: tuple[int, str] | None = None
         self._abort_reason: str | None = None
-        self._subs: dict[str, Subscription] = {}
+        self._subs: dict[str, Subscription | LiveSubscription] = {}
         self._work: deque[Callable[[], Awaitable[None]]] = deque()
         self._worker_running = False
         self._nursery: trio.Nursery | None = None
@@ -191,6 +216,10 @@ class Connection:
     def aborted(self) -> bool:
         return self._abort_reason is not None
 
+    def _output_busy(self) -> bool:
+        # While a write is under way (or queued), merge-box changes wait and coalesce.
+        return self._writing or bool(self._outbox)
+
     # ---- lifetime --------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -213,10 +242,15 @@ class Connection:
         except trio_websocket.ConnectionClosed:
             pass
         finally:
-            for sub in self._subs.values():
-                sub.forget()
+            for sub in [*self._subs.values(), *self._universal]:
+                if isinstance(sub, LiveSubscription):
+                    self._detach(sub, remove_documents=False)
+                else:
+                    sub.forget()
             self._subs.clear()
+            self._universal.clear()
             self._work.clear()
+            self.client.close()
             self.session.close()
 
     async def close_gracefully(self, code: int, reason: str) -> None:
@@ -263,6 +297,8 @@ class Connection:
                 self.session.send_encoded(INTERNAL_ERROR)
                 continue
             self._dispatch(events)
+            if not self._universal_started and self.session.state == "connected":
+                self._start_universal()
             if self._close_request is not None:
                 break
         self.flush_soon()
@@ -279,10 +315,18 @@ class Connection:
             self._wake = trio.Event()
             now = trio.current_time()
             self._dispatch(self.session.tick(now))
+            if self.client.flush_wanted:
+                self.client.flush()  # changes that waited (coalescing) for the socket
             self._drain_session()  # not flush_soon(): that would re-arm the event just reset
             if self._outbox:
                 pending, self._outbox, self._outbox_chars = self._outbox, [], 0
-                await self._write(self.framing.outgoing(pending))
+                self._writing = True
+                try:
+                    await self._write(self.framing.outgoing(pending))
+                finally:
+                    self._writing = False
+                if self.client.flush_wanted:
+                    self._wake.set()
             elif heartbeat is not None and now >= self._last_write + heartbeat:
                 await self._write([HEARTBEAT_FRAME])
             if self._close_request is not None:
@@ -325,7 +369,13 @@ class Connection:
         self._enqueue(lambda: self._run_method(event, handler))
 
     def _on_subscribe(self, event: SubscribeRequested) -> None:
-        handler = self.app.publications.get(event.name)
+        publication = self.app.publications.get(event.name)
+        if publication is not None:
+            live_sub = LiveSubscription(event.sub_id, publication, event.params)
+            self._subs[event.sub_id] = live_sub
+            self._enqueue(lambda: self._run_live_subscription(live_sub))
+            return
+        handler = self.app.publish_handlers.get(event.name)
         if handler is None:
             self.session.nosub(event.sub_id,
                                MeteorError(404, f"Subscription '{event.name}' not found"))
@@ -337,19 +387,148 @@ class Connection:
     def stop_subscription(self, sub_id: str, error: MeteorError | None) -> None:
         """unsub, or a publication error: remove its documents, then ``nosub``."""
         sub = self._subs.pop(sub_id, None)
-        if sub is not None:
+        if isinstance(sub, LiveSubscription):
+            self._detach(sub)
+        elif sub is not None:
             sub.stop()
-        self.session.nosub(sub_id, error)
-        self.flush_soon()
+            self.client.box.remove_subscription(sub_id)
+        session = self.session
+        self.client.after_flush(lambda: session.nosub(sub_id, error))
+        self.client.request_flush()
 
-    def release_document(self, key: tuple[str, str], sub_id: str) -> None:
-        holders = self.doc_holders.get(key)
-        if holders is None:
+    # ---- declarative (live) publications ---------------------------------------------------
+
+    def _start_universal(self) -> None:
+        self._universal_started = True
+        for number, publication in enumerate(self.app.publications.universal):
+            sub = LiveSubscription(("universal", number), publication, [])
+            self._universal.append(sub)
+            self._enqueue(functools.partial(self._run_live_subscription, sub))
+
+    async def _resolve(self, sub: LiveSubscription, user_id: Any) -> tuple[BoundCursor, ...]:
+        publication = sub.publication
+        if publication.wants_lookup and not (publication.requires_user and user_id is None):
+            if self.live is None:
+                raise RuntimeError("this publication reads rows: the server needs a database")
+
+            def resolve_with_lookup(conn: Any) -> tuple[BoundCursor, ...]:
+                return publication.resolve(sub.params, user_id, SqlRowLookup(conn))
+            return await self.live.database.run(resolve_with_lookup)
+        return publication.resolve(sub.params, user_id)
+
+    async def _run_live_subscription(self, sub: LiveSubscription) -> None:
+        if sub.stopped:
             return
-        holders.discard(sub_id)
-        if not holders:
-            del self.doc_holders[key]
-            self.session.removed(*key)
+        name = sub.publication.name or "(universal)"
+        try:
+            bounds = await self._resolve(sub, self.user_id)
+            if bounds and self.live is None:
+                raise RuntimeError(f"publication {name!r} needs a database: serve with a DSN")
+            entries = await self._acquire_all(bounds)
+        except PublicationParamsError as exc:
+            self._live_subscription_failed(sub, MeteorError(400, "Match failed", exc.reason))
+            return
+        except FilterError as exc:
+            self._live_subscription_failed(sub, MeteorError(400, "Match failed", str(exc)))
+            return
+        except Exception as exc:
+            self._live_subscription_failed(sub, to_meteor_error(exc, f"publication {name!r}"))
+            return
+        if sub.stopped:  # unsubscribed (or disconnected) while its snapshot ran
+            self._release_all(entries)
+            return
+        live = self.live
+        for entry in entries:
+            assert live is not None
+            live.add_subscriber(entry, self.client, sub.key)
+        sub.entries = entries
+        sub_id = sub.sub_id
+        if sub_id is not None:
+            session = self.session
+            self.client.after_flush(lambda: session.ready([sub_id]))
+        self.client.request_flush()
+
+    def _live_subscription_failed(self, sub: LiveSubscription, error: MeteorError) -> None:
+        if sub.sub_id is not None:
+            if self._subs.get(sub.sub_id) is sub:
+                self.stop_subscription(sub.sub_id, error)
+        else:
+            sub.stopped = True  # a universal publication: nothing to tell the client
+
+    async def _acquire_all(self, bounds: tuple[BoundCursor, ...]) -> list[ObserverEntry]:
+        entries: list[ObserverEntry] = []
+        try:
+            for bound in bounds:
+                assert self.live is not None
+                entries.append(await self.live.acquire(bound))
+        except BaseException:
+            self._release_all(entries)
+            raise
+        return entries
+
+    def _release_all(self, entries: list[ObserverEntry]) -> None:
+        if self.live is not None:
+            for entry in entries:
+                self.live.release(entry)
+
+    def _detach(self, sub: LiveSubscription, *, remove_documents: bool = True) -> None:
+        sub.stopped = True
+        entries, sub.entries = sub.entries, []
+        if self.live is not None:
+            for entry in entries:
+                self.live.remove_subscriber(entry, self.client, sub.key,
+                                            remove_documents=remove_documents)
+                self.live.release(entry)
+        if remove_documents:
+            self.client.box.remove_subscription(sub.key)
+
+    async def set_user(self, user_id: Any) -> None:
+        """The connection logged in or out: re-run its declarative subscriptions for the new
+        user; the client gets only the difference (as Meteor's ``_setUserId``), no
+        ``nosub``/``ready`` round trip.
+
+        The accounts layer calls it (from a method, in the connection's ordered queue).
+        """
+        if user_id == self.user_id:
+            return
+        self.user_id = user_id
+        for other in self._subs.values():
+            if isinstance(other, Subscription):
+                other.user_id = user_id
+        subs = [s for s in [*self._subs.values(), *self._universal]
+                if isinstance(s, LiveSubscription) and not s.stopped]
+        plans: list[tuple[LiveSubscription, list[ObserverEntry]]] = []
+        failures: list[tuple[LiveSubscription, MeteorError]] = []
+        try:
+            for sub in subs:
+                name = sub.publication.name or "(universal)"
+                try:
+                    entries = await self._acquire_all(await self._resolve(sub, user_id))
+                except Exception as exc:
+                    failures.append((sub, to_meteor_error(exc, f"publication {name!r}")))
+                    continue
+                plans.append((sub, entries))
+        except BaseException:
+            for _, entries in plans:
+                self._release_all(entries)
+            raise
+        # One synchronous swap, then one flush: the box sends only what differs.
+        live = self.live
+        for sub, entries in plans:
+            if sub.stopped or self.user_id != user_id or entries == sub.entries:
+                self._release_all(entries)  # gone, overtaken, or the same observers
+                continue
+            assert live is not None
+            for entry in sub.entries:
+                live.remove_subscriber(entry, self.client, sub.key)
+                live.release(entry)
+            for entry in entries:
+                live.add_subscriber(entry, self.client, sub.key)
+            sub.entries = entries
+        for sub, error in failures:
+            self._detach(sub)
+            self._live_subscription_failed(sub, error)
+        self.client.request_flush()
 
     # ---- the ordered call queue ------------------------------------------------------------
 

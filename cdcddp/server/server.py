@@ -13,6 +13,12 @@ or keep a handle for a graceful stop::
     await server.shutdown()   # stop accepting, close every session with 1001, wait (bounded)
 
 Cancelling ``serve`` also closes sessions gracefully (bounded by ``shutdown_timeout``).
+
+Given a database DSN, the server also runs the live-data engine (one replication slot, see
+:mod:`cdcddp.publish.livedata`) in its nursery and serves the app's declarative publications
+live; without one it serves methods and handler-style publications only::
+
+    server = Server(app, ServerConfig(), dsn="dbname=app", live_config=LiveDataConfig(slot="n1"))
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import trio
 import trio_websocket
 
 from cdcddp.app import App
+from cdcddp.db import Database
 from cdcddp.ddp.session import ServerSession
+from cdcddp.publish.livedata import LiveData, LiveDataConfig
 from cdcddp.server import http
 from cdcddp.server.config import ServerConfig
 from cdcddp.server.connection import GOING_AWAY, Connection
@@ -42,9 +50,17 @@ LINGER_MAX_BYTES = 1_048_576
 class Server:
     """Serves one App on one or more listening sockets."""
 
-    def __init__(self, app: App, config: ServerConfig | None = None) -> None:
+    def __init__(self, app: App, config: ServerConfig | None = None, *, dsn: str | None = None,
+                 live_config: LiveDataConfig | None = None,
+                 database: Database | None = None) -> None:
         self.app = app
         self.config = config or ServerConfig()
+        self.dsn = dsn
+        self.database = database if database is not None or dsn is None else Database(dsn)
+        self.live: LiveData | None = None
+        if dsn is not None:
+            assert self.database is not None
+            self.live = LiveData(self.database, dsn, live_config)
         self.port: int | None = None
         # Every live handler's cancel scope, with its Connection once the WebSocket is open.
         self._handlers: dict[trio.CancelScope, Connection | None] = {}
@@ -59,7 +75,21 @@ class Server:
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and serve until ``shutdown()`` or cancellation; reports the bound port."""
+        """Listen and serve until ``shutdown()`` or cancellation; reports the bound port.
+
+        With a DSN the live-data engine starts first (its slot must exist before any
+        subscription takes its snapshot); it stops when serving stops.
+        """
+        if self.live is None:
+            await self._serve(host, port, task_status=task_status)
+            return
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.live.run)
+            await self._serve(host, port, task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+    async def _serve(self, host: str, port: int, *,
+                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
         self.port = listeners[0].socket.getsockname()[1]
         try:
@@ -195,7 +225,7 @@ class Server:
                 return
             session = ServerSession(config.session)
             connection = Connection(app=self.app, session=session, ws=ws, framing=framing,
-                                    config=config)
+                                    config=config, live=self.live)
             self._handlers[scope] = connection
             try:
                 if self._shutting_down:
@@ -207,16 +237,19 @@ class Server:
 
 
 async def serve(app: App, *, host: str = "127.0.0.1", port: int = 0,
-                config: ServerConfig | None = None,
+                config: ServerConfig | None = None, dsn: str | None = None,
+                live_config: LiveDataConfig | None = None,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` until cancelled (closing sessions gracefully); reports the bound port."""
-    await Server(app, config).serve(host, port, task_status=task_status)
+    await Server(app, config, dsn=dsn, live_config=live_config).serve(
+        host, port, task_status=task_status)
 
 
 async def serve_until_signal(app: App, *, host: str, port: int,
-                             config: ServerConfig | None = None) -> None:
+                             config: ServerConfig | None = None, dsn: str | None = None,
+                             live_config: LiveDataConfig | None = None) -> None:
     """The CLI's entry: serve until SIGINT/SIGTERM, then shut down gracefully."""
-    server = Server(app, config)
+    server = Server(app, config, dsn=dsn, live_config=live_config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)

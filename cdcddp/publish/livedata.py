@@ -1,0 +1,973 @@
+"""The live-data engine: one replication stream feeding shared observers and client merge boxes.
+
+    slot ──▶ LiveData (one consumer task, commit order) ──▶ observers (one per BoundCursor.key)
+                                                               │ DocOps
+                                                               ▼
+                              each subscribed client's MergeBox ──flush at commit──▶ session
+
+* **Routing.** Per table, observers are indexed by one equality constraint of their filter
+  (column → value → observers), the rest are "unconstrained", and a reverse index maps a row
+  key to the observers holding that row (UPDATE moves out and DELETEs carry only the key under
+  DEFAULT replica identity). A row change costs the observers that may match it, not all.
+* **Transactions.** Row changes of tables somebody observes are buffered per transaction and
+  applied at ``Commit``; clients are flushed once per commit, so no half-applied transaction is
+  ever visible. A transaction larger than ``max_transaction_buffer`` changes is applied in
+  chunks (memory stays bounded); client flushes still wait for its commit. If the stream
+  restarts such a transaction (``TransactionRestart``), the observers it touched resync.
+  ``Commit.end_lsn`` is acknowledged once the transaction is applied (invariant 7).
+* **Handoff** (invariant 2). A new observer pins the ring of recent transactions, runs its query
+  in a REPEATABLE READ transaction that also reads ``pg_current_snapshot()`` and the WAL insert
+  position, then — between two stream transactions — replays the pinned transactions its
+  snapshot did not see and registers. Later stream transactions its snapshot saw are skipped
+  (``Observer.wants_transaction``) until the stream passes that WAL position. Two PostgreSQL
+  facts make this subtle: a commit is decoded (delivered) *before* it becomes visible to new
+  snapshots, so a snapshot lacking an already delivered transaction is retaken; and commit
+  order is not visibility order, so visibility is checked per transaction, not assumed to
+  flip once.
+* **Resync** (invariant 5). ``StreamGap`` resyncs every observer; TRUNCATE empties the observers
+  of the table at that point of commit order (the table is empty there: TRUNCATE holds an
+  ACCESS EXCLUSIVE lock), so later inserts apply on top. Only differences reach clients.
+* **TOAST** (invariant 4). Columns wal2json leaves out come from the observer's copy; a row
+  moving *in* without them is fetched by key in a REPEATABLE READ transaction whose snapshot
+  then shields that row from the changes it already reflects.
+
+The engine never awaits a client: a client whose socket is busy keeps its changes as merge-box
+dirty state (bounded by its view) and its connection flushes when the socket frees up.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import psycopg
+import trio
+from psycopg import sql
+
+from cdcddp.db import Database
+from cdcddp.ddp import messages
+from cdcddp.ddp.mergebox import MergeBox, MergeBoxError
+from cdcddp.ddp.mergebox import Op as BoxOp
+from cdcddp.ddp.session import ServerSession
+from cdcddp.publish.definition import BoundCursor
+from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
+from cdcddp.publish.observer import DocOp, Key, NeedsRow, Observer, Row
+from cdcddp.publish.visibility import Snapshot
+from cdcddp.wal.events import (
+    ABSENT,
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    Message,
+    RowChange,
+    StreamGap,
+    TransactionRestart,
+    Truncate,
+    Update,
+)
+from cdcddp.wal.lsn import parse_lsn
+from cdcddp.wal.stream import ReplicationStream, open_stream
+
+__all__ = ["EncodeCache", "LiveClient", "LiveData", "LiveDataConfig", "ObserverEntry"]
+
+log = logging.getLogger(__name__)
+
+SYNC_PREFIX: Final = "cdcddp.sync"
+"""``pg_logical_emit_message`` prefix of :meth:`LiveData.sync` markers."""
+
+TableName = tuple[str, str]
+_DELIVERED_KEPT: Final = 65_536  # recent xids remembered (far beyond the visibility lag)
+SubKey = Hashable  # a merge-box subscription id: the DDP sub id, or a universal handle
+
+
+@dataclass
+class LiveDataConfig:
+    slot: str = "cdcddp"
+    temporary_slot: bool = False  # tests: the slot goes with the connection
+    # Changes buffered per transaction before it is applied in chunks (bounds memory).
+    max_transaction_buffer: int = 10_000
+    # Changes kept for subscriptions being snapshotted; past it they retake their snapshot.
+    ring_max_changes: int = 100_000
+    stream_options: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- encoding once
+
+
+class EncodeCache:
+    """Encodes merge-box ops once per commit when many clients get the same op.
+
+    ``added`` fields are the observer's shared mapping itself (identity says "same op");
+    ``changed`` fields are per-client dicts built from the same shared values, so they match
+    when their keys, cleared names and value objects are identical.
+    """
+
+    __slots__ = ("_added", "_changed", "hits")
+
+    def __init__(self) -> None:
+        self._added: dict[tuple[str, str, int], tuple[Any, str]] = {}
+        self._changed: dict[tuple[Any, ...], tuple[Any, str]] = {}
+        self.hits = 0
+
+    def encode(self, op: BoxOp) -> str:
+        kind = op[0]
+        if kind == "added":
+            _, collection, doc_id, fields = op  # type: ignore[misc]
+            key = (collection, doc_id, id(fields))
+            hit = self._added.get(key)
+            if hit is not None and hit[0] is fields:
+                self.hits += 1
+                return hit[1]
+            text = messages.added(collection, doc_id, fields)  # type: ignore[arg-type]
+            self._added[key] = (fields, text)  # keeps `fields` alive: its id stays unique
+            return text
+        if kind == "changed":
+            _, collection, doc_id, fields, cleared = op  # type: ignore[misc]
+            ckey = (collection, doc_id, tuple(fields), cleared)
+            hit = self._changed.get(ckey)
+            if hit is not None and all(hit[0][k] is v for k, v in fields.items()):
+                self.hits += 1
+                return hit[1]
+            text = messages.changed(collection, doc_id, fields, list(cleared))  # type: ignore[arg-type]
+            self._changed[ckey] = (fields, text)
+            return text
+        return messages.removed(op[1], op[2])
+
+
+# ---------------------------------------------------------------------------- clients
+
+
+class FlushGate:
+    """Client flushes wait while the engine holds a partly applied transaction."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.deferred: set[LiveClient] = set()
+
+    def defer(self, client: LiveClient) -> bool:
+        if self.closed:
+            self.deferred.add(client)
+            return True
+        return False
+
+
+OPEN_GATE: Final = FlushGate()  # for connections without an engine (never closes)
+
+
+class LiveClient:
+    """One connection's merge box and its way out to the connection's session.
+
+    Publishers (observers via the engine, handler-style publication contexts) change the box;
+    :meth:`request_flush` turns its dirty documents into DDP messages — now, at the engine's
+    commit if a transaction is partly applied, or when the socket is free again (then the box
+    keeps coalescing: a slow client costs its view, not a queue). Control messages that must
+    follow data (``ready``, ``nosub``) go through :meth:`after_flush`.
+    """
+
+    def __init__(self, session: ServerSession, wake: Callable[[], None],
+                 output_busy: Callable[[], bool] = lambda: False,
+                 gate: FlushGate = OPEN_GATE,
+                 on_failure: Callable[[str], None] = lambda reason: None) -> None:
+        self.box = MergeBox()
+        self.session = session
+        self.gate = gate
+        self.flush_wanted = False
+        self.closed = False
+        self._wake = wake
+        self._output_busy = output_busy
+        self._on_failure = on_failure
+        self._after: list[Callable[[], None]] = []
+
+    def fail(self, reason: str) -> None:
+        """Drop the connection (its view cannot be trusted); the client reconnects."""
+        self._on_failure(reason)
+
+    def after_flush(self, action: Callable[[], None]) -> None:
+        self._after.append(action)
+
+    def request_flush(self, cache: EncodeCache | None = None) -> None:
+        if self.closed or self.gate.defer(self):
+            return
+        if self._output_busy():
+            self.flush_wanted = True  # the connection calls flush() once its write is done
+            return
+        self.flush(cache)
+
+    def flush(self, cache: EncodeCache | None = None) -> None:
+        if self.closed or self.gate.defer(self):
+            return
+        self.flush_wanted = False
+        ops = self.box.flush()
+        session = self.session
+        if cache is None:
+            cache = EncodeCache()
+        for op in ops:
+            session.send_encoded(cache.encode(op))
+        after, self._after = self._after, []
+        for action in after:
+            action()
+        if ops or after:
+            self._wake()
+
+    def close(self) -> None:
+        """The connection is gone: forget everything, send nothing."""
+        self.closed = True
+        self.box.reset()
+        self._after.clear()
+
+
+# ---------------------------------------------------------------------------- observers
+
+
+@dataclass(eq=False)
+class ObserverEntry:
+    """An observer shared by every subscription with its ``BoundCursor.key``."""
+
+    bound: BoundCursor
+    observer: Observer | None = None
+    leases: int = 0  # subscriptions (pending or attached) using it
+    subscribers: dict[tuple[int, SubKey], tuple[LiveClient, SubKey]] = field(
+        default_factory=dict)
+    ready: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+    live: bool = False  # registered in the routing index
+    snapshot_queries: int = 0
+
+    @property
+    def table(self) -> TableName:
+        return (self.bound.cursor.schema_name, self.bound.cursor.table_name)
+
+
+class TableRoutes:
+    """Which observers a row change of one table may concern."""
+
+    def __init__(self) -> None:
+        self.entries: set[ObserverEntry] = set()
+        self.by_value: dict[str, dict[Any, set[ObserverEntry]]] = {}
+        self.unconstrained: set[ObserverEntry] = set()
+        self.holders: dict[Key, set[ObserverEntry]] = {}
+        self.key_columns: tuple[str, ...] | None = None
+        self.odd_keys: set[ObserverEntry] = set()  # cursors keyed differently from the table
+        self._slots: dict[ObserverEntry, tuple[str, frozenset[Any]] | None] = {}
+
+    def add(self, entry: ObserverEntry) -> None:
+        observer = entry.observer
+        assert observer is not None
+        self.entries.add(entry)
+        if self.key_columns is None:
+            self.key_columns = observer.key_columns
+        if observer.key_columns != self.key_columns:
+            self.odd_keys.add(entry)
+        constraints = entry.bound.filter.equality_constraints()
+        slot: tuple[str, frozenset[Any]] | None = None
+        if constraints:
+            # The most selective column; an empty value set means nothing can ever match.
+            column = min(constraints, key=lambda c: len(constraints[c]))
+            slot = (column, constraints[column])
+            index = self.by_value.setdefault(column, {})
+            for value in slot[1]:
+                index.setdefault(value, set()).add(entry)
+        else:
+            self.unconstrained.add(entry)
+        self._slots[entry] = slot
+        for key in observer.docs:
+            self.hold(entry, key)
+
+    def remove(self, entry: ObserverEntry) -> None:
+        observer = entry.observer
+        assert observer is not None
+        self.entries.discard(entry)
+        self.odd_keys.discard(entry)
+        self.unconstrained.discard(entry)
+        slot = self._slots.pop(entry, None)
+        if slot is not None:
+            column, values = slot
+            index = self.by_value.get(column, {})
+            for value in values:
+                holders = index.get(value)
+                if holders is not None:
+                    holders.discard(entry)
+                    if not holders:
+                        del index[value]
+            if not index:
+                self.by_value.pop(column, None)
+        for key in list(observer.docs):
+            self.release(entry, key)
+
+    def hold(self, entry: ObserverEntry, key: Key) -> None:
+        self.holders.setdefault(key, set()).add(entry)
+
+    def release(self, entry: ObserverEntry, key: Key) -> None:
+        holders = self.holders.get(key)
+        if holders is not None:
+            holders.discard(entry)
+            if not holders:
+                del self.holders[key]
+
+    def candidates(self, change: RowChange) -> set[ObserverEntry]:
+        found: set[ObserverEntry] = set(self.odd_keys)
+        kind = type(change)
+        if kind is not Delete:
+            new = change.new  # type: ignore[union-attr]
+            for column, index in self.by_value.items():
+                value = new.get(column, ABSENT)
+                if value is ABSENT:  # an unchanged TOASTed value: any of them may match
+                    for entries in index.values():
+                        found |= entries
+                    continue
+                try:
+                    entries = index.get(value)
+                except TypeError:  # unhashable (json): equal to no indexed scalar
+                    continue
+                if entries:
+                    found |= entries
+            found |= self.unconstrained
+        if kind is not Insert and self.key_columns is not None:
+            identity = change.identity  # type: ignore[union-attr]
+            key = _key_from(identity, self.key_columns)
+            if key is None and kind is Update:
+                key = _key_from(change.new, self.key_columns)  # type: ignore[union-attr]
+            if key is not None:
+                held = self.holders.get(key)
+                if held:
+                    found |= held
+        return found
+
+
+def _key_from(row: Row, columns: tuple[str, ...]) -> Key | None:
+    try:
+        return tuple(row[c] for c in columns)
+    except KeyError:
+        return None
+
+
+def _change_keys(observer: Observer, change: RowChange) -> tuple[Key | None, Key | None]:
+    """(old key, new key) a change may affect in an observer (for the holders index)."""
+    columns = observer.key_columns
+    if type(change) is Insert:
+        return None, _key_from(change.new, columns)
+    if type(change) is Update:
+        new_key = _key_from(change.new, columns)
+        old_key = _key_from(change.identity, columns)
+        return (old_key if old_key is not None else new_key), new_key
+    return _key_from(change.identity, columns), None  # type: ignore[union-attr]
+
+
+@dataclass
+class _OpenTransaction:
+    xid: int
+    end_lsn: int  # where its commit record ends (known from Begin)
+    pins_before_begin: int
+    changes: list[RowChange | Truncate] = field(default_factory=list)
+    chunked: bool = False
+    interest_grew: bool = False  # a table became of interest after its Begin
+    touched: set[ObserverEntry] = field(default_factory=set)
+    marks: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- SQL (threads)
+
+
+# The first statement of a REPEATABLE READ transaction takes its snapshot; the WAL insert
+# position read in it is past the commit record of every transaction that snapshot sees.
+_SNAPSHOT_SQL: Final = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
+
+
+def _begin_snapshot(conn: psycopg.Connection[Any]) -> tuple[Snapshot, int]:
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    found = conn.execute(_SNAPSHOT_SQL).fetchone()
+    assert found is not None
+    return Snapshot.parse(found[0]), parse_lsn(found[1])
+
+
+def _snapshot_rows(conn: psycopg.Connection[Any], query: sql.Composable, params: list[Any],
+                   columns: tuple[str, ...]) -> tuple[list[Row], Snapshot, int]:
+    """The cursor's rows and the snapshot (and its WAL position) they were read under."""
+    snapshot, lsn = _begin_snapshot(conn)
+    rows = conn.execute(query, params).fetchall()
+    return [dict(zip(columns, row, strict=True)) for row in rows], snapshot, lsn
+
+
+def _fetch_row(conn: psycopg.Connection[Any], query: sql.Composable, key: Key,
+               columns: tuple[str, ...]) -> tuple[Row | None, Snapshot, int]:
+    snapshot, lsn = _begin_snapshot(conn)
+    found = conn.execute(query, list(key)).fetchone()
+    return (None if found is None else dict(zip(columns, found, strict=True))), snapshot, lsn
+
+
+def _row_query(bound: BoundCursor) -> sql.Composed:
+    cursor = bound.cursor
+    where = sql.SQL(" AND ").join(
+        sql.SQL("{} = %s").format(sql.Identifier(c)) for c in cursor.key_columns)
+    return sql.SQL("SELECT {} FROM {}.{} WHERE {}").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in bound.columns),
+        sql.Identifier(cursor.schema_name), sql.Identifier(cursor.table_name), where)
+
+
+class _RetrySnapshot(Exception):
+    """The handoff cannot be completed from the ring: take the snapshot again."""
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+class LiveData:
+    """Consumes one replication slot and keeps every observer and client current.
+
+    Run it in a nursery (``await nursery.start(live.run)``); subscriptions then use
+    :meth:`acquire` / :meth:`add_subscriber` / :meth:`remove_subscriber` / :meth:`release`.
+    """
+
+    def __init__(self, database: Database, dsn: str,
+                 config: LiveDataConfig | None = None) -> None:
+        self.database = database
+        self.dsn = dsn
+        self.config = config or LiveDataConfig()
+        self.ring = RecentTransactions(self.config.ring_max_changes)
+        self.gate = FlushGate()
+        self.stream: ReplicationStream | None = None
+        self._observers: dict[Any, ObserverEntry] = {}
+        self._routes: dict[TableName, TableRoutes] = {}
+        # Tables whose changes are kept: observed, or being snapshotted (pinned).
+        self._interest: Counter[TableName] = Counter()
+        self._started = trio.Event()
+        self._txn_done = trio.Event()
+        self._marks: dict[str, trio.Event] = {}
+        self._open_txn: _OpenTransaction | None = None
+        # Delivered xids (32-bit) → delivery number, until a snapshot sees them. A commit is
+        # decoded (and may be delivered) before it is visible to new snapshots; a snapshot
+        # that still has such a transaction running must be retaken (see _missed_delivered).
+        self._commits_seen = 0
+        self._delivered: dict[int, int] = {}
+        self._applied: dict[int, int] = {}  # recently applied xids, for wait_applied
+        self._snapshots_in_flight: list[int] = []
+        self._xid_waiters: dict[int, trio.Event] = {}
+        self._held_clients: set[LiveClient] = set()  # changed while the gate was closed
+        self._nursery: trio.Nursery | None = None
+        # Test hooks: hold the consumer before applying a commit; run after a snapshot query.
+        self.hold: trio.Event | None = None
+        self.after_snapshot: Callable[[ObserverEntry], Awaitable[None]] | None = None
+        # Figures (metrics, tests).
+        self.transactions_applied = 0
+        self.changes_applied = 0
+        self.snapshot_queries = 0
+        self.snapshot_retries = 0
+        self.ring_replays = 0
+        self.rows_fetched = 0
+        self.resyncs = 0
+        self.skipped_by_snapshot = 0
+        self.last_commit_end_lsn = 0
+        self.invisible_delivered_retries = 0
+        self.commits_out_of_order = 0  # the stream broke its contract (should stay 0)
+
+    # ---- lifetime ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Open the slot and consume it until cancelled; reports started once streaming."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            async with open_stream(self.dsn, self.config.slot,
+                                   temporary=self.config.temporary_slot,
+                                   **self.config.stream_options) as stream:
+                self.stream = stream
+                self._started.set()
+                task_status.started()
+                await self._consume(stream)
+            nursery.cancel_scope.cancel()
+
+    @property
+    def observer_count(self) -> int:
+        return sum(1 for e in self._observers.values() if e.live)
+
+    def observers(self) -> list[ObserverEntry]:
+        return [e for e in self._observers.values() if e.live]
+
+    # ---- subscriptions -------------------------------------------------------------------
+
+    async def acquire(self, bound: BoundCursor) -> ObserverEntry:
+        """A live observer for ``bound`` (shared, or created with the handoff); one lease.
+
+        Raises the creation error (a bad query, say) to every subscription waiting for it.
+        """
+        await self._started.wait()
+        key = bound.key
+        entry = self._observers.get(key)
+        if entry is None:
+            entry = ObserverEntry(bound)
+            self._observers[key] = entry
+            assert self._nursery is not None
+            self._nursery.start_soon(self._create, entry)
+        entry.leases += 1
+        try:
+            await entry.ready.wait()
+        except BaseException:
+            self.release(entry)
+            raise
+        if entry.error is not None:
+            entry.leases -= 1
+            raise entry.error
+        return entry
+
+    def release(self, entry: ObserverEntry) -> None:
+        entry.leases -= 1
+        if entry.leases <= 0 and entry.ready.is_set():
+            self._drop(entry)
+
+    def add_subscriber(self, entry: ObserverEntry, client: LiveClient, sub: SubKey) -> None:
+        """``client`` gets the observer's documents under ``sub`` (into its box, unflushed)."""
+        observer = entry.observer
+        assert observer is not None
+        entry.subscribers[(id(client), sub)] = (client, sub)
+        box, collection = client.box, observer.collection
+        for doc_id, fields in observer.docs.values():
+            box.add(sub, collection, doc_id, fields)
+
+    def remove_subscriber(self, entry: ObserverEntry, client: LiveClient, sub: SubKey,
+                          *, remove_documents: bool = True) -> None:
+        if entry.subscribers.pop((id(client), sub), None) is None or not remove_documents:
+            return
+        observer = entry.observer
+        assert observer is not None
+        box, collection = client.box, observer.collection
+        for doc_id, _ in observer.docs.values():
+            if box.published_fields(sub, collection, doc_id) is not None:
+                box.remove(sub, collection, doc_id)
+
+    async def sync(self, timeout: float = 30.0) -> None:
+        """Return once the engine applied everything committed before the call (tests)."""
+        token = secrets.token_hex(8)
+        event = self._marks[token] = trio.Event()
+
+        def emit(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (SYNC_PREFIX, token))
+        try:
+            await self.database.run(emit)
+            with trio.fail_after(timeout):
+                await event.wait()
+        finally:
+            self._marks.pop(token, None)
+
+    # ---- creating observers: the handoff -------------------------------------------------
+
+    async def _create(self, entry: ObserverEntry) -> None:
+        table = entry.table
+        if table not in self._interest and self._open_txn is not None:
+            self._open_txn.interest_grew = True  # its earlier changes to `table` were not kept
+        self._interest[table] += 1  # from the pin on, the ring keeps this table's changes
+        try:
+            while True:
+                try:
+                    await self._snapshot_and_register(entry)
+                    break
+                except _RetrySnapshot:
+                    self.snapshot_retries += 1
+        except Exception as exc:
+            log.error("observer for %s.%s failed to start", *table, exc_info=exc)
+            entry.error = exc
+            if self._observers.get(entry.bound.key) is entry:
+                del self._observers[entry.bound.key]
+        finally:
+            self._lose_interest(table)
+            entry.ready.set()
+        if entry.error is None and entry.leases <= 0:
+            self._drop(entry)
+
+    async def _snapshot_and_register(self, entry: ObserverEntry) -> None:
+        bound = entry.bound
+        pin = self.ring.pin()
+        try:
+            # Transactions delivered before the pin must be in the snapshot (they are not in
+            # the ring); those delivered after it are in the ring.
+            rows, snapshot, lsn = await self._take_snapshot(bound)
+            entry.snapshot_queries += 1
+            if self.after_snapshot is not None:
+                await self.after_snapshot(entry)
+            observer = Observer(bound, snapshot, lsn)
+            observer.load(rows)
+            replayed = 0
+            while True:
+                await self._between_transactions()
+                try:
+                    pending = list(self.ring.since(pin))[replayed:]
+                except LookupError:
+                    raise _RetrySnapshot from None
+                if not pending:
+                    break  # caught up, between two transactions: register now, no await
+                for txn in pending:
+                    await self._replay(observer, txn, pin)
+                replayed += len(pending)
+            entry.observer = observer
+            self._register(entry)
+        finally:
+            self.ring.release(pin)
+
+    async def _replay(self, observer: Observer, txn: CommittedTransaction, pin: Pin) -> None:
+        table = (observer.schema, observer.table)
+        if not any((c.schema, c.table) == table for c in txn.changes):
+            return
+        if not observer.wants_transaction(txn.xid, txn.end_lsn):
+            return
+        incomplete_from = txn.incomplete_for_pins_from
+        if incomplete_from is not None and pin.number >= incomplete_from:
+            # Begun before our pin, when our table was not yet of interest: its earlier
+            # changes to it were not kept, so it cannot be replayed.
+            raise _RetrySnapshot
+        self.ring_replays += 1
+        observer.begin_transaction(txn.xid, txn.end_lsn)
+        for change in txn.changes:
+            if (change.schema, change.table) != table:
+                continue
+            if type(change) is Truncate:
+                observer.clear()
+                continue
+            result = observer.apply(change)  # type: ignore[arg-type]
+            if isinstance(result, NeedsRow):
+                await self._fetch_into(observer, change, result, txn.xid)  # type: ignore[arg-type]
+
+    async def _between_transactions(self) -> None:
+        while self.gate.closed:
+            await self._txn_done.wait()
+
+    def _register(self, entry: ObserverEntry) -> None:
+        self._interest[entry.table] += 1
+        self._routes.setdefault(entry.table, TableRoutes()).add(entry)
+        entry.live = True
+
+    def _drop(self, entry: ObserverEntry) -> None:
+        if self._observers.get(entry.bound.key) is entry:
+            del self._observers[entry.bound.key]
+        if entry.live:
+            entry.live = False
+            routes = self._routes[entry.table]
+            routes.remove(entry)
+            if not routes.entries:
+                del self._routes[entry.table]
+            self._lose_interest(entry.table)
+        entry.subscribers.clear()
+
+    def _lose_interest(self, table: TableName) -> None:
+        self._interest[table] -= 1
+        if self._interest[table] <= 0:
+            del self._interest[table]
+
+    # ---- the stream consumer -------------------------------------------------------------
+
+    async def _consume(self, stream: ReplicationStream) -> None:
+        txn: _OpenTransaction | None = None
+        interest = self._interest
+        chunk = self.config.max_transaction_buffer
+        async for event in stream:
+            kind = type(event)
+            if kind is Insert or kind is Update or kind is Delete or kind is Truncate:
+                if txn is not None and (event.schema, event.table) in interest:  # type: ignore[union-attr]
+                    txn.changes.append(event)  # type: ignore[arg-type]
+                    if len(txn.changes) >= chunk:
+                        await self._apply_chunk(txn)
+            elif kind is Begin:
+                txn = self._open_txn = _OpenTransaction(
+                    event.xid, event.end_lsn, self.ring.pins_taken)  # type: ignore[union-attr]
+            elif kind is Commit:
+                if event.end_lsn <= self.last_commit_end_lsn:  # type: ignore[union-attr]
+                    self.commits_out_of_order += 1
+                    log.error("commit %s delivered again or out of order", event)
+                self.last_commit_end_lsn = event.end_lsn  # type: ignore[union-attr]
+                if self.hold is not None:
+                    await self.hold.wait()
+                if txn is not None:
+                    await self._commit(txn, event)  # type: ignore[arg-type]
+                txn = self._open_txn = None
+                self._note_delivered(event.xid)  # type: ignore[union-attr]
+                stream.acknowledge(event.end_lsn)  # type: ignore[union-attr]
+            elif kind is Message:
+                if event.prefix == SYNC_PREFIX:  # type: ignore[union-attr]
+                    if txn is not None and event.transactional:  # type: ignore[union-attr]
+                        txn.marks.append(event.content)  # type: ignore[union-attr]
+                    else:
+                        self._reach_mark(event.content)  # type: ignore[union-attr]
+            elif kind is TransactionRestart:
+                if txn is not None and txn.chunked:
+                    # Part of it reached observers (not clients): put them back on solid ground.
+                    await self._with_gate_closed(self._resync(txn.touched))
+                txn = self._open_txn = None
+            elif kind is StreamGap:
+                log.warning("replication stream gap (%s): resyncing every observer",
+                            event.reason)  # type: ignore[union-attr]
+                self.ring.break_pins()
+                await self._with_gate_closed(self._resync(set(self.observers())))
+
+    async def wait_applied(self, xid: int) -> None:
+        """Return once the transaction ``xid`` (32-bit, as ``txid_current() % 2^32``) has been
+        applied and the clients it changed were flushed (or, busy, will flush before any
+        ``after_flush`` action queued from now on) — the write fence's first half.
+
+        The transaction must have committed (with changes: a read-only one has no xid).
+        """
+        xid &= 0xFFFFFFFF
+        if xid in self._applied:
+            return
+        event = self._xid_waiters.get(xid)
+        if event is None:
+            event = self._xid_waiters[xid] = trio.Event()
+        await event.wait()
+
+    def _note_delivered(self, xid: int) -> None:
+        waiter = self._xid_waiters.pop(xid, None)
+        if waiter is not None:
+            waiter.set()
+        self._commits_seen += 1
+        for recent in (self._delivered, self._applied):
+            recent[xid] = self._commits_seen
+            if len(recent) > _DELIVERED_KEPT:
+                del recent[next(iter(recent))]  # the oldest
+
+    def _missed_delivered(self, snapshot: Snapshot, upto: int, prune: bool) -> bool:
+        """Does ``snapshot`` lack a transaction the stream delivered (as number ``upto`` or
+        earlier)? Nobody would replay it to the observer.
+
+        Such a transaction is still "running" for the snapshot: in ``xip``, or at or past its
+        ``xmax``. Delivered xids a snapshot sees are visible to every later snapshot, so they
+        are forgotten (``prune``: only when no earlier snapshot is still being checked).
+        """
+        delivered = self._delivered
+        missed = False
+        for xid, seq in list(delivered.items()):
+            if seq > upto:
+                continue  # delivered after the query started: the ring has it
+            if snapshot.is_visible(xid):
+                if prune:
+                    del delivered[xid]
+            else:
+                missed = True
+        return missed
+
+    async def _take_snapshot(self, bound: BoundCursor) -> tuple[list[Row], Snapshot, int]:
+        """The cursor's rows and their snapshot, which sees every transaction delivered so
+        far (retaken, after a moment, while one is decoded but not yet visible)."""
+        query, params = bound.snapshot_query()
+        delay = 0.001
+        while True:
+            delivered_before = self._commits_seen
+            self._snapshots_in_flight.append(delivered_before)
+            try:
+                rows, snapshot, lsn = await self.database.run(
+                    _snapshot_rows, query, params, bound.columns)
+            finally:
+                self._snapshots_in_flight.remove(delivered_before)
+            self.snapshot_queries += 1
+            oldest = min(self._snapshots_in_flight, default=delivered_before)
+            if not self._missed_delivered(snapshot, delivered_before,
+                                          prune=oldest >= delivered_before):
+                return rows, snapshot, lsn
+            self.invisible_delivered_retries += 1
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _reach_mark(self, token: str) -> None:
+        event = self._marks.get(token)
+        if event is not None:
+            event.set()
+
+    async def _with_gate_closed(self, work: Awaitable[set[LiveClient]]) -> None:
+        self.gate.closed = True
+        touched: set[LiveClient] = set()
+        try:
+            touched = await work
+        finally:
+            self._open_gate(touched)
+
+    def _open_gate(self, touched: set[LiveClient]) -> None:
+        gate = self.gate
+        gate.closed = False
+        clients = touched | gate.deferred | self._held_clients
+        gate.deferred = set()
+        self._held_clients = set()
+        cache = EncodeCache()
+        for client in clients:
+            client.request_flush(cache)
+        self._txn_done.set()
+        self._txn_done = trio.Event()
+
+    async def _apply_chunk(self, txn: _OpenTransaction) -> None:
+        # Too big to hold: apply now, keep the gate closed (clients see it at the commit).
+        txn.chunked = True
+        self.gate.closed = True
+        changes, txn.changes = txn.changes, []
+        self._held_clients |= await self._apply(txn.xid, txn.end_lsn, changes, txn.touched)
+
+    async def _commit(self, txn: _OpenTransaction, commit: Commit) -> None:
+        if not txn.changes and not txn.chunked:
+            for token in txn.marks:
+                self._reach_mark(token)
+            return
+        self.gate.closed = True
+        touched: set[LiveClient] = set()
+        try:
+            touched = await self._apply(txn.xid, txn.end_lsn, txn.changes, txn.touched)
+            if txn.chunked:
+                self.ring.break_pins()  # the ring never held it whole
+            elif self.ring.has_pins:
+                self.ring.delivered(CommittedTransaction(
+                    txn.xid, commit.end_lsn, tuple(txn.changes),
+                    txn.pins_before_begin if txn.interest_grew else None))
+            self.transactions_applied += 1
+        finally:
+            self._open_gate(touched)
+        for token in txn.marks:
+            self._reach_mark(token)
+
+    async def _apply(self, xid: int, end_lsn: int, changes: Sequence[RowChange | Truncate],
+                     touched_entries: set[ObserverEntry]) -> set[LiveClient]:
+        """Apply changes of transaction ``xid`` to the observers they concern; returns the
+        clients whose boxes changed."""
+        clients: set[LiveClient] = set()
+        wanted: dict[ObserverEntry, bool] = {}
+        failed: set[ObserverEntry] = set()
+        routes_by_table = self._routes
+
+        def wants(entry: ObserverEntry) -> bool:
+            decision = wanted.get(entry)
+            if decision is None:
+                observer = entry.observer
+                assert observer is not None
+                decision = wanted[entry] = observer.wants_transaction(xid, end_lsn)
+                if decision:
+                    observer.begin_transaction(xid, end_lsn)
+                else:
+                    self.skipped_by_snapshot += 1
+            return decision
+
+        for change in changes:
+            routes = routes_by_table.get((change.schema, change.table))
+            if routes is None:
+                continue  # a table only pinned, not (yet) observed
+            if type(change) is Truncate:
+                for entry in list(routes.entries):
+                    if entry.live and wants(entry):
+                        touched_entries.add(entry)
+                        # Empty at this point of commit order; the snapshot still decides
+                        # about later transactions.
+                        observer = entry.observer
+                        assert observer is not None
+                        self._deliver(entry, self._reload(
+                            entry, routes, (), observer.snapshot, observer.snapshot_lsn),
+                            clients)
+                continue
+            self.changes_applied += 1
+            for entry in routes.candidates(change):  # type: ignore[arg-type]
+                if not entry.live or entry in failed or not wants(entry):
+                    continue
+                touched_entries.add(entry)
+                observer = entry.observer
+                assert observer is not None
+                try:
+                    result = observer.apply(change)  # type: ignore[arg-type]
+                    if isinstance(result, NeedsRow):
+                        result = await self._fetch_into(observer, change, result, xid)  # type: ignore[arg-type]
+                        if not entry.live:
+                            continue  # dropped while fetching
+                except Exception as exc:
+                    log.error("observer of %s.%s failed on a change; resyncing it",
+                              change.schema, change.table, exc_info=exc)
+                    failed.add(entry)
+                    continue
+                old_key, new_key = _change_keys(observer, change)  # type: ignore[arg-type]
+                for key in (old_key, new_key):
+                    if key is not None:
+                        if observer.holds(key):
+                            routes.hold(entry, key)
+                        else:
+                            routes.release(entry, key)
+                if result:
+                    self._deliver(entry, result, clients)
+        if failed:
+            clients |= await self._resync(failed)
+        return clients
+
+    async def _fetch_into(self, observer: Observer, change: Update, needs: NeedsRow,
+                          xid: int) -> list[DocOp]:
+        """Complete a row moving in without its unchanged TOASTed columns: fetch it by key
+        under a snapshot that has seen ``xid``; that snapshot then shields the row."""
+        query = _row_query(observer.bound)
+        delay = 0.001
+        while True:
+            row, snapshot, lsn = await self.database.run(
+                _fetch_row, query, needs.key, observer.columns)
+            if snapshot.is_visible(xid):
+                break
+            # The commit is decoded but not yet visible to new snapshots: a moment's wait.
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        self.rows_fetched += 1
+        old_key = _key_from(change.identity, observer.key_columns) if type(change) is Update \
+            else None
+        ops = observer.apply_fetched(old_key if old_key is not None else needs.key, row)
+        observer.note_fetched(needs.key, snapshot, lsn)
+        return ops
+
+    def _reload(self, entry: ObserverEntry, routes: TableRoutes, rows: Iterable[Row],
+                snapshot: Snapshot | None = None, lsn: int | None = None) -> list[DocOp]:
+        observer = entry.observer
+        assert observer is not None
+        for key in list(observer.docs):
+            routes.release(entry, key)
+        ops = observer.load(rows)
+        observer.snapshot, observer.snapshot_lsn = snapshot, lsn
+        for key in observer.docs:
+            routes.hold(entry, key)
+        return ops
+
+    async def _resync(self, entries: set[ObserverEntry]) -> set[LiveClient]:
+        """Re-run the queries; only the difference reaches clients (the gate is closed)."""
+        clients: set[LiveClient] = set()
+        for entry in entries:
+            if not entry.live:
+                continue
+            self.resyncs += 1
+            try:
+                rows, snapshot, lsn = await self._take_snapshot(entry.bound)
+            except Exception as exc:
+                log.error("resync of %s.%s failed; its subscriptions stop", *entry.table,
+                          exc_info=exc)
+                self._fail(entry)
+                continue
+            if not entry.live:
+                continue
+            ops = self._reload(entry, self._routes[entry.table], rows, snapshot, lsn)
+            self._deliver(entry, ops, clients)
+        return clients
+
+    def _fail(self, entry: ObserverEntry) -> None:
+        observer = entry.observer
+        assert observer is not None
+        for client, sub in list(entry.subscribers.values()):
+            self.remove_subscriber(entry, client, sub)
+            client.request_flush()
+        self._drop(entry)
+
+    def _deliver(self, entry: ObserverEntry, ops: Sequence[DocOp],
+                 clients: set[LiveClient]) -> None:
+        if not ops:
+            return
+        for client, sub in entry.subscribers.values():
+            box = client.box
+            try:
+                for op in ops:
+                    kind = op.kind
+                    if kind == "added":
+                        box.add(sub, op.collection, op.doc_id, op.fields)  # type: ignore[arg-type]
+                    elif kind == "changed":
+                        box.change(sub, op.collection, op.doc_id, op.fields,  # type: ignore[arg-type]
+                                   op.cleared, fields_after=op.after)
+                    else:
+                        box.remove(sub, op.collection, op.doc_id)
+            except MergeBoxError:
+                # Observer and box disagree: a bug. The client reconnects and resyncs.
+                log.exception("merge box rejected an observer's change")
+                client.fail("merge box out of sync")
+            clients.add(client)

@@ -1,0 +1,205 @@
+"""A live-data test app (declarative publications over one ``items`` table), a running server
+with the engine on a test database, and SQL helpers for expected results."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import trio
+from pydantic import BaseModel
+
+from cdcddp.app import App, PublicationContext
+from cdcddp.client import DDPClient
+from cdcddp.publish.definition import Cursor, Publication
+from cdcddp.publish.filters import C, Param, UserId
+from cdcddp.publish.livedata import LiveData, LiveDataConfig
+from cdcddp.server.config import ServerConfig
+from cdcddp.server.connection import Connection
+from cdcddp.server.server import Server
+from tests.server_support import fast_config
+
+SCHEMA = """
+CREATE TABLE items (
+    id serial PRIMARY KEY,
+    owner text,
+    category text NOT NULL,
+    title text,
+    body text,
+    rank int NOT NULL DEFAULT 0,
+    version int NOT NULL DEFAULT 0
+);
+CREATE TABLE other (id serial PRIMARY KEY, note text);
+"""
+
+FIELDS = ["owner", "category", "title", "body", "rank", "version"]
+COLUMNS = ", ".join(["id", *FIELDS])
+
+
+class CategoryParams(BaseModel):
+    category: str
+
+
+class RankParams(BaseModel):
+    min_rank: int
+
+
+def build_live_app() -> App:
+    app = App("live-test")
+    app.add_publication(Publication("items.all", Cursor("items", fields=FIELDS)))
+    app.add_publication(Publication(
+        "items.byCategory",
+        Cursor("items", fields=FIELDS, filter=C("category") == Param("category")),
+        params=CategoryParams))
+    app.add_publication(Publication(
+        "items.ranked", Cursor("items", fields=FIELDS, filter=C("rank") >= Param("min_rank")),
+        params=RankParams, positional_params=True))
+    app.add_publication(Publication(
+        "items.mine", Cursor("items", fields=FIELDS, filter=C("owner") == UserId()),
+        requires_user=True))
+    # The titles only (another field set on the same collection: the merge box unites them).
+    app.add_publication(Publication(
+        "items.titles", Cursor("items", fields=["title", "version"],
+                               filter=C("category").in_(["a", "b"]))))
+
+    @app.publish("handler.note")
+    async def handler_note(ctx: PublicationContext, doc_id: str) -> None:
+        ctx.added("items", doc_id, {"note": "from a handler"})
+        ctx.ready()
+
+    return app
+
+
+# ---- expected results ----------------------------------------------------------------------
+
+PUBLICATION_FILTERS: dict[str, tuple[str, Any]] = {
+    "items.all": ("TRUE", lambda p: ()),
+    "items.byCategory": ("category = %s", lambda p: (p[0]["category"],)),
+    "items.ranked": ("rank >= %s", lambda p: (p[0],)),
+}
+
+
+def sql(dsn: str, *statements: str, params: Any = None) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        result = None
+        for statement in statements:
+            cur = conn.execute(statement, params)
+            result = cur.fetchall() if cur.description else None
+        return result
+
+
+async def asql(dsn: str, *statements: str, params: Any = None) -> Any:
+    return await trio.to_thread.run_sync(lambda: sql(dsn, *statements, params=params))
+
+
+def expected_view(dsn: str, subscriptions: list[tuple[str, list[Any]]]
+                  ) -> dict[str, dict[str, Any]]:
+    """What a client subscribed to ``subscriptions`` must hold: the union of their rows."""
+    view: dict[str, dict[str, Any]] = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name, params in subscriptions:
+            where, make_args = PUBLICATION_FILTERS[name]
+            for row in conn.execute(f"SELECT {COLUMNS} FROM items WHERE {where}",
+                                    make_args(params)):
+                view[str(row[0])] = dict(zip(FIELDS, row[1:], strict=True))
+    return view
+
+
+# ---- a server with the engine ---------------------------------------------------------------
+
+_slots = itertools.count(1)
+
+
+@dataclass
+class LiveServer:
+    server: Server
+    port: int
+    dsn: str
+
+    @property
+    def live(self) -> LiveData:
+        assert self.server.live is not None
+        return self.server.live
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/websocket"
+
+    def connection_of(self, client: DDPClient) -> Connection:
+        for connection in self.server.connections:
+            if connection.connection_id == client.session:
+                return connection
+        raise LookupError("no such connection")
+
+
+@asynccontextmanager
+async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
+                      server_config: ServerConfig | None = None,
+                      **live_options: Any) -> AsyncIterator[LiveServer]:
+    if schema:
+        await asql(dsn, schema)
+    options: dict[str, Any] = {"temporary_slot": True,
+                               "stream_options": {"status_interval": 0.2}, **live_options}
+    config = LiveDataConfig(slot=f"live_{os.getpid()}_{next(_slots)}", **options)
+    server = Server(app or build_live_app(), server_config or fast_config(), dsn=dsn,
+                    live_config=config)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve, "127.0.0.1", 0)
+        try:
+            yield LiveServer(server, port, dsn)
+        finally:
+            nursery.cancel_scope.cancel()
+            if server.database is not None:
+                server.database.close()
+
+
+def store(client: DDPClient, collection: str = "items") -> dict[str, dict[str, Any]]:
+    return client.collections.get(collection, {})
+
+
+async def wait_store(client: DDPClient, expected: dict[str, dict[str, Any]],
+                     collection: str = "items", timeout: float = 10.0) -> None:
+    try:
+        await client.wait_for(lambda: store(client, collection) == expected, timeout)
+    except trio.TooSlowError:
+        got = store(client, collection)
+        missing = {k: v for k, v in expected.items() if got.get(k) != v}
+        extra = {k: v for k, v in got.items() if k not in expected}
+        raise AssertionError(f"store differs: missing/different {missing}, extra {extra}"
+                             ) from None
+
+
+def data_messages(client: DDPClient, since: int = 0) -> list[dict[str, Any]]:
+    assert client.messages is not None
+    return [m for m in client.messages[since:] if m.get("msg") in ("added", "changed", "removed")]
+
+
+def check_message_log(client: DDPClient, collection: str = "items") -> None:
+    """Merge-box promises over a whole log: no duplicate ``added``, no ``changed``/``removed``
+    for a document the client does not hold, no ``version`` going backwards."""
+    held: set[str] = set()
+    versions: dict[str, int] = {}
+    for message in data_messages(client):
+        if message.get("collection") != collection:
+            continue
+        doc_id, kind = message["id"], message["msg"]
+        if kind == "added":
+            assert doc_id not in held, f"duplicate added: {message}"
+            held.add(doc_id)
+        elif kind == "changed":
+            assert doc_id in held, f"changed for a document not held: {message}"
+        else:
+            assert doc_id in held, f"removed for a document not held: {message}"
+            held.discard(doc_id)
+            continue
+        version = (message.get("fields") or {}).get("version")
+        if version is not None:
+            seen = versions.get(doc_id, -1)
+            assert version > seen or (kind == "added" and version == seen), \
+                f"version went back ({seen} seen before): {message}"
+            versions[doc_id] = version

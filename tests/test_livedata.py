@@ -1,0 +1,333 @@
+"""The live-data engine end to end: real PostgreSQL, the server with its replication slot,
+real WebSocket clients (cdcddp.client)."""
+
+from __future__ import annotations
+
+import secrets
+
+import psycopg
+import trio
+
+from cdcddp.client import MeteorError, connect
+from tests.livedata_support import (
+    FIELDS,
+    asql,
+    check_message_log,
+    data_messages,
+    expected_view,
+    live_server,
+    store,
+    wait_store,
+)
+
+
+def row(owner: str | None, category: str, title: str, body: str | None = None, rank: int = 0,
+        version: int = 0) -> dict[str, object]:
+    return {"owner": owner, "category": category, "title": title, "body": body, "rank": rank,
+            "version": version}
+
+
+async def test_initial_documents_then_live_changes_field_by_field(db_dsn: str) -> None:
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (owner, category, title) VALUES "
+                           "('ann', 'a', 'one'), ('bob', 'b', 'two')")
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.byCategory", {"category": "a"})
+            assert store(client) == {"1": row("ann", "a", "one")}
+
+            mark = len(client.messages or [])
+            subscribed = [("items.byCategory", [{"category": "a"}])]
+            await asql(db_dsn, "INSERT INTO items (owner, category, title) "
+                               "VALUES ('cy', 'a', 'three')")
+            await wait_store(client, expected_view(db_dsn, subscribed))
+
+            await asql(db_dsn, "UPDATE items SET title = 'ONE', version = 1 WHERE id = 1")
+            await wait_store(client, expected_view(db_dsn, subscribed))
+            await asql(db_dsn, "UPDATE items SET owner = NULL WHERE id = 3")  # a cleared value
+            await wait_store(client, expected_view(db_dsn, subscribed))
+            await asql(db_dsn, "DELETE FROM items WHERE id = 3")
+            await asql(db_dsn, "UPDATE items SET title = 'TWO' WHERE id = 2")  # not published
+            await server.live.sync()
+            await wait_store(client, {"1": row("ann", "a", "ONE", version=1)})
+
+            got = data_messages(client, mark)
+            assert got == [
+                {"msg": "added", "collection": "items", "id": "3",
+                 "fields": {"owner": "cy", "category": "a", "title": "three", "body": None,
+                            "rank": 0, "version": 0}},
+                {"msg": "changed", "collection": "items", "id": "1",
+                 "fields": {"title": "ONE", "version": 1}},  # only what changed
+                {"msg": "changed", "collection": "items", "id": "3", "fields": {"owner": None}},
+                {"msg": "removed", "collection": "items", "id": "3"},
+            ]
+
+
+async def test_move_in_and_move_out_through_updates(db_dsn: str) -> None:
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x'), ('b', 'y')")
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.byCategory", {"category": "a"})
+            assert set(store(client)) == {"1"}
+            await asql(db_dsn, "UPDATE items SET category = 'b', version = 1 WHERE id = 1")
+            await asql(db_dsn, "UPDATE items SET category = 'a', version = 1 WHERE id = 2")
+            await wait_store(client, {"2": row(None, "a", "y", version=1)})
+            await asql(db_dsn, "UPDATE items SET category = 'a', version = 2 WHERE id = 1")
+            await wait_store(client, {"1": row(None, "a", "x", version=2),
+                                      "2": row(None, "a", "y", version=1)})
+            kinds = [(m["msg"], m["id"]) for m in data_messages(client)]
+            assert kinds == [("added", "1"), ("removed", "1"), ("added", "2"), ("added", "1")]
+            check_message_log(client)
+
+
+async def test_overlapping_subscriptions_on_one_connection(db_dsn: str) -> None:
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title, rank) VALUES "
+                           "('a', 'x', 1), ('b', 'y', 5), ('a', 'z', 9)")
+        async with connect(server.ws_url, log_messages=True) as client:
+            by_a = await client.subscribe("items.byCategory", {"category": "a"})
+            ranked = await client.subscribe("items.ranked", 5)
+            subs = [("items.byCategory", [{"category": "a"}]), ("items.ranked", [5])]
+            assert store(client) == expected_view(db_dsn, subs)
+            # row 3 is in both: one `added` only
+            assert [m["id"] for m in data_messages(client) if m["msg"] == "added"] == \
+                ["1", "3", "2"]
+
+            await asql(db_dsn, "UPDATE items SET title = 'Z', version = 1 WHERE id = 3")
+            await asql(db_dsn, "UPDATE items SET rank = 0, version = 1 WHERE id = 2")  # out
+            await asql(db_dsn, "UPDATE items SET rank = 7, version = 1 WHERE id = 1")  # in both
+            await server.live.sync()
+            await wait_store(client, expected_view(db_dsn, subs))
+
+            mark = len(client.messages or [])
+            await client.unsubscribe(by_a)  # 1 and 3 are still ranked >= 5: nothing removed
+            assert data_messages(client, mark) == []
+            await client.unsubscribe(ranked)
+            assert sorted(m["id"] for m in data_messages(client, mark)) == ["1", "3"]
+            assert store(client) == {}
+            check_message_log(client)
+        assert server.live.observer_count == 0  # the last subscription took its observer
+
+
+async def test_two_clients_share_one_observer(db_dsn: str) -> None:
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        async with connect(server.ws_url) as one, connect(server.ws_url) as two:
+            await one.subscribe("items.byCategory", {"category": "a"})
+            queries = server.live.snapshot_queries
+            await two.subscribe("items.byCategory", {"category": "a"})
+            assert server.live.snapshot_queries == queries  # joined the live observer
+            assert server.live.observer_count == 1
+            assert store(two) == store(one) == {"1": row(None, "a", "x")}
+            await asql(db_dsn, "UPDATE items SET title = 'shared', version = 1 WHERE id = 1")
+            expected = {"1": row(None, "a", "shared", version=1)}
+            await wait_store(one, expected)
+            await wait_store(two, expected)
+
+
+async def test_toasted_column_is_kept_and_fetched_when_moving_in(db_dsn: str) -> None:
+    body = secrets.token_urlsafe(15_000)  # ~20 kB, incompressible: stored out of line
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title, body) VALUES "
+                           "('a', 'x', %(b)s), ('b', 'y', %(b)s)", params={"b": body})
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.byCategory", {"category": "a"})
+            mark = len(client.messages or [])
+            await asql(db_dsn, "UPDATE items SET title = 'x2', version = 1 WHERE id = 1")
+            await wait_store(client, {"1": row(None, "a", "x2", body, version=1)})
+            assert data_messages(client, mark) == [
+                {"msg": "changed", "collection": "items", "id": "1",
+                 "fields": {"title": "x2", "version": 1}}]  # body not sent, not nulled
+
+            # Row 2 moves in; wal2json leaves its unchanged body out: fetched by key.
+            fetched = server.live.rows_fetched
+            await asql(db_dsn, "UPDATE items SET category = 'a', version = 1 WHERE id = 2")
+            await wait_store(client, expected_view(db_dsn, [("items.byCategory",
+                                                            [{"category": "a"}])]))
+            assert store(client)["2"]["body"] == body
+            assert server.live.rows_fetched == fetched + 1
+            check_message_log(client)
+
+
+async def test_truncate_removes_documents_and_later_inserts_arrive(db_dsn: str) -> None:
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x'), ('a', 'y')")
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.all")
+            assert len(store(client)) == 2
+            await asql(db_dsn, "TRUNCATE items")
+            await wait_store(client, {})
+            await asql(db_dsn, "BEGIN; TRUNCATE items; INSERT INTO items (category, title) "
+                               "VALUES ('b', 'after'); COMMIT")
+            await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('c', 'later')")
+            await wait_store(client, expected_view(db_dsn, [("items.all", [])]))
+            assert len(store(client)) == 2
+            check_message_log(client)
+
+
+async def test_rolled_back_transaction_sends_nothing(db_dsn: str) -> None:
+    async with live_server(db_dsn) as server:
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.all")
+            with psycopg.connect(db_dsn) as conn:
+                conn.execute("INSERT INTO items (category, title) VALUES ('a', 'ghost')")
+                conn.rollback()
+            await asql(db_dsn, "INSERT INTO other (note) VALUES ('unpublished table')")
+            await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'real')")
+            await server.live.sync()
+            await wait_store(client, expected_view(db_dsn, [("items.all", [])]))
+            assert [m["fields"]["title"] for m in data_messages(client)] == ["real"]
+
+
+async def test_requires_user_params_errors_and_unsub(db_dsn: str) -> None:
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (owner, category, title) VALUES "
+                           "('alice', 'a', 'hers'), ('bob', 'a', 'his')")
+        async with connect(server.ws_url, log_messages=True) as client:
+            mine = await client.subscribe("items.mine")  # anonymous: ready, nothing
+            assert store(client) == {}
+
+            for bad in ([{"category": 3}], [{"nope": "a"}], ["a", "b"]):
+                try:
+                    await client.subscribe("items.byCategory", *bad)
+                except MeteorError as exc:
+                    assert exc.error == 400
+                else:
+                    raise AssertionError(f"params {bad} accepted")
+
+            # Logging in re-runs user-bound subscriptions: only the difference is sent.
+            connection = server.connection_of(client)
+            await connection.set_user("alice")
+            await wait_store(client, {"1": row("alice", "a", "hers")})
+            await asql(db_dsn, "UPDATE items SET owner = 'alice', version = 1 WHERE id = 2")
+            await wait_store(client, {"1": row("alice", "a", "hers"),
+                                      "2": row("alice", "a", "his", version=1)})
+            await connection.set_user("bob")
+            await wait_store(client, {})
+            await connection.set_user("alice")
+
+            mark = len(client.messages or [])
+            await client.unsubscribe(mine)
+            got = (client.messages or [])[mark:]
+            assert sorted(m["id"] for m in got if m["msg"] == "removed") == ["1", "2"]
+            assert got[-1] == {"msg": "nosub", "id": mine}  # after the removals
+            assert store(client) == {}
+            check_message_log(client)
+
+
+async def test_handler_and_declarative_publications_share_the_merge_box(db_dsn: str) -> None:
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.all")
+            note = await client.subscribe("handler.note", "1")
+            assert store(client)["1"] == {**row(None, "a", "x"), "note": "from a handler"}
+            await client.unsubscribe(note)
+            assert store(client)["1"] == row(None, "a", "x")
+            check_message_log(client)
+
+
+async def test_universal_publication_is_sent_without_a_sub(db_dsn: str) -> None:
+    from cdcddp.publish.definition import Cursor, Publication
+    from cdcddp.publish.filters import C, UserId
+    from tests.livedata_support import build_live_app
+
+    app = build_live_app()
+    app.add_publication(Publication(
+        "", Cursor("items", collection="me", fields=["title"], filter=C("owner") == UserId()),
+        universal=True))
+    async with live_server(db_dsn, app) as server:
+        await asql(db_dsn, "INSERT INTO items (owner, category, title) VALUES ('u1', 'a', 'me!')")
+        async with connect(server.ws_url) as client:
+            await client.ping()
+            await server.live.sync()
+            assert store(client, "me") == {}
+            await server.connection_of(client).set_user("u1")
+            await wait_store(client, {"1": {"title": "me!"}}, "me")
+            await asql(db_dsn, "UPDATE items SET title = 'still me' WHERE id = 1")
+            await wait_store(client, {"1": {"title": "still me"}}, "me")
+
+
+async def test_two_publications_unite_fields_of_one_document(db_dsn: str) -> None:
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title, rank) VALUES ('a', 'x', 1)")
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.titles")
+            assert store(client) == {"1": {"title": "x", "version": 0}}
+            await client.subscribe("items.ranked", 1)
+            assert store(client) == {"1": row(None, "a", "x", rank=1)}
+            await asql(db_dsn, "UPDATE items SET rank = 0, title = 'y', version = 1")
+            await wait_store(client, {"1": {"title": "y", "version": 1}})
+            check_message_log(client)
+            assert set(FIELDS) >= set(store(client)["1"])
+
+
+async def _stuck_subscriber(port: int, publication: str) -> trio.SocketStream:
+    """A raw WebSocket client that subscribes, then never reads (tiny receive buffer)."""
+    import socket
+
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+
+    def frame(text: str) -> bytes:
+        payload = text.encode()
+        assert len(payload) < 126
+        return bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload  # zero mask key
+
+    await stream.send_all(
+        b"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        + frame('{"msg":"connect","version":"1","support":["1"]}')
+        + frame(f'{{"msg":"sub","id":"s","name":"{publication}","params":[]}}'))
+    return stream
+
+
+async def test_a_stuck_client_costs_its_view_delays_nobody_and_is_dropped(db_dsn: str) -> None:
+    from tests.server_support import fast_config
+
+    async with live_server(db_dsn, server_config=fast_config(send_timeout=2.0)) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title, body) "
+                           "SELECT 'a', 't' || i, repeat('x', 2000) FROM generate_series(1, 100) i")
+        stuck = await _stuck_subscriber(server.port, "items.all")
+        async with stuck, connect(server.ws_url) as reader:
+            await reader.subscribe("items.all")
+            with trio.fail_after(5):
+                while len(server.server.connections) < 2:
+                    await trio.sleep(0.01)
+            slow = next(c for c in server.server.connections
+                        if c.connection_id != reader.session)
+            most_pending = 0
+            for version in range(1, 31):
+                await asql(db_dsn, "UPDATE items SET version = %s, title = 't' || id || '.' || %s",
+                           params=(version, version))
+                most_pending = max(most_pending, slow.client.box.pending_count)
+            # The reader is current right away, whatever the stuck one does.
+            with trio.fail_after(5):
+                await wait_store(reader, expected_view(db_dsn, [("items.all", [])]))
+            assert 0 < most_pending <= 100  # dirty documents, coalesced: no queue of changes
+            with trio.fail_after(10):
+                while not slow.aborted:
+                    await trio.sleep(0.05)
+            await reader.ping()
+
+
+async def test_a_publication_whose_query_fails_stops_with_500_and_no_internals(
+        db_dsn: str) -> None:
+    from cdcddp.publish.definition import Cursor, Publication
+    from tests.livedata_support import build_live_app
+
+    app = build_live_app()
+    app.add_publication(Publication("broken", Cursor("no_such_table", fields=["secret_col"])))
+    async with live_server(db_dsn, app) as server:
+        async with connect(server.ws_url, log_messages=True) as client:
+            try:
+                await client.subscribe("broken")
+            except MeteorError as exc:
+                assert exc.error == 500 and exc.reason == "Internal server error"
+            else:
+                raise AssertionError("subscribed to a publication whose query fails")
+            assert "no_such_table" not in str(client.messages)
+            await client.subscribe("items.all")  # the connection and the engine carry on
+            await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'fine')")
+            await wait_store(client, expected_view(db_dsn, [("items.all", [])]))

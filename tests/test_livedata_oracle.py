@@ -1,0 +1,182 @@
+"""The correctness oracle: concurrent writers (inserts, updates moving rows in and out of
+filters, deletes, TOASTed values, truncates, rollbacks, multi-row transactions) while clients
+subscribe and unsubscribe with overlapping publications and parameters, and the walsender is
+killed mid-way. At quiescence each client's store equals what SQL returns for its
+subscriptions, and its message log keeps the merge-box promises (no duplicate ``added``, no
+``changed``/``removed`` of a document it does not hold, no ``version`` going back).
+
+Seeded and reproducible in what it does (``CDCDDP_ORACLE_SEED=n``); the interleaving is
+whatever the machine makes of it. The long version runs with ``--runslow``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+
+from cdcddp.client import DDPClient, connect
+from tests.livedata_support import (
+    asql,
+    check_message_log,
+    expected_view,
+    live_server,
+    wait_store,
+)
+
+CATEGORIES = ["a", "b", "c", "d"]
+SEED = int(os.environ.get("CDCDDP_ORACLE_SEED", "7"))
+
+
+def writer(dsn: str, seed: int, transactions: int, stop: list[bool]) -> int:
+    """Runs ``transactions`` random transactions; returns how many committed."""
+    rng = random.Random(seed)
+    committed = 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(transactions):
+            if stop:
+                break
+            roll_back = rng.random() < 0.05
+            try:
+                with conn.transaction() as txn:
+                    if rng.random() < 0.01:
+                        conn.execute("TRUNCATE items")
+                    for _ in range(rng.choice([1, 1, 1, 2, 3, 8])):
+                        _random_change(conn, rng)
+                    if roll_back:
+                        raise psycopg.Rollback(txn)
+            except psycopg.errors.DeadlockDetected:
+                continue
+            committed += not roll_back
+    return committed
+
+
+def _random_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
+    (top,) = conn.execute("SELECT coalesce(max(id), 0) FROM items").fetchone()  # type: ignore[misc]
+    item = rng.randint(max(1, top - 40), top + 2)
+    action = rng.random()
+    if action < 0.3:
+        body = secrets.token_urlsafe(6000) if rng.random() < 0.3 else None
+        conn.execute("INSERT INTO items (owner, category, title, body, rank) "
+                     "VALUES (%s, %s, %s, %s, %s)",
+                     (rng.choice(["ann", "bob", None]), rng.choice(CATEGORIES),
+                      f"t{rng.randint(0, 99)}", body, rng.randint(0, 9)))
+    elif action < 0.85:
+        assignments = ["version = version + 1"]
+        params: list[Any] = []
+        if rng.random() < 0.6:
+            assignments.append("category = %s")
+            params.append(rng.choice(CATEGORIES))
+        if rng.random() < 0.5:
+            assignments.append("rank = %s")
+            params.append(rng.randint(0, 9))
+        if rng.random() < 0.3:
+            assignments.append("title = %s")
+            params.append(f"t{rng.randint(0, 99)}")
+        body_choice = rng.random()
+        if body_choice < 0.15:
+            assignments.append("body = %s")  # a new TOASTed value
+            params.append(secrets.token_urlsafe(6000))
+        elif body_choice < 0.2:
+            assignments.append("body = NULL")
+        # otherwise the body stays: wal2json leaves an unchanged TOASTed value out
+        conn.execute(f"UPDATE items SET {', '.join(assignments)} WHERE id = %s",
+                     (*params, item))
+    else:
+        conn.execute("DELETE FROM items WHERE id = %s", (item,))
+
+
+async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
+                     subscription_steps: int, clients: int, kills: int,
+                     temporary_slot: bool) -> None:
+    rng = random.Random(seed)
+    async with live_server(dsn, temporary_slot=temporary_slot) as server:
+        await asql(dsn, "INSERT INTO items (category, title, rank, body) "
+                        "SELECT (ARRAY['a','b','c','d'])[1 + i % 4], 't' || i, i % 10, "
+                        "CASE WHEN i % 5 = 0 THEN repeat(md5(i::text), 300) END "
+                        "FROM generate_series(1, 50) i")
+        stop: list[bool] = []
+        committed: list[int] = []
+
+        async def write(n: int) -> None:
+            committed.append(await trio.to_thread.run_sync(
+                writer, dsn, seed * 100 + n, transactions, stop))
+
+        async def kill_walsender() -> None:
+            for _ in range(kills):
+                await trio.sleep(0.3 + rng.random() * 0.5)
+                await asql(dsn, "SELECT pg_terminate_backend(active_pid) "
+                                "FROM pg_replication_slots WHERE slot_name = %s "
+                                "AND active_pid IS NOT NULL",
+                           params=(server.live.config.slot,))
+
+        async with connect(server.ws_url, log_messages=True) as c0, \
+                connect(server.ws_url, log_messages=True) as c1, \
+                connect(server.ws_url, log_messages=True) as c2, \
+                connect(server.ws_url, log_messages=True) as c3:
+            pool = [c0, c1, c2, c3][:clients]
+            held: list[dict[str, tuple[str, list[Any]]]] = [{} for _ in pool]
+
+            async def churn() -> None:
+                for _ in range(subscription_steps):
+                    i = rng.randrange(len(pool))
+                    await _subscription_step(rng, pool[i], held[i])
+                    await trio.sleep(rng.random() * 0.03)
+
+            async with trio.open_nursery() as nursery:
+                for n in range(writers):
+                    nursery.start_soon(write, n)
+                nursery.start_soon(kill_walsender)
+                await churn()
+                stop.append(True)  # writers finish their current transaction
+            await server.live.sync(timeout=60)
+            for i, client in enumerate(pool):
+                expected = expected_view(dsn, list(held[i].values()))
+                try:
+                    await wait_store(client, expected, timeout=20)
+                    check_message_log(client)
+                except AssertionError as exc:
+                    raise AssertionError(f"client {i} (seed {seed}): {exc}") from None
+        live = server.live
+        assert sum(committed) > 0
+        assert live.stream is not None and live.stream.reconnects >= min(kills, 1)
+        print(f"oracle seed={seed}: {sum(committed)} transactions committed, "
+              f"{live.transactions_applied} applied, {live.snapshot_queries} snapshot queries, "
+              f"{live.ring_replays} ring replays, {live.snapshot_retries} retries, "
+              f"{live.rows_fetched} rows fetched, {live.resyncs} resyncs, "
+              f"{live.stream.reconnects} reconnects")
+
+
+async def _subscription_step(rng: random.Random, client: DDPClient,
+                             held: dict[str, tuple[str, list[Any]]]) -> None:
+    if held and rng.random() < 0.35:
+        sub_id = rng.choice(sorted(held))
+        del held[sub_id]
+        await client.unsubscribe(sub_id)
+        return
+    choice = rng.random()
+    if choice < 0.45:
+        name, params = "items.byCategory", [{"category": rng.choice(CATEGORIES)}]
+    elif choice < 0.85:
+        name, params = "items.ranked", [rng.randint(0, 9)]
+    else:
+        name, params = "items.all", []
+    held[await client.subscribe(name, *params, timeout=60)] = (name, params)
+
+
+@pytest.mark.parametrize("temporary_slot", [True, False], ids=["temporary-slot", "persistent-slot"])
+async def test_oracle_short(db_dsn: str, temporary_slot: bool) -> None:
+    await run_oracle(db_dsn, seed=SEED, transactions=120, writers=3, subscription_steps=30,
+                     clients=4, kills=1, temporary_slot=temporary_slot)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [SEED, SEED + 1, SEED + 2])
+async def test_oracle_long(db_dsn: str, seed: int) -> None:
+    await run_oracle(db_dsn, seed=seed, transactions=1500, writers=4, subscription_steps=300,
+                     clients=4, kills=3, temporary_slot=seed % 2 == 0)
