@@ -16,16 +16,18 @@ from cdcddp.app import App, load_app
 from cdcddp.config import Config
 from cdcddp.db import Database
 from cdcddp.metrics import Metrics, poll_slot, serve_metrics
+from cdcddp.publish.livedata import LiveDataConfig
 from cdcddp.server.server import Server
 from cdcddp.server.static import StaticFiles
 
 log = logging.getLogger("cdcddp.server")
 
 
-def build_server(app: App, config: Config) -> Server:
+def build_server(app: App, config: Config, database: Database) -> Server:
     server_config = config.server_config()
     server_config.static = StaticFiles(config.static_dir)
-    return Server(app, server_config)
+    live = LiveDataConfig(slot=config.slot, temporary_slot=config.temporary_slot)
+    return Server(app, server_config, dsn=config.dsn_value, database=database, live_config=live)
 
 
 async def run(config: Config, *,
@@ -34,7 +36,7 @@ async def run(config: Config, *,
     app = load_app(config.app)
     metrics = Metrics()
     database = Database(config.dsn_value, application_name="cdcddp")
-    server = build_server(app, config)
+    server = build_server(app, config, database)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
