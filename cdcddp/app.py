@@ -51,6 +51,7 @@ from typing import Any, Protocol
 
 import pydantic
 
+from cdcddp.methods.registry import Methods
 from cdcddp.publish.definition import CursorFunction, Publication, Publications
 
 __all__ = [
@@ -105,14 +106,29 @@ PublicationHandler = Callable[..., Awaitable[None]]
 class App:
     """The registry of an application's methods and publications."""
 
-    def __init__(self, name: str = "cdcddp", publications: Publications | None = None) -> None:
+    def __init__(self, name: str = "cdcddp", publications: Publications | None = None, *,
+                 methods: Methods | None = None, schemas: tuple[str, ...] = ()) -> None:
         self.name = name
+        # Handler-style methods (``@app.method``).
         self.methods: dict[str, MethodHandler] = {}
+        # Typed methods (``cdcddp.methods``): one transaction per call, accounts, write fence.
+        self.typed_methods: Methods = Methods()
+        # Schema files (``schema/<name>.sql``, idempotent) ``cdcddp serve`` applies at start.
+        self.schemas: tuple[str, ...] = tuple(schemas)
         # Declarative (SQL-backed, live) publications; `cdcddp check` reads them too.
         self.publications: Publications = publications if publications is not None \
             else Publications()
         # Handler-style publications (``@app.publish``).
         self.publish_handlers: dict[str, PublicationHandler] = {}
+        if methods is not None:
+            self.include_methods(methods)
+
+    def include_methods(self, methods: Methods) -> None:
+        """Declare every typed method of a :class:`cdcddp.methods.Methods` registry."""
+        for definition in methods:
+            if definition.name in self.methods:
+                raise ValueError(f"method {definition.name!r} is already declared")
+        self.typed_methods.include(methods)
 
     def add_publication(self, publication: Publication) -> Publication:
         """Declare a declarative publication (see :class:`Publication`)."""
@@ -150,6 +166,8 @@ class App:
         """
         def register(handler: MethodHandler) -> MethodHandler:
             _check_handler("method", name, handler, self.methods)
+            if name in self.typed_methods:
+                raise ValueError(f"method {name!r} is already declared")
             self.methods[name] = handler
             return handler
         return register

@@ -49,7 +49,8 @@ async def counts_agree(db: Database) -> dict[str, int]:
 async def test_app_module_declares_methods_and_publications() -> None:
     assert {"login", "createUser", "lists.insert", "todos.insert"} <= {
         m.name for m in todos.methods}
-    assert {p.name for p in todos.publications} == {"lists.public", "lists.private"}
+    assert {p.name for p in todos.publications} == {"lists.public", "lists.private",
+                                                    "todos.inList"}
     assert len(todos.publications.universal) == 1
 
 

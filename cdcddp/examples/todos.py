@@ -16,14 +16,16 @@ from typing import Annotated, Final
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
+from cdcddp.app import App
 from cdcddp.ddp.messages import MeteorError
 from cdcddp.methods.accounts import Accounts, current_user_publication
 from cdcddp.methods.context import MethodContext
 from cdcddp.methods.registry import Methods
 from cdcddp.publish.definition import Cursor, Publication, Publications
 from cdcddp.publish.filters import C, UserId
+from cdcddp.publish.lookup import RowLookup
 
-__all__ = ["accounts", "methods", "publications", "todo_methods"]
+__all__ = ["accounts", "app", "methods", "publications", "todo_methods"]
 
 DEFAULT_LIST_NAME: Final = "List"
 
@@ -237,9 +239,29 @@ publications.add(Publication(
     Cursor("lists", collection="lists", camel_case=True, fields=LIST_FIELDS,
            filter=C("user_id") == UserId()),
     requires_user=True))
-# TODO(todos.inList): Meteor's app publishes a list's todos only when the list is public or the
-# subscriber's own (publish-composite over lists → todos). The filter language has no joins
-# and publication functions cannot read the database, so it is NOT declared here: publishing
-# `todos` filtered by list id alone would leak the todos of other users' private lists. It
-# needs either a join/exists filter (`list_id IN (SELECT id FROM lists WHERE user_id IS NULL
-# OR user_id = $user)`) with the matching reactive handling, or a denormalised owner column.
+
+
+class InListParams(BaseModel):
+    listId: Id
+
+
+TODO_FIELDS: Final = ["list_id", "text", "checked", "created_at"]  # Todos.publicFields
+
+
+@publications.publication("todos.inList", params=InListParams)
+def todos_in_list(params: InListParams, user_id: str | None, lookup: RowLookup
+                  ) -> Cursor | None:
+    """A list's todos while the list is public or the subscriber's (publish-composite in
+    Meteor's app). The list row is a reactive dependency: made private, the list's todos leave
+    other users' views; made public again, they come back."""
+    found = lookup.row("lists", params.listId, columns=["user_id"])
+    if found is None or found["user_id"] not in (None, user_id):
+        return None
+    return Cursor("todos", collection="todos", camel_case=True, fields=TODO_FIELDS,
+                  filter=C("list_id") == params.listId)
+
+
+# Served with ``cdcddp serve cdcddp.examples.todos:app`` (applies schema/accounts.sql and
+# schema/todos.sql at start: both are idempotent).
+app = App("todos", methods=methods, schemas=("accounts", "todos"))
+app.include_publications(publications)

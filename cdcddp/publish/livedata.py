@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from cdcddp.ddp.mergebox import Op as BoxOp
 from cdcddp.ddp.session import ServerSession
 from cdcddp.publish.definition import BoundCursor
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
+from cdcddp.publish.lookup import Dependency
 from cdcddp.publish.observer import DocOp, Key, NeedsRow, Observer, Row
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import (
@@ -385,6 +387,20 @@ def _begin_snapshot(conn: psycopg.Connection[Any]) -> tuple[Snapshot, int]:
     return Snapshot.parse(found[0]), parse_lsn(found[1])
 
 
+def begin_snapshot_seeing(conn: psycopg.Connection[Any], xid: int, timeout: float = 10.0
+                          ) -> None:
+    """Begin a REPEATABLE READ transaction on ``conn`` whose snapshot sees the committed
+    transaction ``xid`` (32-bit; 0: any snapshot). A commit is decoded slightly before it is
+    visible to new snapshots, so this retries (blocking: call it in a worker thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snapshot, _ = _begin_snapshot(conn)
+        if not xid or snapshot.is_visible(xid) or time.monotonic() > deadline:
+            return
+        conn.rollback()
+        time.sleep(0.002)
+
+
 def _snapshot_rows(conn: psycopg.Connection[Any], query: sql.Composable, params: list[Any],
                    columns: tuple[str, ...]) -> tuple[list[Row], Snapshot, int]:
     """The cursor's rows and the snapshot (and its WAL position) they were read under."""
@@ -448,6 +464,10 @@ class LiveData:
         self._snapshots_in_flight: list[int] = []
         self._xid_waiters: dict[int, trio.Event] = {}
         self._held_clients: set[LiveClient] = set()  # changed while the gate was closed
+        # Rows publication functions read through a lookup (reactive dependencies): each
+        # watched row's callbacks run with the xid of a committed transaction that changed it.
+        self._row_watchers: dict[Dependency, set[Callable[[int], None]]] = {}
+        self._watched_tables: Counter[TableName] = Counter()
         self._nursery: trio.Nursery | None = None
         # Test hooks: hold the consumer before applying a commit; run after a snapshot query.
         self.hold: trio.Event | None = None
@@ -662,14 +682,20 @@ class LiveData:
         txn: _OpenTransaction | None = None
         interest = self._interest
         chunk = self.config.max_transaction_buffer
+        watched = self._watched_tables
+        hits: set[Dependency] = set()
         async for event in stream:
             kind = type(event)
             if kind is Insert or kind is Update or kind is Delete or kind is Truncate:
+                if watched and kind is not Truncate and \
+                        (event.schema, event.table) in watched:  # type: ignore[union-attr]
+                    self._row_hits(event, hits)
                 if txn is not None and (event.schema, event.table) in interest:  # type: ignore[union-attr]
                     txn.changes.append(event)  # type: ignore[arg-type]
                     if len(txn.changes) >= chunk:
                         await self._apply_chunk(txn)
             elif kind is Begin:
+                hits.clear()
                 txn = self._open_txn = _OpenTransaction(
                     event.xid, event.end_lsn, self.ring.pins_taken)  # type: ignore[union-attr]
             elif kind is Commit:
@@ -684,6 +710,9 @@ class LiveData:
                 txn = self._open_txn = None
                 self._note_delivered(event.xid)  # type: ignore[union-attr]
                 stream.acknowledge(event.end_lsn)  # type: ignore[union-attr]
+                if hits:
+                    fired, hits = hits, set()
+                    self._fire_row_watchers(fired, event.xid)  # type: ignore[union-attr]
             elif kind is Message:
                 if event.prefix == SYNC_PREFIX:  # type: ignore[union-attr]
                     if txn is not None and event.transactional:  # type: ignore[union-attr]
@@ -691,6 +720,7 @@ class LiveData:
                     else:
                         self._reach_mark(event.content)  # type: ignore[union-attr]
             elif kind is TransactionRestart:
+                hits.clear()
                 if txn is not None and txn.chunked:
                     # Part of it reached observers (not clients): put them back on solid ground.
                     await self._with_gate_closed(self._resync(txn.touched))
@@ -700,6 +730,56 @@ class LiveData:
                             event.reason)  # type: ignore[union-attr]
                 self.ring.break_pins()
                 await self._with_gate_closed(self._resync(set(self.observers())))
+                self._fire_row_watchers(set(self._row_watchers), 0)  # may have missed some
+
+    def watch_rows(self, dependencies: Iterable[Dependency],
+                   callback: Callable[[int], None]) -> Callable[[], None]:
+        """Call ``callback(xid)`` after each committed transaction (applied, clients flushed)
+        that inserted, updated or deleted one of ``dependencies`` (``(schema, table, key)``,
+        key: primary-key values). Returns the function that stops watching."""
+        deps = set(dependencies)
+        for dep in deps:
+            self._row_watchers.setdefault(dep, set()).add(callback)
+            self._watched_tables[(dep[0], dep[1])] += 1
+
+        def unwatch() -> None:
+            for dep in deps:
+                watchers = self._row_watchers.get(dep)
+                if watchers is not None:
+                    watchers.discard(callback)
+                    if not watchers:
+                        del self._row_watchers[dep]
+                table = (dep[0], dep[1])
+                self._watched_tables[table] -= 1
+                if self._watched_tables[table] <= 0:
+                    del self._watched_tables[table]
+            deps.clear()
+        return unwatch
+
+    def _row_hits(self, event: Any, hits: set[Dependency]) -> None:
+        pk = event.pk
+        if not pk:
+            return
+        rows = (event.new,) if type(event) is Insert else (event.identity,) \
+            if type(event) is Delete else (event.identity, event.new)
+        for row in rows:
+            try:
+                key = tuple(row[c] for c in pk)
+            except KeyError:
+                continue
+            dep = (event.schema, event.table, key)
+            if dep in self._row_watchers:
+                hits.add(dep)
+
+    def _fire_row_watchers(self, hits: set[Dependency], xid: int) -> None:
+        callbacks: set[Callable[[int], None]] = set()
+        for dep in hits:
+            callbacks |= self._row_watchers.get(dep, set())
+        for callback in callbacks:
+            try:
+                callback(xid)
+            except Exception:
+                log.exception("row watcher failed")
 
     async def wait_applied(self, xid: int) -> None:
         """Return once the transaction ``xid`` (32-bit, as ``txid_current() % 2^32``) has been

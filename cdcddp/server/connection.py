@@ -20,6 +20,7 @@ import trio
 import trio_websocket
 
 from cdcddp.app import App, MethodContext, MethodHandler, PublicationHandler, bind_params
+from cdcddp.db import Database
 from cdcddp.ddp.messages import UNDEFINED, MeteorError
 from cdcddp.ddp.session import (
     CloseRequested,
@@ -28,14 +29,23 @@ from cdcddp.ddp.session import (
     SubscribeRequested,
     UnsubscribeRequested,
 )
+from cdcddp.methods.context import ConnectionInfo, LoginState, is_loopback_address
+from cdcddp.methods.registry import InvocationOutcome, invoke
 from cdcddp.publish.definition import (
     BoundCursor,
     Publication,
     PublicationParamsError,
 )
 from cdcddp.publish.filters import FilterError
-from cdcddp.publish.livedata import OPEN_GATE, LiveClient, LiveData, ObserverEntry, SubKey
-from cdcddp.publish.lookup import SqlRowLookup
+from cdcddp.publish.livedata import (
+    OPEN_GATE,
+    LiveClient,
+    LiveData,
+    ObserverEntry,
+    SubKey,
+    begin_snapshot_seeing,
+)
+from cdcddp.publish.lookup import Dependency, SqlRowLookup
 from cdcddp.server.config import ServerConfig
 from cdcddp.server.sockjs import HEARTBEAT_FRAME, SockJSFramingError
 from cdcddp.server.transport import FrameWriter, Framing
@@ -143,6 +153,12 @@ class LiveSubscription:
         self.params = params
         self.entries: list[ObserverEntry] = []
         self.stopped = False
+        # Rows its publication function read (lookup): watched while it runs.
+        self.unwatch: Callable[[], None] | None = None
+        self.rerun_pending = False
+        # Its observers are attached (its first run is done); until then a login need not
+        # re-run it: its first run resolves for the user of that moment.
+        self.attached = False
 
     @property
     def sub_id(self) -> str | None:
@@ -153,8 +169,21 @@ class Connection:
     """The I/O side of one DDP session over one WebSocket."""
 
     def __init__(self, *, app: App, session: ServerSession, ws: trio_websocket.WebSocketConnection,
-                 framing: Framing, config: ServerConfig, live: LiveData | None = None) -> None:
+                 framing: Framing, config: ServerConfig, live: LiveData | None = None,
+                 database: Database | None = None, peer_address: str | None = None,
+                 tls: bool = False,
+                 on_login: Callable[[Connection, LoginState, LoginState], None] | None = None,
+                 on_tokens_revoked: Callable[[Connection, tuple[str, ...]], None] | None = None,
+                 ) -> None:
         self.app = app
+        self.database = database if database is not None else (
+            live.database if live is not None else None)
+        self.peer_address = peer_address
+        # Plain-text passwords are accepted only over loopback or TLS.
+        self.secure_transport = tls or is_loopback_address(peer_address)
+        self.login = LoginState()  # the accounts layer's view: user and resume-token hash
+        self._on_login = on_login
+        self._on_tokens_revoked = on_tokens_revoked
         self.session = session
         self.connection_id = session.session_id
         self.framing = framing
@@ -361,6 +390,9 @@ class Connection:
 
     def _on_method(self, event: MethodRequested) -> None:
         handler = self.app.methods.get(event.name)
+        if handler is None and event.name in self.app.typed_methods:
+            self._enqueue(lambda: self._run_typed_method(event))
+            return
         if handler is None:
             self.session.result(event.method_id,
                                 error=MeteorError(404, f"Method '{event.name}' not found"))
@@ -405,23 +437,49 @@ class Connection:
             self._universal.append(sub)
             self._enqueue(functools.partial(self._run_live_subscription, sub))
 
-    async def _resolve(self, sub: LiveSubscription, user_id: Any) -> tuple[BoundCursor, ...]:
+    async def _resolve(self, sub: LiveSubscription, user_id: Any, after_xid: int = 0
+                       ) -> tuple[tuple[BoundCursor, ...], set[Dependency] | None]:
+        """The subscription's cursors for ``user_id``, and the rows its function read (None
+        when it reads none). ``after_xid``: read rows under a snapshot that sees it."""
         publication = sub.publication
         if publication.wants_lookup and not (publication.requires_user and user_id is None):
             if self.live is None:
                 raise RuntimeError("this publication reads rows: the server needs a database")
 
-            def resolve_with_lookup(conn: Any) -> tuple[BoundCursor, ...]:
-                return publication.resolve(sub.params, user_id, SqlRowLookup(conn))
+            def resolve_with_lookup(conn: Any) -> tuple[tuple[BoundCursor, ...], set[Dependency]]:
+                begin_snapshot_seeing(conn, after_xid)
+                lookup = SqlRowLookup(conn)
+                return publication.resolve(sub.params, user_id, lookup), lookup.dependencies
             return await self.live.database.run(resolve_with_lookup)
-        return publication.resolve(sub.params, user_id)
+        return publication.resolve(sub.params, user_id), None
+
+    def _watch(self, sub: LiveSubscription, dependencies: set[Dependency] | None) -> None:
+        """Re-run ``sub``'s function when the stream changes a row it read."""
+        if sub.unwatch is not None:
+            sub.unwatch()
+            sub.unwatch = None
+        if dependencies and self.live is not None and not sub.stopped:
+            sub.unwatch = self.live.watch_rows(
+                dependencies, functools.partial(self._dependency_changed, sub))
+
+    def _dependency_changed(self, sub: LiveSubscription, xid: int) -> None:
+        if sub.stopped or sub.rerun_pending:
+            return
+        sub.rerun_pending = True
+
+        async def rerun() -> None:
+            sub.rerun_pending = False
+            if not sub.stopped:
+                await self._rerun([sub], self.user_id, xid)
+        self._enqueue(rerun)
 
     async def _run_live_subscription(self, sub: LiveSubscription) -> None:
         if sub.stopped:
             return
         name = sub.publication.name or "(universal)"
         try:
-            bounds = await self._resolve(sub, self.user_id)
+            user_id = self.user_id
+            bounds, dependencies = await self._resolve(sub, user_id)
             if bounds and self.live is None:
                 raise RuntimeError(f"publication {name!r} needs a database: serve with a DSN")
             entries = await self._acquire_all(bounds)
@@ -442,8 +500,12 @@ class Connection:
             assert live is not None
             live.add_subscriber(entry, self.client, sub.key)
         sub.entries = entries
+        sub.attached = True
+        self._watch(sub, dependencies)
+        if self.user_id != user_id:  # logged in or out (set_user skipped it) while it resolved
+            await self._rerun([sub], self.user_id)
         sub_id = sub.sub_id
-        if sub_id is not None:
+        if sub_id is not None and not sub.stopped:
             session = self.session
             self.client.after_flush(lambda: session.ready([sub_id]))
         self.client.request_flush()
@@ -473,6 +535,7 @@ class Connection:
 
     def _detach(self, sub: LiveSubscription, *, remove_documents: bool = True) -> None:
         sub.stopped = True
+        self._watch(sub, None)
         entries, sub.entries = sub.entries, []
         if self.live is not None:
             for entry in entries:
@@ -496,27 +559,38 @@ class Connection:
             if isinstance(other, Subscription):
                 other.user_id = user_id
         subs = [s for s in [*self._subs.values(), *self._universal]
-                if isinstance(s, LiveSubscription) and not s.stopped]
-        plans: list[tuple[LiveSubscription, list[ObserverEntry]]] = []
+                if isinstance(s, LiveSubscription) and s.attached and not s.stopped]
+        await self._rerun(subs, user_id)
+
+    async def _rerun(self, subs: list[LiveSubscription], user_id: Any, after_xid: int = 0
+                     ) -> None:
+        """Re-resolve ``subs`` for ``user_id`` and swap their observers; the client gets
+        only the difference."""
+        plans: list[tuple[LiveSubscription, list[ObserverEntry], set[Dependency] | None]] = []
         failures: list[tuple[LiveSubscription, MeteorError]] = []
         try:
             for sub in subs:
                 name = sub.publication.name or "(universal)"
                 try:
-                    entries = await self._acquire_all(await self._resolve(sub, user_id))
+                    bounds, dependencies = await self._resolve(sub, user_id, after_xid)
+                    entries = await self._acquire_all(bounds)
                 except Exception as exc:
                     failures.append((sub, to_meteor_error(exc, f"publication {name!r}")))
                     continue
-                plans.append((sub, entries))
+                plans.append((sub, entries, dependencies))
         except BaseException:
-            for _, entries in plans:
+            for _, entries, _ in plans:
                 self._release_all(entries)
             raise
         # One synchronous swap, then one flush: the box sends only what differs.
         live = self.live
-        for sub, entries in plans:
-            if sub.stopped or self.user_id != user_id or entries == sub.entries:
-                self._release_all(entries)  # gone, overtaken, or the same observers
+        for sub, entries, dependencies in plans:
+            if sub.stopped or self.user_id != user_id:
+                self._release_all(entries)  # gone or overtaken
+                continue
+            self._watch(sub, dependencies)
+            if entries == sub.entries:
+                self._release_all(entries)  # the same observers
                 continue
             assert live is not None
             for entry in sub.entries:
@@ -570,11 +644,62 @@ class Connection:
                                         error=to_meteor_error(exc, f"method {event.name!r}"))
         self._method_finished(event.method_id)
 
+    async def _run_typed_method(self, event: MethodRequested) -> None:
+        info = ConnectionInfo(self.connection_id, self.login, self.peer_address,
+                              self.secure_transport)
+        outcome = await invoke(self.app.typed_methods, event.name, event.params, info,
+                               method_id=event.method_id, random_seed=event.random_seed,
+                               database=self.database)
+        login_changed = False
+        if outcome.login is not None and outcome.login != self.login:
+            previous, self.login = self.login, outcome.login
+            if self._on_login is not None:
+                self._on_login(self, previous, outcome.login)
+            if outcome.login.user_id != self.user_id:
+                # Meteor re-runs the subscriptions before the login method's result.
+                await self.set_user(outcome.login.user_id)
+                login_changed = True
+        if outcome.revoked_token_hashes and self._on_tokens_revoked is not None:
+            self._on_tokens_revoked(self, outcome.revoked_token_hashes)
+        if login_changed:
+            self.client.after_flush(functools.partial(self._send_outcome, event, outcome))
+            self.client.request_flush()
+        else:
+            self._send_outcome(event, outcome)
+        xid = outcome.xid
+        if xid is None or self.live is None or self._nursery is None:
+            if login_changed:  # after the deferred result
+                session, method_id = self.session, event.method_id
+                self.client.after_flush(lambda: session.updated([method_id]))
+                self.client.request_flush()
+            else:
+                self._method_finished(event.method_id)
+        else:
+            self._nursery.start_soon(self._fence, event.method_id, xid)
+
+    def _send_outcome(self, event: MethodRequested, outcome: InvocationOutcome) -> None:
+        if outcome.error is not None:
+            self.session.result(event.method_id, error=outcome.error)
+            return
+        try:
+            self.session.result(event.method_id, outcome.result)
+        except Exception as exc:  # a value that cannot be sent is the method's bug: 500
+            self.session.result(event.method_id,
+                                error=to_meteor_error(exc, f"method {event.name!r}"))
+
+    async def _fence(self, method_id: str, xid: int) -> None:
+        """The write fence: ``updated`` once the stream applied the method's commit and this
+        client's merge box flushed what it caused."""
+        assert self.live is not None
+        await self.live.wait_applied(xid)
+        session = self.session
+        self.client.after_flush(lambda: session.updated([method_id]))
+        self.client.request_flush()
+        self.flush_soon()
+
     def _method_finished(self, method_id: str) -> None:
-        # Write-fence hook: `updated` promises that every data message the method caused has
-        # been sent. Until methods write to the database there is nothing to wait for; the
-        # methods issue defers this call until the stream passed the method's commit and this
-        # connection's merge box flushed.
+        # `updated` promises that every data message the method caused has been sent: here
+        # the method wrote nothing (typed methods that wrote wait in _fence first).
         self.session.updated([method_id])
         self.flush_soon()
 

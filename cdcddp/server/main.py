@@ -15,6 +15,7 @@ import trio
 from cdcddp.app import App, load_app
 from cdcddp.config import Config
 from cdcddp.db import Database
+from cdcddp.methods.schema import apply_schema
 from cdcddp.metrics import Metrics, poll_slot, serve_metrics
 from cdcddp.publish.livedata import LiveDataConfig
 from cdcddp.server.server import Server
@@ -38,6 +39,9 @@ async def run(config: Config, *,
     database = Database(config.dsn_value, application_name="cdcddp")
     server = build_server(app, config, database)
     try:
+        if app.schemas:  # idempotent schema files the app asks for (before the slot starts)
+            await apply_schema(database, *app.schemas)
+            log.info("applied schema %s", ", ".join(app.schemas))
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 if config.metrics_listen is not None:

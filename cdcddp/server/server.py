@@ -34,6 +34,7 @@ import trio_websocket
 from cdcddp.app import App
 from cdcddp.db import Database
 from cdcddp.ddp.session import ServerSession
+from cdcddp.methods.context import LoginState
 from cdcddp.publish.livedata import LiveData, LiveDataConfig
 from cdcddp.server import http
 from cdcddp.server.config import ServerConfig
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 RECEIVE_CHUNK = 4096
 LINGER_SECONDS = 1.0
 LINGER_MAX_BYTES = 1_048_576
+TOKEN_REVOKED = (1000, "Login token revoked")
 
 
 class Server:
@@ -68,6 +70,8 @@ class Server:
         self._shutting_down = False
         self._handlers_gone = trio.Event()
         self._stopped = trio.Event()
+        # Resume-token hash → connections logged in with it (to close them when revoked).
+        self._by_token: dict[str, set[Connection]] = {}
 
     @property
     def connections(self) -> list[Connection]:
@@ -141,7 +145,11 @@ class Server:
             if self._shutting_down:
                 scope.cancel()
             try:
-                await self._serve_http(stream, scope)
+                try:
+                    peer = stream.socket.getpeername()[0]
+                except (OSError, AttributeError, IndexError):
+                    peer = None
+                await self._serve_http(stream, scope, peer)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             except Exception:
@@ -152,9 +160,40 @@ class Server:
                     self._handlers_gone.set()
                 await trio.aclose_forcefully(stream)
 
+    # ---- accounts ------------------------------------------------------------------------
+
+    def _login_changed(self, connection: Connection, previous: LoginState,
+                       current: LoginState) -> None:
+        self._forget_token(connection, previous.login_token_hash)
+        if current.login_token_hash is not None:
+            self._by_token.setdefault(current.login_token_hash, set()).add(connection)
+
+    def _forget_token(self, connection: Connection, token_hash: str | None) -> None:
+        if token_hash is None:
+            return
+        connections = self._by_token.get(token_hash)
+        if connections is not None:
+            connections.discard(connection)
+            if not connections:
+                del self._by_token[token_hash]
+
+    def _tokens_revoked(self, caller: Connection, token_hashes: tuple[str, ...]) -> None:
+        """Resume tokens were deleted (logout, logoutOtherClients...): other connections
+        logged in with them are closed, as Meteor does; their clients reconnect anonymous."""
+        for token_hash in token_hashes:
+            for connection in list(self._by_token.pop(token_hash, ())):
+                if connection is caller:
+                    if connection.login.login_token_hash == token_hash:
+                        self._by_token.setdefault(token_hash, set()).add(connection)
+                    continue
+                log.info("closing connection %s: its login token was revoked",
+                         connection.connection_id)
+                connection.request_close(*TOKEN_REVOKED)
+
     # ---- HTTP front ------------------------------------------------------------------------
 
-    async def _serve_http(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    async def _serve_http(self, stream: trio.SocketStream, scope: trio.CancelScope,
+                          peer: str | None = None) -> None:
         config = self.config
         buffer = bytearray()
         end: int | None = None
@@ -188,7 +227,7 @@ class Server:
                 return
             framing = Framing(sockjs=kind is http.RouteKind.SOCKJS_WEBSOCKET)
             replay = ReplayStream(stream, bytes(buffer[:end]), bytes(buffer[end:]))
-            await self._serve_websocket(replay, framing, scope)
+            await self._serve_websocket(replay, framing, scope, peer)
             return
         response = http.plain_response(head, kind, entropy=secrets.randbits(32),
                                        healthy=not self._shutting_down, static=config.static)
@@ -211,7 +250,7 @@ class Server:
     # ---- WebSocket -------------------------------------------------------------------------
 
     async def _serve_websocket(self, stream: ReplayStream, framing: Framing,
-                               scope: trio.CancelScope) -> None:
+                               scope: trio.CancelScope, peer: str | None = None) -> None:
         config = self.config
         async with trio.open_nursery() as ws_nursery:
             ws: trio_websocket.WebSocketConnection | None = None
@@ -225,13 +264,16 @@ class Server:
                 return
             session = ServerSession(config.session)
             connection = Connection(app=self.app, session=session, ws=ws, framing=framing,
-                                    config=config, live=self.live)
+                                    config=config, live=self.live, database=self.database,
+                                    peer_address=peer, on_login=self._login_changed,
+                                    on_tokens_revoked=self._tokens_revoked)
             self._handlers[scope] = connection
             try:
                 if self._shutting_down:
                     connection.request_close(*GOING_AWAY)
                 await connection.run()
             finally:
+                self._forget_token(connection, connection.login.login_token_hash)
                 self._handlers[scope] = None
                 ws_nursery.cancel_scope.cancel()
 

@@ -1,0 +1,146 @@
+"""Typed methods, accounts and the write fence served over DDP, on the real Todos app: `updated`
+follows the data a method caused; login re-runs subscriptions before its `result`; revoked
+resume tokens close the connections that used them; `todos.inList` follows its list's privacy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+import trio
+
+from cdcddp.app import App, MethodContext
+from cdcddp.client import DDPClient, connect
+from cdcddp.ddp.messages import MeteorError
+from cdcddp.examples.todos import app as todos_app
+from cdcddp.methods import MethodContext as TypedContext
+from cdcddp.methods import Methods
+from cdcddp.methods.schema import schema_sql
+from tests.livedata_support import live_server, store
+
+SCHEMA = schema_sql("accounts") + schema_sql("todos")
+
+
+def password(text: str) -> dict[str, str]:
+    return {"digest": hashlib.sha256(text.encode()).hexdigest(), "algorithm": "sha-256"}
+
+
+def index_of(client: DDPClient, predicate: Any) -> int:
+    assert client.messages is not None
+    for index, message in enumerate(client.messages):
+        if predicate(message):
+            return index
+    raise AssertionError(f"no such message in {client.messages}")
+
+
+async def test_write_fence_added_before_updated(db_dsn: str) -> None:
+    async with live_server(db_dsn, todos_app, schema=SCHEMA) as server, \
+            connect(server.ws_url, log_messages=True) as client:
+        await client.subscribe("lists.public")
+        call = await client.apply("lists.insert", [{}], random_seed="seed-1")
+        await client.wait_for(lambda: call.updated_received.is_set(), 15)
+        list_id = await call.result()
+        assert list_id in store(client, "lists")
+        added = index_of(client, lambda m: m.get("msg") == "added" and m.get("id") == list_id)
+        updated = index_of(client, lambda m: m.get("msg") == "updated"
+                           and call.id in m.get("methods", []))
+        assert added < updated  # the result may come at any point
+
+
+async def test_read_only_and_unknown_methods(db_dsn: str) -> None:
+    methods = Methods()
+
+    @methods.method("typed.add")
+    async def add(ctx: TypedContext, a: int, b: int = 0) -> int:
+        return a + b
+
+    app = App(methods=methods)
+
+    @app.method("plain.echo")
+    async def echo(ctx: MethodContext, *args: Any) -> list[Any]:
+        return list(args)
+
+    with pytest.raises(ValueError):
+        app.include_methods(methods)  # declared twice
+    async with live_server(db_dsn, app, schema=SCHEMA) as server, \
+            connect(server.ws_url) as client:
+        assert await client.call("typed.add", 2, 3, wait_updated=True) == 5
+        assert await client.call("plain.echo", 1, wait_updated=True) == [1]
+        with pytest.raises(MeteorError) as caught:
+            await client.call("typed.add", "x")
+        assert caught.value.error == 400
+        with pytest.raises(MeteorError) as caught:
+            await client.call("nope")
+        assert caught.value.error == 404
+
+
+async def test_login_reruns_subscriptions_before_result_and_revocation_closes(
+        db_dsn: str) -> None:
+    async with live_server(db_dsn, todos_app, schema=SCHEMA) as server:
+        async with connect(server.ws_url, log_messages=True) as a, \
+                connect(server.ws_url) as b:
+            await a.subscribe("lists.private")
+            created = await a.call("createUser", {"username": "xavier",
+                                                  "password": password("pw one")},
+                                   wait_updated=True)
+            user_id, token = created["id"], created["token"]
+            # The current user's document came before the createUser result.
+            added_user = index_of(a, lambda m: m.get("msg") == "added"
+                                  and m.get("collection") == "users" and m.get("id") == user_id)
+            result = index_of(a, lambda m: m.get("msg") == "result" and isinstance(
+                m.get("result"), dict) and m["result"].get("id") == user_id)
+            assert added_user < result
+            assert server.connection_of(a).user_id == user_id
+
+            # A private list appears for its owner only.
+            await a.call("lists.insert", {"name": "stays public"})
+            list_id = await a.call("lists.insert", {}, wait_updated=True)
+            await a.call("lists.makePrivate", {"listId": list_id}, wait_updated=True)
+            assert store(a, "lists")[list_id]["userId"] == user_id
+
+            # B resumes the same login, then A logs out: B's connection is closed.
+            assert (await b.call("login", {"resume": token}))["id"] == user_id
+            await b.subscribe("lists.private")
+            assert list_id in store(b, "lists")
+            await a.call("logout", wait_updated=True)
+            await a.wait_for(lambda: list_id not in store(a, "lists"))
+            with trio.fail_after(10):
+                while not b.closed:
+                    await trio.sleep(0.02)
+            assert not a.closed
+
+
+async def test_todos_in_list_follows_list_privacy(db_dsn: str) -> None:
+    async with live_server(db_dsn, todos_app, schema=SCHEMA) as server, \
+            connect(server.ws_url) as x, connect(server.ws_url) as y:
+        await x.call("createUser", {"username": "xavier", "password": password("pw x")})
+        await y.call("createUser", {"username": "yvonne", "password": password("pw y")})
+        await x.call("lists.insert", {"name": "stays public"})
+        list_id = await x.call("lists.insert", {}, wait_updated=True)
+        todo_id = await x.call("todos.insert", {"listId": list_id, "text": "milk"},
+                               wait_updated=True)
+        for client in (x, y):
+            await client.subscribe("todos.inList", {"listId": list_id})
+            assert store(client, "todos")[todo_id]["text"] == "milk"
+
+        await x.call("lists.makePrivate", {"listId": list_id}, wait_updated=True)
+        await y.wait_for(lambda: todo_id not in store(y, "todos"))
+        assert todo_id in store(x, "todos")
+
+        # While private, new todos reach the owner only.
+        other = await x.call("todos.insert", {"listId": list_id, "text": "eggs"},
+                             wait_updated=True)
+        assert other in store(x, "todos")
+
+        await x.call("lists.makePublic", {"listId": list_id}, wait_updated=True)
+        await y.wait_for(lambda: {todo_id, other} <= set(store(y, "todos")))
+        assert set(store(x, "todos")) == {todo_id, other}
+
+        # A subscription to someone else's private list gets nothing (but is ready).
+        await x.call("lists.makePrivate", {"listId": list_id}, wait_updated=True)
+        await y.wait_for(lambda: not store(y, "todos"))
+        async with connect(server.ws_url) as anonymous:
+            await anonymous.subscribe("todos.inList", {"listId": list_id})
+            assert not store(anonymous, "todos")
