@@ -22,6 +22,7 @@ from cdcddp.publish.livedata import LiveData, LiveDataConfig
 from cdcddp.server.config import ServerConfig
 from cdcddp.server.connection import Connection
 from cdcddp.server.server import Server
+from tests.pg_support import sql
 from tests.server_support import fast_config
 
 SCHEMA = """
@@ -84,13 +85,6 @@ PUBLICATION_FILTERS: dict[str, tuple[str, Any]] = {
 }
 
 
-def sql(dsn: str, *statements: str, params: Any = None) -> Any:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        result = None
-        for statement in statements:
-            cur = conn.execute(statement, params)
-            result = cur.fetchall() if cur.description else None
-        return result
 
 
 async def asql(dsn: str, *statements: str, params: Any = None) -> Any:

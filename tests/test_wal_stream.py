@@ -24,6 +24,7 @@ from cdcddp.wal.events import (
 from cdcddp.wal.lsn import parse_lsn
 from cdcddp.wal.slot import SlotBusy
 from cdcddp.wal.stream import ReplicationStream, open_stream
+from tests.pg_support import sql
 
 FAST = {"status_interval": 0.2}
 _slot_numbers = itertools.count(1)
@@ -33,13 +34,6 @@ def new_slot() -> str:
     return f"s{next(_slot_numbers)}"
 
 
-def sql(dsn: str, *statements: str, params: Any = None) -> Any:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        result = None
-        for statement in statements:
-            cur = conn.execute(statement, params)
-            result = cur.fetchall() if cur.description else None
-        return result
 
 
 async def asql(dsn: str, *statements: str) -> Any:
