@@ -19,6 +19,7 @@ from tests.livedata_support import (
     store,
     wait_store,
 )
+from tests.server_support import fast_config
 
 
 def row(owner: str | None, category: str, title: str, body: str | None = None, rank: int = 0,
@@ -331,3 +332,23 @@ async def test_a_publication_whose_query_fails_stops_with_500_and_no_internals(
             await client.subscribe("items.all")  # the connection and the engine carry on
             await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'fine')")
             await wait_store(client, expected_view(db_dsn, [("items.all", [])]))
+
+
+async def test_initial_result_larger_than_the_send_buffer_goes_out_in_pieces(
+        db_dsn: str) -> None:
+    # 10,000 documents of ~130 bytes each: about 1.3 MB of `added`, against a 512 kB bound on
+    # unsent bytes. The bound is for clients that stop reading, not for big subscriptions.
+    config = fast_config(max_send_buffer_bytes=512 * 1024)
+    async with live_server(db_dsn, server_config=config) as server:
+        await asql(db_dsn, "INSERT INTO items (owner, category, title) SELECT 'o', 'a', "
+                           "'title ' || g FROM generate_series(1, 10000) g")
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.all")
+            assert len(store(client)) == 10000  # all of them before `ready`
+            messages = client.messages or []
+            ready_at = next(i for i, m in enumerate(messages) if m.get("msg") == "ready")
+            assert sum(m.get("msg") == "added" for m in messages[:ready_at]) == 10000
+            await asql(db_dsn, "UPDATE items SET title = 'last' WHERE id = 10000")
+            await wait_store(client, {**store(client), "10000": {**store(client)["10000"],
+                                                                "title": "last"}})
+        check_message_log(client)

@@ -664,3 +664,17 @@ MergeBoxMachine.TestCase.settings = settings(
     max_examples=250, stateful_step_count=40, deadline=None
 )
 TestMergeBoxAgainstMeteor = MergeBoxMachine.TestCase
+
+
+def test_flush_with_a_limit_settles_the_oldest_documents_first() -> None:
+    box = MergeBox()
+    for i in range(5):
+        box.add("s", "c", str(i), {"n": i})
+    first = box.flush(limit=2)
+    assert [op[2] for op in first] == ["0", "1"]
+    assert box.has_pending and box.pending_count == 3
+    box.change("s", "c", "0", {"n": 10})  # a settled document changes again
+    rest = box.flush(limit=10)
+    assert [(op[0], op[2]) for op in rest] == [
+        ("added", "2"), ("added", "3"), ("added", "4"), ("changed", "0")]
+    assert not box.has_pending

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable, Mapping
+from itertools import islice
 from typing import Any, Literal, TypeAlias
 
 __all__ = [
@@ -262,13 +263,20 @@ class MergeBox:
 
     # ---- output -------------------------------------------------------------------------------
 
-    def flush(self) -> list[Op]:
+    def flush(self, limit: int | None = None) -> list[Op]:
         """The minimal ops that bring the client from what it has to what it should have.
+
+        ``limit`` bounds how many documents one call settles (oldest changes first); the rest
+        stay dirty for the next call, so a huge initial result goes out in socket-sized pieces
+        instead of one unbounded burst.
 
         ``added`` carries the publisher's mapping itself when it has no ``_id`` key: callers
         must treat every ``fields`` in the output as read-only.
         """
-        dirty, self._dirty = self._dirty, {}
+        if limit is None or len(self._dirty) <= limit:
+            dirty, self._dirty = self._dirty, {}
+        else:
+            dirty = {key: self._dirty.pop(key) for key in list(islice(self._dirty, limit))}
         ops: list[Op] = []
         for (collection, doc_id), before in dirty.items():
             after = self.visible(collection, doc_id)

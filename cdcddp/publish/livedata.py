@@ -161,6 +161,12 @@ class FlushGate:
 OPEN_GATE: Final = FlushGate()  # for connections without an engine (never closes)
 
 
+# Documents settled per merge-box flush: a large initial result is written in pieces of about
+# this many messages, each waiting for the previous write (so the send buffer bound applies to
+# clients that stop reading, not to big subscriptions).
+MAX_OPS_PER_FLUSH = 2000
+
+
 class LiveClient:
     """One connection's merge box and its way out to the connection's session.
 
@@ -204,12 +210,18 @@ class LiveClient:
         if self.closed or self.gate.defer(self):
             return
         self.flush_wanted = False
-        ops = self.box.flush()
+        ops = self.box.flush(MAX_OPS_PER_FLUSH)
         session = self.session
         if cache is None:
             cache = EncodeCache()
         for op in ops:
             session.send_encoded(cache.encode(op))
+        if self.box.has_pending:
+            # More than one write's worth: the rest goes after this write; ready/updated
+            # (the after-flush actions) wait until everything is out.
+            self.flush_wanted = True
+            self._wake()
+            return
         after, self._after = self._after, []
         for action in after:
             action()

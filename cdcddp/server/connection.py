@@ -344,9 +344,11 @@ class Connection:
             self._wake = trio.Event()
             now = trio.current_time()
             self._dispatch(self.session.tick(now))
-            if self.client.flush_wanted:
-                self.client.flush()  # changes that waited (coalescing) for the socket
-            self._drain_session()  # not flush_soon(): that would re-arm the event just reset
+            self._drain_session()
+            if self.client.flush_wanted and not self._outbox:
+                # Changes that waited (coalescing) for the socket; one piece per write.
+                self.client.flush()
+                self._drain_session()  # not flush_soon(): that would re-arm the event just reset
             if self._outbox:
                 pending, self._outbox, self._outbox_chars = self._outbox, [], 0
                 self._writing = True
