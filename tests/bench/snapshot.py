@@ -6,9 +6,9 @@ A table of --rows rows (id, ts float8, v int, label text) is published whole. Ea
 raw-socket DDP client (ddpbench swarm, separate process) connects, subscribes and waits for
 ``ready`` (time from before the TCP connect to ``ready``, every ``added`` parsed); then
 ``COPY (SELECT id, ts, v, label FROM snap) TO STDOUT`` through psycopg, all blocks read, timed
-in this process. Medians; target ratio <= 3. The server runs with a raised send-buffer bound
-(--send-buffer-mb, default 256): with the default 8 MiB a 100,000-row snapshot is queued whole
-and the server disconnects the client. Last line: ``snapshot_ratio=``.
+in this process. Medians; target ratio <= 3. The server runs with the default send-buffer bound
+(--send-buffer-mb, 8): the initial result goes out in write-sized pieces. Last line:
+``snapshot_ratio=``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--dsn")
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--send-buffer-mb", type=int, default=256,
+    parser.add_argument("--send-buffer-mb", type=int, default=8,
                         help="server max_send_buffer_bytes (default config: 8 MiB, which a "
                              "100,000-row snapshot exceeds: the client gets disconnected)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
