@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -179,3 +180,24 @@ async def raw_ddp(url: str, *, handshake: bool = True, **kwargs: Any) -> AsyncIt
         if handshake:
             await peer.connect()
         yield peer
+
+
+async def open_stuck_websocket(port: int, messages: list[str]) -> trio.SocketStream:
+    """A raw WebSocket client with a tiny receive buffer: it sends ``messages`` pipelined
+    behind its handshake (the server must cope), then never reads."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+
+    def masked_text_frame(text: str) -> bytes:
+        payload = text.encode()
+        assert len(payload) < 126
+        return bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload  # zero mask key
+
+    await stream.send_all(
+        b"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        + masked_text_frame('{"msg":"connect","version":"1","support":["1"]}')
+        + b"".join(masked_text_frame(m) for m in messages))
+    return stream

@@ -19,7 +19,7 @@ from tests.livedata_support import (
     store,
     wait_store,
 )
-from tests.server_support import fast_config
+from tests.server_support import fast_config, open_stuck_websocket
 
 
 def row(owner: str | None, category: str, title: str, body: str | None = None, rank: int = 0,
@@ -264,24 +264,8 @@ async def test_two_publications_unite_fields_of_one_document(db_dsn: str) -> Non
 
 async def _stuck_subscriber(port: int, publication: str) -> trio.SocketStream:
     """A raw WebSocket client that subscribes, then never reads (tiny receive buffer)."""
-    import socket
-
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect(("127.0.0.1", port))
-    stream = trio.SocketStream(sock)
-
-    def frame(text: str) -> bytes:
-        payload = text.encode()
-        assert len(payload) < 126
-        return bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload  # zero mask key
-
-    await stream.send_all(
-        b"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        + frame('{"msg":"connect","version":"1","support":["1"]}')
-        + frame(f'{{"msg":"sub","id":"s","name":"{publication}","params":[]}}'))
-    return stream
+    return await open_stuck_websocket(
+        port, [f'{{"msg":"sub","id":"s","name":"{publication}","params":[]}}'])
 
 
 async def test_a_stuck_client_costs_its_view_delays_nobody_and_is_dropped(db_dsn: str) -> None:

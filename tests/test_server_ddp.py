@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 
 import pytest
 import trio
@@ -17,6 +16,7 @@ from tests.server_support import (
     FIXED_ITEMS,
     build_test_app,
     fast_config,
+    open_stuck_websocket,
     raw_ddp,
     running_server,
 )
@@ -210,26 +210,10 @@ async def test_heartbeat_timeout_closes_a_silent_client() -> None:
 
 
 async def _open_stuck_client(port: int, blobs: int) -> trio.SocketStream:
-    """A raw TCP client that asks for `blobs` 1 MB method results, then never reads."""
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect(("127.0.0.1", port))
-    stream = trio.SocketStream(sock)
-
-    def masked_text_frame(text: str) -> bytes:
-        payload = text.encode()
-        assert len(payload) < 126
-        return bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload  # zero mask key
-
-    # everything in one write, pipelined behind the handshake (the server must cope)
-    await stream.send_all(
-        b"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        + masked_text_frame('{"msg":"connect","version":"1","support":["1"]}')
-        + b"".join(masked_text_frame(
-            f'{{"msg":"method","id":"{n}","method":"blob","params":[1000000]}}')
-            for n in range(blobs)))
-    return stream
+    """A raw client that asks for `blobs` 1 MB method results, then never reads."""
+    return await open_stuck_websocket(port, [
+        f'{{"msg":"method","id":"{n}","method":"blob","params":[1000000]}}'
+        for n in range(blobs)])
 
 
 @pytest.mark.parametrize(("bound", "blobs", "buffer_bytes"), [
