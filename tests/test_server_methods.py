@@ -144,3 +144,24 @@ async def test_todos_in_list_follows_list_privacy(db_dsn: str) -> None:
         async with connect(server.ws_url) as anonymous:
             await anonymous.subscribe("todos.inList", {"listId": list_id})
             assert not store(anonymous, "todos")
+
+
+async def test_npm_clients_log_in_and_call_methods(db_dsn: str) -> None:
+    """simpleddp (digest createUser/login) and asteroid (its own plain-password login, allowed
+    on loopback) log in and call the Todos methods; the database shows their effects."""
+    from tests.test_js_clients import run_node
+
+    async with live_server(db_dsn, todos_app, schema=SCHEMA) as server:
+        code, output = await run_node("accounts_check.js", server.ws_url)
+        assert code == 0, output
+        assert "checks passed" in output
+    rows = await _rows(db_dsn, "SELECT l.name, u.username, count(t.id) FROM lists l "
+                               "JOIN users u ON u.id = l.user_id JOIN todos t ON t.list_id = l.id "
+                               "GROUP BY 1, 2")
+    assert rows == [("Renamed", "sim", 2)]
+
+
+async def _rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
+    from tests.pg_support import sql
+
+    return await trio.to_thread.run_sync(sql, dsn, query)
