@@ -165,3 +165,29 @@ async def _rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
     from tests.pg_support import sql
 
     return await trio.to_thread.run_sync(sql, dsn, query)
+
+
+async def test_list_turning_private_while_a_subscriber_resolves_is_not_missed(
+        db_dsn: str) -> None:
+    """The list turns private after todos.inList read it but before the watch on its row is
+    registered (forced from inside the todos observer's snapshot): the lookup runs again."""
+    async with live_server(db_dsn, todos_app, schema=SCHEMA) as server, \
+            connect(server.ws_url) as x, connect(server.ws_url) as y:
+        await x.call("createUser", {"username": "xavier", "password": password("pw x")})
+        await x.call("lists.insert", {"name": "stays public"})
+        list_id = await x.call("lists.insert", {}, wait_updated=True)
+        todo_id = await x.call("todos.insert", {"listId": list_id, "text": "milk"},
+                               wait_updated=True)
+        live = server.live
+
+        async def make_private_in_the_window(entry: Any) -> None:
+            live.after_snapshot = None
+            await x.call("lists.makePrivate", {"listId": list_id}, wait_updated=True)
+            await live.sync()
+
+        live.after_snapshot = make_private_in_the_window
+        await y.subscribe("todos.inList", {"listId": list_id})
+        await y.wait_for(lambda: todo_id not in store(y, "todos"), timeout=5)
+        with trio.move_on_after(0.5):  # and it stays gone
+            await y.wait_for(lambda: todo_id in store(y, "todos"))
+        assert todo_id not in store(y, "todos")

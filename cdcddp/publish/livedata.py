@@ -400,7 +400,7 @@ def _begin_snapshot(conn: psycopg.Connection[Any]) -> tuple[Snapshot, int]:
 
 
 def begin_snapshot_seeing(conn: psycopg.Connection[Any], xid: int, timeout: float = 10.0
-                          ) -> None:
+                          ) -> Snapshot:
     """Begin a REPEATABLE READ transaction on ``conn`` whose snapshot sees the committed
     transaction ``xid`` (32-bit; 0: any snapshot). A commit is decoded slightly before it is
     visible to new snapshots, so this retries (blocking: call it in a worker thread)."""
@@ -408,7 +408,7 @@ def begin_snapshot_seeing(conn: psycopg.Connection[Any], xid: int, timeout: floa
     while True:
         snapshot, _ = _begin_snapshot(conn)
         if not xid or snapshot.is_visible(xid) or time.monotonic() > deadline:
-            return
+            return snapshot
         conn.rollback()
         time.sleep(0.002)
 
@@ -480,6 +480,8 @@ class LiveData:
         # watched row's callbacks run with the xid of a committed transaction that changed it.
         self._row_watchers: dict[Dependency, set[Callable[[int], None]]] = {}
         self._watched_tables: Counter[TableName] = Counter()
+        # Delivery number of the last transaction that changed each table (lookup guard).
+        self._table_changed_at: dict[TableName, int] = {}
         self._nursery: trio.Nursery | None = None
         # Test hooks: hold the consumer before applying a commit; run after a snapshot query.
         self.hold: trio.Event | None = None
@@ -696,11 +698,13 @@ class LiveData:
         chunk = self.config.max_transaction_buffer
         watched = self._watched_tables
         hits: set[Dependency] = set()
+        touched: set[TableName] = set()
         async for event in stream:
             kind = type(event)
             if kind is Insert or kind is Update or kind is Delete or kind is Truncate:
-                if watched and kind is not Truncate and \
-                        (event.schema, event.table) in watched:  # type: ignore[union-attr]
+                table = (event.schema, event.table)  # type: ignore[union-attr]
+                touched.add(table)
+                if watched and kind is not Truncate and table in watched:
                     self._row_hits(event, hits)
                 if txn is not None and (event.schema, event.table) in interest:  # type: ignore[union-attr]
                     txn.changes.append(event)  # type: ignore[arg-type]
@@ -708,6 +712,7 @@ class LiveData:
                         await self._apply_chunk(txn)
             elif kind is Begin:
                 hits.clear()
+                touched.clear()
                 txn = self._open_txn = _OpenTransaction(
                     event.xid, event.end_lsn, self.ring.pins_taken)  # type: ignore[union-attr]
             elif kind is Commit:
@@ -721,6 +726,9 @@ class LiveData:
                     await self._commit(txn, event)  # type: ignore[arg-type]
                 txn = self._open_txn = None
                 self._note_delivered(event.xid)  # type: ignore[union-attr]
+                for table in touched:
+                    self._table_changed_at[table] = self._commits_seen
+                touched.clear()
                 stream.acknowledge(event.end_lsn)  # type: ignore[union-attr]
                 if hits:
                     fired, hits = hits, set()
@@ -733,6 +741,7 @@ class LiveData:
                         self._reach_mark(event.content)  # type: ignore[union-attr]
             elif kind is TransactionRestart:
                 hits.clear()
+                touched.clear()
                 if txn is not None and txn.chunked:
                     # Part of it reached observers (not clients): put them back on solid ground.
                     await self._with_gate_closed(self._resync(txn.touched))
@@ -767,6 +776,23 @@ class LiveData:
                     del self._watched_tables[table]
             deps.clear()
         return unwatch
+
+    @property
+    def commits_seen(self) -> int:
+        """How many transactions the stream has delivered so far (a position for guards)."""
+        return self._commits_seen
+
+    def lookup_may_be_stale(self, dependencies: Iterable[Dependency], delivered_before: int,
+                            snapshot: Snapshot) -> bool:
+        """Could rows a lookup read (under ``snapshot``, started when ``delivered_before``
+        transactions had been delivered) have changed without its watch seeing it? True when
+        a transaction delivered since then changed one of their tables (the watch was not yet
+        registered), or when the snapshot lacks a transaction delivered before it (decoded
+        before visible). The caller re-runs the lookup; this converges once writes pause."""
+        tables = {(schema, table) for schema, table, _ in dependencies}
+        if any(self._table_changed_at.get(t, 0) > delivered_before for t in tables):
+            return True
+        return self._missed_delivered(snapshot, delivered_before, prune=False)
 
     def _row_hits(self, event: Any, hits: set[Dependency]) -> None:
         pk = event.pk

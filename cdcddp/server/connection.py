@@ -46,6 +46,7 @@ from cdcddp.publish.livedata import (
     begin_snapshot_seeing,
 )
 from cdcddp.publish.lookup import Dependency, SqlRowLookup
+from cdcddp.publish.visibility import Snapshot
 from cdcddp.server.config import ServerConfig
 from cdcddp.server.sockjs import HEARTBEAT_FRAME, SockJSFramingError
 from cdcddp.server.transport import FrameWriter, Framing
@@ -156,6 +157,8 @@ class LiveSubscription:
         # Rows its publication function read (lookup): watched while it runs.
         self.unwatch: Callable[[], None] | None = None
         self.rerun_pending = False
+        # Where the stream was, and the snapshot, when its lookup read rows (see _watch).
+        self.lookup_guard: tuple[int, Snapshot] | None = None
         # Its observers are attached (its first run is done); until then a login need not
         # re-run it: its first run resolves for the user of that moment.
         self.attached = False
@@ -448,8 +451,11 @@ class Connection:
             if self.live is None:
                 raise RuntimeError("this publication reads rows: the server needs a database")
 
+            delivered_before = self.live.commits_seen
+
             def resolve_with_lookup(conn: Any) -> tuple[tuple[BoundCursor, ...], set[Dependency]]:
-                begin_snapshot_seeing(conn, after_xid)
+                snapshot = begin_snapshot_seeing(conn, after_xid)
+                sub.lookup_guard = (delivered_before, snapshot)
                 lookup = SqlRowLookup(conn)
                 return publication.resolve(sub.params, user_id, lookup), lookup.dependencies
             return await self.live.database.run(resolve_with_lookup)
@@ -463,6 +469,11 @@ class Connection:
         if dependencies and self.live is not None and not sub.stopped:
             sub.unwatch = self.live.watch_rows(
                 dependencies, functools.partial(self._dependency_changed, sub))
+            # A change committed between the lookup's read and this watch went unseen: if one
+            # may have, run the lookup again.
+            guard, sub.lookup_guard = sub.lookup_guard, None
+            if guard is not None and self.live.lookup_may_be_stale(dependencies, *guard):
+                self._dependency_changed(sub, 0)
 
     def _dependency_changed(self, sub: LiveSubscription, xid: int) -> None:
         if sub.stopped or sub.rerun_pending:
