@@ -399,34 +399,34 @@ class IsNull(Condition):
         return f"C({self.column!r}).{'is_not_null' if self.negated else 'is_null'}()"
 
 
-class And(Condition):
+class _Junction(Condition):
+    """AND / OR over ``items``."""
+
+    __slots__ = ("items",)
+    _spelling = ""
+
+    def __init__(self, items: Sequence[Condition] = ()) -> None:
+        self.items = tuple(_condition(i) for i in items)
+
+    def children(self) -> tuple[Condition, ...]:
+        return self.items
+
+    def __repr__(self) -> str:
+        return f"{self._spelling}{self.items!r}"
+
+
+class And(_Junction):
     """All of ``items``; the empty AND is TRUE (a filter that lets every row through)."""
 
-    __slots__ = ("items",)
-
-    def __init__(self, items: Sequence[Condition] = ()) -> None:
-        self.items = tuple(_condition(i) for i in items)
-
-    def children(self) -> tuple[Condition, ...]:
-        return self.items
-
-    def __repr__(self) -> str:
-        return f"and_{self.items!r}"
+    __slots__ = ()
+    _spelling = "and_"
 
 
-class Or(Condition):
+class Or(_Junction):
     """Any of ``items``; the empty OR is FALSE."""
 
-    __slots__ = ("items",)
-
-    def __init__(self, items: Sequence[Condition] = ()) -> None:
-        self.items = tuple(_condition(i) for i in items)
-
-    def children(self) -> tuple[Condition, ...]:
-        return self.items
-
-    def __repr__(self) -> str:
-        return f"or_{self.items!r}"
+    __slots__ = ()
+    _spelling = "or_"
 
 
 class Not(Condition):

@@ -7,15 +7,7 @@ const { FIXED_ITEMS, makeChecker, checkMeteorError, endpointFromArgs } = require
 
 const t = makeChecker("asteroid");
 
-async function expectError(what, promise) {
-  try {
-    const value = await promise;
-    t.check(`${what} should fail`, false, value);
-    return null;
-  } catch (err) {
-    return err;
-  }
-}
+const expectError = t.expectError;
 
 async function main() {
   const Asteroid = createClass();

@@ -60,7 +60,18 @@ function makeChecker(clientName) {
   process.on("uncaughtException", crash);
   process.on("unhandledRejection", crash);
 
-  return { check, deepEqual, finish, crash, expectUnhandledRejection };
+  // Resolves to the error a promise rejects with (null, and a failure, if it resolves).
+  async function expectError(what, promise) {
+    try {
+      const value = await promise;
+      check(`${what} should fail`, false, value);
+      return null;
+    } catch (err) {
+      return err;
+    }
+  }
+
+  return { check, deepEqual, finish, crash, expectUnhandledRejection, expectError };
 }
 
 // Meteor's error object on the wire: {error, reason, message, errorType, details?}.
