@@ -219,13 +219,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cdcddp.server.main import run
 
     config = _load_config(args)
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # main()'s basicConfig: one (masking) handler only
+        root.removeHandler(handler)
     setup_logging(config.log_level, json=config.log_json)
     try:
         load_app_or_fail(config.app)
+        _connect(config.dsn_value).close()  # an unusable DSN: one sentence naming --dsn
+        _check_listen("listen", config.listen)
+        if config.metrics_listen is not None:
+            _check_listen("metrics_listen", config.metrics_listen)
         trio.run(run, config)
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _check_listen(key: str, address: Any) -> None:
+    """Fail before touching the database if ``address`` cannot be bound (taken, not local)."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise CliError(f"{key}: cannot resolve {address} ({exc.strerror or exc}).") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            why = "address already in use" if exc.errno == errno.EADDRINUSE else (
+                exc.strerror or str(exc))
+            flag = "--" + key.replace("_", "-")
+            raise CliError(f"{key}: cannot listen on {address} ({why}): stop what uses it "
+                           f"or choose another {flag}.") from None
 
 
 def load_app_or_fail(spec: str) -> Any:
@@ -238,8 +268,11 @@ def load_app_or_fail(spec: str) -> Any:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from cdcddp.config import render_config
+    from cdcddp.config import config_reference, render_config
 
+    if args.config_command == "reference":  # every key, from the model (docs/configuration.md)
+        print(config_reference(), end="")
+        return 0
     print(render_config(_load_config(args)), end="")
     return 0
 
@@ -299,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(serve, skip=("app",))
     serve.set_defaults(func=cmd_serve)
 
-    config = sub.add_parser("config", help="print the effective configuration")
-    config.add_argument("config_command", choices=["show"])
+    config = sub.add_parser("config", help="print the effective configuration (show) or "
+                                           "every key as a Markdown table (reference)")
+    config.add_argument("config_command", choices=["show", "reference"])
     config.add_argument("app", nargs="?", help="the application, as module:attribute")
     add_config_arguments(config, skip=("app",))
     config.set_defaults(func=cmd_config_show)

@@ -134,8 +134,15 @@ def _bool_text(value: Any) -> Any:
     return value
 
 
+def _optional_size(value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+        return None
+    return parse_size(value)
+
+
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 Bytes = Annotated[int, BeforeValidator(parse_size)]
+OptionalBytes = Annotated[int | None, BeforeValidator(_optional_size)]
 Flag = Annotated[bool, BeforeValidator(_bool_text)]
 ListenAddress = Annotated[HostPort, BeforeValidator(parse_host_port)]
 OptionalListenAddress = Annotated[HostPort | None, BeforeValidator(_optional_host_port)]
@@ -186,13 +193,21 @@ class Config(_Section):
     heartbeat: Heartbeat = Field(default_factory=Heartbeat)
     limits: Limits = Field(default_factory=Limits)
     readiness_max_lag_bytes: Bytes = Field(
-        64 * 1024**2, description="not ready while the slot lags more than this")
+        64 * 1024**2, description="/readyz: not ready while the slot lags more than this "
+        "(as last polled)")
+    readiness_max_lag_seconds: Seconds = Field(
+        30.0, description="/readyz: not ready while the applied position is further behind "
+        "its commits than this")
     slot_poll_interval: Seconds = Field(
         10.0, description="how often the slot's lag and retained WAL are queried")
+    resync_behind_bytes: OptionalBytes = Field(
+        None, description="when the applied position falls this far behind the database's "
+        "WAL, skip the backlog and resync every subscription (off: always work through it)")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="debug, info, warning or error")
     log_json: Flag = Field(False, description="log JSON lines instead of text")
-    static_dir: Path | None = Field(None, description="serve files from this directory")
+    static_dir: Path | None = Field(
+        None, description="serve files from this directory (not set: the built-in Todos page)")
 
     @field_validator("dsn", mode="before")
     @classmethod
@@ -258,7 +273,9 @@ class Config(_Section):
     def server_config(self) -> ServerConfig:
         """The server's limits (static files are wired by the caller: ``server.static``)."""
         return ServerConfig(session=self.session_config(),
-                            max_send_buffer_bytes=self.limits.max_send_buffer_bytes)
+                            max_send_buffer_bytes=self.limits.max_send_buffer_bytes,
+                            readiness_max_lag_seconds=self.readiness_max_lag_seconds,
+                            readiness_max_lag_bytes=self.readiness_max_lag_bytes)
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -486,13 +503,104 @@ def render_config(config: Config) -> str:
                 tables.append(f"{sub} = {_toml_value(_plain(sub, getattr(value, sub)))}")
             continue
         plain = _plain(name, value)
-        if name == "metrics_listen" and plain is None:
+        if name in ("metrics_listen", "resync_behind_bytes") and plain is None:
             top.append(f"{name} = \"off\"")
         elif plain is None:
             top.append(f"# {name} = (not set)")
         else:
             top.append(f"{name} = {_toml_value(plain)}")
     return "\n".join(top + tables) + "\n"
+
+
+# -- reference -----------------------------------------------------------------------------------
+
+
+def _leaf_field(path: KeyPath) -> Any:
+    owner = _sections()[path[0]] if len(path) > 1 else Config
+    return owner.model_fields[path[-1]]
+
+
+def _validators(info: Any) -> set[Any]:
+    return {m.func for m in info.metadata if isinstance(m, BeforeValidator)}
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+def _human_bytes(size: int) -> str:
+    for unit, factor in (("GB", 1024**3), ("MB", 1024**2), ("kB", 1024)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+# Values whose rule lives in a field validator rather than in the type.
+_VALUE_KINDS = {("dsn",): "libpq string or URI", ("app",): "module:attribute",
+                ("slot",): "a-z 0-9 _ (1-63)"}
+
+
+def _value_kind(path: KeyPath, info: Any) -> str:
+    if path in _VALUE_KINDS:
+        return _VALUE_KINDS[path]
+    validators = _validators(info)
+    if parse_duration in validators:
+        return "duration"
+    if parse_size in validators:
+        return "size"
+    if _optional_host_port in validators:
+        return "HOST:PORT or off"
+    if _optional_size in validators:
+        return "size or off"
+    if parse_host_port in validators:
+        return "HOST:PORT"
+    if info.annotation is bool:
+        return "true/false"
+    if info.annotation is int:
+        return "integer > 0" if any(getattr(m, "gt", None) == 0 for m in info.metadata) \
+            else "integer"
+    choices = getattr(info.annotation, "__args__", ())
+    if choices and all(isinstance(c, str) for c in choices):
+        return " / ".join(choices)
+    if info.annotation == Path | None:
+        return "directory"
+    return "text"
+
+
+def _default_text(path: KeyPath, info: Any) -> str:
+    if info.is_required():
+        return "required"
+    value = info.get_default(call_default_factory=True)
+    validators = _validators(info)
+    if value is None:
+        return "off" if _optional_size in validators else "not set"
+    if parse_duration in validators:
+        return _human_seconds(value)
+    if parse_size in validators:
+        return _human_bytes(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def config_reference() -> str:
+    """Every configuration key as a Markdown table (key, environment variable, flag,
+    value, default, meaning), generated from the model: ``cdcddp config reference`` prints it
+    and ``docs/configuration.md`` embeds it (a test keeps the two equal)."""
+    lines = ["| Key | Environment | Flag | Value | Default | Meaning |",
+             "|---|---|---|---|---|---|"]
+    for path in leaf_keys():
+        info = _leaf_field(path)
+        flag = "positional `APP`" if path == ("app",) else f"`{flag_name(path)}`"
+        if info.annotation is bool:
+            flag = f"`{flag_name(path)}` / `--no-{flag_name(path)[2:]}`"
+        meaning = (info.description or "").replace("|", "\\|")
+        kind, default = _value_kind(path, info), _default_text(path, info)
+        lines.append(f"| `{_dotted(path)}` | `{env_name(path)}` | {flag} | {kind} "
+                     f"| `{default}` | {meaning} |")
+    return "\n".join(lines) + "\n"
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ method per event, so callers never touch metric objects or label names::
     port = await nursery.start(serve_metrics, metrics, "127.0.0.1", 9108)
     nursery.start_soon(poll_slot, metrics, db, "cdcddp", 10.0)
 
+A server feeds it when given one: ``Server(app, config, dsn=..., metrics=metrics)``. Per-message
+events (messages and bytes sent, row changes, transactions) are plain integers the engine and
+the connections keep (:class:`SendCounts`, ``LiveData`` figures); ``on_collect`` hooks copy
+them into the Prometheus objects at scrape time (:meth:`Metrics.sync_live`,
+:meth:`Metrics.sync_stream`), so the hot paths never take a lock or look up a label.
+
 Label sets never grow with the number of clients: labels are a table, an action, a
 publication, a method, a DDP message type or a close reason — all bounded by the app's
 declarations — and each label is additionally capped (:data:`MAX_LABEL_VALUES`; later values
@@ -23,7 +29,10 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections import _count_elements  # type: ignore[attr-defined]  # C-speed tally
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from operator import itemgetter
 from typing import Any, Protocol
 
 import trio
@@ -35,7 +44,10 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from cdcddp import __version__
 from cdcddp.db import Database
@@ -80,6 +92,79 @@ class StreamCounters(Protocol):
     def acknowledged_lsn(self) -> int: ...
 
 
+class LiveFigures(Protocol):
+    """What :meth:`Metrics.sync_live` reads (``cdcddp.publish.livedata.LiveData`` has it)."""
+
+    stream: StreamCounters | None
+    transactions_applied: int
+    resync_reasons: Mapping[str, int]
+    change_counts: Mapping[tuple[str, str, type], int] | None
+
+    @property
+    def observer_count(self) -> int: ...
+
+    def apply_lag(self) -> float: ...
+
+
+class SendCounts:
+    """Plain counters every connection bumps on its hot path (no locks, no label lookups);
+    copied into ``cdcddp_ddp_messages_sent_total`` / ``cdcddp_sent_bytes_total`` at scrape
+    time.
+
+    ``by_prefix`` is keyed by characters 8..11 of each encoded DDP message: every server
+    message starts ``{"msg":"<type>"``, and those three letters tell the types apart
+    (``count_messages`` costs one C-level pass per batch).
+    """
+
+    __slots__ = ("by_prefix", "bytes")
+
+    def __init__(self) -> None:
+        self.by_prefix: dict[str, int] = {}
+        self.bytes = 0
+
+    def count_messages(self, messages: Iterable[str]) -> None:
+        # Counter.update's own checks cost as much as the count for a batch of a few.
+        _count_elements(self.by_prefix, map(_MSG_PREFIX, messages))
+
+
+_MSG_PREFIX = itemgetter(slice(8, 11))
+# Three letters of a message (see SendCounts) -> its DDP type.
+MSG_TYPES_BY_PREFIX = {t[:3]: t for t in (
+    "added", "changed", "removed", "ready", "nosub", "result", "updated", "ping", "pong",
+    "error", "connected", "failed")}
+MSG_TYPES_BY_PREFIX["_id"] = "server_id"  # {"server_id":"0"}
+
+
+class FastHistogram(Collector):
+    """A label-less histogram for hot paths: ``observe`` is a bisect and two additions (no
+    lock); the exposition is built at scrape time. Same text as prometheus-client's."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float],
+                 registry: CollectorRegistry | None = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(sorted(float(b) for b in buckets))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        if registry is not None:
+            registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative, total = [], 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += count
+            cumulative.append((floatToGoString(bound), total))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative,
+                                    sum_value=self.sum)
+
+
 class _CappedLabel:
     """Passes the first ``limit`` distinct values of a label through, then ``"other"``."""
 
@@ -105,6 +190,11 @@ class Metrics:
         r = self.registry
         self._collect_hooks: list[Callable[[], None]] = []
         self._stream_seen: dict[str, int] = {}
+        self._totals_seen: dict[Any, float] = {}
+        self.send_counts = SendCounts()
+        # The slot's lag in bytes at the last successful poll (None: unknown or no slot);
+        # /readyz compares it with readiness_max_lag_bytes.
+        self.last_slot_lag_bytes: int | None = None
         self._table = _CappedLabel(max_label_values)
         self._publication = _CappedLabel(max_label_values)
         self._method = _CappedLabel(max_label_values)
@@ -166,10 +256,12 @@ class Metrics:
             "Slot status queries that failed.", registry=r)
         # -- applying changes ------------------------------------------------------------------
         self.changes_applied = Counter(
-            "cdcddp_changes_applied_total", "Row changes applied, by table and action.",
+            "cdcddp_changes_applied_total",
+            "Row changes of observed tables applied, by table and action.",
             ["table", "action"], registry=r)
         self.transactions_applied = Counter(
-            "cdcddp_transactions_applied_total", "Transactions applied.", registry=r)
+            "cdcddp_transactions_applied_total",
+            "Transactions that changed an observed table, applied.", registry=r)
         self.resyncs = Counter(
             "cdcddp_resyncs_total", "Observer resyncs (query re-run after a gap), by reason.",
             ["reason"], registry=r)
@@ -179,7 +271,8 @@ class Metrics:
             "cdcddp_subscriptions", "Live subscriptions, by publication.", ["publication"],
             registry=r)
         self.snapshot_duration = Histogram(
-            "cdcddp_snapshot_duration_seconds", "Initial-data query time of an observer.",
+            "cdcddp_snapshot_duration_seconds",
+            "Snapshot query time of an observer (initial data, and resyncs).",
             buckets=SNAPSHOT_BUCKETS, registry=r)
         self.snapshot_rows = Counter(
             "cdcddp_snapshot_rows_total", "Rows read by initial-data queries.", registry=r)
@@ -200,9 +293,10 @@ class Metrics:
         self.mergebox_documents = Gauge(
             "cdcddp_mergebox_documents", "Documents held in all clients' merge boxes.",
             registry=r)
-        self.commit_to_send = Histogram(
+        self.commit_to_send = FastHistogram(
             "cdcddp_commit_to_send_seconds",
-            "Commit time of a transaction to its messages written to a client socket.",
+            "Commit time of a transaction to its messages written to a client socket "
+            "(one observation per client write that carried them).",
             buckets=LATENCY_BUCKETS, registry=r)
         # -- methods and accounts --------------------------------------------------------------
         self.methods = Counter(
@@ -221,6 +315,7 @@ class Metrics:
             self.slot_wal_status.labels(status=status).set(0)
         for outcome in ("success", "failure"):
             self.logins.labels(outcome=outcome)
+        self.on_collect(self._sync_send_counts)
 
     # -- exposition --------------------------------------------------------------------------
     content_type = CONTENT_TYPE
@@ -237,6 +332,21 @@ class Metrics:
             except Exception:  # a broken hook must not break scrapes
                 log.exception("metrics collect hook failed")
         return generate_latest(self.registry)
+
+    def add_total(self, key: Any, counter: Any, total: float) -> None:
+        """Bring ``counter`` (a Counter or labelled child) up to a running ``total`` kept
+        elsewhere (adds the increase since the last call with this ``key``)."""
+        before = self._totals_seen.get(key, 0)
+        if total > before:
+            counter.inc(total - before)
+        self._totals_seen[key] = total
+
+    def _sync_send_counts(self) -> None:
+        counts = self.send_counts
+        for prefix, total in list(counts.by_prefix.items()):
+            msg_type = MSG_TYPES_BY_PREFIX.get(prefix, OTHER_LABEL)
+            self.add_total(("sent", prefix), self.message_counter(msg_type), total)
+        self.add_total("sent_bytes", self.bytes_sent, counts.bytes)
 
     def names(self) -> set[str]:
         """Every sample name this registry can expose (``_total``, ``_bucket``, ... included),
@@ -298,6 +408,26 @@ class Metrics:
             self.slot_confirmed_flush_lsn.set(confirmed_flush_lsn)
 
     # -- applying changes --------------------------------------------------------------------
+    def sync_live(self, live: LiveFigures) -> None:
+        """Copy the live-data engine's own counters (and its stream's): call it from an
+        ``on_collect`` hook, as :class:`cdcddp.server.server.Server` does."""
+        if live.stream is not None:
+            self.sync_stream(live.stream)
+        else:
+            self.set_stream_connected(False)
+        self.add_total("transactions", self.transactions_applied, live.transactions_applied)
+        for reason, total in list(live.resync_reasons.items()):
+            self.add_total(("resync", reason), self.resyncs.labels(reason=self._reason(reason)),
+                           total)
+        if live.change_counts is not None:
+            for (schema, table, kind), total in list(live.change_counts.items()):
+                name = table if schema == "public" else f"{schema}.{table}"
+                child = self.changes_applied.labels(
+                    table=self._table(name), action=kind.__name__.lower())
+                self.add_total(("changes", schema, table, kind), child, total)
+        self.set_observers(live.observer_count)
+        self.lag_seconds.set(live.apply_lag())
+
     def change_applied(self, table: str, action: str, count: int = 1) -> None:
         """``action``: insert / update / delete / truncate (wal2json's I/U/D/T are spelled out)."""
         action = _ACTION_NAMES.get(action, action)
@@ -462,6 +592,7 @@ async def poll_slot_once(metrics: Metrics, db: _Queryable, slot: str) -> None:
     rows = await db.fetchall(SLOT_STATUS_SQL, (slot,))
     metrics.slot_polls.inc()
     wal_status, active, lag, retained, safe, confirmed = rows[0]
+    metrics.last_slot_lag_bytes = lag
     metrics.set_slot_status(wal_status=wal_status, active=bool(active), lag_bytes=lag,
                             retained_wal_bytes=retained, safe_wal_bytes=safe,
                             confirmed_flush_lsn=confirmed)
@@ -489,6 +620,7 @@ async def poll_slot(metrics: Metrics, db_or_dsn: _Queryable | str, slot: str,
                 failing = False
             except Exception as exc:
                 metrics.slot_poll_errors.inc()
+                metrics.last_slot_lag_bytes = None
                 if not failing:
                     log.warning("slot status poll failed: %s",
                                 str(exc).strip().splitlines()[0] if str(exc).strip() else exc)

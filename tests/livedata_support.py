@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from cdcddp.app import App, PublicationContext
 from cdcddp.client import DDPClient
+from cdcddp.metrics import Metrics
 from cdcddp.publish.definition import Cursor, Publication
 from cdcddp.publish.filters import C, Param, UserId
 from cdcddp.publish.livedata import LiveData, LiveDataConfig
@@ -134,6 +135,7 @@ class LiveServer:
 @asynccontextmanager
 async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
                       server_config: ServerConfig | None = None,
+                      metrics: Metrics | None = None,
                       **live_options: Any) -> AsyncIterator[LiveServer]:
     if schema:
         await asql(dsn, schema)
@@ -141,7 +143,7 @@ async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
                                "stream_options": {"status_interval": 0.2}, **live_options}
     config = LiveDataConfig(slot=f"live_{os.getpid()}_{next(_slots)}", **options)
     server = Server(app or build_live_app(), server_config or fast_config(), dsn=dsn,
-                    live_config=config)
+                    live_config=config, metrics=metrics)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve, "127.0.0.1", 0)
         try:
@@ -194,6 +196,24 @@ def check_message_log(client: DDPClient, collection: str = "items") -> None:
         version = (message.get("fields") or {}).get("version")
         if version is not None:
             seen = versions.get(doc_id, -1)
-            assert version > seen or (kind == "added" and version == seen), \
-                f"version went back ({seen} seen before): {message}"
+            if not (version > seen or (kind == "added" and version == seen)):
+                history = [m for m in data_messages(client)
+                           if m.get("collection") == collection and m["id"] == doc_id]
+                raise AssertionError(f"version went back ({seen} seen before): {message}; "
+                                     f"this document's messages: {history}")
             versions[doc_id] = version
+
+
+def task_stacks() -> str:
+    """Where every trio task is waiting (for a test that timed out: what is stuck)."""
+    lines: list[str] = []
+
+    def walk(task: trio.lowlevel.Task, depth: int) -> None:
+        frames = [f"{f.f_code.co_name}:{lineno}" for f, lineno in task.iter_await_frames()]
+        lines.append("  " * depth + f"{task.name}: {' > '.join(frames[-6:])}")
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    walk(trio.lowlevel.current_root_task(), 0)
+    return "\n".join(lines)

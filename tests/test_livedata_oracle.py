@@ -26,6 +26,7 @@ from tests.livedata_support import (
     check_message_log,
     expected_view,
     live_server,
+    task_stacks,
     wait_store,
 )
 
@@ -134,7 +135,11 @@ async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
                 nursery.start_soon(kill_walsender)
                 await churn()
                 stop.append(True)  # writers finish their current transaction
-            await server.live.sync(timeout=60)
+            try:
+                await server.live.sync(timeout=30)
+            except trio.TooSlowError:
+                raise AssertionError(f"seed {seed}: the engine did not catch up; its tasks:\n"
+                                     + task_stacks()) from None
             for i, client in enumerate(pool):
                 expected = expected_view(dsn, list(held[i].values()))
                 try:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from cdcddp.ddp.mergebox import MergeBox
 from cdcddp.publish.definition import Cursor
 from cdcddp.publish.filters import C
-from cdcddp.publish.livedata import EncodeCache, ObserverEntry, TableRoutes
+from cdcddp.publish.livedata import (
+    EncodeCache,
+    ObserverEntry,
+    SnapshotTooEarly,
+    TableRoutes,
+    encode_transition,
+    run_seeing,
+)
 from cdcddp.publish.observer import Observer
 from cdcddp.wal.events import Delete, Insert, Update
 
@@ -63,3 +72,86 @@ def test_encode_cache_encodes_a_shared_op_once() -> None:
     assert texts[0] == texts[1] == texts[2]
     assert texts[0][0] == '{"msg":"changed","collection":"items","id":"1","fields":{"title":"y"}}'
     assert cache.hits == 4  # the second and third client reuse both texts
+
+
+def test_encode_cache_diffs_and_encodes_a_shared_transition_once() -> None:
+    fields = {"title": "x", "n": 1}
+    after = {"title": "y", "n": 1}
+    boxes = [MergeBox() for _ in range(3)]
+    for box in boxes:
+        box.add("s", "items", "1", fields)
+        box.add("s", "items", "3", fields)
+        box.flush()
+        box.change("s", "items", "1", {"title": "y"}, (), fields_after=after)
+        box.add("s", "items", "2", fields)
+        box.remove("s", "items", "3")
+    cache = EncodeCache()
+    texts = [[cache.transition(t) for t in box.settle()] for box in boxes]
+    assert texts[0] == texts[1] == texts[2]
+    assert texts[0] == [
+        '{"msg":"changed","collection":"items","id":"1","fields":{"title":"y"}}',
+        '{"msg":"added","collection":"items","id":"2","fields":{"title":"x","n":1}}',
+        '{"msg":"removed","collection":"items","id":"3"}',
+    ]
+    assert cache.hits == 6  # the second and third client reuse all three texts
+    # The same text as the uncached path.
+    box = MergeBox()
+    box.add("s", "items", "1", fields)
+    assert [encode_transition(t) for t in box.settle()] == [texts[0][1].replace('"2"', '"1"')]
+
+
+def test_routes_hold_a_key_for_one_or_several_observers() -> None:
+    routes = TableRoutes()
+    first = entry_for(C("rank") > 0, [{"id": 1, "category": "a", "rank": 1}])
+    second = entry_for(C("rank") > 0, [{"id": 1, "category": "a", "rank": 1}])
+    routes.add(first)  # bulk: nothing held before
+    routes.add(second)
+    delete = Delete(1, 1, "public", "items", {"id": 1}, ("id",))
+    assert routes.candidates(delete) == {first, second}
+    routes.release(first, (1,))
+    assert routes.candidates(delete) == {second}
+    routes.hold(first, (1,))
+    routes.hold(first, (1,))
+    assert routes.candidates(delete) == {first, second}
+    routes.remove(second)
+    routes.remove(first)
+    assert routes.holders == {}
+
+
+def test_observer_fill_is_load_without_ops() -> None:
+    rows = [{"id": n, "category": "a", "rank": n} for n in (1, -2, 10**23)]
+    loaded, filled = entry_for(C("rank") != 0, rows).observer, entry_for(C("rank") != 0)
+    assert loaded is not None and filled.observer is not None
+    filled.observer.fill([dict(r) for r in rows])
+    assert filled.observer.docs == loaded.docs
+    assert filled.observer.rows == loaded.rows
+    # Wire ids as Meteor stringifies them (a sign, or 24 hex-like digits, gets escaped).
+    assert [doc_id for doc_id, _ in filled.observer.docs.values()] == [
+        "1", "--2", "-" + str(10**23)]
+
+
+async def test_run_seeing_retries_in_a_new_transaction_until_the_snapshot_sees() -> None:
+    calls: list[bool] = []
+
+    class FakeDatabase:
+        async def run(self, fn: Any, *args: Any) -> Any:
+            return fn(None, *args)  # a new transaction each time
+
+    def attempt(conn: object, insist: bool) -> str:
+        calls.append(insist)
+        if insist and len(calls) < 3:
+            raise SnapshotTooEarly
+        return "seen"
+
+    assert await run_seeing(FakeDatabase(), attempt) == "seen"  # type: ignore[arg-type]
+    assert calls == [True, True, True]
+    calls.clear()
+
+    def never(conn: object, insist: bool) -> str:
+        calls.append(insist)
+        if insist:
+            raise SnapshotTooEarly
+        return "any snapshot"
+
+    assert await run_seeing(FakeDatabase(), never, timeout=0.02) == "any snapshot"  # type: ignore[arg-type]
+    assert calls[-1] is False and calls[0] is True

@@ -678,3 +678,41 @@ def test_flush_with_a_limit_settles_the_oldest_documents_first() -> None:
     assert [(op[0], op[2]) for op in rest] == [
         ("added", "2"), ("added", "3"), ("added", "4"), ("changed", "0")]
     assert not box.has_pending
+
+
+# ---- bulk add and raw transitions ------------------------------------------------------------
+
+
+def test_add_many_matches_one_add_per_document() -> None:
+    docs = [(str(n), {"n": n}) for n in range(5)]
+    one_by_one, bulk = MergeBox(), MergeBox()
+    for doc_id, fields in docs:
+        one_by_one.add("A", C, doc_id, fields)
+    bulk.add_many("A", C, docs)
+    assert bulk.flush() == one_by_one.flush()
+    assert bulk.view() == one_by_one.view()
+    # Not the first publisher any more: the per-document path (precedence) applies.
+    bulk.add_many("B", C, [("1", {"n": 1, "m": 2}), ("9", {"n": 9})])
+    assert bulk.flush() == [changed("1", {"m": 2}), added("9", {"n": 9})]
+
+
+def test_add_many_keeps_what_a_dirty_document_had() -> None:
+    box = MergeBox()
+    box.add("A", C, "1", {"n": 1})
+    box.flush()
+    box.remove("A", C, "1")  # dirty: the client has {"n": 1}
+    box.add_many("B", C, [("1", {"n": 2}), ("2", {"n": 3})])
+    assert box.flush() == [changed("1", {"n": 2}), added("2", {"n": 3})]
+
+
+def test_settle_reports_shared_mappings_and_skips_unmoved_documents() -> None:
+    box = MergeBox()
+    before, after = {"n": 1}, {"n": 2}
+    box.add("A", C, "1", before)
+    box.add("A", C, "2", {"n": 0})
+    assert [t[:3] for t in box.settle()] == [(C, "1", None), (C, "2", None)]
+    box.change("A", C, "1", {"n": 2}, fields_after=after)
+    box.add("A", C, "3", {"n": 3})
+    box.remove("A", C, "3")  # added and removed between flushes: nothing moved
+    assert box.settle() == [(C, "1", before, after)]
+    assert box.settle() == []

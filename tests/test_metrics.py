@@ -167,6 +167,45 @@ def test_client_metrics_move() -> None:
     assert value(m, "cdcddp_commit_to_send_seconds_bucket", le="+Inf") == 2
 
 
+def test_send_counts_are_copied_at_scrape_time_by_message_type() -> None:
+    from cdcddp.ddp import messages
+
+    m = Metrics()
+    sent = [messages.added("items", "a", {"x": 1}), messages.changed("items", "a", {"x": 2}, []),
+            messages.removed("items", "a"), messages.ready(["s"]), messages.nosub("s"),
+            messages.result("1", 5), messages.updated(["1"]), messages.ping(),
+            messages.pong(), messages.connected("abc"), messages.failed("1"),
+            messages.error("Bad request"), '{"server_id":"0"}', '{"weird":1}']
+    m.send_counts.count_messages(sent)
+    m.send_counts.count_messages(sent[:1])
+    m.send_counts.bytes += 100
+    assert value(m, "cdcddp_ddp_messages_sent_total", type="added") == 2
+    for msg_type in ("changed", "removed", "ready", "nosub", "result", "updated", "ping", "pong",
+                     "connected", "failed", "error", "server_id", OTHER_LABEL):
+        assert value(m, "cdcddp_ddp_messages_sent_total", type=msg_type) == 1, msg_type
+    assert value(m, "cdcddp_sent_bytes_total") == 100
+    # Scraping again adds nothing; later increases are added once.
+    assert value(m, "cdcddp_ddp_messages_sent_total", type="added") == 2
+    m.send_counts.bytes += 5
+    assert value(m, "cdcddp_sent_bytes_total") == 105
+    assert value(m, "cdcddp_sent_bytes_total") == 105
+
+
+def test_fast_histogram_matches_prometheus_client_text() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from cdcddp.metrics import LATENCY_BUCKETS, FastHistogram
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    fast = FastHistogram("x_seconds", "help", LATENCY_BUCKETS, registry=ours)
+    slow = Histogram("x_seconds", "help", buckets=LATENCY_BUCKETS, registry=theirs)
+    for seconds in (0.0, 0.0005, 0.003, 0.01, 0.7, 9.99, 10.0, 42.0):
+        fast.observe(seconds)
+        slow.observe(seconds)
+    from prometheus_client.exposition import generate_latest
+    assert generate_latest(ours) == generate_latest(theirs)
+
+
 def test_method_and_login_metrics_move() -> None:
     m = Metrics()
     m.method_finished("todos.insert", "ok", 0.003)

@@ -43,6 +43,9 @@ __all__ = [
     "Op",
     "RemovedOp",
     "SubId",
+    "Transition",
+    "diff_visible",
+    "transition_op",
     "values_equal",
 ]
 
@@ -54,10 +57,13 @@ AddedOp: TypeAlias = tuple[Literal["added"], str, str, Fields]
 ChangedOp: TypeAlias = tuple[Literal["changed"], str, str, Fields, tuple[str, ...]]
 RemovedOp: TypeAlias = tuple[Literal["removed"], str, str]
 Op: TypeAlias = AddedOp | ChangedOp | RemovedOp
+# (collection, doc id, what the client has, what it should have); None: no such document.
+Transition: TypeAlias = tuple[str, str, "Fields | None", "Fields | None"]
 
 # Meteor's publish API ignores `_id` inside fields; it travels as the message's `id`.
 _ID_KEY = "_id"
 _MISSING: Any = object()
+_NO_VIEW: dict[str, Any] = {}  # read-only stand-in for a collection the client has no view of
 
 
 class MergeBoxError(ValueError):
@@ -120,7 +126,9 @@ def _apply_change(old: Fields, changed: Fields, cleared: Iterable[str]) -> dict[
     return new
 
 
-def _diff(before: Fields, after: Fields) -> tuple[dict[str, Any], tuple[str, ...]]:
+def diff_visible(before: Fields, after: Fields) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``changed`` fields and ``cleared`` names that take a client from ``before`` to
+    ``after`` (``_id`` never travels in fields)."""
     fields = {
         key: value
         for key, value in after.items()
@@ -134,6 +142,21 @@ def _without_id(fields: Fields) -> Fields:
     if _ID_KEY in fields:
         return {key: value for key, value in fields.items() if key != _ID_KEY}
     return fields
+
+
+def transition_op(transition: Transition) -> Op | None:
+    """The message for one settled document (None: the client already has it right)."""
+    collection, doc_id, before, after = transition
+    if before is None:
+        return None if after is None else ("added", collection, doc_id, _without_id(after))
+    if after is None:
+        return ("removed", collection, doc_id)
+    if before is after:
+        return None
+    fields, cleared = diff_visible(before, after)
+    if fields or cleared:
+        return ("changed", collection, doc_id, fields, cleared)
+    return None
 
 
 class MergeBox:
@@ -162,7 +185,10 @@ class MergeBox:
             raise MergeBoxError(f"{sub_id!r} already publishes {collection}/{doc_id}")
         collection_view = self._views.setdefault(collection, {})
         entry = collection_view.get(doc_id, _MISSING)
-        self._mark_dirty(collection, doc_id)
+        dirty_key = (collection, doc_id)
+        if dirty_key not in self._dirty:
+            self._dirty[dirty_key] = None if entry is _MISSING else self.visible(collection,
+                                                                                 doc_id)
         if entry is _MISSING:
             collection_view[doc_id] = sub_id
         else:
@@ -174,6 +200,30 @@ class MergeBox:
                 # Joining an existing key's list at the end: the earlier publisher keeps it.
                 entry.precedence.setdefault(key, []).append(sub_id)
         sub_docs[doc_id] = fields
+
+    def add_many(self, sub_id: SubId, collection: str,
+                 documents: Iterable[tuple[str, Fields]]) -> None:
+        """:meth:`add` for each ``(doc_id, fields)``; a subscription's first documents in a
+        collection nobody else publishes to this client take a bulk path (a large initial
+        result costs a few C-level dict operations per document)."""
+        sub_docs = self._published.get(sub_id, {}).get(collection)
+        if sub_docs or self._views.get(collection):
+            for doc_id, fields in documents:
+                self.add(sub_id, collection, doc_id, fields)
+            return
+        new_docs = dict(documents)
+        if not new_docs:
+            return
+        self._published.setdefault(sub_id, {})[collection] = new_docs
+        self._views[collection] = dict.fromkeys(new_docs, sub_id)
+        # The client has none of them; a document already dirty keeps what it had then.
+        dirty = self._dirty
+        keys = [(collection, doc_id) for doc_id in new_docs]
+        if dirty:
+            for key in keys:
+                dirty.setdefault(key, None)
+        else:
+            self._dirty = dict.fromkeys(keys)
 
     def change(
         self,
@@ -191,14 +241,21 @@ class MergeBox:
         new, shared mapping, equal to the old fields with the change applied) so that every
         client references it instead of building its own merged copy.
         """
-        old = self._published.get(sub_id, {}).get(collection, {}).get(doc_id)
+        by_collection = self._published.get(sub_id)
+        sub_docs = by_collection.get(collection) if by_collection is not None else None
+        old = sub_docs.get(doc_id) if sub_docs is not None else None
         if old is None:
             raise MergeBoxError(f"{sub_id!r} does not publish {collection}/{doc_id}")
-        cleared = tuple(cleared)
+        if type(cleared) is not tuple:
+            cleared = tuple(cleared)
         if not changed and not cleared:
             return
-        self._mark_dirty(collection, doc_id)
         entry = self._views[collection][doc_id]
+        dirty_key = (collection, doc_id)
+        if dirty_key not in self._dirty:
+            # A sole holder's mapping is exactly what the client sees.
+            self._dirty[dirty_key] = (self.visible(collection, doc_id)
+                                      if type(entry) is _Overlap else old)
         if type(entry) is _Overlap:
             precedence = entry.precedence
             for key in changed:
@@ -214,7 +271,7 @@ class MergeBox:
                     if not holders:
                         del precedence[key]
         new = fields_after if fields_after is not None else _apply_change(old, changed, cleared)
-        self._published[sub_id][collection][doc_id] = new
+        sub_docs[doc_id] = new  # type: ignore[index]
 
     def remove(self, sub_id: SubId, collection: str, doc_id: str) -> None:
         """Subscription ``sub_id`` stops publishing ``doc_id``."""
@@ -273,23 +330,39 @@ class MergeBox:
         ``added`` carries the publisher's mapping itself when it has no ``_id`` key: callers
         must treat every ``fields`` in the output as read-only.
         """
+        ops: list[Op] = []
+        for transition in self.settle(limit):
+            op = transition_op(transition)
+            if op is not None:
+                ops.append(op)
+        return ops
+
+    def settle(self, limit: int | None = None) -> list[Transition]:
+        """Like :meth:`flush`, but the raw transitions ``(collection, doc_id, before, after)``
+        (see :func:`transition_op`), where ``before``/``after`` are the (shared, read-only)
+        mappings the client had and should have. An encoder shared by many clients can key
+        on their identities: one observer change is then diffed and encoded once, not once
+        per client. Documents whose state did not move are left out.
+        """
         if limit is None or len(self._dirty) <= limit:
             dirty, self._dirty = self._dirty, {}
         else:
             dirty = {key: self._dirty.pop(key) for key in list(islice(self._dirty, limit))}
-        ops: list[Op] = []
+        views, published = self._views, self._published
+        settled: list[Transition] = []
+        append = settled.append
         for (collection, doc_id), before in dirty.items():
-            after = self.visible(collection, doc_id)
-            if before is None:
-                if after is not None:
-                    ops.append(("added", collection, doc_id, _without_id(after)))
-            elif after is None:
-                ops.append(("removed", collection, doc_id))
-            elif before is not after:
-                fields, cleared = _diff(before, after)
-                if fields or cleared:
-                    ops.append(("changed", collection, doc_id, fields, cleared))
-        return ops
+            # visible(), inlined: this runs for every document of every flush.
+            entry = views.get(collection, _NO_VIEW).get(doc_id, _MISSING)
+            if entry is _MISSING:
+                after = None
+            elif type(entry) is _Overlap:
+                after = self.visible(collection, doc_id)
+            else:
+                after = published[entry][collection][doc_id]
+            if before is not after:
+                append((collection, doc_id, before, after))
+        return settled
 
     @property
     def has_pending(self) -> bool:

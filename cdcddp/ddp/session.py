@@ -353,6 +353,11 @@ class ServerSession:
         if self.state == "connected":
             self._outgoing.append(text)
 
+    def send_encoded_many(self, texts: list[str]) -> None:
+        """Queue already encoded DDP messages, in order."""
+        if self.state == "connected":
+            self._outgoing.extend(texts)
+
     def data_to_send(self) -> list[str]:
         """Drain the queued outgoing DDP messages, oldest first."""
         out, self._outgoing = self._outgoing, []

@@ -10,10 +10,13 @@
   key to the observers holding that row (UPDATE moves out and DELETEs carry only the key under
   DEFAULT replica identity). A row change costs the observers that may match it, not all.
 * **Transactions.** Row changes of tables somebody observes are buffered per transaction and
-  applied at ``Commit``; clients are flushed once per commit, so no half-applied transaction is
-  ever visible. A transaction larger than ``max_transaction_buffer`` changes is applied in
-  chunks (memory stays bounded); client flushes still wait for its commit. If the stream
-  restarts such a transaction (``TransactionRestart``), the observers it touched resync.
+  applied at ``Commit``; clients are flushed between transactions, so no half-applied
+  transaction is ever visible: after each commit, or — when commits arrive faster than they
+  are written out — once for all the commits received together (each client's merge box
+  coalesces them; each change is diffed and encoded once per round). A transaction larger
+  than ``max_transaction_buffer`` changes is applied in chunks (memory stays bounded); client
+  flushes still wait for its commit. If the stream restarts such a transaction
+  (``TransactionRestart``), the observers it touched resync.
   ``Commit.end_lsn`` is acknowledged once the transaction is applied (invariant 7).
 * **Handoff** (invariant 2). A new observer pins the ring of recent transactions, runs its query
   in a REPEATABLE READ transaction that also reads ``pg_current_snapshot()`` and the WAL insert
@@ -27,6 +30,13 @@
 * **Resync** (invariant 5). ``StreamGap`` resyncs every observer; TRUNCATE empties the observers
   of the table at that point of commit order (the table is empty there: TRUNCATE holds an
   ACCESS EXCLUSIVE lock), so later inserts apply on top. Only differences reach clients.
+  A schema change shows as a stream ``Relation`` (columns and type oids) that contradicts the
+  shape an observer's snapshot read from ``pg_attribute`` (same statement as the snapshot):
+  those observers resync before the next commit is applied; a query that no longer runs
+  stops its subscriptions (``nosub``, error ``schema-changed``). Falling more than
+  ``resync_behind_bytes`` behind makes the stream skip its backlog (slot advanced) and yield a
+  ``StreamGap``; the gap's first snapshot (every skipped commit visible in it) settles the
+  write fences of transactions the stream will never deliver.
 * **TOAST** (invariant 4). Columns wal2json leaves out come from the observer's copy; a row
   moving *in* without them is fetched by key in a REPEATABLE READ transaction whose snapshot
   then shields that row from the changes it already reflects.
@@ -37,13 +47,15 @@ dirty state (bounded by its view) and its connection flushes when the socket fre
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import psycopg
 import trio
@@ -51,9 +63,10 @@ from psycopg import sql
 
 from cdcddp.db import Database
 from cdcddp.ddp import messages
-from cdcddp.ddp.mergebox import MergeBox, MergeBoxError
+from cdcddp.ddp.mergebox import MergeBox, MergeBoxError, Transition, transition_op
 from cdcddp.ddp.mergebox import Op as BoxOp
 from cdcddp.ddp.session import ServerSession
+from cdcddp.gcpause import gc_paused
 from cdcddp.publish.definition import BoundCursor
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
 from cdcddp.publish.lookup import Dependency
@@ -66,6 +79,7 @@ from cdcddp.wal.events import (
     Delete,
     Insert,
     Message,
+    Relation,
     RowChange,
     StreamGap,
     TransactionRestart,
@@ -74,6 +88,9 @@ from cdcddp.wal.events import (
 )
 from cdcddp.wal.lsn import parse_lsn
 from cdcddp.wal.stream import ReplicationStream, open_stream
+
+if TYPE_CHECKING:
+    from cdcddp.metrics import Metrics
 
 __all__ = ["EncodeCache", "LiveClient", "LiveData", "LiveDataConfig", "ObserverEntry"]
 
@@ -84,6 +101,7 @@ SYNC_PREFIX: Final = "cdcddp.sync"
 
 TableName = tuple[str, str]
 _DELIVERED_KEPT: Final = 65_536  # recent xids remembered (far beyond the visibility lag)
+_TABLE_AND_KIND: Final = attrgetter("schema", "table", "__class__")  # change_counts keys
 SubKey = Hashable  # a merge-box subscription id: the DDP sub id, or a universal handle
 
 
@@ -96,25 +114,68 @@ class LiveDataConfig:
     # Changes kept for subscriptions being snapshotted; past it they retake their snapshot.
     ring_max_changes: int = 100_000
     stream_options: dict[str, Any] = field(default_factory=dict)
+    # More WAL than this (bytes) between the server's current position and the applied one:
+    # skip the backlog and resync every observer (as for a stream gap). None: never.
+    resync_behind_bytes: int | None = None
+    behind_check_interval: float = 1.0  # seconds between checks of the distance
+    # A new observer waits (at most this long) until the stream has delivered everything its
+    # snapshot saw, so it is never ahead of the stream (see LiveData._catch_up).
+    catch_up_timeout: float = 2.0
 
 
 # ---------------------------------------------------------------------------- encoding once
 
 
-class EncodeCache:
-    """Encodes merge-box ops once per commit when many clients get the same op.
+def encode_transition(transition: Transition) -> str | None:
+    """The DDP message for one settled merge-box document (None: nothing to send)."""
+    op = transition_op(transition)
+    if op is None:
+        return None
+    kind = op[0]
+    if kind == "added":
+        return messages.added(op[1], op[2], op[3])  # type: ignore[arg-type, misc]
+    if kind == "changed":
+        return messages.changed(op[1], op[2], op[3], list(op[4]))  # type: ignore[arg-type, misc]
+    return messages.removed(op[1], op[2])
 
-    ``added`` fields are the observer's shared mapping itself (identity says "same op");
-    ``changed`` fields are per-client dicts built from the same shared values, so they match
-    when their keys, cleared names and value objects are identical.
+
+class EncodeCache:
+    """Diffs and encodes merge-box output once per flush round when many clients get it.
+
+    :meth:`transition` keys on the identities of the mappings a client has and should have:
+    for a document one subscription holds they are the observer's shared, immutable field
+    mappings, so every client of the observer gets the same text from one diff and one
+    encoding. Entries keep those mappings alive (an id is not reused while cached); the cache
+    lives for one round (one commit). :meth:`encode` does the same for ops.
     """
 
-    __slots__ = ("_added", "_changed", "hits")
+    __slots__ = ("_added", "_changed", "_removed", "_transitions", "hits")
 
     def __init__(self) -> None:
         self._added: dict[tuple[str, str, int], tuple[Any, str]] = {}
         self._changed: dict[tuple[Any, ...], tuple[Any, str]] = {}
+        self._removed: dict[tuple[str, str], str] = {}
+        self._transitions: dict[tuple[str, str, int, int], tuple[Any, Any, str | None]] = {}
         self.hits = 0
+
+    def transition(self, transition: Transition) -> str | None:
+        collection, doc_id, before, after = transition
+        if after is None:
+            rkey = (collection, doc_id)
+            text = self._removed.get(rkey)
+            if text is None:
+                text = self._removed[rkey] = messages.removed(collection, doc_id)
+            else:
+                self.hits += 1
+            return text
+        key = (collection, doc_id, id(before), id(after))
+        hit = self._transitions.get(key)
+        if hit is not None and hit[0] is before and hit[1] is after:
+            self.hits += 1
+            return hit[2]
+        found = encode_transition(transition)
+        self._transitions[key] = (before, after, found)
+        return found
 
     def encode(self, op: BoxOp) -> str:
         kind = op[0]
@@ -190,6 +251,13 @@ class LiveClient:
         self._output_busy = output_busy
         self._on_failure = on_failure
         self._after: list[Callable[[], None]] = []
+        # The engine stopped an observer one of this client's subscriptions uses (its query
+        # can no longer run, e.g. after a schema change): (sub key, client-safe error).
+        self.on_subscription_failed: Callable[[SubKey, BaseException], None] | None = None
+        # Commit timestamp (time.time() scale) of the oldest applied transaction whose
+        # messages this client has not written yet; 0.0: none. Set only with metrics; the
+        # connection observes commit->sent latency after its next write and resets it.
+        self.commit_time = 0.0
 
     def fail(self, reason: str) -> None:
         """Drop the connection (its view cannot be trusted); the client reconnects."""
@@ -199,7 +267,7 @@ class LiveClient:
         self._after.append(action)
 
     def request_flush(self, cache: EncodeCache | None = None) -> None:
-        if self.closed or self.gate.defer(self):
+        if self.closed or (self.gate.closed and self.gate.defer(self)):
             return
         if self._output_busy():
             self.flush_wanted = True  # the connection calls flush() once its write is done
@@ -210,21 +278,23 @@ class LiveClient:
         if self.closed or self.gate.defer(self):
             return
         self.flush_wanted = False
-        ops = self.box.flush(MAX_OPS_PER_FLUSH)
-        session = self.session
-        if cache is None:
-            cache = EncodeCache()
-        for op in ops:
-            session.send_encoded(cache.encode(op))
+        encode = encode_transition if cache is None else cache.transition
+        with gc_paused():  # short-lived tuples by the thousand (see cdcddp.gcpause)
+            ops = [text for transition in self.box.settle(MAX_OPS_PER_FLUSH)
+                   if (text := encode(transition)) is not None]
+        if ops:
+            self.session.send_encoded_many(ops)
         if self.box.has_pending:
             # More than one write's worth: the rest goes after this write; ready/updated
             # (the after-flush actions) wait until everything is out.
             self.flush_wanted = True
             self._wake()
             return
-        after, self._after = self._after, []
-        for action in after:
-            action()
+        after = self._after
+        if after:
+            self._after = []
+            for action in after:
+                action()
         if ops or after:
             self._wake()
 
@@ -233,6 +303,19 @@ class LiveClient:
         self.closed = True
         self.box.reset()
         self._after.clear()
+
+
+def _epoch(timestamp: dt.datetime) -> float:
+    if timestamp.tzinfo is None:  # wal2json timestamps are UTC
+        timestamp = timestamp.replace(tzinfo=dt.UTC)
+    return timestamp.timestamp()
+
+
+def _stamp_commit(clients: Iterable[LiveClient], commit_time: float) -> None:
+    """Metrics: these clients got changes of a transaction committed at ``commit_time``."""
+    for client in clients:
+        if not client.commit_time:
+            client.commit_time = commit_time
 
 
 # ---------------------------------------------------------------------------- observers
@@ -251,6 +334,9 @@ class ObserverEntry:
     error: BaseException | None = None
     live: bool = False  # registered in the routing index
     snapshot_queries: int = 0
+    # The table's columns (name -> (type oid, varlena)) as its last snapshot saw them: a
+    # stream ``Relation`` that differs means the table changed shape since (resync).
+    shape: dict[str, tuple[int, bool]] | None = None
 
     @property
     def table(self) -> TableName:
@@ -264,7 +350,9 @@ class TableRoutes:
         self.entries: set[ObserverEntry] = set()
         self.by_value: dict[str, dict[Any, set[ObserverEntry]]] = {}
         self.unconstrained: set[ObserverEntry] = set()
-        self.holders: dict[Key, set[ObserverEntry]] = {}
+        # Row key -> the observer holding it, or a set when several do (rare: the sole
+        # holder needs no set, which matters for large results).
+        self.holders: dict[Key, ObserverEntry | set[ObserverEntry]] = {}
         self.key_columns: tuple[str, ...] | None = None
         self.odd_keys: set[ObserverEntry] = set()  # cursors keyed differently from the table
         self._slots: dict[ObserverEntry, tuple[str, frozenset[Any]] | None] = {}
@@ -289,8 +377,11 @@ class TableRoutes:
         else:
             self.unconstrained.add(entry)
         self._slots[entry] = slot
-        for key in observer.docs:
-            self.hold(entry, key)
+        if self.holders:
+            for key in observer.docs:
+                self.hold(entry, key)
+        else:
+            self.holders = dict.fromkeys(observer.docs, entry)
 
     def remove(self, entry: ObserverEntry) -> None:
         observer = entry.observer
@@ -314,14 +405,25 @@ class TableRoutes:
             self.release(entry, key)
 
     def hold(self, entry: ObserverEntry, key: Key) -> None:
-        self.holders.setdefault(key, set()).add(entry)
+        held = self.holders.get(key)
+        if held is None:
+            self.holders[key] = entry
+        elif type(held) is set:
+            held.add(entry)
+        elif held is not entry:
+            self.holders[key] = {held, entry}  # type: ignore[arg-type]
 
     def release(self, entry: ObserverEntry, key: Key) -> None:
-        holders = self.holders.get(key)
-        if holders is not None:
-            holders.discard(entry)
-            if not holders:
-                del self.holders[key]
+        held = self.holders.get(key)
+        if held is entry:
+            del self.holders[key]
+        elif type(held) is set:
+            held.discard(entry)
+            if len(held) <= 1:
+                if held:
+                    self.holders[key] = held.pop()
+                else:
+                    del self.holders[key]
 
     def candidates(self, change: RowChange) -> set[ObserverEntry]:
         found: set[ObserverEntry] = set(self.odd_keys)
@@ -348,8 +450,10 @@ class TableRoutes:
                 key = _key_from(change.new, self.key_columns)  # type: ignore[union-attr]
             if key is not None:
                 held = self.holders.get(key)
-                if held:
+                if type(held) is set:
                     found |= held
+                elif held is not None:
+                    found.add(held)
         return found
 
 
@@ -399,26 +503,127 @@ def _begin_snapshot(conn: psycopg.Connection[Any]) -> tuple[Snapshot, int]:
     return Snapshot.parse(found[0]), parse_lsn(found[1])
 
 
-def begin_snapshot_seeing(conn: psycopg.Connection[Any], xid: int, timeout: float = 10.0
+T = TypeVar("T")
+
+
+class SnapshotTooEarly(Exception):
+    """The snapshot does not see a transaction the stream already delivered (a commit is
+    decoded slightly before it is visible to new snapshots): retry in a new transaction."""
+
+
+def begin_snapshot_seeing(conn: psycopg.Connection[Any], xid: int, *, insist: bool = True
                           ) -> Snapshot:
-    """Begin a REPEATABLE READ transaction on ``conn`` whose snapshot sees the committed
-    transaction ``xid`` (32-bit; 0: any snapshot). A commit is decoded slightly before it is
-    visible to new snapshots, so this retries (blocking: call it in a worker thread)."""
-    deadline = time.monotonic() + timeout
+    """Begin a REPEATABLE READ transaction on ``conn`` (this must be its first statement)
+    whose snapshot sees the committed transaction ``xid`` (32-bit; 0: any snapshot).
+
+    Raises :class:`SnapshotTooEarly` when it does not yet (unless ``insist`` is False): the
+    transaction cannot be restarted from in here (``Database.run`` holds it), so the caller
+    runs it again a moment later (:func:`run_seeing`).
+    """
+    snapshot, _ = _begin_snapshot(conn)
+    if insist and xid and not snapshot.is_visible(xid):
+        raise SnapshotTooEarly
+    return snapshot
+
+
+async def run_seeing(database: Database, fn: Callable[[psycopg.Connection[Any], bool], T],
+                     timeout: float = 10.0) -> T:
+    """``database.run(fn, insist)``, again while ``fn`` raises :class:`SnapshotTooEarly`
+    (``insist`` turns False after ``timeout`` seconds: then any snapshot will do)."""
+    deadline = trio.current_time() + timeout
+    delay = 0.001
     while True:
-        snapshot, _ = _begin_snapshot(conn)
-        if not xid or snapshot.is_visible(xid) or time.monotonic() > deadline:
-            return snapshot
-        conn.rollback()
-        time.sleep(0.002)
+        insist = trio.current_time() < deadline
+        try:
+            return await database.run(fn, insist)
+        except SnapshotTooEarly:
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+# The same, plus the table's columns as of that snapshot (read in the same statement, so
+# without another round trip): what the rows are expected to look like in the stream.
+_SNAPSHOT_SHAPE_SQL: Final = (
+    "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text, "
+    "(SELECT array_agg(array[a.attname::text, a.atttypid::text, (a.attlen < 0)::text]) "
+    "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped)")
+
+TableShape = dict[str, tuple[int, bool]]  # column -> (type oid, varlena: may be TOASTed)
 
 
 def _snapshot_rows(conn: psycopg.Connection[Any], query: sql.Composable, params: list[Any],
-                   columns: tuple[str, ...]) -> tuple[list[Row], Snapshot, int]:
-    """The cursor's rows and the snapshot (and its WAL position) they were read under."""
-    snapshot, lsn = _begin_snapshot(conn)
-    rows = conn.execute(query, params).fetchall()
-    return [dict(zip(columns, row, strict=True)) for row in rows], snapshot, lsn
+                   columns: tuple[str, ...], table: TableName
+                   ) -> tuple[list[Row], Snapshot, int, TableShape]:
+    """The cursor's rows, the snapshot (and its WAL position) they were read under, and the
+    table's columns as of that snapshot."""
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    found = conn.execute(_SNAPSHOT_SHAPE_SQL, table).fetchone()
+    assert found is not None
+    snapshot, lsn = Snapshot.parse(found[0]), parse_lsn(found[1])
+    shape = {name: (int(oid), varlena == "true") for name, oid, varlena in found[2] or ()}
+    with gc_paused():  # (see cdcddp.gcpause)
+        rows = conn.execute(query, params).fetchall()
+        return [dict(zip(columns, row, strict=True)) for row in rows], snapshot, lsn, shape
+
+
+def _shape_differs(expected: TableShape | None, relation: Relation) -> bool:
+    """Does the stream's shape of a table contradict what an observer's snapshot saw?"""
+    if expected is None:
+        return False
+    seen = dict(relation.columns)
+    for name, oid in seen.items():
+        known = expected.get(name)
+        if known is None or known[0] != oid:
+            return True  # a new or renamed column, or another type
+    # A column the stream lacks was dropped — unless the shape came from an UPDATE and the
+    # column may be an unchanged TOASTed value it left out.
+    return any(name not in seen and (relation.complete or not varlena)
+               for name, (_, varlena) in expected.items())
+
+
+def _describe_shape_change(relation: Relation) -> str:
+    before = dict(relation.previous or ())
+    after = dict(relation.columns)
+    parts = [f"{n} added" for n in after if n not in before]
+    parts += [f"{n} gone" for n in before if n not in after]
+    parts += [f"{n} type oid {before[n]} -> {after[n]}" for n in after
+              if n in before and before[n] != after[n]]
+    if not parts and relation.absent:
+        parts = [f"{n} not in an UPDATE" for n in relation.absent]
+    return ", ".join(parts) or "columns differ from the snapshot"
+
+
+def _table_columns(conn: psycopg.Connection[Any], table: TableName) -> set[str]:
+    """The table's columns now (empty when it is gone)."""
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
+        "AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped", table).fetchall()
+    return {name for name, in rows}
+
+
+def _current_wal_lsn(conn: psycopg.Connection[Any]) -> int:
+    found = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert found is not None
+    return parse_lsn(found[0])
+
+
+def _horizon_snapshot(conn: psycopg.Connection[Any], timeout: float = 5.0) -> Snapshot:
+    """A snapshot that sees every transaction whose commit was already written: retaken
+    while one it lists as running is committed in the commit log (committed, not yet
+    visible to new snapshots). Blocking: run it in a worker thread."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = conn.execute(
+            "SELECT pg_current_snapshot()::text, EXISTS (SELECT FROM "
+            "pg_snapshot_xip(pg_current_snapshot()) x "
+            "WHERE pg_xact_status(x) <> 'in progress')").fetchone()
+        assert found is not None
+        if not found[1] or time.monotonic() > deadline:
+            return Snapshot.parse(found[0])
+        time.sleep(0.002)
 
 
 def _fetch_row(conn: psycopg.Connection[Any], query: sql.Composable, key: Key,
@@ -452,8 +657,10 @@ class LiveData:
     """
 
     def __init__(self, database: Database, dsn: str,
-                 config: LiveDataConfig | None = None) -> None:
+                 config: LiveDataConfig | None = None, *, metrics: Metrics | None = None
+                 ) -> None:
         self.database = database
+        self.metrics = metrics  # None: no per-table counts, no snapshot timings, no stamps
         self.dsn = dsn
         self.config = config or LiveDataConfig()
         self.ring = RecentTransactions(self.config.ring_max_changes)
@@ -466,6 +673,11 @@ class LiveData:
         self._started = trio.Event()
         self._txn_done = trio.Event()
         self._marks: dict[str, trio.Event] = {}
+        # New observers waiting for the stream to pass their snapshot (one mark per round).
+        self._catch_up_waiters: list[trio.Event] = []
+        self._catch_up_wake = trio.Event()
+        self.catch_up_rounds = 0
+        self.catch_up_timeouts = 0
         self._open_txn: _OpenTransaction | None = None
         # Delivered xids (32-bit) → delivery number, until a snapshot sees them. A commit is
         # decoded (and may be delivered) before it is visible to new snapshots; a snapshot
@@ -476,6 +688,10 @@ class LiveData:
         self._snapshots_in_flight: list[int] = []
         self._xid_waiters: dict[int, trio.Event] = {}
         self._held_clients: set[LiveClient] = set()  # changed while the gate was closed
+        # Clients applied commits changed, flushed by _flusher once the consumer waits.
+        self._flush_due: set[LiveClient] = set()
+        self._flush_wake = trio.Event()
+        self._flusher_running = False
         # Rows publication functions read through a lookup (reactive dependencies): each
         # watched row's callbacks run with the xid of a committed transaction that changed it.
         self._row_watchers: dict[Dependency, set[Callable[[int], None]]] = {}
@@ -498,6 +714,30 @@ class LiveData:
         self.last_commit_end_lsn = 0
         self.invisible_delivered_retries = 0
         self.commits_out_of_order = 0  # the stream broke its contract (should stay 0)
+        # Schema changes: the last shape the stream showed per table; observers whose
+        # snapshot saw another one, resynced at the next commit.
+        self._stream_shapes: dict[TableName, Relation] = {}
+        self._reshaped: set[ObserverEntry] = set()
+        self._absent_checks: list[Relation] = []  # catalog checks due at the next commit
+        self.schema_changes = 0  # Relations that contradicted an observer's snapshot
+        # Falling behind (resync_behind_bytes): the last measured distance, the skips asked
+        # for, and the snapshot of the last gap's resync (it settles write fences of the
+        # transactions the stream will never deliver).
+        self.behind_bytes = 0
+        self.behind_skips = 0
+        self._skip_pending = False
+        self._gap_horizon: Snapshot | None = None
+        self.fences_settled_by_gap = 0  # write fences passed by a gap's resync
+        self.resync_reasons: Counter[str] = Counter()  # observers resynced, by reason
+        # (schema, table, change class) -> changes applied; counted per transaction, and only
+        # with metrics (copied into Prometheus at scrape time).
+        self.change_counts: Counter[tuple[str, str, type]] | None = \
+            Counter() if metrics is not None else None
+        # Readiness and lag: commit timestamp of the last applied transaction and when it was
+        # applied (time.time()); the commit timestamp of the transaction being received.
+        self.last_commit_time: dt.datetime | None = None
+        self.last_applied_at = 0.0
+        self._open_commit_time: dt.datetime | None = None
 
     # ---- lifetime ------------------------------------------------------------------------
 
@@ -508,12 +748,47 @@ class LiveData:
             self._nursery = nursery
             async with open_stream(self.dsn, self.config.slot,
                                    temporary=self.config.temporary_slot,
+                                   report_relations=True,
                                    **self.config.stream_options) as stream:
                 self.stream = stream
+                nursery.start_soon(self._flusher)
+                nursery.start_soon(self._catch_up_rounds)
                 self._started.set()
                 task_status.started()
+                nursery.start_soon(self._watch_behind, stream)
                 await self._consume(stream)
             nursery.cancel_scope.cancel()
+
+    @property
+    def stream_connected(self) -> bool:
+        return self.stream is not None and self.stream.connected
+
+    def replication_lag(self, now: float | None = None) -> float:
+        """How far (seconds) the applied position is behind the commits it was sent.
+
+        * while a transaction is being received or applied: its age (now - its commit time);
+        * else, while received transactions wait to be applied: the commit->applied delay of
+          the last applied one (a backlog being worked through);
+        * else (everything received is applied): 0.
+
+        Commit times are PostgreSQL's clock, ``now`` is ours (``time.time()``): a skew
+        between the two shows up here, as in ``cdcddp_replication_lag_seconds``.
+        """
+        now = time.time() if now is None else now
+        opened = self._open_commit_time
+        if opened is not None:
+            return max(0.0, now - _epoch(opened))
+        stream = self.stream
+        if stream is not None and stream.pending:
+            return self.apply_lag()
+        return 0.0
+
+    def apply_lag(self) -> float:
+        """Commit -> applied delay of the last applied transaction (0 before the first)."""
+        committed = self.last_commit_time
+        if committed is None:
+            return 0.0
+        return max(0.0, self.last_applied_at - _epoch(committed))
 
     @property
     def observer_count(self) -> int:
@@ -558,9 +833,8 @@ class LiveData:
         observer = entry.observer
         assert observer is not None
         entry.subscribers[(id(client), sub)] = (client, sub)
-        box, collection = client.box, observer.collection
-        for doc_id, fields in observer.docs.values():
-            box.add(sub, collection, doc_id, fields)
+        with gc_paused():
+            client.box.add_many(sub, observer.collection, observer.docs.values())
 
     def remove_subscriber(self, entry: ObserverEntry, client: LiveClient, sub: SubKey,
                           *, remove_documents: bool = True) -> None:
@@ -618,12 +892,14 @@ class LiveData:
         try:
             # Transactions delivered before the pin must be in the snapshot (they are not in
             # the ring); those delivered after it are in the ring.
-            rows, snapshot, lsn = await self._take_snapshot(bound)
+            rows, snapshot, lsn, shape = await self._take_snapshot(bound)
+            entry.shape = shape
             entry.snapshot_queries += 1
             if self.after_snapshot is not None:
                 await self.after_snapshot(entry)
             observer = Observer(bound, snapshot, lsn)
-            observer.load(rows)
+            observer.fill(rows)
+            await self._catch_up()
             replayed = 0
             while True:
                 await self._between_transactions()
@@ -640,6 +916,43 @@ class LiveData:
             self._register(entry)
         finally:
             self.ring.release(pin)
+
+    async def _catch_up(self) -> None:
+        """Return once the stream has delivered every transaction a snapshot just taken sees.
+
+        Its commits were written before the snapshot, so before a logical message committed
+        after it: when the consumer reaches that mark, they are all delivered (in the ring
+        since the pin, or before it and in the snapshot) and the new observer registers
+        exactly at the stream's position. Without this an observer whose snapshot is ahead of
+        the stream could hand a client newer rows than an older observer it moves to next
+        (the oracle's "version went back"). Waiters share one mark per round. Past
+        ``catch_up_timeout`` (a held or far-behind consumer, a read-only standby) it goes on
+        as before: the skip-by-snapshot logic keeps the observer itself exact.
+        """
+        event = trio.Event()
+        self._catch_up_waiters.append(event)
+        self._catch_up_wake.set()
+        with trio.move_on_after(self.config.catch_up_timeout):
+            await event.wait()
+            return
+        self.catch_up_timeouts += 1
+
+    async def _catch_up_rounds(self) -> None:
+        while True:
+            await self._catch_up_wake.wait()
+            self._catch_up_wake = trio.Event()
+            # Everyone waiting now took their snapshot before this mark is written.
+            waiters, self._catch_up_waiters = self._catch_up_waiters, []
+            if not waiters:
+                continue
+            self.catch_up_rounds += 1
+            try:
+                await self.sync(timeout=self.config.catch_up_timeout)
+            except Exception as exc:  # timed out, or cannot write (standby): waiters time out
+                log.debug("catch-up mark not reached: %r", exc)
+                continue
+            for event in waiters:
+                event.set()
 
     async def _replay(self, observer: Observer, txn: CommittedTransaction, pin: Pin) -> None:
         table = (observer.schema, observer.table)
@@ -672,6 +985,11 @@ class LiveData:
         self._interest[entry.table] += 1
         self._routes.setdefault(entry.table, TableRoutes()).add(entry)
         entry.live = True
+        relation = self._stream_shapes.get(entry.table)
+        if relation is not None and _shape_differs(entry.shape, relation):
+            # The stream already showed another shape than its snapshot saw (a schema change
+            # around the snapshot): resync it at the next commit.
+            self._reshaped.add(entry)
 
     def _drop(self, entry: ObserverEntry) -> None:
         if self._observers.get(entry.bound.key) is entry:
@@ -715,6 +1033,7 @@ class LiveData:
                 touched.clear()
                 txn = self._open_txn = _OpenTransaction(
                     event.xid, event.end_lsn, self.ring.pins_taken)  # type: ignore[union-attr]
+                self._open_commit_time = event.timestamp  # type: ignore[union-attr]
             elif kind is Commit:
                 if event.end_lsn <= self.last_commit_end_lsn:  # type: ignore[union-attr]
                     self.commits_out_of_order += 1
@@ -722,14 +1041,23 @@ class LiveData:
                 self.last_commit_end_lsn = event.end_lsn  # type: ignore[union-attr]
                 if self.hold is not None:
                     await self.hold.wait()
+                if self._absent_checks:
+                    await self._check_absent_columns()
+                if self._reshaped and (txn is None or not txn.chunked):
+                    await self._resync_reshaped()  # before this transaction: it may see it
                 if txn is not None:
                     await self._commit(txn, event)  # type: ignore[arg-type]
                 txn = self._open_txn = None
                 self._note_delivered(event.xid)  # type: ignore[union-attr]
+                if self._reshaped:
+                    await self._resync_reshaped()  # after a chunked one: it sees it whole
                 for table in touched:
                     self._table_changed_at[table] = self._commits_seen
                 touched.clear()
                 stream.acknowledge(event.end_lsn)  # type: ignore[union-attr]
+                self._open_commit_time = None
+                self.last_commit_time = event.timestamp  # type: ignore[union-attr]
+                self.last_applied_at = time.time()
                 if hits:
                     fired, hits = hits, set()
                     self._fire_row_watchers(fired, event.xid)  # type: ignore[union-attr]
@@ -744,14 +1072,123 @@ class LiveData:
                 touched.clear()
                 if txn is not None and txn.chunked:
                     # Part of it reached observers (not clients): put them back on solid ground.
-                    await self._with_gate_closed(self._resync(txn.touched))
+                    await self._with_gate_closed(self._resync(txn.touched,
+                                                              "transaction_restart"))
                 txn = self._open_txn = None
+                self._open_commit_time = None
+            elif kind is Relation:
+                self._on_relation(event)  # type: ignore[arg-type]
             elif kind is StreamGap:
                 log.warning("replication stream gap (%s): resyncing every observer",
                             event.reason)  # type: ignore[union-attr]
+                self._skip_pending = False
                 self.ring.break_pins()
-                await self._with_gate_closed(self._resync(set(self.observers())))
+                # Taken first, so every resync snapshot sees what it sees: the transactions
+                # the stream skipped (committed before the gap's position) included.
+                horizon = await self._gap_snapshot()
+                self._reshaped.clear()  # every observer is resynced now
+                await self._with_gate_closed(self._resync(set(self.observers()), "stream_gap"))
+                self._settle_fences(horizon)
                 self._fire_row_watchers(set(self._row_watchers), 0)  # may have missed some
+
+    # ---- schema changes and falling behind (invariant 5) ----------------------------------
+
+    def _on_relation(self, relation: Relation) -> None:
+        """The stream shows a table's shape (first change seen, or a schema change): the
+        observers whose snapshot saw another shape are resynced before the next commit.
+
+        No await here: the consumer is in the middle of a transaction."""
+        table = (relation.schema, relation.table)
+        self._stream_shapes[table] = relation
+        routes = self._routes.get(table)
+        if routes is None:
+            return
+        stale = {e for e in routes.entries if e.live and _shape_differs(e.shape, relation)}
+        if relation.absent and any(e.live and e not in stale and e.shape
+                                   and any(c in e.shape for c in relation.absent)
+                                   for e in routes.entries):
+            # An UPDATE lacked columns observers know: unchanged TOASTed values, or dropped
+            # columns? Rare (once per such set of columns): the catalog says, at the commit.
+            self._absent_checks.append(relation)
+        self._mark_reshaped(relation, stale)
+
+    def _mark_reshaped(self, relation: Relation, stale: set[ObserverEntry]) -> None:
+        if stale:
+            self.schema_changes += 1
+            self._reshaped |= stale
+            log.warning("table %s.%s changed shape (%s): resyncing its %d observer(s)",
+                        relation.schema, relation.table, _describe_shape_change(relation),
+                        len(stale))
+
+    async def _check_absent_columns(self) -> None:
+        """Columns an UPDATE lacked (see ``_on_relation``) that the catalog no longer has:
+        dropped, so the observers publishing them resync (before the commit's changes)."""
+        checks, self._absent_checks = self._absent_checks, []
+        for relation in checks:
+            table = (relation.schema, relation.table)
+            try:
+                existing = await self.database.run(_table_columns, table)
+            except Exception as exc:
+                log.debug("cannot read the columns of %s.%s: %s", *table, exc)
+                continue
+            gone = {c for c in relation.absent if c not in existing}
+            routes = self._routes.get(table)
+            if gone and routes is not None:
+                self._mark_reshaped(relation, {
+                    e for e in routes.entries if e.live and e not in self._reshaped
+                    and any(c in (e.shape or ()) for c in gone)})
+
+    async def _resync_reshaped(self) -> None:
+        """Re-run the queries of observers whose table changed shape, from a fresh snapshot
+        taken between two stream transactions (as any resync: later transactions it already
+        sees are skipped, the others applied). A query that no longer runs stops its
+        subscriptions with a ``nosub`` error."""
+        entries, self._reshaped = self._reshaped, set()
+        self.ring.break_pins()  # a snapshot being handed off may predate the change
+        await self._with_gate_closed(self._resync(entries, "schema_change"))
+        tables = {e.table for e in entries}
+        self._fire_row_watchers({d for d in self._row_watchers if (d[0], d[1]) in tables}, 0)
+
+    async def _gap_snapshot(self) -> Snapshot | None:
+        try:
+            return await self.database.run(_horizon_snapshot)
+        except Exception as exc:
+            log.error("could not take the stream gap's snapshot; write fences of skipped "
+                      "transactions wait", exc_info=exc)
+            return None
+
+    def _settle_fences(self, horizon: Snapshot | None) -> None:
+        """After a gap's resync (clients flushed): transactions ``horizon`` sees are in the
+        observers now, delivered by the stream or not — their write fences may pass."""
+        if horizon is None:
+            return
+        self._gap_horizon = horizon
+        for xid in [x for x in self._xid_waiters if horizon.is_visible(x)]:
+            self._xid_waiters.pop(xid).set()
+            self.fences_settled_by_gap += 1
+
+    async def _watch_behind(self, stream: ReplicationStream) -> None:
+        """Skip the backlog when the applied position falls more than
+        ``resync_behind_bytes`` behind the server's WAL (Meteor's oplog driver re-polls
+        then too): the stream advances the slot and yields a ``StreamGap``."""
+        while True:
+            await trio.sleep(self.config.behind_check_interval)
+            limit = self.config.resync_behind_bytes
+            if not limit or self._skip_pending:
+                continue
+            try:
+                current = await self.database.run(_current_wal_lsn)
+            except Exception as exc:
+                log.debug("cannot read the WAL position: %s", exc)
+                continue
+            self.behind_bytes = max(current - stream.acknowledged_lsn, 0)
+            if self.behind_bytes > limit:
+                self.behind_skips += 1
+                self._skip_pending = True
+                log.warning("the change stream is %d bytes behind the database (limit "
+                            "resync_behind_bytes = %d): skipping the backlog and resyncing "
+                            "every observer", self.behind_bytes, limit)
+                stream.skip_backlog()
 
     def watch_rows(self, dependencies: Iterable[Dependency],
                    callback: Callable[[int], None]) -> Callable[[], None]:
@@ -829,6 +1266,9 @@ class LiveData:
         xid &= 0xFFFFFFFF
         if xid in self._applied:
             return
+        horizon = self._gap_horizon
+        if horizon is not None and horizon.is_visible(xid):
+            return  # in the observers since the last gap's resync (maybe never streamed)
         event = self._xid_waiters.get(xid)
         if event is None:
             event = self._xid_waiters[xid] = trio.Event()
@@ -864,7 +1304,8 @@ class LiveData:
                 missed = True
         return missed
 
-    async def _take_snapshot(self, bound: BoundCursor) -> tuple[list[Row], Snapshot, int]:
+    async def _take_snapshot(self, bound: BoundCursor
+                             ) -> tuple[list[Row], Snapshot, int, TableShape]:
         """The cursor's rows and their snapshot, which sees every transaction delivered so
         far (retaken, after a moment, while one is decoded but not yet visible)."""
         query, params = bound.snapshot_query()
@@ -872,16 +1313,20 @@ class LiveData:
         while True:
             delivered_before = self._commits_seen
             self._snapshots_in_flight.append(delivered_before)
+            started = time.monotonic()
             try:
-                rows, snapshot, lsn = await self.database.run(
-                    _snapshot_rows, query, params, bound.columns)
+                rows, snapshot, lsn, shape = await self.database.run(
+                    _snapshot_rows, query, params, bound.columns,
+                    (bound.cursor.schema_name, bound.cursor.table_name))
             finally:
                 self._snapshots_in_flight.remove(delivered_before)
             self.snapshot_queries += 1
+            if self.metrics is not None:
+                self.metrics.snapshot_finished(time.monotonic() - started, len(rows))
             oldest = min(self._snapshots_in_flight, default=delivered_before)
             if not self._missed_delivered(snapshot, delivered_before,
                                           prune=oldest >= delivered_before):
-                return rows, snapshot, lsn
+                return rows, snapshot, lsn, shape
             self.invisible_delivered_retries += 1
             await trio.sleep(delay)
             delay = min(delay * 2, 0.1)
@@ -902,17 +1347,48 @@ class LiveData:
     def _open_gate(self, touched: set[LiveClient]) -> None:
         gate = self.gate
         gate.closed = False
-        clients = touched | gate.deferred | self._held_clients
+        self._flush_due |= touched
+        self._flush_due |= gate.deferred
+        self._flush_due |= self._held_clients
         gate.deferred = set()
         self._held_clients = set()
-        cache = EncodeCache()
-        for client in clients:
-            client.request_flush(cache)
+        if self._flusher_running:
+            self._flush_wake.set()
+        else:
+            self._flush_clients()
         self._txn_done.set()
         self._txn_done = trio.Event()
 
+    def _flush_clients(self) -> None:
+        clients, self._flush_due = self._flush_due, set()
+        cache = EncodeCache()  # one diff and encoding per change, whatever the client count
+        with gc_paused():  # a round allocates per client; nothing in it outlives the round
+            for client in clients:
+                client.request_flush(cache)
+
+    async def _flusher(self) -> None:
+        """Flush the clients applied commits changed, once the consumer waits for the stream.
+
+        At a low rate that is right after each commit; when transactions arrive faster than
+        they are written out, the consumer applies every commit already received first, and
+        each client gets one write for all of them (coalesced by its merge box) instead of one
+        per commit: a server that falls behind catches up instead of drowning in writes.
+        (Flushing between transactions only: a commit the consumer is still applying keeps
+        the gate closed, and clients then wait for it.)
+        """
+        self._flusher_running = True
+        try:
+            while True:
+                await self._flush_wake.wait()
+                self._flush_wake = trio.Event()
+                self._flush_clients()
+        finally:
+            self._flusher_running = False  # _open_gate flushes by itself from now on
+
     async def _apply_chunk(self, txn: _OpenTransaction) -> None:
         # Too big to hold: apply now, keep the gate closed (clients see it at the commit).
+        if self._reshaped and not txn.chunked:
+            await self._resync_reshaped()  # before any of it is applied
         txn.chunked = True
         self.gate.closed = True
         changes, txn.changes = txn.changes, []
@@ -927,6 +1403,8 @@ class LiveData:
         touched: set[LiveClient] = set()
         try:
             touched = await self._apply(txn.xid, txn.end_lsn, txn.changes, txn.touched)
+            if self.metrics is not None and commit.timestamp is not None:
+                _stamp_commit(touched, _epoch(commit.timestamp))
             if txn.chunked:
                 self.ring.break_pins()  # the ring never held it whole
             elif self.ring.has_pins:
@@ -946,6 +1424,8 @@ class LiveData:
         clients: set[LiveClient] = set()
         wanted: dict[ObserverEntry, bool] = {}
         failed: set[ObserverEntry] = set()
+        if self.change_counts is not None:  # metrics: one C-speed count per transaction
+            self.change_counts.update(map(_TABLE_AND_KIND, changes))
         routes_by_table = self._routes
 
         def wants(entry: ObserverEntry) -> bool:
@@ -1040,38 +1520,70 @@ class LiveData:
             routes.hold(entry, key)
         return ops
 
-    async def _resync(self, entries: set[ObserverEntry]) -> set[LiveClient]:
-        """Re-run the queries; only the difference reaches clients (the gate is closed)."""
+    async def _resync(self, entries: set[ObserverEntry], reason: str = "observer_error"
+                      ) -> set[LiveClient]:
+        """Re-run the queries; only the difference reaches clients (the gate is closed).
+
+        ``reason`` (a short fixed word: stream_gap, transaction_restart, observer_error, ...)
+        labels ``cdcddp_resyncs_total``."""
         clients: set[LiveClient] = set()
         for entry in entries:
             if not entry.live:
                 continue
             self.resyncs += 1
+            self.resync_reasons[reason] += 1
             try:
-                rows, snapshot, lsn = await self._take_snapshot(entry.bound)
+                rows, snapshot, lsn, shape = await self._take_snapshot(entry.bound)
             except Exception as exc:
-                log.error("resync of %s.%s failed; its subscriptions stop", *entry.table,
-                          exc_info=exc)
-                self._fail(entry)
+                error: BaseException = exc
+                if reason == "schema_change" and isinstance(exc, psycopg.Error):
+                    # Its query can no longer run on the table's new shape (a published or
+                    # filtered column dropped, renamed or retyped): one clear warning, and
+                    # the subscriptions stop with an error saying why.
+                    primary = exc.diag.message_primary or str(exc).splitlines()[0]
+                    text = (f"table {entry.table[0]}.{entry.table[1]} changed (schema "
+                            f"change) and the publication's query can no longer run: "
+                            f"{primary}")
+                    log.warning("%s; stopping its %d subscription(s)", text,
+                                len(entry.subscribers))
+                    error = messages.MeteorError("schema-changed", text)
+                else:
+                    log.error("resync of %s.%s failed; its subscriptions stop", *entry.table,
+                              exc_info=exc)
+                self._fail(entry, error)
                 continue
             if not entry.live:
                 continue
+            entry.shape = shape
             ops = self._reload(entry, self._routes[entry.table], rows, snapshot, lsn)
             self._deliver(entry, ops, clients)
         return clients
 
-    def _fail(self, entry: ObserverEntry) -> None:
-        observer = entry.observer
-        assert observer is not None
-        for client, sub in list(entry.subscribers.values()):
+    def _fail(self, entry: ObserverEntry, error: BaseException) -> None:
+        """Stop the observer and every subscription using it (their connections send
+        ``nosub`` with ``error``, client-safe when it is a ``MeteorError``)."""
+        subscribers = list(entry.subscribers.values())
+        for client, sub in subscribers:
             self.remove_subscriber(entry, client, sub)
-            client.request_flush()
         self._drop(entry)
+        for client, sub in subscribers:
+            notify = client.on_subscription_failed
+            if notify is not None:
+                try:
+                    notify(sub, error)
+                except Exception:
+                    log.exception("stopping a subscription failed")
+            client.request_flush()
 
     def _deliver(self, entry: ObserverEntry, ops: Sequence[DocOp],
                  clients: set[LiveClient]) -> None:
         if not ops:
             return
+        with gc_paused():  # per-client dirty entries, by the thousand (see cdcddp.gcpause)
+            self._deliver_to_boxes(entry, ops, clients)
+
+    def _deliver_to_boxes(self, entry: ObserverEntry, ops: Sequence[DocOp],
+                          clients: set[LiveClient]) -> None:
         for client, sub in entry.subscribers.values():
             box = client.box
             try:

@@ -16,11 +16,13 @@ TOASTed value of a row moving *into* the result), :meth:`Observer.apply` answers
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Literal
 
 from cdcddp.ddp.mergebox import values_equal
+from cdcddp.gcpause import gc_paused
 from cdcddp.publish.definition import BoundCursor, Fields
 from cdcddp.publish.ids import id_stringify
 from cdcddp.publish.visibility import Snapshot
@@ -60,6 +62,41 @@ def diff_fields(old: Fields, new: Fields) -> tuple[Fields, tuple[str, ...]]:
     return changed, cleared
 
 
+def _key_getter(columns: tuple[str, ...]) -> Callable[[Mapping[str, Any]], Key]:
+    """``row -> tuple of the key columns' values`` (KeyError when one is missing)."""
+    if len(columns) == 1:
+        column = columns[0]
+        return lambda row: (row[column],)
+    return itemgetter(*columns)  # type: ignore[return-value]
+
+
+# Non-negative ints below this have at most 23 digits: their decimal text is their wire id
+# (no sign to escape, too short to look like an ObjectID).
+_PLAIN_INT_ID_LIMIT = 10**23
+
+
+def _wire_renderer(render: Callable[[Row], tuple[str, Fields]], key_columns: tuple[str, ...],
+                   field_map: tuple[tuple[str, str], ...]
+                   ) -> Callable[[Row], tuple[str, Fields]]:
+    """``row -> (DDP wire id, fields)``: ``cursor.render`` plus ``id_stringify``, with the
+    common single integer key done inline (this runs for every row of a snapshot)."""
+    if len(key_columns) != 1:
+        def general(row: Row) -> tuple[str, Fields]:
+            doc_id, fields = render(row)
+            return id_stringify(doc_id), fields  # DocOps carry the DDP wire id
+        return general
+    key = key_columns[0]
+    pairs = field_map
+
+    def single_key(row: Row) -> tuple[str, Fields]:
+        value = row[key]
+        if type(value) is int and 0 <= value < _PLAIN_INT_ID_LIMIT:
+            return str(value), {name: row[column] for column, name in pairs}
+        doc_id, fields = render(row)
+        return id_stringify(doc_id), fields
+    return single_key
+
+
 class Observer:
     """The result set of one bound cursor."""
 
@@ -74,12 +111,8 @@ class Observer:
         self.key_columns = cursor.key_columns
         self._matches = bound.predicate
         self._filter_columns = bound.filter.columns
-        render = cursor.render
-
-        def render_for_wire(row: Row) -> tuple[str, Fields]:
-            doc_id, fields = render(row)
-            return id_stringify(doc_id), fields  # DocOps carry the DDP wire id
-        self._render = render_for_wire
+        self._key_of = _key_getter(self.key_columns)
+        self._render = _wire_renderer(cursor.render, cursor.key_columns, cursor.field_map)
         self.rows: dict[Key, Row] = {}
         self.docs: dict[Key, tuple[str, Fields]] = {}
         # Until the stream passes the snapshot, transactions it already saw are skipped.
@@ -131,7 +164,21 @@ class Observer:
 
     # -- loading and resync --------------------------------------------------------------------
     def key_of(self, row: Mapping[str, Any]) -> Key:
-        return tuple(row[c] for c in self.key_columns)
+        return self._key_of(row)
+
+    def fill(self, rows: Iterable[Row]) -> None:
+        """The initial result of a new observer (no subscriber yet): :meth:`load` without
+        building the ops nobody would read."""
+        if self.docs:
+            self.load(rows)
+            return
+        key_of, render = self._key_of, self._render
+        all_rows, docs = self.rows, self.docs
+        with gc_paused():
+            for row in rows:
+                key = key_of(row)
+                all_rows[key] = row
+                docs[key] = render(row)
 
     def load(self, rows: Iterable[Row]) -> list[DocOp]:
         """Replace the result with a query's rows; the ops turn the old result into the new.
@@ -143,9 +190,10 @@ class Observer:
         self.rows, self.docs = {}, {}
         self.fetched = {}
         ops: list[DocOp] = []
+        key_of, render = self._key_of, self._render
         for row in rows:
-            key = self.key_of(row)
-            doc_id, fields = self._render(row)
+            key = key_of(row)
+            doc_id, fields = render(row)
             self.rows[key] = row
             previous = old_docs.pop(key, None)
             if previous is None:

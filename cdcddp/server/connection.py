@@ -2,19 +2,23 @@
 ordered queue of method and publication calls.
 
 Everything that queues outgoing DDP on the session (the reader, the method queue, publication
-contexts, later the fan-out) calls ``flush_soon()``: it moves the session's messages into this
-connection's bounded outbox and wakes the pump, which writes the whole outbox as few frames in
-one socket write. Nothing but the pump ever awaits the socket, so a client that stops reading
-only ever stalls its own pump, and is disconnected once its outbox or one write passes a bound.
+contexts, the live-data fan-out) calls ``flush_soon()``: it moves the session's messages into
+this connection's bounded outbox and writes it as one socket write — at once, without a task
+switch, when no write is under way and the socket takes the bytes (the fan-out flushes every
+client a commit touched: a wake-up per client would cost more than its write); otherwise it
+wakes the pump, which writes the outbox (and whatever the socket did not take). Nothing but
+the pump ever awaits the socket, so a client that stops reading only ever stalls its own pump,
+and is disconnected once its outbox or one write passes a bound.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 import trio_websocket
@@ -23,6 +27,9 @@ from cdcddp.app import App, MethodContext, MethodHandler, PublicationHandler, bi
 from cdcddp.db import Database
 from cdcddp.ddp.messages import UNDEFINED, MeteorError
 from cdcddp.ddp.session import (
+    CLOSE_CONNECT_TIMEOUT,
+    CLOSE_HEARTBEAT_TIMEOUT,
+    CLOSE_VERSION_FAILED,
     CloseRequested,
     MethodRequested,
     ServerSession,
@@ -44,6 +51,7 @@ from cdcddp.publish.livedata import (
     ObserverEntry,
     SubKey,
     begin_snapshot_seeing,
+    run_seeing,
 )
 from cdcddp.publish.lookup import Dependency, SqlRowLookup
 from cdcddp.publish.visibility import Snapshot
@@ -51,11 +59,28 @@ from cdcddp.server.config import ServerConfig
 from cdcddp.server.sockjs import HEARTBEAT_FRAME, SockJSFramingError
 from cdcddp.server.transport import FrameWriter, Framing
 
+if TYPE_CHECKING:
+    from cdcddp.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 BAD_REQUEST_ERROR = '{"msg":"error","reason":"Bad request"}'
 INTERNAL_ERROR = '{"msg":"error","reason":"Internal server error"}'
 GOING_AWAY = (1001, "Going away")
+
+
+# Metrics: the close a session ended with -> its reason label.
+SLOW_CLIENT_ABORTS = frozenset({"send buffer size limit exceeded (client not reading)",
+                                "write time limit exceeded (client not reading)"})
+CLOSE_REASONS = {CLOSE_HEARTBEAT_TIMEOUT: "heartbeat_timeout",
+                 CLOSE_CONNECT_TIMEOUT: "connect_timeout",
+                 CLOSE_VERSION_FAILED: "protocol_error", GOING_AWAY: "shutdown",
+                 (1000, "Login token revoked"): "token_revoked"}
+PROTOCOL_ERROR_CODES = frozenset({1002, 1003, 1007, 1009})
+
+
+def _publication_name(sub: Subscription | LiveSubscription) -> str:
+    return sub.name if isinstance(sub, Subscription) else sub.publication.name or "(universal)"
 
 
 def internal_error() -> MeteorError:
@@ -177,8 +202,10 @@ class Connection:
                  tls: bool = False,
                  on_login: Callable[[Connection, LoginState, LoginState], None] | None = None,
                  on_tokens_revoked: Callable[[Connection, tuple[str, ...]], None] | None = None,
+                 metrics: Metrics | None = None,
                  ) -> None:
         self.app = app
+        self.metrics = metrics
         self.database = database if database is not None else (
             live.database if live is not None else None)
         self.peer_address = peer_address
@@ -196,11 +223,14 @@ class Connection:
         self.client = LiveClient(session, self.flush_soon, output_busy=self._output_busy,
                                  gate=live.gate if live is not None else OPEN_GATE,
                                  on_failure=self.abort)
-        self._writing = False
+        self.client.on_subscription_failed = self._observer_failed
+        self._writing = True  # until run() has written the opening frames
+        self._pump_deadline = float("inf")  # when the pump wakes up by itself
         self._universal: list[LiveSubscription] = []
         self._universal_started = False
         self._ws = ws
-        self._writer = FrameWriter(ws)
+        self._writer = FrameWriter(ws, metrics.send_counts if metrics is not None else None)
+        self._send_counts = metrics.send_counts if metrics is not None else None
         self._wake = trio.Event()
         self._outbox: list[str] = []
         self._outbox_chars = 0
@@ -215,9 +245,22 @@ class Connection:
     # ---- called from anywhere (sync) -------------------------------------------------------
 
     def flush_soon(self) -> None:
-        """Move the session's queued messages to the outbox and wake the writer."""
-        if self._drain_session():
+        """Move the session's queued messages to the outbox and write them: at once if the
+        socket takes them, else by waking the writer."""
+        if self._drain_session() and not self._write_now():
             self._wake.set()
+
+    def _write_now(self) -> bool:
+        """Write the outbox without awaiting (FrameWriter.try_write). The engine flushes every
+        client a commit touched; a task switch per client would cost more than the write.
+        False: the pump must act (a write under way, a backlog, a large flush's next piece)."""
+        if self._writing or self._close_request is not None or self.aborted:
+            return False
+        if not self._writer.try_write(self.framing.outgoing(self._outbox)):
+            return False
+        self._outbox, self._outbox_chars = [], 0
+        self._written()
+        return not self._writer.backlog and not self.client.flush_wanted
 
     def _drain_session(self) -> bool:
         """Move the session's queued messages to the bounded outbox; True if any moved."""
@@ -225,7 +268,9 @@ class Connection:
         if not messages:
             return False
         self._outbox.extend(messages)
-        self._outbox_chars += sum(len(m) for m in messages)
+        if self._send_counts is not None:
+            self._send_counts.count_messages(messages)
+        self._outbox_chars += sum(map(len, messages))
         if self._outbox_chars > self.config.max_send_buffer_bytes:
             self.abort("send buffer size limit exceeded (client not reading)")
         return True
@@ -235,6 +280,22 @@ class Connection:
         if self._close_request is None:
             self._close_request = (code, reason)
         self._wake.set()
+
+    @property
+    def close_reason(self) -> str:
+        """Why the session ended (after ``run``), for ``cdcddp_sessions_closed_total``:
+        client, heartbeat_timeout, connect_timeout, protocol_error, slow_client, shutdown,
+        token_revoked, server_error or closed (another close the server asked for)."""
+        abort = self._abort_reason
+        if abort is not None:
+            return "slow_client" if abort in SLOW_CLIENT_ABORTS else "server_error"
+        request = self._close_request
+        if request is not None:
+            return CLOSE_REASONS.get(request, "closed")
+        closed = self._ws.closed
+        if closed is not None and closed.code in PROTOCOL_ERROR_CODES:
+            return "protocol_error"  # the WebSocket layer closed on a bad frame or size
+        return "client"
 
     def abort(self, reason: str) -> None:
         """Drop the connection without a closing handshake (its socket is stuck)."""
@@ -250,7 +311,7 @@ class Connection:
 
     def _output_busy(self) -> bool:
         # While a write is under way (or queued), merge-box changes wait and coalesce.
-        return self._writing or bool(self._outbox)
+        return self._writing or bool(self._outbox) or self._writer.backlog
 
     # ---- lifetime --------------------------------------------------------------------------
 
@@ -264,6 +325,7 @@ class Connection:
                 now = trio.current_time()
                 self._last_write = now
                 await self._write(self.framing.opening_frames())
+                self._writing = False
                 self.session.opened(now)
                 self.flush_soon()
                 nursery.start_soon(self._pump)
@@ -279,6 +341,9 @@ class Connection:
                     self._detach(sub, remove_documents=False)
                 else:
                     sub.forget()
+            if self.metrics is not None:
+                for sub in self._subs.values():
+                    self.metrics.subscription_stopped(_publication_name(sub))
             self._subs.clear()
             self._universal.clear()
             self._work.clear()
@@ -334,6 +399,8 @@ class Connection:
             if self._close_request is not None:
                 break
         self.flush_soon()
+        if self.session.next_deadline() < self._pump_deadline:
+            self._wake.set()  # e.g. heartbeats start after `connect`: re-arm the pump's timer
 
     async def _pump(self) -> None:
         """Writer and heartbeat driver: write the outbox, run session heartbeats, close."""
@@ -342,17 +409,18 @@ class Connection:
             deadline = self.session.next_deadline()
             if heartbeat is not None:
                 deadline = min(deadline, self._last_write + heartbeat)
+            self._pump_deadline = deadline
             with trio.move_on_at(deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
             self._dispatch(self.session.tick(now))
             self._drain_session()
-            if self.client.flush_wanted and not self._outbox:
+            if self.client.flush_wanted and not self._outbox and not self._writer.backlog:
                 # Changes that waited (coalescing) for the socket; one piece per write.
                 self.client.flush()
                 self._drain_session()  # not flush_soon(): that would re-arm the event just reset
-            if self._outbox:
+            if self._outbox or self._writer.backlog:
                 pending, self._outbox, self._outbox_chars = self._outbox, [], 0
                 self._writing = True
                 try:
@@ -365,20 +433,33 @@ class Connection:
                 await self._write([HEARTBEAT_FRAME])
             if self._close_request is not None:
                 code, reason = self._close_request
+                if code == GOING_AWAY[0] and self._worker_running:
+                    # Server shutdown: the call under way finishes (the server bounds the wait
+                    # by its shutdown_timeout) and its result goes out before the Close; calls
+                    # not started are dropped (Meteor clients send them again on reconnect).
+                    self._work.clear()
+                    continue
                 await self.close_gracefully(code, reason)
                 assert self._nursery is not None
                 self._nursery.cancel_scope.cancel()
                 return
 
     async def _write(self, frames: list[str]) -> None:
-        if not frames:
+        if not frames and not self._writer.backlog:
             return
         with trio.move_on_after(self.config.send_timeout) as scope:
             await self._writer.write(frames)
         if scope.cancelled_caught:
             self.abort("write time limit exceeded (client not reading)")
             await trio.lowlevel.checkpoint()  # deliver the cancellation
+        self._written()
+
+    def _written(self) -> None:
         self._last_write = trio.current_time()
+        if self.client.commit_time and self.metrics is not None:
+            # These frames carried changes of a transaction committed at commit_time.
+            self.metrics.commit_sent(time.time() - self.client.commit_time)
+            self.client.commit_time = 0.0
 
     # ---- DDP events ------------------------------------------------------------------------
 
@@ -394,22 +475,33 @@ class Connection:
                 self.request_close(event.code, event.reason)
 
     def _on_method(self, event: MethodRequested) -> None:
+        received = time.monotonic()
         handler = self.app.methods.get(event.name)
         if handler is None and event.name in self.app.typed_methods:
-            self._enqueue(lambda: self._run_typed_method(event))
+            self._enqueue(lambda: self._run_typed_method(event, received))
             return
         if handler is None:
             self.session.result(event.method_id,
                                 error=MeteorError(404, f"Method '{event.name}' not found"))
+            self._count_method(event.name, "not_found", received)
             self._method_finished(event.method_id)
             return
-        self._enqueue(lambda: self._run_method(event, handler))
+        self._enqueue(lambda: self._run_method(event, handler, received))
+
+    def _count_method(self, name: str, outcome: str, received: float) -> None:
+        """Metrics: a call finished (ok, error, internal_error or not_found)."""
+        if self.metrics is not None:
+            self.metrics.method_finished(name, outcome, time.monotonic() - received)
+            if name == "login":  # the accounts login method (password or resume token)
+                self.metrics.login(outcome == "ok")
 
     def _on_subscribe(self, event: SubscribeRequested) -> None:
         publication = self.app.publications.get(event.name)
         if publication is not None:
             live_sub = LiveSubscription(event.sub_id, publication, event.params)
             self._subs[event.sub_id] = live_sub
+            if self.metrics is not None:
+                self.metrics.subscription_started(event.name)
             self._enqueue(lambda: self._run_live_subscription(live_sub))
             return
         handler = self.app.publish_handlers.get(event.name)
@@ -419,11 +511,15 @@ class Connection:
             return
         sub = Subscription(self, event.sub_id, event.name)
         self._subs[event.sub_id] = sub
+        if self.metrics is not None:
+            self.metrics.subscription_started(event.name)
         self._enqueue(lambda: self._run_publication(sub, handler, event.params))
 
     def stop_subscription(self, sub_id: str, error: MeteorError | None) -> None:
         """unsub, or a publication error: remove its documents, then ``nosub``."""
         sub = self._subs.pop(sub_id, None)
+        if sub is not None and self.metrics is not None:
+            self.metrics.subscription_stopped(_publication_name(sub))
         if isinstance(sub, LiveSubscription):
             self._detach(sub)
         elif sub is not None:
@@ -453,12 +549,13 @@ class Connection:
 
             delivered_before = self.live.commits_seen
 
-            def resolve_with_lookup(conn: Any) -> tuple[tuple[BoundCursor, ...], set[Dependency]]:
-                snapshot = begin_snapshot_seeing(conn, after_xid)
+            def resolve_with_lookup(conn: Any, insist: bool
+                                    ) -> tuple[tuple[BoundCursor, ...], set[Dependency]]:
+                snapshot = begin_snapshot_seeing(conn, after_xid, insist=insist)
                 sub.lookup_guard = (delivered_before, snapshot)
                 lookup = SqlRowLookup(conn)
                 return publication.resolve(sub.params, user_id, lookup), lookup.dependencies
-            return await self.live.database.run(resolve_with_lookup)
+            return await run_seeing(self.live.database, resolve_with_lookup)
         return publication.resolve(sub.params, user_id), None
 
     def _watch(self, sub: LiveSubscription, dependencies: set[Dependency] | None) -> None:
@@ -522,6 +619,18 @@ class Connection:
             session = self.session
             self.client.after_flush(lambda: session.ready([sub_id]))
         self.client.request_flush()
+
+    def _observer_failed(self, key: SubKey, error: BaseException) -> None:
+        """The engine stopped an observer this subscription used (its query can no longer
+        run, e.g. a published column was dropped): the subscription stops, ``nosub`` says
+        why."""
+        sub = self._subs.get(key) if isinstance(key, str) else next(
+            (s for s in self._universal if s.key == key), None)
+        if not isinstance(sub, LiveSubscription) or sub.stopped:
+            return
+        self._detach(sub)
+        name = sub.publication.name or "(universal)"
+        self._live_subscription_failed(sub, to_meteor_error(error, f"publication {name!r}"))
 
     def _live_subscription_failed(self, sub: LiveSubscription, error: MeteorError) -> None:
         if sub.sub_id is not None:
@@ -635,19 +744,25 @@ class Connection:
                 self.flush_soon()
         finally:
             self._worker_running = False
+            if self._close_request is not None:
+                self._wake.set()  # a shutdown close was waiting for this call
 
-    async def _run_method(self, event: MethodRequested, handler: MethodHandler) -> None:
+    async def _run_method(self, event: MethodRequested, handler: MethodHandler,
+                          received: float = 0.0) -> None:
         context = MethodContext(connection_id=self.connection_id, user_id=None,
                                 random_seed=event.random_seed, method_id=event.method_id)
         bound = bind_params(handler, context, event.params)
+        outcome = "ok"
         if bound is None:
             self.session.result(event.method_id, error=MeteorError(400, "Match failed"))
+            outcome = "error"
         else:
             try:
                 value = await handler(*bound.args, **bound.kwargs)
             except Exception as exc:
                 self.session.result(event.method_id,
                                     error=to_meteor_error(exc, f"method {event.name!r}"))
+                outcome = "error" if isinstance(exc, MeteorError) else "internal_error"
             else:
                 try:
                     # Python's "returned nothing" is None: like Meteor's undefined, no value
@@ -655,14 +770,19 @@ class Connection:
                 except Exception as exc:  # a value that cannot be sent is the method's bug: 500
                     self.session.result(event.method_id,
                                         error=to_meteor_error(exc, f"method {event.name!r}"))
+                    outcome = "internal_error"
+        self._count_method(event.name, outcome, received)
         self._method_finished(event.method_id)
 
-    async def _run_typed_method(self, event: MethodRequested) -> None:
+    async def _run_typed_method(self, event: MethodRequested, received: float = 0.0) -> None:
         info = ConnectionInfo(self.connection_id, self.login, self.peer_address,
                               self.secure_transport)
         outcome = await invoke(self.app.typed_methods, event.name, event.params, info,
                                method_id=event.method_id, random_seed=event.random_seed,
                                database=self.database)
+        error = outcome.error
+        self._count_method(event.name, "ok" if error is None else
+                           "internal_error" if error.error == 500 else "error", received)
         login_changed = False
         if outcome.login is not None and outcome.login != self.login:
             previous, self.login = self.login, outcome.login

@@ -117,6 +117,7 @@ class RouteKind(Enum):
     SOCKJS_INFO_OPTIONS = "sockjs-info-options"
     SOCKJS_GREETING = "sockjs-greeting"
     HEALTH = "health"
+    READY = "ready"
     OTHER = "other"  # static-file hook, else 404
 
 
@@ -138,6 +139,8 @@ def route(head: RequestHead) -> RouteKind:
         return RouteKind.SOCKJS_GREETING
     if path == "/healthz":
         return RouteKind.HEALTH
+    if path == "/readyz":
+        return RouteKind.READY
     return RouteKind.OTHER
 
 
@@ -222,8 +225,10 @@ def health_response(ok: bool, detail: str) -> HttpResponse:
 
 
 def plain_response(head: RequestHead, kind: RouteKind, *, entropy: int, healthy: bool,
-                   static: StaticHandler | None = None) -> HttpResponse:
-    """The response to a non-WebSocket request."""
+                   static: StaticHandler | None = None,
+                   readiness: tuple[bool, str] | None = None) -> HttpResponse:
+    """The response to a non-WebSocket request (``readiness``: the server's (ready, reason)
+    for ``/readyz``; without it readiness is health)."""
     if kind is RouteKind.SOCKJS_INFO_OPTIONS:
         return sockjs_info_options_response(head)
     if head.method not in ("GET", "HEAD"):
@@ -234,6 +239,10 @@ def plain_response(head: RequestHead, kind: RouteKind, *, entropy: int, healthy:
         return text_response(200, "Welcome to SockJS!\n")
     if kind is RouteKind.HEALTH:
         return health_response(healthy, "ok" if healthy else "shutting down")
+    if kind is RouteKind.READY:
+        if readiness is None:
+            return health_response(healthy, "ok" if healthy else "shutting down")
+        return health_response(*readiness)
     if kind in (RouteKind.RAW_WEBSOCKET, RouteKind.SOCKJS_WEBSOCKET):
         return text_response(400, 'Can "Upgrade" only to "WebSocket".\n')
     if static is not None:

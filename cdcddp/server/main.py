@@ -24,11 +24,14 @@ from cdcddp.server.static import StaticFiles
 log = logging.getLogger("cdcddp.server")
 
 
-def build_server(app: App, config: Config, database: Database) -> Server:
+def build_server(app: App, config: Config, database: Database,
+                 metrics: Metrics | None = None) -> Server:
     server_config = config.server_config()
     server_config.static = StaticFiles(config.static_dir)
-    live = LiveDataConfig(slot=config.slot, temporary_slot=config.temporary_slot)
-    return Server(app, server_config, dsn=config.dsn_value, database=database, live_config=live)
+    live = LiveDataConfig(slot=config.slot, temporary_slot=config.temporary_slot,
+                          resync_behind_bytes=config.resync_behind_bytes)
+    return Server(app, server_config, dsn=config.dsn_value, database=database, live_config=live,
+                  metrics=metrics)
 
 
 async def run(config: Config, *,
@@ -37,7 +40,7 @@ async def run(config: Config, *,
     app = load_app(config.app)
     metrics = Metrics()
     database = Database(config.dsn_value, application_name="cdcddp")
-    server = build_server(app, config, database)
+    server = build_server(app, config, database, metrics)
     try:
         if app.schemas:  # idempotent schema files the app asks for (before the slot starts)
             await apply_schema(database, *app.schemas)

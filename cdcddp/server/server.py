@@ -24,6 +24,7 @@ live; without one it serves methods and handler-style publications only::
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import secrets
 import signal
@@ -35,6 +36,7 @@ from cdcddp.app import App
 from cdcddp.db import Database
 from cdcddp.ddp.session import ServerSession
 from cdcddp.methods.context import LoginState
+from cdcddp.metrics import Metrics
 from cdcddp.publish.livedata import LiveData, LiveDataConfig
 from cdcddp.server import http
 from cdcddp.server.config import ServerConfig
@@ -54,15 +56,20 @@ class Server:
 
     def __init__(self, app: App, config: ServerConfig | None = None, *, dsn: str | None = None,
                  live_config: LiveDataConfig | None = None,
-                 database: Database | None = None) -> None:
+                 database: Database | None = None, metrics: Metrics | None = None) -> None:
         self.app = app
         self.config = config or ServerConfig()
         self.dsn = dsn
         self.database = database if database is not None or dsn is None else Database(dsn)
+        # Optional Prometheus metrics: the engine and connections keep plain counters that
+        # the on_collect hook copies at scrape time; None costs nothing.
+        self.metrics = metrics
         self.live: LiveData | None = None
         if dsn is not None:
             assert self.database is not None
-            self.live = LiveData(self.database, dsn, live_config)
+            self.live = LiveData(self.database, dsn, live_config, metrics=metrics)
+        if metrics is not None:
+            metrics.on_collect(self._collect_metrics)
         self.port: int | None = None
         # Every live handler's cancel scope, with its Connection once the WebSocket is open.
         self._handlers: dict[trio.CancelScope, Connection | None] = {}
@@ -77,6 +84,38 @@ class Server:
     def connections(self) -> list[Connection]:
         return [c for c in self._handlers.values() if c is not None]
 
+    def _collect_metrics(self) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        if self.live is not None:
+            metrics.sync_live(self.live)
+        metrics.set_mergebox_documents(
+            sum(c.client.box.document_count for c in self.connections))
+
+    def readiness(self) -> tuple[bool, str]:
+        """``/readyz``: (ready, one-line reason). Ready while serving and, with live data,
+        while the replication stream is connected and the applied position is no more than
+        ``readiness_max_lag_seconds`` behind (see ``LiveData.replication_lag``) and the slot's
+        last polled lag (metrics) is within ``readiness_max_lag_bytes``."""
+        if self._shutting_down:
+            return False, "shutting down"
+        if self.port is None:
+            return False, "not serving yet"
+        live = self.live
+        if live is None:
+            return True, "ok"
+        if not live.stream_connected:
+            return False, "replication stream disconnected"
+        lag = live.replication_lag()
+        limit = self.config.readiness_max_lag_seconds
+        if lag > limit:
+            return False, f"replication lag {lag:.1f}s exceeds {limit:g}s"
+        max_bytes = self.config.readiness_max_lag_bytes
+        slot_lag = self.metrics.last_slot_lag_bytes if self.metrics is not None else None
+        if max_bytes is not None and slot_lag is not None and slot_lag > max_bytes:
+            return False, f"replication slot lag {slot_lag} bytes exceeds {max_bytes}"
+        return True, "ok"
+
     async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until ``shutdown()`` or cancellation; reports the bound port.
@@ -84,13 +123,19 @@ class Server:
         With a DSN the live-data engine starts first (its slot must exist before any
         subscription takes its snapshot); it stops when serving stops.
         """
-        if self.live is None:
-            await self._serve(host, port, task_status=task_status)
-            return
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.live.run)
-            await self._serve(host, port, task_status=task_status)
-            nursery.cancel_scope.cancel()
+        thresholds = gc.get_threshold()
+        if self.config.gc_threshold is not None:
+            gc.set_threshold(self.config.gc_threshold, *thresholds[1:])
+        try:
+            if self.live is None:
+                await self._serve(host, port, task_status=task_status)
+                return
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.live.run)
+                await self._serve(host, port, task_status=task_status)
+                nursery.cancel_scope.cancel()
+        finally:
+            gc.set_threshold(*thresholds)
 
     async def _serve(self, host: str, port: int, *,
                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -229,8 +274,10 @@ class Server:
             replay = ReplayStream(stream, bytes(buffer[:end]), bytes(buffer[end:]))
             await self._serve_websocket(replay, framing, scope, peer)
             return
-        response = http.plain_response(head, kind, entropy=secrets.randbits(32),
-                                       healthy=not self._shutting_down, static=config.static)
+        response = http.plain_response(
+            head, kind, entropy=secrets.randbits(32), healthy=not self._shutting_down,
+            static=config.static,
+            readiness=self.readiness() if kind is http.RouteKind.READY else None)
         await self._respond(stream, response, head_only=head.method == "HEAD")
 
     async def _respond(self, stream: trio.abc.Stream, response: http.HttpResponse, *,
@@ -266,13 +313,24 @@ class Server:
             connection = Connection(app=self.app, session=session, ws=ws, framing=framing,
                                     config=config, live=self.live, database=self.database,
                                     peer_address=peer, on_login=self._login_changed,
-                                    on_tokens_revoked=self._tokens_revoked)
+                                    on_tokens_revoked=self._tokens_revoked,
+                                    metrics=self.metrics)
             self._handlers[scope] = connection
+            metrics = self.metrics
+            if metrics is not None:
+                metrics.session_opened()
+            finished = False
             try:
                 if self._shutting_down:
                     connection.request_close(*GOING_AWAY)
                 await connection.run()
+                finished = True
             finally:
+                if metrics is not None:
+                    reason = connection.close_reason
+                    if not finished and reason == "client":  # cancelled, or run() failed
+                        reason = "shutdown" if self._shutting_down else "server_error"
+                    metrics.session_closed(reason)
                 self._forget_token(connection, connection.login.login_token_hash)
                 self._handlers[scope] = None
                 ws_nursery.cancel_scope.cancel()

@@ -29,7 +29,18 @@ from typing import Any, Final
 import orjson
 
 from cdcddp.wal import pgtypes
-from cdcddp.wal.events import Begin, Commit, Delete, Event, Insert, Message, Row, Truncate, Update
+from cdcddp.wal.events import (
+    Begin,
+    Commit,
+    Delete,
+    Event,
+    Insert,
+    Message,
+    Relation,
+    Row,
+    Truncate,
+    Update,
+)
 from cdcddp.wal.pgtypes import Converter, TypeCatalog, timestamptz_from_text
 
 WAL2JSON_OPTIONS: Final[dict[str, str]] = {
@@ -91,20 +102,31 @@ def _timestamp(doc: dict[str, Any]) -> Any:
     return None if text is None else timestamptz_from_text(text)
 
 
+# A table's known shape: (type oids, column names, accepted (oids, names) variants).
+_Shape = tuple[tuple[int, ...], tuple[str, ...], set[tuple[tuple[int, ...], tuple[str, ...]]]]
+
+
 class Decoder:
     """Decodes wal2json v2 payloads; caches converters per column type signature.
 
     Not thread-safe (one per stream). ``catalog`` resolves domains and user array types.
     """
 
-    __slots__ = ("_catalog", "_handlers", "_numeric_texts", "_payload", "_plans",
-                 "unresolved_oids")
+    __slots__ = ("_catalog", "_handlers", "_numeric_texts", "_payload", "_plans", "_shapes",
+                 "relations", "track_shapes", "unresolved_oids")
 
     def __init__(self, catalog: TypeCatalog | None = None) -> None:
         self._catalog = catalog
         # type-oid signature of a row -> ((column index, converter), ...) for columns to convert
         self._plans: dict[tuple[int, ...], tuple[tuple[int, Converter], ...]] = {}
         self.unresolved_oids: set[int] = set()
+        # With ``track_shapes``: (schema, table) -> (type oids, column names, other accepted
+        # (oids, names) variants: UPDATEs lacking unchanged TOASTed columns). A change that
+        # does not fit queues a ``Relation`` in ``relations``: the caller delivers (and
+        # clears) them before the change.
+        self.track_shapes = False
+        self._shapes: dict[tuple[str, str], _Shape] = {}
+        self.relations: list[Relation] = []
         self._payload: bytes | memoryview = b""
         self._numeric_texts: Iterator[bytes] | None = None
         self._handlers: dict[str, Callable[[dict[str, Any]], Event]] = {
@@ -169,8 +191,10 @@ class Decoder:
         self._plans[signature] = plan
         return plan
 
-    def _row(self, entries: list[dict[str, Any]]) -> Row:
-        signature = tuple([entry["typeoid"] for entry in entries])
+    def _row(self, entries: list[dict[str, Any]], signature: tuple[int, ...] | None = None
+             ) -> Row:
+        if signature is None:
+            signature = tuple([entry["typeoid"] for entry in entries])
         plan = self._plans.get(signature)
         if plan is None:
             plan = self._plan(signature)
@@ -185,12 +209,55 @@ class Decoder:
     # -- one handler per action -------------------------------------------------------------
 
     def _insert(self, doc: dict[str, Any]) -> Insert:
-        return Insert(doc["xid"], _lsn(doc["lsn"]), doc["schema"], doc["table"],
-                      self._row(doc["columns"]), _pk(doc))
+        entries = doc["columns"]
+        signature = tuple([entry["typeoid"] for entry in entries])
+        new = self._row(entries, signature)
+        schema, table = doc["schema"], doc["table"]
+        if self.track_shapes:
+            known = self._shapes.get((schema, table))
+            if known is None or known[0] != signature or known[1] != tuple(new):
+                self._reshaped(doc["xid"], schema, table, signature, tuple(new), True)
+        return Insert(doc["xid"], _lsn(doc["lsn"]), schema, table, new, _pk(doc))
 
     def _update(self, doc: dict[str, Any]) -> Update:
-        return Update(doc["xid"], _lsn(doc["lsn"]), doc["schema"], doc["table"],
-                      self._row(doc["columns"]), self._row(doc["identity"]), _pk(doc))
+        entries = doc["columns"]
+        signature = tuple([entry["typeoid"] for entry in entries])
+        new = self._row(entries, signature)
+        schema, table = doc["schema"], doc["table"]
+        if self.track_shapes:
+            known = self._shapes.get((schema, table))
+            if known is None or known[0] != signature or known[1] != tuple(new):
+                names = tuple(new)
+                if known is None or (signature, names) not in known[2]:
+                    self._reshaped(doc["xid"], schema, table, signature, names, False)
+        return Update(doc["xid"], _lsn(doc["lsn"]), schema, table,
+                      new, self._row(doc["identity"]), _pk(doc))
+
+    def _reshaped(self, xid: int, schema: str, table: str, signature: tuple[int, ...],
+                  names: tuple[str, ...], complete: bool) -> None:
+        """A change that does not fit the table's known shape (slow path, rare)."""
+        key = (schema, table)
+        known = self._shapes.get(key)
+        present = tuple(zip(names, signature, strict=True))
+        previous = None if known is None else tuple(zip(known[1], known[0], strict=True))
+        if known is not None and not complete:
+            # An UPDATE leaves out unchanged TOASTed columns: if what it has fits, it is a
+            # variant of the known shape, not a new one.
+            old = dict(previous or ())
+            absent = tuple(n for n, _ in previous or () if n not in names)
+            if all(old.get(name, -1) == oid for name, oid in present):
+                known[2].add((signature, names))
+                self.relations.append(Relation(xid, schema, table, previous or (), False,
+                                               previous, absent))
+                return
+            present += tuple((n, o) for n, o in previous or () if n not in names)
+        else:
+            absent = ()
+        columns = present
+        self._shapes[key] = (tuple(o for _, o in columns), tuple(n for n, _ in columns),
+                             set() if complete else {(signature, names)})
+        self.relations.append(Relation(xid, schema, table, columns, complete, previous,
+                                       absent))
 
     def _delete(self, doc: dict[str, Any]) -> Delete:
         return Delete(doc["xid"], _lsn(doc["lsn"]), doc["schema"], doc["table"],

@@ -146,5 +146,30 @@ class StreamGap:
     action: Literal["G"] = "G"
 
 
-StreamEvent = Event | TransactionRestart | StreamGap
-"""What ``cdcddp.wal.stream`` yields: change events plus the two control events."""
+@dataclass(slots=True)
+class Relation:
+    """The shape of a table's rows as the stream now carries them (wal2json streams no DDL).
+
+    Emitted just before a row change of a table the decoder has not seen yet, and before one
+    whose columns (names or type oids) differ from the table's last known shape: a schema
+    change (ADD/DROP/RENAME COLUMN, ALTER COLUMN ... TYPE) happened before it. An UPDATE may
+    omit unchanged TOASTed columns; a shape learnt from one is ``complete=False`` and keeps the
+    columns it lacks from the previous shape (they are presumed unchanged, not dropped). The
+    first UPDATE lacking a given set of columns is reported too (``absent``): a dropped
+    variable-length column looks the same as a TOASTed one left out.
+    """
+
+    xid: int  # the transaction of the change that showed it
+    schema: str
+    table: str
+    columns: tuple[tuple[str, int], ...]  # (name, type oid)
+    complete: bool  # taken from an INSERT: every column of the table is present
+    previous: tuple[tuple[str, int], ...] | None  # the shape it replaces; None: first seen
+    # Columns of ``columns`` the UPDATE that showed it lacked (presumed unchanged TOASTed
+    # values; a consumer that must know can ask the catalog whether they still exist).
+    absent: tuple[str, ...] = ()
+    action: Literal["S"] = "S"
+
+
+StreamEvent = Event | TransactionRestart | StreamGap | Relation
+"""What ``cdcddp.wal.stream`` yields: change events, the two control events, and shapes."""

@@ -17,7 +17,11 @@ Delivery contract across reconnects (the connection is re-established with backo
   ``TransactionRestart(xid)``: discard what was received of it, it comes again whole;
 * if the slot had to be (re)created after streaming started — a temporary slot after a
   reconnect, a dropped slot, or ``start_lsn`` behind the slot — ``StreamGap`` says changes
-  may be missing: resync.
+  may be missing: resync. :meth:`ReplicationStream.skip_backlog` skips on purpose (the slot
+  is advanced to the server's current WAL position) and says so with a ``StreamGap`` too;
+* with ``report_relations``, a ``Relation`` precedes the first change of each table after
+  (re)connecting and any change whose columns differ from the table's last known shape (a
+  schema change).
 
 Fatal problems (slot invalidated, wrong plugin, bad option, authentication) end the iteration
 with ``StreamError``; connection problems after the first connect are retried for ever.
@@ -90,7 +94,8 @@ class ConnectionLost(Exception):
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, ConnectionLost | psycopg.OperationalError | OSError | trio.TooSlowError):
+    if isinstance(exc, ConnectionLost | psycopg.OperationalError | OSError | trio.TooSlowError
+                  | slots.SlotBusy):  # busy: the walsender we just lost has not noticed yet
         return True
     return isinstance(exc, ServerError) and exc.sqlstate in _TRANSIENT_SQLSTATES
 
@@ -171,7 +176,8 @@ class ReplicationStream:
                  application_name: str = "cdcddp", status_interval: float = 10.0,
                  buffer_batches: int = 16, connect_timeout: float = 15.0,
                  busy_grace: float = 5.0, recreate_invalidated: bool = False,
-                 decoder_factory: Callable[[], Decoder] = Decoder) -> None:
+                 decoder_factory: Callable[[], Decoder] = Decoder,
+                 report_relations: bool = False) -> None:
         self.slot = slot
         self.create_slot = create_slot
         self.temporary = temporary
@@ -184,6 +190,7 @@ class ReplicationStream:
         self._conninfo = replication_conninfo(
             dsn, application_name, {**SESSION_SETTINGS, **(session_settings or {})})
         self._decoder_factory = decoder_factory
+        self.report_relations = report_relations  # yield Relation events (table shapes)
 
         # Counters and positions, read by metrics and tests.
         self.reconnects = 0
@@ -213,6 +220,14 @@ class ReplicationStream:
         self._open_xid: int | None = None  # delivered Begin without its Commit
         self._skip_xid: int | None = None  # replayed transaction already delivered: skip it
         self._last_message_lsn = 0  # dedupe non-transactional messages after a reconnect
+        self._skip_requested = False  # skip_backlog(): reconnect past what is not received
+        self._skip_old_pid: int | None = None  # the walsender to stop first
+        # The open transaction as of the last batch the consumer got (a batch being sent
+        # when skip_backlog() cancels the session is dropped).
+        self._sent_open_xid: int | None = None
+        self._control: list[StreamEvent] = []  # restart/gap events for the next session
+        self.backlog_skips = 0
+        self.skipped_bytes = 0
 
     # -- consumer API ----------------------------------------------------------------------
     @property
@@ -225,9 +240,27 @@ class ReplicationStream:
         """Flush position confirmed (or to be confirmed) to the server."""
         return self._tracker.acknowledged_lsn
 
+    @property
+    def pending(self) -> bool:
+        """Whether a transaction was received (or is arriving) that the consumer has not
+        acknowledged yet (readiness: the consumer is behind what it was sent)."""
+        return self._tracker.pending
+
     def acknowledge(self, end_lsn: int) -> None:
         """The consumer is done with the transaction whose ``Commit.end_lsn`` this is."""
         self._tracker.acknowledge(end_lsn)
+
+    def skip_backlog(self) -> None:
+        """Stop reading the backlog: reconnect with the slot advanced to the server's current
+        WAL position (``pg_replication_slot_advance``, which releases the WAL). Events already
+        received are still delivered, then a ``StreamGap`` says the transactions committed
+        in between were skipped: the consumer must resync."""
+        if self._closing or self._skip_requested:
+            return
+        self._skip_requested = True
+        for scope in (self._session_scope, self._pause_scope):
+            if scope is not None:
+                scope.cancel()
 
     def request_status(self) -> None:
         """Send a status update now instead of at the next interval."""
@@ -330,9 +363,13 @@ class ReplicationStream:
         escaping = pq.Escaping(conn)
         literal = escaping.escape_literal(self.slot.encode()).decode()
         ident = escaping.escape_identifier(self.slot.encode()).decode()
+        skipping = self._skip_requested and self._ever_streamed
+        if skipping and self._skip_old_pid:
+            await self._stop_old_walsender(conn, literal, self._skip_old_pid)
         rows = await self._execute(conn, slots.status_sql(literal))
         status = slots.parse_status_row(rows[0]) if rows else None
         gap: list[StreamEvent] = []
+        behind_from = max(self._tracker.acknowledged_lsn, self._tracker.last_commit_lsn)
         if status is not None and status.wal_status == "lost" and self.recreate_invalidated:
             log.warning("slot %s is invalidated: dropping and recreating it", self.slot)
             await self._execute(conn, f"DROP_REPLICATION_SLOT {ident} WAIT")
@@ -348,11 +385,33 @@ class ReplicationStream:
             log.info("created %s slot %s at %s", "temporary" if self.temporary else "persistent",
                      self.slot, point)
             if self._ever_streamed or self.start_lsn is not None:
-                gap.append(StreamGap(self.slot, consistent, "replication slot was created anew"))
+                reason = "replication slot was created anew"
+                if skipping:  # a temporary slot went with the walsender we stopped
+                    reason = (f"skipped {max(consistent - behind_from, 0)} bytes of WAL the "
+                              "consumer was behind (temporary slot created anew)")
+                    self._skipped(consistent - behind_from)
+                    if consistent > behind_from:
+                        self._tracker = AckTracker(consistent)  # the new slot starts there
+                gap.append(StreamGap(self.slot, consistent, reason))
             confirmed = consistent
         else:
             slots.verify(status, dbname, own_pid=self.backend_pid)
             confirmed = status.confirmed_flush_lsn or 0
+            if skipping:
+                (end,), = await self._execute(
+                    conn, f"SELECT end_lsn::text FROM pg_replication_slot_advance("
+                          f"{literal}, pg_current_wal_lsn())")
+                target = parse_lsn(end or "0/0")
+                if target > behind_from:
+                    # Nothing before `target` may come again: start there.
+                    self._tracker = AckTracker(target)
+                    confirmed = target
+                skipped = max(target - behind_from, 0)
+                self._skipped(skipped)
+                gap.append(StreamGap(self.slot, target, f"skipped {skipped} bytes of WAL "
+                                     "the consumer was behind"))
+        self._skip_requested = False
+        self._skip_old_pid = None
 
         if not self._ever_streamed:
             start = self.start_lsn or 0
@@ -367,14 +426,41 @@ class ReplicationStream:
             ident, start_at, self.wal2json_options))
         return gap
 
+    def _skipped(self, nbytes: int) -> None:
+        self.backlog_skips += 1
+        self.skipped_bytes += max(nbytes, 0)
+        log.info("skipped %d bytes of WAL the consumer was behind; the consumer resyncs",
+                 nbytes)
+
+    async def _stop_old_walsender(self, conn: pq.PGconn, literal: str, pid: int) -> None:
+        """Stop our previous walsender (it may still be decoding the backlog) and wait until
+        it let go of the slot (a temporary slot goes with it)."""
+        sql = (f"SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+               f"WHERE slot_name = {literal} AND active_pid = {int(pid)}")
+        await self._execute(conn, sql)
+        with trio.move_on_after(self.busy_grace):
+            while True:
+                rows = await self._execute(conn, slots.status_sql(literal))
+                status = slots.parse_status_row(rows[0]) if rows else None
+                if status is None or status.active_pid != pid:
+                    return
+                await trio.sleep(0.02)
+
     # -- streaming -------------------------------------------------------------------------
     async def _read(self, conn: pq.PGconn) -> None:
         tracker = self._tracker
-        decode = self._decoder_factory().decode
+        decoder = self._decoder_factory()
+        decoder.track_shapes = self.report_relations
+        decode = decoder.decode
+        relations = decoder.relations  # shapes to deliver before the change that showed them
         send = self._send.send
         unpack_start = _DATA_START.unpack_from
         sock = conn.socket
         batch: list[StreamEvent] = []
+        if self._control:  # from the reconnect: delivered first, while status updates go on
+            control = list(self._control)
+            await send(control)
+            del self._control[:len(control)]
         try:
             while True:
                 n, buf = conn.get_copy_data(1)
@@ -391,6 +477,9 @@ class ReplicationStream:
                             self.decode_errors += 1
                             raise StreamError(f"cannot decode the change at LSN "
                                               f"{format_lsn(data_start)}: {exc}") from exc
+                        if relations:
+                            batch.extend(relations)
+                            relations.clear()
                         kind = type(event)
                         if (kind is not Begin and kind is not Commit and kind is not Message
                                 and self._skip_xid is None):
@@ -399,7 +488,9 @@ class ReplicationStream:
                         elif self._accept(event):
                             batch.append(event)
                             if len(batch) >= _BATCH_MAX:
+                                open_xid = self._open_xid
                                 await send(batch)
+                                self._sent_open_xid = open_xid
                                 batch = []
                     else:
                         try:
@@ -413,7 +504,9 @@ class ReplicationStream:
                             self._status_wakeup.set()
                 elif n == 0:
                     if batch:
+                        open_xid = self._open_xid
                         await send(batch)
+                        self._sent_open_xid = open_xid
                         batch = []
                     # Wake up now and then so a dead peer without RST is still noticed by
                     # the status task's writes.
@@ -425,6 +518,7 @@ class ReplicationStream:
         except (psycopg.OperationalError, ConnectionLost):
             if batch:  # what was received is valid: deliver it before reconnecting
                 await send(batch)
+                self._sent_open_xid = self._open_xid
             raise
 
     def _accept(self, event: StreamEvent) -> bool:
@@ -596,11 +690,26 @@ class ReplicationStream:
                             continue
                         self.reconnects += 1
                         self._mark_streaming([])
-                        if prelude:
-                            await self._send.send(prelude)
+                        self._control.extend(prelude)
                         backoff.reset()
                     try:
                         await self._session(conn)
+                        if self._skip_requested and not self._closing:
+                            # skip_backlog(): drop this connection (and what it still had to
+                            # send, and a batch the consumer did not take: all before the
+                            # skip position); _prepare stops the old walsender and advances
+                            # the slot. Nothing here waits for the consumer.
+                            log.info("skipping the backlog: reconnecting past it")
+                            self._skip_old_pid = self.backend_pid
+                            self.connected = False
+                            self._close_conn(conn)
+                            conn = None
+                            self._tracker.on_reconnect()
+                            if self._sent_open_xid is not None:
+                                self._control.append(TransactionRestart(self._sent_open_xid))
+                            self._open_xid = self._sent_open_xid = None
+                            self._skip_xid = None
+                            continue
                     except Exception as exc:
                         if not _is_transient(exc):
                             raise
@@ -612,8 +721,9 @@ class ReplicationStream:
                         conn = None
                         self._tracker.on_reconnect()
                         if self._open_xid is not None:
-                            await self._send.send([TransactionRestart(self._open_xid)])
+                            self._control.append(TransactionRestart(self._open_xid))
                             self._open_xid = None
+                        self._sent_open_xid = None
                         self._skip_xid = None
                         await self._pause(backoff.next_delay())
                 if conn is not None:

@@ -4,7 +4,8 @@
 
 A table of --rows rows (id, ts float8, v int, label text) is published whole. Each run: one
 raw-socket DDP client (ddpbench swarm, separate process) connects, subscribes and waits for
-``ready`` (time from before the TCP connect to ``ready``, every ``added`` parsed); then
+``ready`` (time from before the TCP connect to ``ready``; every ``added`` frame is read, and
+recognised by its first bytes without a JSON parse, so the client is not what is timed); then
 ``COPY (SELECT id, ts, v, label FROM snap) TO STDOUT`` through psycopg, all blocks read, timed
 in this process. Medians; target ratio <= 3. The server runs with the default send-buffer bound
 (--send-buffer-mb, 8): the initial result goes out in write-sized pieces. Last line:

@@ -1,0 +1,32 @@
+"""Pausing the cyclic garbage collector while building large, acyclic structures.
+
+A snapshot of 100,000 rows allocates a few hundred thousand container objects that all stay
+alive (keys, documents, merge-box entries). CPython runs a collection every 700 allocations
+and a full one each time the surviving heap grew by a quarter, so building such a result
+spends about as long in the collector as in the work itself, finding nothing to free (the
+structures hold no reference cycles). Building them with collection paused and collecting
+(once, incrementally by generation) afterwards costs one pass instead of many.
+"""
+
+from __future__ import annotations
+
+import gc
+from types import TracebackType
+
+
+class gc_paused:  # lower case: used like a function, ``with gc_paused():``
+    """Disable automatic collection for the (synchronous) block; nested uses and an already
+    disabled collector are left alone. Never hold it across an ``await``. (A class, not a
+    generator: it wraps every client flush, where contextlib's overhead shows.)"""
+
+    __slots__ = ("_paused",)
+
+    def __enter__(self) -> None:
+        self._paused = gc.isenabled()
+        if self._paused:
+            gc.disable()
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self._paused:
+            gc.enable()
