@@ -281,3 +281,36 @@ async def test_transactions_visible_out_of_commit_order_are_skipped(
 
 ROW: dict[str, Any] = {"owner": None, "category": "a", "title": "x", "body": None, "rank": 0,
                        "version": 0}
+
+
+async def test_new_observer_is_not_ahead_of_the_stream(db_dsn: str) -> None:
+    # A snapshot can see a commit the stream has not delivered yet. An observer registered
+    # from it at once would be ahead of the older observers: a client moving from it to one
+    # of those would see the row go back. The new observer waits for the stream instead.
+    async with live_server(db_dsn) as server, trio.open_nursery() as nursery:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        async with connect(server.ws_url) as watcher, \
+                connect(server.ws_url, log_messages=True) as client:
+            await watcher.subscribe("items.byCategory", {"category": "a"})  # the older one
+            live.hold = trio.Event()  # the stream's copy of the next commit waits
+            await asql(db_dsn, "UPDATE items SET title = 'v1', version = 1")
+
+            async def release_soon(entry: ObserverEntry) -> None:
+                live.after_snapshot = None  # (its snapshot has v1)
+
+                async def release() -> None:
+                    await trio.sleep(0.5)
+                    assert live.hold is not None
+                    live.hold.set()
+                    live.hold = None
+                nursery.start_soon(release)
+
+            live.after_snapshot = release_soon
+            sub = await client.subscribe("items.all")
+            assert live.hold is None  # ready only once the stream caught up
+            await client.unsubscribe(sub)
+            await client.subscribe("items.byCategory", {"category": "a"})
+            assert store(client)["1"]["version"] == 1
+            check_message_log(client)
+            assert live.catch_up_timeouts == 0
