@@ -376,8 +376,21 @@ class Swarm:
         env = dict(os.environ, SWARM_IDLE=str(idle), SWARM_MAX_DRAIN=str(max_drain))
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "clients", "--port", str(port), "--n", str(n),
-             "--subs", json.dumps(subs), "--subs-per-conn", str(subs_per_conn)],
+             "--subs", self._subs_argument(subs), "--subs-per-conn", str(subs_per_conn)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    @staticmethod
+    def _subs_argument(subs: list[list[Any]]) -> str:
+        """The subscriptions as JSON, or ``@file`` holding it (one argument is at most 128 KiB
+        on Linux: 10,000 subscriptions do not fit)."""
+        text = json.dumps(subs)
+        if len(text) < 65536:
+            return text
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            f.write(text)
+        return "@" + f.name
 
     def _line(self, prefix: str) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -460,7 +473,12 @@ def main() -> None:
     b.add_argument("--rate", type=float, required=True)
     args = parser.parse_args()
     if args.cmd == "clients":
-        run_swarm(args.port, args.n, json.loads(args.subs), args.subs_per_conn)
+        subs = args.subs
+        if subs.startswith("@"):
+            path = Path(subs[1:])
+            subs = path.read_text()
+            path.unlink()
+        run_swarm(args.port, args.n, json.loads(subs), args.subs_per_conn)
     else:
         serve_broadcast(args.rate)
 
