@@ -97,6 +97,9 @@ class LiveFigures(Protocol):
 
     stream: StreamCounters | None
     transactions_applied: int
+    schema_changes: int
+    behind_skips: int
+    catch_up_timeouts: int
     resync_reasons: Mapping[str, int]
     change_counts: Mapping[tuple[str, str, type], int] | None
 
@@ -265,6 +268,19 @@ class Metrics:
         self.resyncs = Counter(
             "cdcddp_resyncs_total", "Observer resyncs (query re-run after a gap), by reason.",
             ["reason"], registry=r)
+        self.schema_changes = Counter(
+            "cdcddp_schema_changes_total",
+            "Streamed table shapes that contradicted an observer's snapshot (a schema change "
+            "on a published table: its observers resynced).", registry=r)
+        self.backlog_skips = Counter(
+            "cdcddp_replication_backlog_skips_total",
+            "Backlogs skipped for being more than resync_behind_bytes behind (every observer "
+            "resynced).", registry=r)
+        self.catch_up_timeouts = Counter(
+            "cdcddp_observer_catch_up_timeouts_total",
+            "New observers that registered before the stream delivered everything their "
+            "snapshot saw (catch_up_timeout passed: the consumer was held or far behind).",
+            registry=r)
         self.observers = Gauge(
             "cdcddp_observers", "Live observers (distinct publication queries).", registry=r)
         self.subscriptions = Gauge(
@@ -416,6 +432,9 @@ class Metrics:
         else:
             self.set_stream_connected(False)
         self.add_total("transactions", self.transactions_applied, live.transactions_applied)
+        self.add_total("schema_changes", self.schema_changes, live.schema_changes)
+        self.add_total("backlog_skips", self.backlog_skips, live.behind_skips)
+        self.add_total("catch_up_timeouts", self.catch_up_timeouts, live.catch_up_timeouts)
         for reason, total in list(live.resync_reasons.items()):
             self.add_total(("resync", reason), self.resyncs.labels(reason=self._reason(reason)),
                            total)

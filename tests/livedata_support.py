@@ -217,3 +217,14 @@ def task_stacks() -> str:
 
     walk(trio.lowlevel.current_root_task(), 0)
     return "\n".join(lines)
+
+
+def scraped(metrics: Metrics, name: str, **labels: str) -> float:
+    """One sample of the registry's exposition (as Prometheus would read it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise AssertionError(f"{name} {labels} not exposed")

@@ -10,6 +10,7 @@ import psycopg
 import trio
 
 from cdcddp.client import connect
+from cdcddp.metrics import Metrics
 from cdcddp.publish.livedata import ObserverEntry
 from tests.livedata_support import (
     asql,
@@ -17,6 +18,7 @@ from tests.livedata_support import (
     data_messages,
     expected_view,
     live_server,
+    scraped,
     store,
     wait_store,
 )
@@ -48,7 +50,8 @@ async def test_transaction_delivered_between_snapshot_and_registration_is_replay
 
 
 async def test_transactions_seen_by_the_snapshot_are_not_applied_again(db_dsn: str) -> None:
-    async with live_server(db_dsn) as server:
+    metrics = Metrics()
+    async with live_server(db_dsn, metrics=metrics) as server:
         live = server.live
         await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
         async with connect(server.ws_url) as watcher, \
@@ -66,6 +69,8 @@ async def test_transactions_seen_by_the_snapshot_are_not_applied_again(db_dsn: s
             await live.sync()
             await client.ping()
             assert live.skipped_by_snapshot >= skipped + 2
+            # Held: it could not wait for the stream (and registered ahead of it).
+            assert scraped(metrics, "cdcddp_observer_catch_up_timeouts_total") == 1
             # v1 was never re-sent after v2: no `changed` at all
             assert [m["msg"] for m in data_messages(client)] == ["added"]
 

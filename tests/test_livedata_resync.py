@@ -13,6 +13,7 @@ import trio
 from cdcddp.app import App
 from cdcddp.client import DDPClient, connect
 from cdcddp.methods import MethodContext, Methods
+from cdcddp.metrics import Metrics
 from cdcddp.publish.definition import Cursor, Publication
 from cdcddp.wal.decode import Decoder
 from cdcddp.wal.events import Relation
@@ -26,6 +27,7 @@ from tests.livedata_support import (
     data_messages,
     expected_view,
     live_server,
+    scraped,
     store,
     wait_store,
 )
@@ -146,7 +148,8 @@ async def test_add_column_with_default_and_drop_of_an_unpublished_column(db_dsn:
 
 
 async def test_type_change_of_a_published_column_sends_changed(db_dsn: str) -> None:
-    async with live_server(db_dsn, resync_app()) as server:
+    metrics = Metrics()
+    async with live_server(db_dsn, resync_app(), metrics=metrics) as server:
         await asql(db_dsn, "INSERT INTO items (category, title, rank) VALUES "
                            "('a', 'one', 1), ('b', 'two', 2)")
         async with connect(server.ws_url, log_messages=True) as client:
@@ -172,6 +175,8 @@ async def test_type_change_of_a_published_column_sends_changed(db_dsn: str) -> N
             await asql(db_dsn, "UPDATE items SET rank = 'low', version = 1 WHERE id = 2")
             await wait_store(client, sql_view(db_dsn, "items", FIELDS))
             check_message_log(client)
+            assert scraped(metrics, "cdcddp_schema_changes_total") == 1
+            assert scraped(metrics, "cdcddp_resyncs_total", reason="schema_change") == 1
 
 
 async def test_rename_or_drop_of_a_published_column_stops_its_subscriptions(
@@ -305,7 +310,8 @@ async def test_stream_skip_backlog_advances_the_slot_and_says_so(db_dsn: str) ->
 async def test_too_far_behind_skips_the_backlog_and_resyncs(db_dsn: str, temporary: bool
                                                             ) -> None:
     options: dict[str, Any] = {"temporary_slot": temporary, "behind_check_interval": 0.1}
-    async with live_server(db_dsn, resync_app(), **options) as server:
+    metrics = Metrics()
+    async with live_server(db_dsn, resync_app(), metrics=metrics, **options) as server:
         live = server.live
         stream = live.stream
         assert stream is not None
@@ -367,3 +373,6 @@ async def test_too_far_behind_skips_the_backlog_and_resyncs(db_dsn: str, tempora
             await wait_store(client, expected_view(db_dsn, ALL), timeout=30)
             await writer.call("items.add", "after skip", wait_updated=True)
             check_message_log(client)
+            assert scraped(metrics, "cdcddp_replication_backlog_skips_total") == 1
+            assert scraped(metrics, "cdcddp_resyncs_total", reason="stream_gap") >= 1
+

@@ -41,6 +41,9 @@ NOT_MOVED_HERE = {
     # counter is copied from ReplicationStream.decode_errors (tests/test_metrics.py).
     "cdcddp_replication_decode_errors_total": "stops the stream",
     "cdcddp_replication_slot_poll_errors_total": "the poller's failures: tests/test_metrics.py",
+    "cdcddp_schema_changes_total": "tests/test_livedata_resync.py (a type change)",
+    "cdcddp_replication_backlog_skips_total": "tests/test_livedata_resync.py (behind)",
+    "cdcddp_observer_catch_up_timeouts_total": "tests/test_livedata_handoff.py (held engine)",
 }
 
 
