@@ -74,7 +74,7 @@ def test_absent_toast_columns_come_from_the_published_copy() -> None:
     o.load([row(1, text="big")])
     partial = {"id": 1, "list_id": 1, "checked": False}  # "text" unchanged, left out
     assert o.apply(upd(partial)) == []
-    assert o.rows[(1,)]["text"] == "big"
+    assert o.row((1,))["text"] == "big"  # type: ignore[index]
     ops = o.apply(upd({"id": 1, "list_id": 1, "checked": True}))
     assert ops == [DocOp("removed", "todos", "1")]
 

@@ -307,6 +307,19 @@ def _may_hold_nonfinite(value: Any) -> bool:
 
 def dumpb(value: Any) -> bytes:
     """EJSON text of `value` as UTF-8 bytes (compact, key order kept)."""
+    # Plain JSON values (the common row: str/int/float/bool/None) need no hook: orjson alone,
+    # without building the hook closure. Anything the hook would convert raises TypeError here
+    # and takes the hooked path, so the output is the same either way.
+    try:
+        out = orjson.dumps(value, option=_ORJSON_OPTIONS)
+    except TypeError:
+        return _dumpb_hooked(value)
+    if b'{"$' in out or (b"null" in out and _may_hold_nonfinite(value)):
+        return _dumpb_exact(value)  # a `$` key to escape, or maybe a NaN/inf written as null
+    return out
+
+
+def _dumpb_hooked(value: Any) -> bytes:
     produced = 0  # `{"$` objects the hook made; any other `{"$` in the output may need $escape
 
     def default(obj: Any) -> Any:

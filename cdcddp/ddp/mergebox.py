@@ -81,6 +81,8 @@ def values_equal(a: Any, b: Any) -> bool:
     if a is b:
         return True
     type_a, type_b = type(a), type(b)
+    if type_a is type_b and (type_a is str or type_a is int):
+        return bool(a == b)  # the common column values, before the slower checks below
     if type_a is bool or type_b is bool:
         return type_a is type_b and a == b
     if type_a in (int, float) and type_b in (int, float):

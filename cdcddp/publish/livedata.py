@@ -70,7 +70,7 @@ from cdcddp.gcpause import gc_paused
 from cdcddp.publish.definition import BoundCursor
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
 from cdcddp.publish.lookup import Dependency
-from cdcddp.publish.observer import DocOp, Key, NeedsRow, Observer, Row
+from cdcddp.publish.observer import DocOp, Key, NeedsRow, Observer, Row, Values
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import (
     ABSENT,
@@ -121,6 +121,10 @@ class LiveDataConfig:
     # A new observer waits (at most this long) until the stream has delivered everything its
     # snapshot saw, so it is never ahead of the stream (see LiveData._catch_up).
     catch_up_timeout: float = 2.0
+    # While the consumer is behind (more of the stream already received), client flushes wait
+    # up to this long (seconds) for it to apply that first: one write per client for many
+    # commits instead of one per commit. Bounds the extra commit->sent latency under load.
+    flush_coalesce_delay: float = 0.05
 
 
 # ---------------------------------------------------------------------------- encoding once
@@ -128,6 +132,10 @@ class LiveDataConfig:
 
 def encode_transition(transition: Transition) -> str | None:
     """The DDP message for one settled merge-box document (None: nothing to send)."""
+    before, after = transition[2], transition[3]
+    if before is None and after and "_id" not in after:
+        # The common case (every document of a snapshot), without building the op tuple.
+        return messages.added(transition[0], transition[1], after)  # type: ignore[arg-type]
     op = transition_op(transition)
     if op is None:
         return None
@@ -554,10 +562,10 @@ TableShape = dict[str, tuple[int, bool]]  # column -> (type oid, varlena: may be
 
 
 def _snapshot_rows(conn: psycopg.Connection[Any], query: sql.Composable, params: list[Any],
-                   columns: tuple[str, ...], table: TableName
-                   ) -> tuple[list[Row], Snapshot, int, TableShape]:
-    """The cursor's rows, the snapshot (and its WAL position) they were read under, and the
-    table's columns as of that snapshot."""
+                   table: TableName) -> tuple[list[Values], Snapshot, int, TableShape]:
+    """The cursor's rows (values tuples in the order the query selects the bound cursor's
+    ``columns``, as the observer keeps them), the snapshot (and its WAL position) they were
+    read under, and the table's columns as of that snapshot."""
     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     found = conn.execute(_SNAPSHOT_SHAPE_SQL, table).fetchone()
     assert found is not None
@@ -565,7 +573,7 @@ def _snapshot_rows(conn: psycopg.Connection[Any], query: sql.Composable, params:
     shape = {name: (int(oid), varlena == "true") for name, oid, varlena in found[2] or ()}
     with gc_paused():  # (see cdcddp.gcpause)
         rows = conn.execute(query, params).fetchall()
-        return [dict(zip(columns, row, strict=True)) for row in rows], snapshot, lsn, shape
+    return rows, snapshot, lsn, shape
 
 
 def _shape_differs(expected: TableShape | None, relation: Relation) -> bool:
@@ -1305,7 +1313,7 @@ class LiveData:
         return missed
 
     async def _take_snapshot(self, bound: BoundCursor
-                             ) -> tuple[list[Row], Snapshot, int, TableShape]:
+                             ) -> tuple[list[Values], Snapshot, int, TableShape]:
         """The cursor's rows and their snapshot, which sees every transaction delivered so
         far (retaken, after a moment, while one is decoded but not yet visible)."""
         query, params = bound.snapshot_query()
@@ -1316,7 +1324,7 @@ class LiveData:
             started = time.monotonic()
             try:
                 rows, snapshot, lsn, shape = await self.database.run(
-                    _snapshot_rows, query, params, bound.columns,
+                    _snapshot_rows, query, params,
                     (bound.cursor.schema_name, bound.cursor.table_name))
             finally:
                 self._snapshots_in_flight.remove(delivered_before)
@@ -1370,7 +1378,8 @@ class LiveData:
         """Flush the clients applied commits changed, once the consumer waits for the stream.
 
         At a low rate that is right after each commit; when transactions arrive faster than
-        they are written out, the consumer applies every commit already received first, and
+        they are written out, the consumer applies every commit already received first (for
+        at most ``flush_coalesce_delay``: the stream hands it over in batches), and
         each client gets one write for all of them (coalesced by its merge box) instead of one
         per commit: a server that falls behind catches up instead of drowning in writes.
         (Flushing between transactions only: a commit the consumer is still applying keeps
@@ -1381,6 +1390,12 @@ class LiveData:
             while True:
                 await self._flush_wake.wait()
                 self._flush_wake = trio.Event()
+                stream = self.stream
+                if stream is not None and stream.has_buffered:
+                    # Behind: let the consumer apply what it already received first (bounded).
+                    deadline = trio.current_time() + self.config.flush_coalesce_delay
+                    while stream.has_buffered and trio.current_time() < deadline:
+                        await trio.sleep(0.001)
                 self._flush_clients()
         finally:
             self._flusher_running = False  # _open_gate flushes by itself from now on
@@ -1508,7 +1523,7 @@ class LiveData:
         observer.note_fetched(needs.key, snapshot, lsn)
         return ops
 
-    def _reload(self, entry: ObserverEntry, routes: TableRoutes, rows: Iterable[Row],
+    def _reload(self, entry: ObserverEntry, routes: TableRoutes, rows: Iterable[Row | Values],
                 snapshot: Snapshot | None = None, lsn: int | None = None) -> list[DocOp]:
         observer = entry.observer
         assert observer is not None

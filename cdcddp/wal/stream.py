@@ -209,6 +209,7 @@ class ReplicationStream:
         self._tracker = AckTracker()
         self._send, self._receive = trio.open_memory_channel[list[StreamEvent]](buffer_batches)
         self._pending: deque[StreamEvent] = deque()
+        self._reader_full = False  # see has_buffered
         self._failure: BaseException | None = None
         self._closing = False
         self._session_scope: trio.CancelScope | None = None
@@ -268,6 +269,14 @@ class ReplicationStream:
 
     def __aiter__(self) -> ReplicationStream:
         return self
+
+    @property
+    def has_buffered(self) -> bool:
+        """Events already received that the consumer has not taken yet, or more waiting to
+        be read (the reader's last batch was cut by size, not by an empty socket): the
+        consumer is behind."""
+        return (self._reader_full or bool(self._pending)
+                or self._receive.statistics().current_buffer_used > 0)
 
     async def __anext__(self) -> StreamEvent:
         if not self._pending:
@@ -457,6 +466,9 @@ class ReplicationStream:
         unpack_start = _DATA_START.unpack_from
         sock = conn.socket
         batch: list[StreamEvent] = []
+        polled = False  # the socket was read since the last complete message
+        ended = False  # the batch holds a commit
+        self._reader_full = False
         if self._control:  # from the reconnect: delivered first, while status updates go on
             control = list(self._control)
             await send(control)
@@ -465,6 +477,7 @@ class ReplicationStream:
             while True:
                 n, buf = conn.get_copy_data(1)
                 if n > 0:
+                    polled = False
                     if buf[0] == 0x77:  # 'w': the hot path, parsed inline
                         data_start = unpack_start(buf, 1)[0]
                         tracker.on_data(data_start)
@@ -487,11 +500,14 @@ class ReplicationStream:
                             self.events_delivered += 1
                         elif self._accept(event):
                             batch.append(event)
+                            if kind is Commit:
+                                ended = True
                             if len(batch) >= _BATCH_MAX:
                                 open_xid = self._open_xid
+                                self._reader_full = True
                                 await send(batch)
                                 self._sent_open_xid = open_xid
-                                batch = []
+                                batch, ended = [], False
                     else:
                         try:
                             msg = parse_copy_data(buf)
@@ -503,6 +519,15 @@ class ReplicationStream:
                         if msg.reply_requested:
                             self._status_wakeup.set()
                 elif n == 0:
+                    if ended and not polled and len(batch) < _BATCH_MAX:
+                        # A backlog of transactions: read what already waits in the socket
+                        # now, without a task switch, so it reaches the consumer in full
+                        # batches (libpq reads one buffer, a few dozen changes, at a time).
+                        # One big transaction still goes out piece by piece.
+                        polled = True
+                        conn.consume_input()
+                        continue
+                    polled = ended = self._reader_full = False
                     if batch:
                         open_xid = self._open_xid
                         await send(batch)
