@@ -209,29 +209,28 @@ class Decoder:
     # -- one handler per action -------------------------------------------------------------
 
     def _insert(self, doc: dict[str, Any]) -> Insert:
-        entries = doc["columns"]
-        signature = tuple([entry["typeoid"] for entry in entries])
-        new = self._row(entries, signature)
-        schema, table = doc["schema"], doc["table"]
-        if self.track_shapes:
-            known = self._shapes.get((schema, table))
-            if known is None or known[0] != signature or known[1] != tuple(new):
-                self._reshaped(doc["xid"], schema, table, signature, tuple(new), True)
-        return Insert(doc["xid"], _lsn(doc["lsn"]), schema, table, new, _pk(doc))
+        return Insert(doc["xid"], _lsn(doc["lsn"]), doc["schema"], doc["table"],
+                      self._new_row(doc, complete=True), _pk(doc))
 
     def _update(self, doc: dict[str, Any]) -> Update:
+        return Update(doc["xid"], _lsn(doc["lsn"]), doc["schema"], doc["table"],
+                      self._new_row(doc, complete=False), self._row(doc["identity"]), _pk(doc))
+
+    def _new_row(self, doc: dict[str, Any], complete: bool) -> Row:
+        """The change's new row; with ``track_shapes``, a ``Relation`` queued when it does not
+        fit the table's known shape (``complete``: an INSERT has every column, an UPDATE may
+        lack unchanged TOASTed ones)."""
         entries = doc["columns"]
         signature = tuple([entry["typeoid"] for entry in entries])
         new = self._row(entries, signature)
-        schema, table = doc["schema"], doc["table"]
         if self.track_shapes:
+            schema, table = doc["schema"], doc["table"]
             known = self._shapes.get((schema, table))
-            if known is None or known[0] != signature or known[1] != tuple(new):
-                names = tuple(new)
-                if known is None or (signature, names) not in known[2]:
-                    self._reshaped(doc["xid"], schema, table, signature, names, False)
-        return Update(doc["xid"], _lsn(doc["lsn"]), schema, table,
-                      new, self._row(doc["identity"]), _pk(doc))
+            names = tuple(new)
+            if (known is None or known[0] != signature or known[1] != names) and (
+                    complete or known is None or (signature, names) not in known[2]):
+                self._reshaped(doc["xid"], schema, table, signature, names, complete)
+        return new
 
     def _reshaped(self, xid: int, schema: str, table: str, signature: tuple[int, ...],
                   names: tuple[str, ...], complete: bool) -> None:

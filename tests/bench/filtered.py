@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ddpbench
 import psycopg
 from ddpbench import ROOT  # noqa: F401
+from ingest import run_recvlogical
 
 from cdcddp.devcluster import find_bindir, throwaway_cluster
 
@@ -164,21 +164,6 @@ def prepare(dsn: str, owners: int) -> None:
         conn.execute(LOAD_PROCEDURE)
 
 
-def drain_recvlogical(dsn: str, slot: str, endpos: str) -> float:
-    from cdcddp.wal.decode import WAL2JSON_OPTIONS
-
-    cmd = [str(find_bindir() / "pg_recvlogical"), "-d", dsn, "--slot", slot, "--start",
-           "--no-loop", "-E", endpos, "-f", "/dev/null"]
-    for key, value in WAL2JSON_OPTIONS.items():
-        cmd += ["-o", f"{key}={value}"]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.exit(f"pg_recvlogical failed: {proc.stderr.strip()}")
-    return elapsed
-
-
 def run_phase(name: str, dsn: str, server: ServerChild, swarm: ddpbench.Swarm,
               changes: int, owners: int, seed: int) -> tuple[float, float]:
     """One backlog; returns (pg_recvlogical rows/s, cdcddp rows/s)."""
@@ -200,7 +185,7 @@ def run_phase(name: str, dsn: str, server: ServerChild, swarm: ddpbench.Swarm,
     result = swarm.stop()
     delivered_at = result["last_at"] or applied_at
     ours = max(applied_at, delivered_at) - resumed
-    recv = drain_recvlogical(dsn, slot, str(endpos))
+    recv = run_recvlogical(find_bindir(), dsn, slot, str(endpos))
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
     messages = result["changed"]
