@@ -15,7 +15,7 @@ and every pin that still needed them is marked broken; its subscription retakes 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cdcddp.wal.events import RowChange, Truncate
@@ -91,13 +91,21 @@ class RecentTransactions:
                 if p.after_seq < seq:
                     p.broken = True
 
-    def since(self, pin: Pin) -> Iterator[CommittedTransaction]:
-        """Transactions delivered after ``pin`` was taken; raises if some were dropped."""
+    def since(self, pin: Pin) -> list[CommittedTransaction]:
+        """Transactions delivered after ``pin`` was taken; raises if some were dropped.
+
+        Walks from the newest end: the ring keeps everything since the *oldest* pin, and with
+        thousands of subscriptions starting at once a walk from the start cost each of them
+        the whole ring."""
         if pin.broken:
             raise LookupError("transactions needed by this handoff were dropped")
-        for seq, txn in self._kept:
-            if seq > pin.after_seq:
-                yield txn
+        newer: list[CommittedTransaction] = []
+        for seq, txn in reversed(self._kept):
+            if seq <= pin.after_seq:
+                break
+            newer.append(txn)
+        newer.reverse()
+        return newer
 
     def _trim(self) -> None:
         oldest_needed = min((p.after_seq for p in self._pins), default=self._seq)

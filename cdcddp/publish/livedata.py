@@ -912,7 +912,7 @@ class LiveData:
             while True:
                 await self._between_transactions()
                 try:
-                    pending = list(self.ring.since(pin))[replayed:]
+                    pending = self.ring.since(pin)[replayed:]
                 except LookupError:
                     raise _RetrySnapshot from None
                 if not pending:
