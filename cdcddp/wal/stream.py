@@ -435,6 +435,17 @@ class ReplicationStream:
             ident, start_at, self.wal2json_options))
         return gap
 
+    def _drop_connection(self, conn: pq.PGconn, open_xid: int | None) -> None:
+        """Forget a replication connection; a transaction the consumer got part of
+        (``open_xid``) is announced as restarted at the start of the next session."""
+        self.connected = False
+        self._close_conn(conn)
+        self._tracker.on_reconnect()
+        if open_xid is not None:
+            self._control.append(TransactionRestart(open_xid))
+        self._open_xid = self._sent_open_xid = None
+        self._skip_xid = None
+
     def _skipped(self, nbytes: int) -> None:
         self.backlog_skips += 1
         self.skipped_bytes += max(nbytes, 0)
@@ -726,14 +737,8 @@ class ReplicationStream:
                             # the slot. Nothing here waits for the consumer.
                             log.info("skipping the backlog: reconnecting past it")
                             self._skip_old_pid = self.backend_pid
-                            self.connected = False
-                            self._close_conn(conn)
+                            self._drop_connection(conn, self._sent_open_xid)
                             conn = None
-                            self._tracker.on_reconnect()
-                            if self._sent_open_xid is not None:
-                                self._control.append(TransactionRestart(self._sent_open_xid))
-                            self._open_xid = self._sent_open_xid = None
-                            self._skip_xid = None
                             continue
                     except Exception as exc:
                         if not _is_transient(exc):
@@ -741,15 +746,8 @@ class ReplicationStream:
                         self.last_error = str(exc).strip()
                         log.warning("replication connection lost (%s); reconnecting",
                                     self.last_error)
-                        self.connected = False
-                        self._close_conn(conn)
+                        self._drop_connection(conn, self._open_xid)
                         conn = None
-                        self._tracker.on_reconnect()
-                        if self._open_xid is not None:
-                            self._control.append(TransactionRestart(self._open_xid))
-                            self._open_xid = None
-                        self._sent_open_xid = None
-                        self._skip_xid = None
                         await self._pause(backoff.next_delay())
                 if conn is not None:
                     await self._stop_copy(conn)
