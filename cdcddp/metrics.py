@@ -122,20 +122,22 @@ class SendCounts:
     __slots__ = ("by_prefix", "bytes")
 
     def __init__(self) -> None:
-        self.by_prefix: dict[str, int] = {}
+        self.by_prefix: dict[str | bytes, int] = {}
         self.bytes = 0
 
-    def count_messages(self, messages: Iterable[str]) -> None:
+    def count_messages(self, messages: Iterable[str | bytes]) -> None:
         # Counter.update's own checks cost as much as the count for a batch of a few.
         _count_elements(self.by_prefix, map(_MSG_PREFIX, messages))
 
 
 _MSG_PREFIX = itemgetter(slice(8, 11))
 # Three letters of a message (see SendCounts) -> its DDP type.
-MSG_TYPES_BY_PREFIX = {t[:3]: t for t in (
+MSG_TYPES_BY_PREFIX: dict[str | bytes, str] = {t[:3]: t for t in (
     "added", "changed", "removed", "ready", "nosub", "result", "updated", "ping", "pong",
     "error", "connected", "failed")}
 MSG_TYPES_BY_PREFIX["_id"] = "server_id"  # {"server_id":"0"}
+# Messages sent as UTF-8 bytes (messages.Encoded) tally under bytes prefixes.
+MSG_TYPES_BY_PREFIX.update({prefix.encode(): t for prefix, t in MSG_TYPES_BY_PREFIX.items()})
 
 
 class FastHistogram(Collector):

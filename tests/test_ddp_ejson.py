@@ -329,6 +329,25 @@ def test_fast_path_equals_exact_path_for_all_types(value: Any) -> None:
     assert ejson.dumpb(value) == orjson.dumps(ejson.to_json_value(value))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.recursive(leaves | extra_leaves,
+                             lambda c: st.lists(c, max_size=3)
+                             | st.dictionaries(dollar_keys | st.text(max_size=3), c,
+                                               max_size=3),
+                             max_leaves=8), max_size=12))
+def test_batch_encoding_equals_encoding_each_value(values: list[Any]) -> None:
+    # One orjson call for the lot, split apart: the same bytes as one call per value,
+    # whatever mix of hooked types, `$` keys, non-finite floats and nulls the batch holds.
+    assert ejson.dumpb_many(values) == [ejson.dumpb(value) for value in values]
+
+
+def test_batch_encoding_splits_only_between_values() -> None:
+    # Control characters (the split marker among them) stay escaped inside strings.
+    values = ["a\x1eb", {"k": ",\x1e,"}, [1, "\x1e"], {"$date": 1}, float("nan"), None]
+    assert ejson.dumpb_many(values) == [ejson.dumpb(value) for value in values]
+    assert len(ejson.dumpb_many(values)) == len(values)
+
+
 def test_dumps_throughput_of_a_typical_changed_message() -> None:
     fields = {"title": "Buy milk", "done": False, "priority": 3, "score": 0.75,
               "updated_at": datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC), "note": None}

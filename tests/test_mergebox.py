@@ -680,6 +680,22 @@ def test_flush_with_a_limit_settles_the_oldest_documents_first() -> None:
     assert not box.has_pending
 
 
+def test_a_large_collection_does_not_starve_another_one() -> None:
+    box = MergeBox()
+    box.add_many("s", "big", [(str(i), {"n": i}) for i in range(5)])
+    first = box.flush(limit=2)
+    assert [op[2] for op in first] == ["0", "1"]
+    box.add("t", "small", "x", {"n": 0})  # dirty after the big one's first piece
+    for i in range(5, 9):
+        box.add("s", "big", str(i), {"n": i})
+    # A partly settled collection goes to the back of the line: whatever else is dirty waits
+    # at most one more piece, however much the big one keeps growing.
+    assert [(op[1], op[2]) for op in box.flush(limit=2)] == [("big", "2"), ("big", "3")]
+    assert [(op[1], op[2]) for op in box.flush(limit=2)] == [("small", "x"), ("big", "4")]
+    assert [op[2] for op in box.flush(limit=10)] == ["5", "6", "7", "8"]
+    assert not box.has_pending and box.pending_count == 0
+
+
 # ---- bulk add and raw transitions ------------------------------------------------------------
 
 

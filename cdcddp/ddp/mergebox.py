@@ -175,8 +175,9 @@ class MergeBox:
         self._views: dict[str, dict[str, _ViewEntry]] = {}
         # sub id -> collection -> doc id -> that subscription's fields for the doc.
         self._published: dict[SubId, dict[str, dict[str, Fields]]] = {}
-        # (collection, doc id) -> what the client had at the last flush (None: nothing).
-        self._dirty: dict[tuple[str, str], Fields | None] = {}
+        # collection -> doc id -> what the client had at the last flush (None: nothing).
+        # Collections in the order they first got dirty, documents likewise within one.
+        self._dirty: dict[str, dict[str, Fields | None]] = {}
 
     # ---- publisher operations -------------------------------------------------------------
 
@@ -187,10 +188,9 @@ class MergeBox:
             raise MergeBoxError(f"{sub_id!r} already publishes {collection}/{doc_id}")
         collection_view = self._views.setdefault(collection, {})
         entry = collection_view.get(doc_id, _MISSING)
-        dirty_key = (collection, doc_id)
-        if dirty_key not in self._dirty:
-            self._dirty[dirty_key] = None if entry is _MISSING else self.visible(collection,
-                                                                                 doc_id)
+        dirty = self._dirty_in(collection)
+        if doc_id not in dirty:
+            dirty[doc_id] = None if entry is _MISSING else self.visible(collection, doc_id)
         if entry is _MISSING:
             collection_view[doc_id] = sub_id
         else:
@@ -219,13 +219,12 @@ class MergeBox:
         self._published.setdefault(sub_id, {})[collection] = new_docs
         self._views[collection] = dict.fromkeys(new_docs, sub_id)
         # The client has none of them; a document already dirty keeps what it had then.
-        dirty = self._dirty
-        keys = [(collection, doc_id) for doc_id in new_docs]
+        dirty = self._dirty.get(collection)
         if dirty:
-            for key in keys:
-                dirty.setdefault(key, None)
+            for doc_id in new_docs:
+                dirty.setdefault(doc_id, None)
         else:
-            self._dirty = dict.fromkeys(keys)
+            self._dirty[collection] = dict.fromkeys(new_docs)
 
     def change(
         self,
@@ -253,11 +252,10 @@ class MergeBox:
         if not changed and not cleared:
             return
         entry = self._views[collection][doc_id]
-        dirty_key = (collection, doc_id)
-        if dirty_key not in self._dirty:
+        dirty = self._dirty_in(collection)
+        if doc_id not in dirty:
             # A sole holder's mapping is exactly what the client sees.
-            self._dirty[dirty_key] = (self.visible(collection, doc_id)
-                                      if type(entry) is _Overlap else old)
+            dirty[doc_id] = self.visible(collection, doc_id) if type(entry) is _Overlap else old
         if type(entry) is _Overlap:
             precedence = entry.precedence
             for key in changed:
@@ -346,25 +344,48 @@ class MergeBox:
         on their identities: one observer change is then diffed and encoded once, not once
         per client. Documents whose state did not move are left out.
         """
-        if limit is None or len(self._dirty) <= limit:
-            dirty, self._dirty = self._dirty, {}
-        else:
-            dirty = {key: self._dirty.pop(key) for key in list(islice(self._dirty, limit))}
         views, published = self._views, self._published
         settled: list[Transition] = []
         append = settled.append
-        for (collection, doc_id), before in dirty.items():
-            # visible(), inlined: this runs for every document of every flush.
-            entry = views.get(collection, _NO_VIEW).get(doc_id, _MISSING)
-            if entry is _MISSING:
-                after = None
-            elif type(entry) is _Overlap:
-                after = self.visible(collection, doc_id)
-            else:
-                after = published[entry][collection][doc_id]
-            if before is not after:
-                append((collection, doc_id, before, after))
+        for collection, dirty in self._take_dirty(limit):
+            view = views.get(collection, _NO_VIEW)
+            holder: Any = _MISSING  # the last sole holder seen, and its documents
+            holder_docs: dict[str, Fields] = {}
+            for doc_id, before in dirty.items():
+                # visible(), inlined: this runs for every document of every flush.
+                entry = view.get(doc_id, _MISSING)
+                if entry is _MISSING:
+                    after = None
+                elif type(entry) is _Overlap:
+                    after = self.visible(collection, doc_id)
+                else:
+                    if entry is not holder:
+                        holder, holder_docs = entry, published[entry][collection]
+                    after = holder_docs[doc_id]
+                if before is not after:
+                    append((collection, doc_id, before, after))
         return settled
+
+    def _take_dirty(self, limit: int | None) -> list[tuple[str, dict[str, Fields | None]]]:
+        """Remove and return up to ``limit`` dirty documents, by collection, oldest first."""
+        if limit is None or self.pending_count <= limit:
+            taken, self._dirty = self._dirty, {}
+            return list(taken.items())
+        parts: list[tuple[str, dict[str, Fields | None]]] = []
+        for collection in list(self._dirty):
+            dirty = self._dirty[collection]
+            if len(dirty) <= limit:
+                parts.append((collection, self._dirty.pop(collection)))
+                limit -= len(dirty)
+            else:
+                part = {doc_id: dirty.pop(doc_id) for doc_id in list(islice(dirty, limit))}
+                parts.append((collection, part))
+                # To the back of the line: other collections' changes are not starved.
+                self._dirty[collection] = self._dirty.pop(collection)
+                break
+            if not limit:
+                break
+        return parts
 
     @property
     def has_pending(self) -> bool:
@@ -373,7 +394,7 @@ class MergeBox:
 
     @property
     def pending_count(self) -> int:
-        return len(self._dirty)
+        return sum(map(len, self._dirty.values()))
 
     # ---- inspection ---------------------------------------------------------------------------
 
@@ -425,6 +446,12 @@ class MergeBox:
     def _mark_dirty(self, collection: str, doc_id: str) -> None:
         # Remember what the client had only at the first touch since the last flush; the
         # snapshot of a single-holder document is just the reference to its immutable mapping.
-        key = (collection, doc_id)
-        if key not in self._dirty:
-            self._dirty[key] = self.visible(collection, doc_id)
+        dirty = self._dirty_in(collection)
+        if doc_id not in dirty:
+            dirty[doc_id] = self.visible(collection, doc_id)
+
+    def _dirty_in(self, collection: str) -> dict[str, Fields | None]:
+        dirty = self._dirty.get(collection)
+        if dirty is None:
+            dirty = self._dirty[collection] = {}
+        return dirty

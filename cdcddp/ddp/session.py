@@ -126,7 +126,7 @@ class ServerSession:
         self.subscriptions: set[str] = set()  # after SubscribeRequested, until nosub
         self._unsubscribing: set[str] = set()  # UnsubscribeRequested sent, nosub not yet
         self._pending_methods: dict[str, int] = {}  # method id -> _RESULT_SENT|_UPDATED_SENT
-        self._outgoing: list[str] = []
+        self._outgoing: list[messages.Encoded] = []
         self._opened_at: float | None = None
         self._last_received = 0.0
         self._ping_sent_at: float | None = None  # outstanding server ping
@@ -348,17 +348,17 @@ class ServerSession:
         else:
             self._pending_methods[method_id] = progress
 
-    def send_encoded(self, text: str) -> None:
+    def send_encoded(self, text: messages.Encoded) -> None:
         """Queue an already EJSON-encoded DDP message (encode once, send to many)."""
         if self.state == "connected":
             self._outgoing.append(text)
 
-    def send_encoded_many(self, texts: list[str]) -> None:
+    def send_encoded_many(self, texts: list[messages.Encoded]) -> None:
         """Queue already encoded DDP messages, in order."""
         if self.state == "connected":
             self._outgoing.extend(texts)
 
-    def data_to_send(self) -> list[str]:
+    def data_to_send(self) -> list[messages.Encoded]:
         """Drain the queued outgoing DDP messages, oldest first."""
         out, self._outgoing = self._outgoing, []
         return out

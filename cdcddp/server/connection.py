@@ -25,7 +25,7 @@ import trio_websocket
 
 from cdcddp.app import App, MethodContext, MethodHandler, PublicationHandler, bind_params
 from cdcddp.db import Database
-from cdcddp.ddp.messages import UNDEFINED, MeteorError
+from cdcddp.ddp.messages import UNDEFINED, Encoded, MeteorError
 from cdcddp.ddp.session import (
     CLOSE_CONNECT_TIMEOUT,
     CLOSE_HEARTBEAT_TIMEOUT,
@@ -232,7 +232,7 @@ class Connection:
         self._writer = FrameWriter(ws, metrics.send_counts if metrics is not None else None)
         self._send_counts = metrics.send_counts if metrics is not None else None
         self._wake = trio.Event()
-        self._outbox: list[str] = []
+        self._outbox: list[Encoded] = []
         self._outbox_chars = 0
         self._close_request: tuple[int, str] | None = None
         self._abort_reason: str | None = None

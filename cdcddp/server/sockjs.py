@@ -12,6 +12,8 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 
+from cdcddp.ddp.messages import Encoded
+
 OPEN_FRAME = "o"
 HEARTBEAT_FRAME = "h"
 
@@ -31,16 +33,19 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
 
 
-def _quote(text: str) -> str:
+def _quote(text: Encoded) -> str:
+    if type(text) is bytes:
+        text = text.decode()
     return _ESCAPABLE.sub(_escape, json.dumps(text, ensure_ascii=False))
 
 
-def encode_messages(messages: Sequence[str]) -> str:
+def encode_messages(messages: Sequence[Encoded]) -> str:
     """One ``a[...]`` frame carrying every DDP message (already JSON text) in order."""
     return "a[" + ",".join(_quote(m) for m in messages) + "]"
 
 
-def encode_message_batches(messages: Iterable[str], max_frame_chars: int = 262_144) -> list[str]:
+def encode_message_batches(messages: Iterable[Encoded],
+                           max_frame_chars: int = 262_144) -> list[str]:
     """``a[...]`` frames carrying the messages in order, each frame at most ~max_frame_chars.
 
     Batching keeps writes few; the cap keeps one huge flush from becoming a single frame that a

@@ -19,6 +19,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, TextMessage
 from wsproto.utilities import LocalProtocolError
 
+from cdcddp.ddp.messages import Encoded
 from cdcddp.server import sockjs
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class Framing:
     sockjs: bool
     sockjs_max_frame_chars: int = 262_144
 
-    def outgoing(self, messages: list[str]) -> list[str]:
+    def outgoing(self, messages: list[Encoded]) -> list[Encoded]:
         if not self.sockjs:
             return messages
         return sockjs.encode_message_batches(messages, self.sockjs_max_frame_chars)
@@ -145,13 +146,13 @@ _TEXT_HEAD_16 = struct.Struct("!BBH")
 _TEXT_HEAD_64 = struct.Struct("!BBQ")
 
 
-def text_frames(messages: Iterable[str]) -> bytes:
+def text_frames(messages: Iterable[Encoded]) -> bytes:
     """Unmasked, uncompressed WebSocket text frames, one per message (RFC 6455 §5.2): what
     wsproto produces for a server without extensions, at a fraction of its per-frame cost."""
     parts: list[bytes] = []
     append = parts.append
     for message in messages:
-        payload = message.encode()
+        payload = message if type(message) is bytes else message.encode()  # type: ignore[union-attr]
         size = len(payload)
         if size < 126:
             append(_TEXT_HEADS[size])
@@ -192,7 +193,7 @@ class FrameWriter:
     def open(self) -> bool:
         return self._ws.closed is None
 
-    def encode(self, frames: list[str]) -> bytes:
+    def encode(self, frames: list[Encoded]) -> bytes:
         proto = self._ws._wsproto
         if proto.state is not ConnectionState.OPEN:  # the peer's Close arrived first
             raise trio_websocket.ConnectionClosed(self._ws.closed)
@@ -201,7 +202,9 @@ class FrameWriter:
         if self._plain:
             return text_frames(frames)
         try:
-            return b"".join(proto.send(TextMessage(data=frame)) for frame in frames)
+            return b"".join(proto.send(TextMessage(
+                data=frame if type(frame) is str else frame.decode()))  # type: ignore[union-attr]
+                for frame in frames)
         except LocalProtocolError:
             raise trio_websocket.ConnectionClosed(self._ws.closed) from None
 
@@ -211,7 +214,7 @@ class FrameWriter:
         replay = self._replay
         return replay is not None and replay.has_backlog
 
-    def try_write(self, frames: list[str]) -> bool:
+    def try_write(self, frames: list[Encoded]) -> bool:
         """Write ``frames`` without awaiting, if no write is under way; bytes the socket does
         not take now wait in the stream's backlog (check :attr:`backlog`, then ``write([])``).
 
@@ -230,7 +233,7 @@ class FrameWriter:
             self._counts.bytes += len(data)
         return True
 
-    async def write(self, frames: list[str]) -> None:
+    async def write(self, frames: list[Encoded]) -> None:
         """Raises trio_websocket.ConnectionClosed when the connection is closed or breaks.
         With no frames, it still sends the backlog :meth:`try_write` left."""
         if not frames and not self.backlog:

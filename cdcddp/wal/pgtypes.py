@@ -290,6 +290,17 @@ BUILTIN_ARRAYS: Final[dict[int, int]] = {
 }
 
 
+# Types whose psycopg binary loader gives exactly the value the decoder makes of the stream's
+# text for every value (tests/test_wal_decode.py checks each): a query reading only these may
+# ask for binary results, which skips parsing text. Not float4 (binary gives the float32's
+# full double expansion, 0.10000000149011612, where the text gives 0.1), nor dates and times
+# (infinity and BC values), nor anything needing the catalog.
+BINARY_LOADS_AS_DECODED: Final = frozenset({
+    16, 17, 19, 20, 21, 23, 25, 26, 114, 701, 1042, 1043, 1700, 2950, 3802,  # scalars
+    1000, 1001, 1003, 1016, 1005, 1007, 1009, 1028, 199, 1022, 1014, 1015, 1231, 2951, 3807,
+})
+
+
 # -- catalog of other types (user types, arrays of them, domains) --------------------------------
 
 TYPE_CATALOG_SQL: Final = (
