@@ -65,6 +65,14 @@ def diff_fields(old: Fields, new: Fields) -> tuple[Fields, tuple[str, ...]]:
     return changed, cleared
 
 
+def _values_getter(columns: tuple[str, ...]) -> Callable[[Row], Values]:
+    """``row -> its values tuple in columns order`` (KeyError when a column is missing)."""
+    if len(columns) == 1:
+        column = columns[0]
+        return lambda row: (row[column],)
+    return itemgetter(*columns)  # type: ignore[return-value]
+
+
 def _key_getter(columns: tuple[Any, ...]) -> Callable[[Any], Key]:
     """``row -> tuple of the key columns' values`` (KeyError when one is missing); with
     indexes instead of names, the same for a row's values tuple."""
@@ -152,6 +160,7 @@ class Observer:
         self._key_of = _key_getter(self.key_columns)
         self._render = _wire_renderer(cursor.render, cursor.key_columns, cursor.field_map)
         self._values_key_of = _key_getter(tuple(self.columns.index(c) for c in self.key_columns))
+        self._values_from_row = _values_getter(self.columns)
         self._render_values = _values_renderer(cursor.render, self.columns, cursor.key_columns,
                                                cursor.field_map)
         self.rows: dict[Key, Values] = {}
@@ -320,31 +329,23 @@ class Observer:
     def _upsert(self, old_key: Key | None, new: Row, identity: Row | None = None
                 ) -> list[DocOp] | NeedsRow:
         kept = self.rows.get(old_key) if old_key is not None else None
-        row = {c: new[c] for c in self.columns if c in new}
-        if len(row) < len(self.columns):
-            # Unchanged TOASTed values: from our copy, else from a FULL identity, else fetch.
-            previous = None if kept is None else dict(zip(self.columns, kept, strict=True))
-            for source in (previous, identity):
-                if source is not None:
-                    for c in self.columns:
-                        if c not in row and c in source:
-                            row[c] = source[c]
-            if len(row) < len(self.columns):
-                # previous is None here. No fetch if the row cannot match anyway.
-                if self._filter_columns <= row.keys() and not self._matches(row):
-                    return []
-                missing = tuple(c for c in self.columns if c not in row)
-                key = tuple(new.get(c, (identity or {}).get(c)) for c in self.key_columns)
-                return NeedsRow(key, missing)
-        new_key = self.key_of(row)
-        matches = self._matches(row)
+        try:
+            values = self._values_from_row(new)
+        except KeyError:  # unchanged TOASTed values left out: complete the row first
+            completed = self._complete(kept, new, identity)
+            if type(completed) is not dict:
+                return completed  # type: ignore[return-value]
+            new = completed
+            values = self._values_from_row(new)
+        new_key = self._values_key_of(values)
+        matches = self._matches(new)
         ops: list[DocOp] = []
         if kept is not None and (not matches or new_key != old_key):
             ops.extend(self._remove(old_key))  # type: ignore[arg-type]
         if not matches:
             return ops
-        doc_id, fields = self._render(row)
-        self.rows[new_key] = tuple([row[c] for c in self.columns])
+        doc_id, fields = self._render_values(values)
+        self.rows[new_key] = values
         current = self.docs.get(new_key)  # present also when a change is seen twice
         if current is None:
             self.docs[new_key] = (doc_id, fields)
@@ -355,6 +356,26 @@ class Observer:
             self.docs[new_key] = (doc_id, fields)
             ops.append(DocOp("changed", self.collection, doc_id, changed, cleared, fields))
         return ops
+
+    def _complete(self, kept: Values | None, new: Row, identity: Row | None
+                  ) -> Row | list[DocOp] | NeedsRow:
+        """A stream row lacking columns (unchanged TOASTed values), completed from our copy,
+        else from a FULL identity; else [] (it cannot match anyway) or a fetch by key."""
+        row = {c: new[c] for c in self.columns if c in new}
+        previous = None if kept is None else dict(zip(self.columns, kept, strict=True))
+        for source in (previous, identity):
+            if source is not None:
+                for c in self.columns:
+                    if c not in row and c in source:
+                        row[c] = source[c]
+        if len(row) == len(self.columns):
+            return row
+        # previous is None here. No fetch if the row cannot match anyway.
+        if self._filter_columns <= row.keys() and not self._matches(row):
+            return []
+        missing = tuple(c for c in self.columns if c not in row)
+        key = tuple(new.get(c, (identity or {}).get(c)) for c in self.key_columns)
+        return NeedsRow(key, missing)
 
     def _remove(self, key: Key) -> list[DocOp]:
         self.rows.pop(key, None)

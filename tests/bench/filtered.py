@@ -181,6 +181,7 @@ def run_phase(name: str, dsn: str, server: ServerChild, swarm: ddpbench.Swarm,
         finally:
             os.kill(server.proc.pid, signal.SIGCONT)
         resumed = time.time()
+    print(f"{name}: server resumed, catching up", flush=True)  # (a profiler can attach now)
     applied_at = float(server.ask(f"until {before + changes}", "APPLIED"))
     result = swarm.stop()
     delivered_at = result["last_at"] or applied_at
