@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from cdcddp.ddp.mergebox import MergeBox
@@ -13,6 +14,7 @@ from cdcddp.publish.livedata import (
     SnapshotTooEarly,
     TableRoutes,
     encode_transition,
+    encode_transitions,
     run_seeing,
 )
 from cdcddp.publish.observer import Observer
@@ -82,6 +84,22 @@ def test_encode_cache_diffs_and_encodes_a_shared_transition_once() -> None:
     box = MergeBox()
     box.add("s", "items", "1", fields)
     assert [encode_transition(t) for t in box.settle()] == [texts[0][1].replace(b'"2"', b'"1"')]
+
+
+def test_encoding_a_flush_together_equals_encoding_each_message() -> None:
+    box = MergeBox()
+    box.add("s", "items", "1", {"title": "x", "n": 1})
+    box.add("s", "items", "2", {"title": "y", "when": dt.datetime(2024, 5, 1, tzinfo=dt.UTC)})
+    box.add("s", "items", "3", {"_id": "3", "n": float("nan")})
+    box.add("s", "items", "4", {})
+    box.flush()
+    box.change("s", "items", "1", {"title": "z"}, ("n",))
+    box.remove("s", "items", "2")
+    box.add("s", "items", "5", {"$weird": {"$date": 1}, "n": None})
+    box.add("t", "other", "1", {"n": 2})
+    for transitions in ([], box.settle()):
+        assert encode_transitions(transitions) == [
+            text for t in transitions if (text := encode_transition(t)) is not None]
 
 
 def test_routes_hold_a_key_for_one_or_several_observers() -> None:

@@ -65,7 +65,7 @@ from cdcddp.db import Database
 from cdcddp.ddp import messages
 from cdcddp.ddp.mergebox import MergeBox, MergeBoxError, Transition, transition_op
 from cdcddp.ddp.session import ServerSession
-from cdcddp.gcpause import gc_paused
+from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
 from cdcddp.publish.lookup import Dependency
@@ -155,8 +155,15 @@ def encode_transition(transition: Transition) -> bytes | None:
 def encode_transitions(transitions: Iterable[Transition]) -> list[bytes]:
     """The messages for settled documents, encoded together (a large initial result costs
     one encoder call per piece, not per document)."""
-    return messages.encode_many([message for transition in transitions
-                                 if (message := transition_message(transition)) is not None])
+    found: list[dict[str, Any]] = []
+    append = found.append
+    for transition in transitions:
+        collection, doc_id, before, after = transition
+        if before is None and after and "_id" not in after:  # transition_message, inlined
+            append({"msg": "added", "collection": collection, "id": doc_id, "fields": after})
+        elif (message := transition_message(transition)) is not None:
+            append(message)
+    return messages.encode_many(found)
 
 
 class EncodeCache:
@@ -569,6 +576,8 @@ def _snapshot_rows(conn: psycopg.Connection[Any], bound: BoundCursor
                  for column in bound.columns)
     with gc_paused():  # (see cdcddp.gcpause)
         rows = conn.cursor(binary=binary).execute(query, params).fetchall()
+        if len(rows) >= LARGE_RESULT_ROWS:
+            promote_young_objects()  # kept by the observer being built
     return rows, snapshot, lsn, shape
 
 
@@ -839,6 +848,8 @@ class LiveData:
         entry.subscribers[(id(client), sub)] = (client, sub)
         with gc_paused():
             client.box.add_many(sub, observer.collection, observer.docs.values())
+            if len(observer.docs) >= LARGE_RESULT_ROWS:
+                promote_young_objects()  # they live as long as the subscription
 
     def remove_subscriber(self, entry: ObserverEntry, client: LiveClient, sub: SubKey,
                           *, remove_documents: bool = True) -> None:

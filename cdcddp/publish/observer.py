@@ -24,7 +24,7 @@ from operator import itemgetter
 from typing import Any, Literal
 
 from cdcddp.ddp.mergebox import values_equal
-from cdcddp.gcpause import gc_paused
+from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor, Fields
 from cdcddp.publish.ids import id_stringify
 from cdcddp.publish.visibility import Snapshot
@@ -242,6 +242,8 @@ class Observer:
                 key = key_of(values)
                 all_rows[key] = values
                 docs[key] = render(values)
+            if len(docs) >= LARGE_RESULT_ROWS:
+                promote_young_objects()  # they live as long as the observer
 
     def load(self, rows: Iterable[Row | Values]) -> list[DocOp]:
         """Replace the result with a query's rows; the ops turn the old result into the new.
