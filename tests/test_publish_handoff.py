@@ -46,3 +46,28 @@ def test_overflow_breaks_the_pins_that_needed_dropped_transactions() -> None:
     with pytest.raises(LookupError):
         list(ring.since(old))
     assert [t.xid for t in ring.since(young)] == [2, 3]
+
+
+def test_a_younger_pin_released_first_keeps_what_the_older_one_needs() -> None:
+    ring = RecentTransactions()
+    old = ring.pin()
+    ring.delivered(txn(1))
+    young = ring.pin()
+    ring.delivered(txn(2))
+    ring.release(young)
+    assert ring.has_pins and [t.xid for t in ring.since(old)] == [1, 2]
+    ring.release(old)
+    assert not ring.has_pins and len(ring) == 0
+    ring.delivered(txn(3))
+    assert len(ring) == 0
+
+
+def test_thousands_of_pins_release_in_linear_time() -> None:
+    ring = RecentTransactions()
+    pins = []
+    for i in range(20_000):
+        pins.append(ring.pin())
+        ring.delivered(txn(i))
+    for pin in pins:  # oldest first, as snapshots usually finish
+        ring.release(pin)
+    assert not ring.has_pins and len(ring) == 0

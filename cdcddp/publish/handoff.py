@@ -50,7 +50,9 @@ class RecentTransactions:
         self._kept: deque[tuple[int, CommittedTransaction]] = deque()
         self._kept_changes = 0
         self._seq = 0  # number of transactions delivered so far
-        self._pins: list[Pin] = []
+        # Pins in the order taken (so by after_seq); released ones leave from the left, so the
+        # first is the oldest live pin: releasing costs O(1), not a pass over thousands.
+        self._pins: deque[Pin] = deque()
         self.pins_taken = 0
 
     def pin(self) -> Pin:
@@ -74,7 +76,9 @@ class RecentTransactions:
 
     def release(self, pin: Pin) -> None:
         pin.released = True
-        self._pins = [p for p in self._pins if not p.released]
+        pins = self._pins
+        while pins and pins[0].released:
+            pins.popleft()
         self._trim()
 
     def delivered(self, txn: CommittedTransaction) -> None:
@@ -108,7 +112,7 @@ class RecentTransactions:
         return newer
 
     def _trim(self) -> None:
-        oldest_needed = min((p.after_seq for p in self._pins), default=self._seq)
+        oldest_needed = self._pins[0].after_seq if self._pins else self._seq
         while self._kept and self._kept[0][0] <= oldest_needed:
             _, dropped = self._kept.popleft()
             self._kept_changes -= max(1, len(dropped.changes))
