@@ -1,5 +1,7 @@
 """The thread-backed connection pool used from trio."""
 
+from datetime import UTC, date, datetime, timedelta
+
 import psycopg
 import pytest
 import trio
@@ -39,5 +41,23 @@ async def test_concurrent_calls_are_bounded_by_the_pool(db_dsn: str) -> None:
                 nursery.start_soon(one, i)
         assert sorted(results) == list(range(9))
         assert len(db._idle) <= 3
+    finally:
+        db.close()
+
+
+async def test_values_load_as_the_stream_decodes_them(db_dsn: str) -> None:
+    """Pooled connections load what psycopg would refuse or load otherwise (see
+    tests/test_sql_values.py for every type) as the decoder does, user arrays included."""
+    db = Database(db_dsn, size=1)
+    try:
+        await db.execute("CREATE TYPE mood AS ENUM ('sad', 'happy')")
+        rows = await db.fetchall(
+            "SELECT 'infinity'::timestamptz, '-infinity'::date, '24:00:00'::time, "
+            "'10.0.0.1/8'::inet, '{sad,NULL}'::mood[], '1 day'::interval, 1::int4")
+        assert rows == [(datetime.max.replace(tzinfo=UTC), date.min, "24:00:00", "10.0.0.1/8",
+                         ["sad", None], timedelta(days=1), 1)]
+        assert await db.fetchall("SHOW IntervalStyle") == [("iso_8601",)]
+        (array_oid,), = await db.fetchall("SELECT 'mood[]'::regtype::oid::int")
+        assert db.types.catalog.get(array_oid) is not None  # reloaded for the new type
     finally:
         db.close()

@@ -45,6 +45,8 @@ CREATE DOMAIN tags AS text[];
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE TYPE "Odd Mood" AS ENUM ('A b', 'c"d');
 CREATE TYPE pair AS (a int, b text);
+CREATE DOMAIN stamp AS timestamptz;
+CREATE DOMAIN moods AS mood[];
 CREATE TABLE ident (id int PRIMARY KEY, v text);
 CREATE TABLE full_t (id int PRIMARY KEY, note text, maybe int, big text);
 ALTER TABLE full_t REPLICA IDENTITY FULL;
@@ -153,6 +155,33 @@ CASES: list[tuple[str, str, Any]] = [
     ("box[]", "'{((3,4),(1,2));((5,6),(0,0))}'", ["(3,4),(1,2)", "(5,6),(0,0)"]),
     ("inet", "'10.0.0.1/8'", "10.0.0.1/8"),
     ("pair", "ROW(1, 'x y')", '(1,"x y")'),
+    # Where psycopg's own loaders differ from the decoder (see cdcddp.db.SQL_LOADERS_DIFFER).
+    ("date", "'0044-03-15 BC'", "0044-03-15 BC"),
+    ("date", "'10000-01-01'", "10000-01-01"),
+    ("timestamp", "'-infinity'", datetime.min),
+    ("timestamp", "'0044-03-15 12:00:00 BC'", "0044-03-15 12:00:00 BC"),
+    ("timetz", "'24:00:00+00'", "24:00:00+00"),
+    ("time[]", "'{12:00:00,24:00:00}'", [time(12), "24:00:00"]),
+    ("timestamp[]", "'{infinity,\"2024-01-02 03:04:05\"}'",
+     [datetime.max, datetime(2024, 1, 2, 3, 4, 5)]),
+    ("timetz[]", "'{12:00:00+00}'", [time(12, tzinfo=UTC)]),
+    ("interval", "'1000000000 days'", "P1000000000D"),
+    ("interval", "'178000000 years'", "P178000000Y"),
+    ("cidr", "'10.0.0.0/8'", "10.0.0.0/8"),
+    ("inet[]", "'{10.0.0.1/8,::1}'", ["10.0.0.1/8", "::1"]),
+    ("cidr[]", "'{10.0.0.0/8}'", ["10.0.0.0/8"]),
+    ("int4range", "'[1,3)'", "[1,3)"),
+    ("tstzrange", "'[2024-01-01 00:00:00+00,infinity)'", '["2024-01-01 00:00:00+00",infinity)'),
+    ("daterange", "'empty'", "empty"),
+    ("int4multirange", "'{[1,3),[5,7)}'", "{[1,3),[5,7)}"),
+    ("int4range[]", "'{\"[1,3)\",empty}'", ["[1,3)", "empty"]),
+    ("xid8", "'5'", 5),
+    ("xid8[]", "'{5,6}'", [5, 6]),
+    ("int2vector", "'1 2'", [1, 2]),
+    ("stamp", "'infinity'", datetime.max.replace(tzinfo=UTC)),
+    ("stamp", "'2024-01-01 00:00:00+00'", datetime(2024, 1, 1, tzinfo=UTC)),
+    ("moods", "'{ok,NULL}'", ["ok", None]),
+    ('"Odd Mood"[]', """'{"A b","c\\"d"}'""", ["A b", 'c"d']),
     ("int4", "NULL", None),
     ("text", "NULL", None),
 ]

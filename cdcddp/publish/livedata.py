@@ -61,7 +61,7 @@ import psycopg
 import trio
 from psycopg import sql
 
-from cdcddp.db import Database
+from cdcddp.db import Database, ensure_types, execute_as_decoded
 from cdcddp.ddp import messages
 from cdcddp.ddp.mergebox import MergeBox, MergeBoxError, Transition, transition_op
 from cdcddp.ddp.session import ServerSession
@@ -569,6 +569,9 @@ def _snapshot_rows(conn: psycopg.Connection[Any], bound: BoundCursor
     assert found is not None
     snapshot, lsn = Snapshot.parse(found[0]), parse_lsn(found[1])
     shape = {name: (int(oid), varlena == "true") for name, oid, varlena in found[2] or ()}
+    # A column of a type created since the type catalog was loaded: reload it first, so the
+    # rows load as the stream decodes them.
+    ensure_types(conn, [shape[column][0] for column in bound.columns if column in shape])
     query, params = bound.snapshot_query()
     # Binary results parse faster (a large snapshot reads about a third faster), where they
     # give the values the stream decodes.
@@ -642,7 +645,7 @@ def _horizon_snapshot(conn: psycopg.Connection[Any], timeout: float = 5.0) -> Sn
 def _fetch_row(conn: psycopg.Connection[Any], query: sql.Composable, key: Key,
                columns: tuple[str, ...]) -> tuple[Row | None, Snapshot, int]:
     snapshot, lsn = _begin_snapshot(conn)
-    found = conn.execute(query, list(key)).fetchone()
+    found = execute_as_decoded(conn, query, list(key)).fetchone()
     return (None if found is None else dict(zip(columns, found, strict=True))), snapshot, lsn
 
 
@@ -762,6 +765,8 @@ class LiveData:
             async with open_stream(self.dsn, self.config.slot,
                                    temporary=self.config.temporary_slot,
                                    report_relations=True,
+                                   # one catalog: snapshots load values as the stream decodes
+                                   type_catalog=self.database.types,
                                    **self.config.stream_options) as stream:
                 self.stream = stream
                 nursery.start_soon(self._flusher)

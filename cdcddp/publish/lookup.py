@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
+from cdcddp.db import execute_as_decoded
 from cdcddp.publish.definition import DEFAULT_SCHEMA
 
 Dependency = tuple[str, str, tuple[Any, ...]]  # (schema, table, primary-key values)
@@ -63,7 +64,8 @@ class SqlRowLookup:
             sql.SQL("{} = %s").format(sql.Identifier(c)) for c in key_columns)
         query = sql.SQL("SELECT {} FROM {}.{} WHERE {}").format(
             selected, sql.Identifier(schema), sql.Identifier(name), where)
-        cursor = self._conn.execute(query, key_values)
+        # Values as the stream decodes them (the function may compare them with published ones).
+        cursor = execute_as_decoded(self._conn, query, key_values)
         found = cursor.fetchone()
         if found is None:
             return None

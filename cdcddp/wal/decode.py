@@ -15,7 +15,8 @@ Types are resolved by oid (``include-types`` is off: it costs the walsender ~25 
 Built-in types need nothing else; domains and arrays of user types need a ``TypeCatalog``
 (``pgtypes.TYPE_CATALOG_SQL``) given by the caller; an oid the decoder cannot resolve decodes
 as the value's text and is recorded in ``Decoder.unresolved_oids`` so the caller can reload
-the catalog (e.g. after ``CREATE DOMAIN``).
+the catalog (e.g. after ``CREATE DOMAIN``) and decode the payload again, as
+``cdcddp.wal.stream`` does.
 """
 
 from __future__ import annotations

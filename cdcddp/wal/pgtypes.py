@@ -10,8 +10,9 @@ Two converter families per type:
   that reads values in text format, e.g. a snapshot query, so both sides agree exactly).
 
 The text assumes the session settings in ``cdcddp.wal.decode.SESSION_SETTINGS`` (ISO dates,
-UTC, ``IntervalStyle=iso_8601``, hex bytea). Conventions (chosen to match psycopg 3's defaults,
-so a snapshot read through psycopg and a stream value compare equal):
+UTC, ``IntervalStyle=iso_8601``, hex bytea). SQL reads must give the same values: the server's
+connections (``cdcddp.db``) load every type where psycopg's own loader differs through these
+converters, so this is the one place for the rules. Conventions (psycopg 3's where it has one):
 
 - interval -> ``timedelta`` with 1 year = 365 days and 1 month = 30 days (psycopg's rule);
 - timestamp/timestamptz/date ``infinity``/``-infinity`` -> ``max``/``min`` of the Python type
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -341,6 +343,56 @@ class TypeCatalog:
 
     def __len__(self) -> int:
         return len(self._types)
+
+    def __iter__(self) -> Iterator[PgType]:
+        return iter(self._types.values())
+
+    def merged(self, newer: TypeCatalog) -> TypeCatalog:
+        """Both catalogs' types, ``newer``'s winning: a load read under an older snapshot
+        must not make types another load already found unknown again."""
+        return TypeCatalog([*self._types.values(), *newer._types.values()])
+
+
+class SharedCatalog:
+    """The current ``TypeCatalog`` of one database, shared by the replication stream's
+    decoder and the SQL connections (which load values the way the decoder does).
+
+    Either side loads the catalog when it meets a type oid the catalog lacks (a type
+    created after the last load) and merges it in here; ``version`` grows with every change,
+    so a connection knows when its loaders are stale. Thread-safe.
+    """
+
+    def __init__(self, catalog: TypeCatalog | None = None) -> None:
+        self._lock = threading.Lock()
+        # One attribute, so readers get a consistent (version, catalog) pair without a lock.
+        self._current: tuple[int, TypeCatalog] = (0, catalog or TypeCatalog())
+
+    @property
+    def current(self) -> tuple[int, TypeCatalog]:
+        return self._current
+
+    @property
+    def catalog(self) -> TypeCatalog:
+        return self._current[1]
+
+    @property
+    def version(self) -> int:
+        return self._current[0]
+
+    def merge(self, loaded: TypeCatalog) -> TypeCatalog:
+        """Add a freshly loaded catalog; returns the merged one now current."""
+        with self._lock:
+            version, catalog = self._current
+            merged = catalog.merged(loaded) if len(catalog) else loaded
+            if merged._types == catalog._types:
+                return catalog  # nothing new: connections keep their loaders
+            self._current = (version + 1, merged)
+            return merged
+
+    def resolves(self, oids: Iterable[int]) -> bool:
+        """Whether every oid is built in or in the catalog (else a reload may help)."""
+        catalog = self._current[1]
+        return all(oid < FIRST_USER_OID or catalog.get(oid) is not None for oid in oids)
 
 
 _MAX_TYPE_DEPTH: Final = 16  # domains of domains of arrays...: bounded, against catalog cycles

@@ -55,6 +55,7 @@ from cdcddp.wal.events import (
     TransactionRestart,
 )
 from cdcddp.wal.lsn import format_lsn, parse_lsn
+from cdcddp.wal.pgtypes import TYPE_CATALOG_SQL, SharedCatalog, TypeCatalog
 from cdcddp.wal.protocol import (
     XLOGDATA_PAYLOAD_OFFSET,
     AckTracker,
@@ -177,7 +178,8 @@ class ReplicationStream:
                  buffer_batches: int = 16, connect_timeout: float = 15.0,
                  busy_grace: float = 5.0, recreate_invalidated: bool = False,
                  decoder_factory: Callable[[], Decoder] = Decoder,
-                 report_relations: bool = False) -> None:
+                 report_relations: bool = False,
+                 type_catalog: SharedCatalog | None = None) -> None:
         self.slot = slot
         self.create_slot = create_slot
         self.temporary = temporary
@@ -190,6 +192,14 @@ class ReplicationStream:
         self._conninfo = replication_conninfo(
             dsn, application_name, {**SESSION_SETTINGS, **(session_settings or {})})
         self._decoder_factory = decoder_factory
+        # Domains and arrays of user types decode only with the catalog: loaded at each
+        # connect, reloaded when a change names a type it lacks; shared with SQL readers.
+        self.types = type_catalog if type_catalog is not None else SharedCatalog()
+        params = conninfo_to_dict(self._conninfo)
+        params.pop("replication", None)  # reloads run on a plain connection, mid-stream
+        self._sql_conninfo = make_conninfo("", **params)
+        self._unresolvable: set[int] = set()  # type oids no reload found (dropped since)
+        self.type_reloads = 0
         self.report_relations = report_relations  # yield Relation events (table shapes)
 
         # Counters and positions, read by metrics and tests.
@@ -290,8 +300,8 @@ class ReplicationStream:
         return self._pending.popleft()
 
     # -- connection ------------------------------------------------------------------------
-    async def _connect(self) -> pq.PGconn:
-        conn = pq.PGconn.connect_start(self._conninfo.encode())
+    async def _connect(self, conninfo: str | None = None) -> pq.PGconn:
+        conn = pq.PGconn.connect_start((conninfo or self._conninfo).encode())
         try:
             with trio.fail_after(self.connect_timeout):
                 poll = pq.PollingStatus.WRITING
@@ -428,6 +438,8 @@ class ReplicationStream:
                 gap.append(StreamGap(self.slot, confirmed,
                                      "slot is already past the requested start position"))
             self._tracker = AckTracker(max(start, confirmed))
+        # Plain SQL is fine on the replication session before START_REPLICATION.
+        self.types.merge(TypeCatalog.from_rows(await self._execute(conn, TYPE_CATALOG_SQL)))
         # Transactions up to the last delivered commit must not come again (acknowledged or not).
         start_at = max(self._tracker.acknowledged_lsn, self._tracker.last_commit_lsn)
         conn.notice_handler = self._on_notice  # wal2json WARNINGs only arrive as notices
@@ -471,7 +483,9 @@ class ReplicationStream:
         tracker = self._tracker
         decoder = self._decoder_factory()
         decoder.track_shapes = self.report_relations
+        decoder.set_catalog(self.types.catalog)
         decode = decoder.decode
+        unresolved = decoder.unresolved_oids  # cleared in place, never replaced
         relations = decoder.relations  # shapes to deliver before the change that showed them
         send = self._send.send
         unpack_start = _DATA_START.unpack_from
@@ -494,7 +508,11 @@ class ReplicationStream:
                         tracker.on_data(data_start)
                         try:
                             # bytes, not a view: the decoder searches the text for numerics
-                            event = decode(bytes(buf[XLOGDATA_PAYLOAD_OFFSET:]))
+                            payload = bytes(buf[XLOGDATA_PAYLOAD_OFFSET:])
+                            event = decode(payload)
+                            if unresolved:  # a type the catalog lacks: created since loaded
+                                event = await self._decode_with_new_types(decoder, payload,
+                                                                          event)
                         except DecodeError as exc:
                             # Skipping would lose a change; the same LSN fails again after a
                             # restart, so stop with a clear message.
@@ -556,6 +574,43 @@ class ReplicationStream:
                 await send(batch)
                 self._sent_open_xid = self._open_xid
             raise
+
+    async def _decode_with_new_types(self, decoder: Decoder, payload: bytes,
+                                     event: StreamEvent) -> StreamEvent:
+        """The payload decoded with a type catalog that resolves its type oids: the shared
+        catalog if another reader reloaded it already, else a fresh load. A type no reload
+        finds (dropped since the change) keeps decoding as text: it never stops the stream."""
+        missing = decoder.unresolved_oids - self._unresolvable
+        if not missing:  # known to be unresolvable: text it is
+            decoder.unresolved_oids.clear()
+            return event
+        if not self.types.resolves(missing):
+            try:
+                rows = await self._load_types()
+            except (psycopg.OperationalError, OSError, trio.TooSlowError, ServerError) as exc:
+                # Delivering the text would be a wrong value: reconnect instead (the new
+                # session loads the catalog, and this change comes again).
+                raise ConnectionLost(f"cannot reload the type catalog: {exc}") from exc
+            self.types.merge(TypeCatalog.from_rows(rows))
+            self.type_reloads += 1
+        decoder.set_catalog(self.types.catalog)
+        event = decoder.decode(payload)  # again: the shape it queued, if any, stays queued
+        if decoder.unresolved_oids:
+            self._unresolvable |= decoder.unresolved_oids
+            log.warning("type oids %s are not in the catalog (dropped since?): their values "
+                        "decode as text", sorted(decoder.unresolved_oids))
+            decoder.unresolved_oids.clear()
+        return event
+
+    async def _load_types(self) -> list[tuple[str | None, ...]]:
+        """``TYPE_CATALOG_SQL`` rows, read on a short-lived plain connection (the replication
+        one is streaming)."""
+        conn = await self._connect(self._sql_conninfo)
+        try:
+            with trio.fail_after(self.connect_timeout):
+                return await self._execute(conn, TYPE_CATALOG_SQL)
+        finally:
+            self._close_conn(conn)
 
     def _accept(self, event: StreamEvent) -> bool:
         """Track transaction boundaries; drop what was already delivered before a reconnect."""
