@@ -10,8 +10,11 @@
   cheaper than the server). Each subscribes to the given subscriptions; the swarm prints
   ``READY {json}`` once every subscription is ready, counts and times ``changed``/``added``
   messages between the ``start`` and ``stop`` lines it reads on stdin (parsing each), then
-  drains until idle for ``--idle`` seconds and prints ``RESULT {json}``. Outside that window
-  ``added``/``changed`` frames are recognised by their first bytes and not parsed.
+  drains until idle for ``--idle`` seconds, prints ``RESULT {json}`` and exits. ``report``
+  instead of ``stop`` drains and prints ``RESULT`` the same way, then resets the counters and
+  keeps its connections and subscriptions for the next ``start`` (``Swarm.report()``).
+  Outside a counted window ``added``/``changed`` frames are recognised by their first bytes
+  and not parsed.
 
 Latency is ``receive time - fields.ts`` where ``ts`` is an epoch-seconds float the writer put in
 the row with ``extract(epoch from clock_timestamp())`` (same machine, same clock).
@@ -239,6 +242,7 @@ def run_swarm(port: int, n: int, subs: list[list[Any]], subs_per_conn: int) -> N
 
     counting = False
     stopping = False
+    reporting = False  # the drain ends with a RESULT and the swarm stays connected
     changed = added = removed = other = 0
     lat = array("d")
     first_at = last_at = 0.0
@@ -320,12 +324,34 @@ def run_swarm(port: int, n: int, subs: list[list[Any]], subs_per_conn: int) -> N
     max_drain = float(os.environ.get("SWARM_MAX_DRAIN", "30"))
     ready_printed = False
     stdin_fd = sys.stdin.fileno()
+
+    def print_result() -> None:
+        cpu = time.process_time() - cpu0
+        lats = sorted(lat)
+        result = {
+            "changed": changed, "added": added, "removed": removed, "other": other,
+            "start_at": start_at, "stop_at": stop_at, "first_at": first_at, "last_at": last_at,
+            "lat_count": len(lats),
+            "lat_p50": percentile(lats, 0.50), "lat_p90": percentile(lats, 0.90),
+            "lat_p99": percentile(lats, 0.99), "lat_max": lats[-1] if lats else float("nan"),
+            "cpu_seconds": cpu,
+        }
+        print("RESULT " + json.dumps(result), flush=True)
+
     while True:
         timeout = idle if stopping else 1.0
         events = ep.poll(timeout)
         t = now()
         if stopping and (not events or t - stop_at >= max_drain):
-            break
+            print_result()
+            if not reporting:
+                break
+            # ``report``: back to the state after READY, connections and subscriptions kept
+            counting = stopping = reporting = False
+            changed = added = removed = other = 0
+            lat = array("d")
+            first_at = last_at = start_at = stop_at = 0.0
+            continue
         for fd, _ in events:
             if fd == stdin_fd:
                 line = os.read(stdin_fd, 4096).decode()
@@ -333,8 +359,12 @@ def run_swarm(port: int, n: int, subs: list[list[Any]], subs_per_conn: int) -> N
                     counting = True
                     start_at = now()
                     cpu0 = time.process_time()
+                if "report" in line:
+                    stopping = reporting = True
+                    stop_at = now()
                 if "stop" in line or not line:
                     stopping = True
+                    reporting = False
                     stop_at = now()
                     if not line:
                         ep.unregister(stdin_fd)
@@ -353,17 +383,6 @@ def run_swarm(port: int, n: int, subs: list[list[Any]], subs_per_conn: int) -> N
             rt = sorted(ready_times)
             print("READY " + json.dumps({"seconds": max(rt), "p50": statistics.median(rt)}),
                   flush=True)
-    cpu = time.process_time() - cpu0
-    lats = sorted(lat)
-    result = {
-        "changed": changed, "added": added, "removed": removed, "other": other,
-        "start_at": start_at, "stop_at": stop_at, "first_at": first_at, "last_at": last_at,
-        "lat_count": len(lats),
-        "lat_p50": percentile(lats, 0.50), "lat_p90": percentile(lats, 0.90),
-        "lat_p99": percentile(lats, 0.99), "lat_max": lats[-1] if lats else float("nan"),
-        "cpu_seconds": cpu,
-    }
-    print("RESULT " + json.dumps(result), flush=True)
     for c in conns.values():
         c.sock.close()
 
@@ -409,6 +428,14 @@ class Swarm:
         assert self.proc.stdin is not None
         self.proc.stdin.write("start\n")
         self.proc.stdin.flush()
+
+    def report(self) -> dict[str, Any]:
+        """Like ``stop`` (drain, RESULT) but the swarm stays connected and subscribed, its
+        counters reset for the next ``start``."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("report\n")
+        self.proc.stdin.flush()
+        return self._line("RESULT")
 
     def stop(self) -> dict[str, Any]:
         assert self.proc.stdin is not None

@@ -1,30 +1,41 @@
 """Filtered-subscription benchmark: many distinct ``owner = k`` subscriptions, one backlog.
 
     .venv/bin/python tests/bench/filtered.py [--dsn DSN] [--clients 1000] [--subs-per-client 10]
-                                             [--changes 100000]
+                                             [--changes 100000] [--repeat 3]
 
 Without --dsn it starts a throwaway cluster. Table ``items`` holds 2 rows per owner for
-``clients x subs-per-client`` owners; publication ``items.byOwner`` (positional param ``owner``)
-publishes ``owner = k``. The cdcddp server (live engine) runs in a child process; the clients
-run in another child (raw-socket swarm, see ddpbench.py), each with ``subs-per-client``
-subscriptions to distinct owners.
+``clients x subs-per-client`` owners (N owners); publication ``items.byOwner`` (positional
+param ``owner``) publishes ``owner = k``. The cdcddp server (live engine) runs in a child
+process; the clients run in another child (raw-socket swarm, see ddpbench.py), each with
+``subs-per-client`` subscriptions to distinct owners.
 
-How a backlog is measured: the server process is stopped (SIGSTOP), a backlog of --changes row
-updates (10 per transaction) is written and a fresh slot per phase lets ``pg_recvlogical``
-drain exactly the same WAL; then the server resumes (SIGCONT) and catches up. cdcddp's time is
+How one backlog is measured (a "run"): ``VACUUM items``; a fresh logical slot is created for
+``pg_recvlogical``; the server process is stopped (SIGSTOP); a backlog of --changes row updates
+(10 per transaction) is written; the server resumes (SIGCONT) and catches up. cdcddp's time is
 from the resume to the later of "the engine applied every change" (reported by the server
-child) and "the last resulting DDP message reached a client". Phases:
+child) and "the last resulting DDP message reached a client" (the swarm drains until idle for
+1 s and reports, keeping its connections: ``Swarm.report``). Then ``pg_recvlogical`` (wal2json,
+output to /dev/null) drains exactly the same WAL from its slot, timed from start to exit, and
+the slot is dropped. Both rates are --changes / seconds. Phases:
 
 1. ``100 subs``: 10 clients x 10 subscriptions (owners 0..99); the backlog updates rows of
-   owners 0..99.
-2. ``all subs``: every client subscribed (owners 0..N-1); the same backlog (owners 0..99), so
-   the delivered work is the same as in phase 1 and only the number of idle subscriptions
-   grows. The drop from phase 1 to 2 is what N subscriptions cost a change that matches few.
-3. ``spread``: the same subscriptions; the backlog updates rows of every owner, so every
-   subscription receives changes.
+   owners 0..99. --repeat runs on the same connected clients, each run with its own slot
+   and an identical backlog. Those clients then disconnect.
+2. ``all subs``: every client subscribed (owners 0..N-1, connected once); --repeat runs of the
+   same backlog as phase 1 (owners 0..99, identical row sequence), so the delivered work is the
+   same as in phase 1 and only the number of idle subscriptions grows. The drop from phase 1
+   to 2 is what N subscriptions cost a change that matches few.
+3. ``spread``: the same clients and subscriptions as phase 2; one run whose backlog updates
+   rows of every owner, so every subscription receives changes.
 
-Figures: rows/s of pg_recvlogical and of cdcddp per phase, their ratio, and the drop.
-Last line: ``filtered_ingest_ratio=`` (phase 3, cdcddp rate / pg_recvlogical rate).
+Figures: each run's rates; per phase the median cdcddp rate, the median pg_recvlogical rate
+and their ratio (median / median), with the min-max of each over the runs. The drop from phase
+1 to 2 is printed twice: on raw cdcddp rates (1 - median2 / median1; fair because the backlogs
+are identical, but exposed to machine-wide drift) and relative to pg_recvlogical
+(1 - ratio2 / ratio1, each ratio = cdcddp median / pg_recvlogical median of that phase;
+cancels drift that slows both, but adds pg_recvlogical's own noise).
+``filtered_subscription_drop_pct=`` is the latter (medians relative to pg_recvlogical's
+median). Last line: ``filtered_ingest_ratio=`` (phase 3, cdcddp rate / pg_recvlogical rate).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import argparse
 import contextlib
 import os
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -165,40 +177,80 @@ def prepare(dsn: str, owners: int) -> None:
 
 
 def run_phase(name: str, dsn: str, server: ServerChild, swarm: ddpbench.Swarm,
-              changes: int, owners: int, seed: int) -> tuple[float, float]:
-    """One backlog; returns (pg_recvlogical rows/s, cdcddp rows/s)."""
-    slot = f"bench_filtered_recv_{seed}"
+              changes: int, owners: int, seed: int, slot: str) -> tuple[float, float]:
+    """One backlog; returns (pg_recvlogical rows/s, cdcddp rows/s). The swarm stays connected."""
     before = int(server.ask("count", "COUNT"))
     with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM items")
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                     "WHERE slot_name = %s", (slot,))
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (slot,))
-        os.kill(server.proc.pid, signal.SIGSTOP)
-        try:
-            t0 = time.perf_counter()
-            conn.execute("CALL filtered_load(%s, %s, %s)", (changes, owners, seed))
-            written = time.perf_counter() - t0
-            (endpos,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()  # type: ignore[misc]
-            swarm.start()
-        finally:
-            os.kill(server.proc.pid, signal.SIGCONT)
-        resumed = time.time()
-    print(f"{name}: server resumed, catching up", flush=True)  # (a profiler can attach now)
-    applied_at = float(server.ask(f"until {before + changes}", "APPLIED"))
-    result = swarm.stop()
-    delivered_at = result["last_at"] or applied_at
-    ours = max(applied_at, delivered_at) - resumed
-    recv = run_recvlogical(find_bindir(), dsn, slot, str(endpos))
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                t0 = time.perf_counter()
+                conn.execute("CALL filtered_load(%s, %s, %s)", (changes, owners, seed))
+                written = time.perf_counter() - t0
+                (endpos,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()  # type: ignore[misc]
+                swarm.start()
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            resumed = time.time()
+        print(f"{name}: server resumed, catching up", flush=True)  # (a profiler can attach now)
+        applied_at = float(server.ask(f"until {before + changes}", "APPLIED"))
+        result = swarm.report()
+        delivered_at = result["last_at"] or applied_at
+        ours = max(applied_at, delivered_at) - resumed
+        recv = run_recvlogical(find_bindir(), dsn, slot, str(endpos))
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                         "WHERE slot_name = %s", (slot,))
     messages = result["changed"]
     print(f"{name}: backlog of {changes:,} updates over {owners:,} owners written in "
           f"{written:.2f} s; pg_recvlogical {recv:.2f} s = {changes / recv:,.0f} rows/s; "
           f"cdcddp applied in {applied_at - resumed:.2f} s, last message at "
-          f"{delivered_at - resumed:.2f} s = {changes / ours:,.0f} rows/s; "
+          f"{delivered_at - resumed:.2f} s = {changes / ours:,.0f} rows/s "
+          f"(ratio {recv / ours:.2f}); "
           f"{messages:,} changed messages (updates of one row in one flush coalesce)",
           flush=True)
     if messages == 0:
         sys.exit(f"{name}: no client received a change")
     return changes / recv, changes / ours
+
+
+class PhaseRuns:
+    """The runs of one phase: (pg_recvlogical rows/s, cdcddp rows/s) each."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.recv: list[float] = []
+        self.ours: list[float] = []
+
+    def add(self, rates: tuple[float, float]) -> None:
+        self.recv.append(rates[0])
+        self.ours.append(rates[1])
+
+    @property
+    def ratio(self) -> float:
+        """Median cdcddp rate / median pg_recvlogical rate."""
+        return statistics.median(self.ours) / statistics.median(self.recv)
+
+    def summary(self) -> str:
+        if len(self.ours) == 1:
+            return (f"{self.label} (1 run): cdcddp {self.ours[0]:,.0f} rows/s; pg_recvlogical "
+                    f"{self.recv[0]:,.0f} rows/s; ratio {self.ratio:.2f}")
+
+        def rates(values: list[float]) -> str:
+            return (f"median {statistics.median(values):,.0f} rows/s "
+                    f"(min-max {min(values):,.0f}-{max(values):,.0f})")
+
+        ratios = [o / r for o, r in zip(self.ours, self.recv, strict=True)]
+        return (f"{self.label} ({len(self.ours)} runs): "
+                f"cdcddp {rates(self.ours)}; pg_recvlogical {rates(self.recv)}; "
+                f"ratio of medians {self.ratio:.2f} "
+                f"(per-run ratios min-max {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 def subscriptions(first: int, count: int) -> list[list[Any]]:
@@ -211,10 +263,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--subs-per-client", type=int, default=10)
     parser.add_argument("--changes", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="runs of phases 1 and 2 (medians are reported)")
     parser.add_argument("--profile", metavar="FILE",
                         help="write a cProfile of the server process to FILE")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.serve:
         serve(args.dsn, args.profile)
         return
@@ -232,37 +288,51 @@ def run(args: argparse.Namespace, dsn: str) -> None:
     small_clients = max(1, 100 // per)
     small = small_clients * per
     changes = args.changes - args.changes % PER_TX
+    repeat = args.repeat
     prepare(dsn, owners)
     server = ServerChild(dsn, args.profile)
     swarm: ddpbench.Swarm | None = None
+    phase1 = PhaseRuns(f"phase 1, {small} subscriptions")
+    phase2 = PhaseRuns(f"phase 2, {owners:,} subscriptions, same backlog")
+    phase3 = PhaseRuns(f"phase 3, {owners:,} subscriptions, spread backlog")
     try:
         swarm = ddpbench.Swarm(server.port, small_clients, subscriptions(0, small), per)
         swarm.wait_ready()
-        recv1, ours1 = run_phase(f"phase 1, {small} subscriptions", dsn, server, swarm,
-                                 changes, small, seed=1)
+        for i in range(repeat):
+            # seed 1 in phases 1 and 2: every run of both phases writes the same row sequence
+            phase1.add(run_phase(f"{phase1.label}, run {i + 1}/{repeat}", dsn, server, swarm,
+                                 changes, small, seed=1, slot=f"bench_filtered_recv_1_{i}"))
+        swarm.stop()  # the phase-2 clients subscribe to owners 0..99 again
         t0 = time.perf_counter()
         swarm = ddpbench.Swarm(server.port, args.clients, subscriptions(0, owners), per)
         ready = swarm.wait_ready()
         print(f"{args.clients:,} clients x {per} subscriptions ready in "
               f"{time.perf_counter() - t0:.1f} s (last sub->ready {ready['seconds']:.1f} s)",
               flush=True)
-        recv2, ours2 = run_phase(f"phase 2, {owners:,} subscriptions, same backlog", dsn,
-                                 server, swarm, changes, small, seed=2)
-        swarm = ddpbench.Swarm(server.port, args.clients, subscriptions(0, owners), per)
-        swarm.wait_ready()
-        recv3, ours3 = run_phase(f"phase 3, {owners:,} subscriptions, spread backlog", dsn,
-                                 server, swarm, changes, owners, seed=3)
+        for i in range(repeat):
+            phase2.add(run_phase(f"{phase2.label}, run {i + 1}/{repeat}", dsn, server, swarm,
+                                 changes, small, seed=1, slot=f"bench_filtered_recv_2_{i}"))
+        phase3.add(run_phase(phase3.label, dsn, server, swarm, changes, owners, seed=3,
+                             slot="bench_filtered_recv_3_0"))
+        swarm.stop()
     finally:
         if swarm is not None:
             swarm.kill()
         server.stop()
-    drop = 1 - (ours2 / recv2) / (ours1 / recv1)
-    print(f"ratio to pg_recvlogical: {small} subs {ours1 / recv1:.2f}, {owners:,} subs "
-          f"{ours2 / recv2:.2f}, spread {ours3 / recv3:.2f}")
-    print(f"drop from {small} to {owners:,} subscriptions (rates relative to pg_recvlogical "
-          f"in the same phase): {100 * drop:.1f} %")
+    for phase in (phase1, phase2, phase3):
+        print(phase.summary())
+    raw = 1 - statistics.median(phase2.ours) / statistics.median(phase1.ours)
+    # what the raw drop would read pairing the extreme runs (best/worst case over the runs)
+    raw_low = 1 - max(phase2.ours) / min(phase1.ours)
+    raw_high = 1 - min(phase2.ours) / max(phase1.ours)
+    drop = 1 - phase2.ratio / phase1.ratio
+    print(f"drop from {small} to {owners:,} subscriptions, raw cdcddp rates (median to median, "
+          f"identical backlogs): {100 * raw:.1f} % (extreme runs paired: {100 * raw_low:.1f} "
+          f"to {100 * raw_high:.1f} %)")
+    print(f"drop from {small} to {owners:,} subscriptions relative to pg_recvlogical (ratio of "
+          f"medians {phase1.ratio:.2f} -> {phase2.ratio:.2f}): {100 * drop:.1f} %")
     print(f"filtered_subscription_drop_pct={100 * drop:.1f}")
-    print(f"filtered_ingest_ratio={ours3 / recv3:.2f}")
+    print(f"filtered_ingest_ratio={phase3.ratio:.2f}")
 
 
 if __name__ == "__main__":
