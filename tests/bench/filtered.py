@@ -1,7 +1,7 @@
 """Filtered-subscription benchmark: many distinct ``owner = k`` subscriptions, one backlog.
 
     .venv/bin/python tests/bench/filtered.py [--dsn DSN] [--clients 1000] [--subs-per-client 10]
-                                             [--changes 100000] [--repeat 3]
+                                             [--changes 100000] [--repeat 5]
 
 Without --dsn it starts a throwaway cluster. Table ``items`` holds 2 rows per owner for
 ``clients x subs-per-client`` owners (N owners); publication ``items.byOwner`` (positional
