@@ -1,5 +1,11 @@
 """The observer core (pure): result maintenance, move in/out, TOAST completion, handoff."""
 
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cdcddp.ddp.mergebox import diff_visible, values_equal
 from cdcddp.publish.definition import Cursor
 from cdcddp.publish.filters import C, Param
 from cdcddp.publish.observer import DocOp, NeedsRow, Observer
@@ -109,3 +115,31 @@ def test_doc_ops_carry_the_meteor_wire_id() -> None:
     o = Observer(Cursor("t", fields=["v"], primary_key=["code"]).bind())
     ops = o.load([{"code": "-x", "v": 1}, {"code": "abc", "v": 2}])
     assert [op.doc_id for op in ops] == ["--x", "abc"]
+
+
+def test_an_observer_diff_compares_as_the_client_would() -> None:
+    nan = float("nan")
+    old = {"a": 1, "b": True, "c": nan, "d": 1, "e": {"x": 1, "y": 2}, "f": "s", "g": 0.5,
+           "gone": 1}
+    new = {"a": 1.0, "b": 1, "c": nan, "d": True, "e": {"y": 2, "x": 1}, "f": "t", "g": 0.5,
+           "h": None}
+    changed, cleared = diff_visible(old, new)
+    # 1 == 1.0 (one JS number), NaN equals NaN, key order does not matter; a bool is not a
+    # number; a new key is a change even when null; a key that disappears is cleared.
+    assert changed == {"b": 1, "d": True, "f": "t", "h": None}
+    assert cleared == ("gone",)
+    assert diff_visible(old, dict(old)) == ({}, ())
+
+
+@given(st.dictionaries(st.sampled_from("abcd"),
+                       st.none() | st.booleans() | st.integers(-3, 3)
+                       | st.floats(allow_nan=True) | st.text(max_size=2), max_size=4),
+       st.dictionaries(st.sampled_from("abcd"),
+                       st.none() | st.booleans() | st.integers(-3, 3)
+                       | st.floats(allow_nan=True) | st.text(max_size=2), max_size=4))
+def test_the_diff_agrees_with_values_equal(old: dict[str, Any], new: dict[str, Any]) -> None:
+    changed, cleared = diff_visible(old, new)
+    assert list(changed) == [k for k, v in new.items()
+                             if k not in old or not values_equal(old[k], v)]
+    assert all(changed[k] is new[k] for k in changed)
+    assert cleared == tuple(k for k in old if k not in new)

@@ -131,13 +131,22 @@ def _apply_change(old: Fields, changed: Fields, cleared: Iterable[str]) -> dict[
 def diff_visible(before: Fields, after: Fields) -> tuple[dict[str, Any], tuple[str, ...]]:
     """``changed`` fields and ``cleared`` names that take a client from ``before`` to
     ``after`` (``_id`` never travels in fields)."""
+    # Runs per changed document per flush: values of the same plain type that compare equal
+    # are equal for the client too, without a call (values_equal decides the rest).
     fields = {
         key: value
         for key, value in after.items()
-        if key != _ID_KEY and not values_equal(before.get(key, _MISSING), value)
+        if (old := before.get(key, _MISSING)) is not value
+        and (type(old) is not type(value) or type(value) not in _PLAIN_EQUALITY or old != value)
+        and key != _ID_KEY and not values_equal(old, value)
     }
+    if before.keys() == after.keys():
+        return fields, ()
     cleared = tuple(key for key in before if key not in after and key != _ID_KEY)
     return fields, cleared
+
+
+_PLAIN_EQUALITY = frozenset({str, int, float})  # types where == is the client's equality
 
 
 def _without_id(fields: Fields) -> Fields:

@@ -464,7 +464,9 @@ class TableRoutes:
 
 def _key_from(row: Row, columns: tuple[str, ...]) -> Key | None:
     try:
-        return tuple(row[c] for c in columns)
+        if len(columns) == 1:  # the common case, without a generator (runs per change)
+            return (row[columns[0]],)
+        return tuple([row[c] for c in columns])
     except KeyError:
         return None
 

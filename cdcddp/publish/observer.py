@@ -23,7 +23,7 @@ from functools import lru_cache
 from operator import itemgetter
 from typing import Any, Literal
 
-from cdcddp.ddp.mergebox import values_equal
+from cdcddp.ddp.mergebox import diff_visible
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor, Fields
 from cdcddp.publish.ids import id_stringify
@@ -35,9 +35,9 @@ Key = tuple[Any, ...]
 Values = tuple[Any, ...]  # a row's values in the observer's ``columns`` order
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs 4x to build, one per change
 class DocOp:
-    """A document-level change of an observer's result, for the merge boxes."""
+    """A document-level change of an observer's result, for the merge boxes (read-only)."""
 
     kind: Literal["added", "changed", "removed"]
     collection: str
@@ -55,14 +55,6 @@ class NeedsRow:
 
     key: Key
     missing: tuple[str, ...]
-
-
-def diff_fields(old: Fields, new: Fields) -> tuple[Fields, tuple[str, ...]]:
-    """(fields whose value changed or appeared, fields that disappeared), compared as the client
-    would see them (EJSON equality: ``True`` is not ``1``, ``1`` is ``1.0``)."""
-    changed = {k: v for k, v in new.items() if k not in old or not values_equal(old[k], v)}
-    cleared = tuple(k for k in old if k not in new)
-    return changed, cleared
 
 
 def _values_getter(columns: tuple[str, ...]) -> Callable[[Row], Values]:
@@ -266,7 +258,7 @@ class Observer:
                 self.docs[key] = (doc_id, fields)
                 ops.append(DocOp("added", self.collection, doc_id, fields))
             else:
-                changed, cleared = diff_fields(previous[1], fields)
+                changed, cleared = diff_visible(previous[1], fields)
                 if changed or cleared:
                     self.docs[key] = (doc_id, fields)
                     ops.append(DocOp("changed", self.collection, doc_id, changed, cleared,
@@ -317,7 +309,7 @@ class Observer:
 
     def _identity_key(self, identity: Row, new: Row | None) -> Key | None:
         try:
-            return tuple(identity[c] for c in self.key_columns)
+            return self._key_of(identity)
         except KeyError:
             # Replica identity without the key columns (USING INDEX on other columns): the key
             # is assumed unchanged by an update.
@@ -353,7 +345,7 @@ class Observer:
             self.docs[new_key] = (doc_id, fields)
             ops.append(DocOp("added", self.collection, doc_id, fields))
             return ops
-        changed, cleared = diff_fields(current[1], fields)
+        changed, cleared = diff_visible(current[1], fields)
         if changed or cleared:
             self.docs[new_key] = (doc_id, fields)
             ops.append(DocOp("changed", self.collection, doc_id, changed, cleared, fields))
