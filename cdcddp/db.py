@@ -254,8 +254,11 @@ class Database:
         with self._lock:
             self._idle.append(conn)
 
-    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...], snapshot: bool = False) -> T:
         conn = self.checkout()
+        if snapshot:  # psycopg then begins with "BEGIN ISOLATION LEVEL ...": one round trip
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
         try:
             with conn.transaction():
                 return fn(conn, *args)
@@ -264,13 +267,17 @@ class Database:
                 conn.close()  # unknown state: don't reuse
             raise
         finally:
+            if snapshot and not conn.closed:
+                conn.isolation_level = conn.read_only = None
             self.checkin(conn)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` in one transaction on a pooled connection."""
+    async def run(self, fn: Callable[..., T], *args: Any, snapshot: bool = False) -> T:
+        """Run ``fn(conn, *args)`` in one transaction on a pooled connection; with
+        ``snapshot``, a REPEATABLE READ, READ ONLY one (all its reads see one snapshot)."""
         if self._closed:
             raise RuntimeError("database pool is closed")
-        return await trio.to_thread.run_sync(self._call, fn, args, limiter=self._limiter)
+        return await trio.to_thread.run_sync(self._call, fn, args, snapshot,
+                                             limiter=self._limiter)
 
     async def fetchall(self, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
         def go(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:

@@ -61,3 +61,21 @@ async def test_values_load_as_the_stream_decodes_them(db_dsn: str) -> None:
         assert db.types.catalog.get(array_oid) is not None  # reloaded for the new type
     finally:
         db.close()
+
+
+async def test_a_snapshot_run_is_one_repeatable_read_read_only_transaction(db_dsn: str) -> None:
+    db = Database(db_dsn, size=1)  # one connection: the next run reuses it
+
+    def settings(conn: psycopg.Connection) -> tuple[str, str]:
+        found = conn.execute("SELECT current_setting('transaction_isolation'), "
+                             "current_setting('transaction_read_only')").fetchone()
+        assert found is not None
+        return found[0], found[1]
+    try:
+        assert await db.run(settings, snapshot=True) == ("repeatable read", "on")
+        assert await db.run(settings) == ("read committed", "off")  # reset for the next user
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            await db.run(lambda conn: conn.execute("CREATE TABLE nope (x int)"), snapshot=True)
+        assert await db.run(settings) == ("read committed", "off")
+    finally:
+        db.close()

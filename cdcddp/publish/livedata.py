@@ -503,8 +503,15 @@ class _OpenTransaction:
 _SNAPSHOT_SQL: Final = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
 
 
+def _repeatable_read(conn: psycopg.Connection[Any]) -> None:
+    """Make the transaction just begun REPEATABLE READ, READ ONLY, unless it already is
+    (``Database.run(..., snapshot=True)`` begins it so, saving a round trip)."""
+    if conn.isolation_level != psycopg.IsolationLevel.REPEATABLE_READ:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+
 def _begin_snapshot(conn: psycopg.Connection[Any]) -> tuple[Snapshot, int]:
-    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    _repeatable_read(conn)
     found = conn.execute(_SNAPSHOT_SQL).fetchone()
     assert found is not None
     return Snapshot.parse(found[0]), parse_lsn(found[1])
@@ -542,7 +549,7 @@ async def run_seeing(database: Database, fn: Callable[[psycopg.Connection[Any], 
     while True:
         insist = trio.current_time() < deadline
         try:
-            return await database.run(fn, insist)
+            return await database.run(fn, insist, snapshot=True)
         except SnapshotTooEarly:
             await trio.sleep(delay)
             delay = min(delay * 2, 0.05)
@@ -565,7 +572,7 @@ def _snapshot_rows(conn: psycopg.Connection[Any], bound: BoundCursor
     """The cursor's rows (values tuples in the order the query selects the bound cursor's
     ``columns``, as the observer keeps them), the snapshot (and its WAL position) they were
     read under, and the table's columns as of that snapshot."""
-    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    _repeatable_read(conn)
     table = (bound.cursor.schema_name, bound.cursor.table_name)
     found = conn.execute(_SNAPSHOT_SHAPE_SQL, table).fetchone()
     assert found is not None
@@ -1342,7 +1349,8 @@ class LiveData:
             self._snapshots_in_flight.append(delivered_before)
             started = time.monotonic()
             try:
-                rows, snapshot, lsn, shape = await self.database.run(_snapshot_rows, bound)
+                rows, snapshot, lsn, shape = await self.database.run(_snapshot_rows, bound,
+                                                                     snapshot=True)
             finally:
                 self._snapshots_in_flight.remove(delivered_before)
             self.snapshot_queries += 1
@@ -1527,7 +1535,7 @@ class LiveData:
         delay = 0.001
         while True:
             row, snapshot, lsn = await self.database.run(
-                _fetch_row, query, needs.key, observer.columns)
+                _fetch_row, query, needs.key, observer.columns, snapshot=True)
             if snapshot.is_visible(xid):
                 break
             # The commit is decoded but not yet visible to new snapshots: a moment's wait.
