@@ -314,7 +314,9 @@ def dumpb(value: Any) -> bytes:
         out = orjson.dumps(value, option=_ORJSON_OPTIONS)
     except TypeError:
         return _dumpb_hooked(value)
-    if b'{"$' in out or (b"null" in out and _may_hold_nonfinite(value)):
+    # (find, not `in`: bytes.__contains__ first tries the needle as an int, which costs more
+    # than the search on a message-sized text; this runs for every message)
+    if out.find(b'{"$') >= 0 or (out.find(b"null") >= 0 and _may_hold_nonfinite(value)):
         return _dumpb_exact(value)  # a `$` key to escape, or maybe a NaN/inf written as null
     return out
 
@@ -324,8 +326,8 @@ def _dumpb_hooked(value: Any) -> bytes:
         out, produced = _dumps_with_hook(value)
     except TypeError:  # unsafe int, non-str key, unknown type: the exact path decides/raises
         return _dumpb_exact(value)
-    if (b'{"$' in out and out.count(b'{"$') != produced) or (
-        b"null" in out and _may_hold_nonfinite(value)
+    if (out.find(b'{"$') >= 0 and out.count(b'{"$') != produced) or (
+        out.find(b"null") >= 0 and _may_hold_nonfinite(value)
     ):
         return _dumpb_exact(value)
     return out
@@ -396,11 +398,11 @@ def dumpb_many(values: Sequence[Any]) -> list[bytes]:
             return [dumpb(value) for value in values]
     pieces = out[1:-1].split(_BATCH_SPLIT)
     escape_suspect = out.count(b'{"$') != produced
-    if escape_suspect or b"null" in out:
+    if escape_suspect or out.find(b"null") >= 0:
         # Some piece may hold an object needing `$escape` or a non-finite float written as
         # null: those pieces take the single-value path (which decides exactly).
-        return [dumpb(value) if (escape_suspect and b'{"$' in piece) or (
-                    b"null" in piece and _may_hold_nonfinite(value)) else piece
+        return [dumpb(value) if (escape_suspect and piece.find(b'{"$') >= 0) or (
+                    piece.find(b"null") >= 0 and _may_hold_nonfinite(value)) else piece
                 for value, piece in zip(values, pieces, strict=True)]
     return pieces
 
@@ -496,7 +498,7 @@ def _may_hold_forms(text: str | bytes) -> bool:
     # a `$` key shows up as `"$` or, written escaped, `"\u0024`
     if isinstance(text, str):
         return '"$' in text or "\\u0024" in text
-    return b'"$' in text or b"\\u0024" in text
+    return text.find(b'"$') >= 0 or text.find(b"\\u0024") >= 0  # (find: see dumpb)
 
 
 def loads(text: str | bytes) -> Any:
