@@ -136,7 +136,8 @@ async def test_run_seeing_retries_in_a_new_transaction_until_the_snapshot_sees()
     calls: list[bool] = []
 
     class FakeDatabase:
-        async def run(self, fn: Any, *args: Any) -> Any:
+        async def run(self, fn: Any, *args: Any, snapshot: bool = False) -> Any:
+            assert snapshot  # a REPEATABLE READ transaction: one snapshot for every read
             return fn(None, *args)  # a new transaction each time
 
     def attempt(conn: object, insist: bool) -> str:
