@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,18 +25,14 @@ import trio_websocket
 
 from cdcddp.ddp import ejson
 from cdcddp.ddp.messages import MeteorError
+from cdcddp.ddp.meteor_random import random_id
 
 __all__ = ["DDPClient", "DDPConnectionClosed", "MeteorError", "MethodCall", "connect"]
 
-_ID_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTWXYZabcdefghijkmnopqrstuvwxyz"
 
 
 class DDPConnectionClosed(ConnectionError):
     """The connection closed (or the server answered ``failed``) while waiting."""
-
-
-def random_id(length: int = 17) -> str:
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
 
 
 def error_from_wire(error: Any) -> MeteorError:

@@ -169,3 +169,21 @@ def test_fractions_are_in_unit_interval_and_ids_use_alphabet() -> None:
     ids = {generator.id() for _ in range(1000)}
     assert len(ids) == 1000
     assert set("".join(ids)) <= set(UNMISTAKABLE_CHARS)
+
+
+def test_random_ids_are_meteor_shaped_and_uniform() -> None:
+    from collections import Counter
+
+    from cdcddp.ddp.meteor_random import UNMISTAKABLE_CHARS, random_id
+
+    ids = [random_id() for _ in range(3000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 17 and set(i) <= set(UNMISTAKABLE_CHARS) for i in ids)
+    assert len(random_id(5)) == 5
+    # Every position draws every character about equally often (51,000 draws, 55 letters).
+    counts = Counter("".join(ids))
+    assert set(counts) == set(UNMISTAKABLE_CHARS)
+    expected = len(ids) * 17 / len(UNMISTAKABLE_CHARS)
+    assert all(0.75 * expected < n < 1.25 * expected for n in counts.values())
+    last = Counter(i[-1] for i in ids)  # the most significant digit is not biased either
+    assert len(last) == len(UNMISTAKABLE_CHARS)

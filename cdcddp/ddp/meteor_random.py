@@ -29,9 +29,22 @@ __all__ = [
     "RandomStream",
     "SeedValue",
     "create_with_seeds",
+    "random_id",
 ]
 
 UNMISTAKABLE_CHARS = "23456789ABCDEFGHJKLMNPQRSTWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def random_id(length: int = 17) -> str:
+    """A Meteor ``Random.id()`` from the OS's secure source: ``length`` characters of the
+    unmistakable alphabet, uniform. One draw for the whole id (a draw per character cost a
+    system call each: half a millisecond per new connection here)."""
+    n = secrets.randbelow(len(UNMISTAKABLE_CHARS) ** length)
+    chars = []
+    for _ in range(length):
+        n, digit = divmod(n, len(UNMISTAKABLE_CHARS))
+        chars.append(UNMISTAKABLE_CHARS[digit])
+    return "".join(chars)
 BASE64_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 HEX_CHARS = "0123456789abcdef"
 

@@ -21,7 +21,6 @@ Behaviour follows Meteor's server (livedata_server.js, heartbeat.js):
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -37,6 +36,7 @@ from cdcddp.ddp.messages import (
     Sub,
     Unsub,
 )
+from cdcddp.ddp.meteor_random import random_id
 
 __all__ = [
     "CLOSE_CONNECT_TIMEOUT",
@@ -58,12 +58,6 @@ CLOSE_VERSION_FAILED: Final = (1000, "DDP version negotiation failed")
 CLOSE_HEARTBEAT_TIMEOUT: Final = (3000, "No response from heartbeat")
 CLOSE_CONNECT_TIMEOUT: Final = (3001, "No connect message")
 
-_UNMISTAKABLE_CHARS: Final = "23456789ABCDEFGHJKLMNPQRSTWXYZabcdefghijkmnopqrstuvwxyz"
-
-
-def random_id(length: int = 17) -> str:
-    """A Meteor-style `Random.id()`: 17 characters of the unmistakable alphabet."""
-    return "".join(secrets.choice(_UNMISTAKABLE_CHARS) for _ in range(length))
 
 
 @dataclass
