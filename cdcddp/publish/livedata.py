@@ -51,7 +51,7 @@ import datetime as dt
 import logging
 import secrets
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -708,8 +708,10 @@ class LiveData:
         # decoded (and may be delivered) before it is visible to new snapshots; a snapshot
         # that still has such a transaction running must be retaken (see _missed_delivered).
         self._commits_seen = 0
-        self._delivered: dict[int, int] = {}
-        self._applied: dict[int, int] = {}  # recently applied xids, for wait_applied
+        # OrderedDicts: dropping the oldest is O(1) (a dict's first live entry is found by
+        # scanning past every deleted one: once these are full, that cost grew per commit).
+        self._delivered: OrderedDict[int, int] = OrderedDict()
+        self._applied: OrderedDict[int, int] = OrderedDict()  # recent xids, for wait_applied
         self._snapshots_in_flight: list[int] = []
         self._xid_waiters: dict[int, trio.Event] = {}
         self._held_clients: set[LiveClient] = set()  # changed while the gate was closed
@@ -1317,7 +1319,7 @@ class LiveData:
         for recent in (self._delivered, self._applied):
             recent[xid] = self._commits_seen
             if len(recent) > _DELIVERED_KEPT:
-                del recent[next(iter(recent))]  # the oldest
+                recent.popitem(last=False)  # the oldest
 
     def _missed_delivered(self, snapshot: Snapshot, upto: int, prune: bool) -> bool:
         """Does ``snapshot`` lack a transaction the stream delivered (as number ``upto`` or
