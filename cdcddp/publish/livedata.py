@@ -1317,6 +1317,8 @@ class LiveData:
             waiter.set()
         self._commits_seen += 1
         for recent in (self._delivered, self._applied):
+            if xid in recent:  # delivered again (after a reconnect): keep delivery order
+                recent.move_to_end(xid)
             recent[xid] = self._commits_seen
             if len(recent) > _DELIVERED_KEPT:
                 recent.popitem(last=False)  # the oldest
@@ -1331,14 +1333,17 @@ class LiveData:
         """
         delivered = self._delivered
         missed = False
-        for xid, seq in list(delivered.items()):
+        seen: list[int] = []
+        for xid, seq in delivered.items():  # in delivery order
             if seq > upto:
-                continue  # delivered after the query started: the ring has it
+                break  # delivered after the query started: the ring has it (and the rest)
             if snapshot.is_visible(xid):
-                if prune:
-                    del delivered[xid]
+                seen.append(xid)
             else:
                 missed = True
+        if prune:
+            for xid in seen:
+                del delivered[xid]
         return missed
 
     async def _take_snapshot(self, bound: BoundCursor
