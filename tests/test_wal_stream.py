@@ -260,7 +260,11 @@ async def test_idle_slot_confirms_keepalives(db_dsn: str, pg_cluster: LocalClust
             assert parse_lsn(wal) > start
             await wait_for(lambda: _ge(slot_row(db_dsn, slot), parse_lsn(wal)))
             nursery.cancel_scope.cancel()
-    assert collector.events == []
+    # Nothing of the other database's writes. This database's own housekeeping (autovacuum's
+    # ANALYZE takes an xid) may show up as an empty transaction: a Begin and its Commit.
+    kinds = [(type(e).__name__, getattr(e, "xid", None)) for e in collector.events]
+    assert all(kind in ("Begin", "Commit") for kind, _ in kinds), kinds
+    assert kinds[0::2] == [("Begin", xid) for _, xid in kinds[1::2]], kinds
 
 
 async def test_slow_consumer_survives_wal_sender_timeout(db_dsn: str) -> None:
