@@ -16,7 +16,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from cdcddp.ddp.mergebox import MergeBox, MergeBoxError, Op, values_equal
+from cdcddp.ddp.mergebox import MergeBox, MergeBoxError, Op, Transition, values_equal
 
 C = "items"
 
@@ -732,3 +732,35 @@ def test_settle_reports_shared_mappings_and_skips_unmoved_documents() -> None:
     box.remove("A", C, "3")  # added and removed between flushes: nothing moved
     assert box.settle() == [(C, "1", before, after)]
     assert box.settle() == []
+
+
+def test_settle_fresh_takes_the_oldest_new_documents_and_settle_the_rest() -> None:
+    def transitions(box: MergeBox) -> list[Transition]:
+        out: list[Transition] = []
+        while box.has_pending:
+            fresh = box.settle_fresh(2)
+            if fresh is None:
+                out += box.settle(2)
+            else:
+                out += [(fresh[0], doc_id, None, fields) for doc_id, fields in fresh[1]]
+        return out
+
+    def scenario(box: MergeBox) -> None:
+        box.add_many("s", "c", [(str(i), {"n": i}) for i in range(5)])
+        box.change("s", "c", "3", {"n": 30})  # still new to the client: added with 30
+        box.remove("s", "c", "4")  # never sent: nothing
+        box.add("t", "c", "1", {"m": 1})  # a second holder: the general path
+        box.add("s", "d", "x", {"_id": "x", "n": 0})  # `_id` in fields: the general path
+        box.add("s", "e", "y", {"n": 0})
+
+    fast, slow = MergeBox(), MergeBox()
+    scenario(fast)
+    scenario(slow)
+    got = transitions(fast)
+    expected = slow.settle()
+    assert sorted(got, key=repr) == sorted(expected, key=repr)
+    assert fast.view() == slow.view()
+    assert fast.settle_fresh(10) is None  # nothing dirty
+    fast.change("s", "c", "0", {"n": 7})  # the client has it now: not fresh
+    assert fast.settle_fresh(10) is None
+    assert [t[1] for t in fast.settle()] == ["0"]

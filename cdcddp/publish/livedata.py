@@ -281,10 +281,15 @@ class LiveClient:
             return
         self.flush_wanted = False
         with gc_paused():  # short-lived tuples by the thousand (see cdcddp.gcpause)
-            settled = self.box.settle(MAX_OPS_PER_FLUSH)
-            if cache is None:
-                ops = encode_transitions(settled)
+            fresh = None if cache is not None else self.box.settle_fresh(MAX_OPS_PER_FLUSH)
+            if fresh is not None:  # a new subscription's documents (a large initial result)
+                collection, documents = fresh
+                ops = messages.encode_many([messages.added_message(collection, doc_id, fields)
+                                            for doc_id, fields in documents])
+            elif cache is None:
+                ops = encode_transitions(self.box.settle(MAX_OPS_PER_FLUSH))
             else:  # many clients flush the same documents this round: look each one up
+                settled = self.box.settle(MAX_OPS_PER_FLUSH)
                 encode = cache.transition
                 ops = [text for transition in settled if (text := encode(transition)) is not None]
         if ops:
