@@ -324,7 +324,7 @@ def negotiate_version(connect: Connect) -> tuple[str, bool]:
 # ---- server messages (EJSON text) -----------------------------------------------------------
 
 # A server message ready to frame: its text, or that text as UTF-8 bytes (the data messages
-# of the live-data path, see added_bytes).
+# of the live-data path, see encode_many).
 Encoded: TypeAlias = str | bytes
 
 _dumps = ejson.dumps

@@ -153,17 +153,10 @@ def encode_transition(transition: Transition) -> bytes | None:
 
 
 def encode_transitions(transitions: Iterable[Transition]) -> list[bytes]:
-    """The messages for settled documents, encoded together (a large initial result costs
-    one encoder call per piece, not per document)."""
-    found: list[dict[str, Any]] = []
-    append = found.append
-    for transition in transitions:
-        collection, doc_id, before, after = transition
-        if before is None and after and "_id" not in after:  # transition_message, inlined
-            append({"msg": "added", "collection": collection, "id": doc_id, "fields": after})
-        elif (message := transition_message(transition)) is not None:
-            append(message)
-    return messages.encode_many(found)
+    """The messages for settled documents, encoded together (one encoder call per flush
+    piece, not per document)."""
+    return messages.encode_many([message for transition in transitions
+                                 if (message := transition_message(transition)) is not None])
 
 
 class EncodeCache:
