@@ -177,10 +177,6 @@ def load_types(conn: psycopg.Connection[Any]) -> None:
     sync_loaders(conn)
 
 
-def _resolves(catalog: TypeCatalog, oids: Iterable[int]) -> bool:
-    return all(oid < FIRST_USER_OID or catalog.get(oid) is not None for oid in oids)
-
-
 def ensure_types(conn: psycopg.Connection[Any], oids: Iterable[int]) -> None:
     """Before reading values of these type oids: make ``conn``'s loaders cover them, with the
     shared catalog if another reader loaded them already, else by reloading it (a type
@@ -189,7 +185,7 @@ def ensure_types(conn: psycopg.Connection[Any], oids: Iterable[int]) -> None:
         return
     oids = list(oids)
     sync_loaders(conn)
-    if not _resolves(conn.types_catalog, oids):  # type: ignore[attr-defined]
+    if not conn.types_catalog.resolves(oids):  # type: ignore[attr-defined]
         load_types(conn)
 
 
@@ -203,7 +199,7 @@ def execute_as_decoded(conn: psycopg.Connection[Any], query: Query, params: Any 
     description = cursor.description
     if used is not None and description:
         oids = [column.type_code for column in description]
-        if not _resolves(used, oids):
+        if not used.resolves(oids):
             ensure_types(conn, oids)
             cursor = conn.execute(query, params)
     return cursor

@@ -69,7 +69,7 @@ from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
 from cdcddp.publish.lookup import Dependency
-from cdcddp.publish.observer import DocOp, Key, NeedsRow, Observer, Row, Values
+from cdcddp.publish.observer import DocOp, Key, NeedsRow, Observer, Row, Values, key_getter
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import (
     ABSENT,
@@ -274,17 +274,16 @@ class LiveClient:
             return
         self.flush_wanted = False
         with gc_paused():  # short-lived tuples by the thousand (see cdcddp.gcpause)
-            fresh = None if cache is not None else self.box.settle_fresh(MAX_OPS_PER_FLUSH)
-            if fresh is not None:  # a new subscription's documents (a large initial result)
-                collection, documents = fresh
+            if cache is not None:  # many clients flush the same documents this round
+                encode = cache.transition
+                ops = [text for transition in self.box.settle(MAX_OPS_PER_FLUSH)
+                       if (text := encode(transition)) is not None]
+            elif (fresh := self.box.settle_fresh(MAX_OPS_PER_FLUSH)) is not None:
+                collection, documents = fresh  # a new subscription's (large initial result)
                 ops = messages.encode_many([messages.added_message(collection, doc_id, fields)
                                             for doc_id, fields in documents])
-            elif cache is None:
+            else:
                 ops = encode_transitions(self.box.settle(MAX_OPS_PER_FLUSH))
-            else:  # many clients flush the same documents this round: look each one up
-                settled = self.box.settle(MAX_OPS_PER_FLUSH)
-                encode = cache.transition
-                ops = [text for transition in settled if (text := encode(transition)) is not None]
         if ops:
             self.session.send_encoded_many(ops)
         if self.box.has_pending:
@@ -357,6 +356,7 @@ class TableRoutes:
         # holder needs no set, which matters for large results).
         self.holders: dict[Key, ObserverEntry | set[ObserverEntry]] = {}
         self.key_columns: tuple[str, ...] | None = None
+        self._key_of: Callable[[Row], Key] | None = None  # a row's key (by key_columns)
         self.odd_keys: set[ObserverEntry] = set()  # cursors keyed differently from the table
         self._slots: dict[ObserverEntry, tuple[str, frozenset[Any]] | None] = {}
 
@@ -366,6 +366,7 @@ class TableRoutes:
         self.entries.add(entry)
         if self.key_columns is None:
             self.key_columns = observer.key_columns
+            self._key_of = key_getter(self.key_columns)
         if observer.key_columns != self.key_columns:
             self.odd_keys.add(entry)
         constraints = entry.bound.filter.equality_constraints()
@@ -446,11 +447,15 @@ class TableRoutes:
                 if entries:
                     found |= entries
             found |= self.unconstrained
-        if kind is not Insert and self.key_columns is not None:
-            identity = change.identity  # type: ignore[union-attr]
-            key = _key_from(identity, self.key_columns)
-            if key is None and kind is Update:
-                key = _key_from(change.new, self.key_columns)  # type: ignore[union-attr]
+        key_of = self._key_of
+        if kind is not Insert and key_of is not None:
+            try:
+                key: Key | None = key_of(change.identity)  # type: ignore[union-attr]
+            except KeyError:  # an identity without the key columns (USING INDEX)
+                try:
+                    key = key_of(change.new) if kind is Update else None  # type: ignore[union-attr]
+                except KeyError:
+                    key = None
             if key is not None:
                 held = self.holders.get(key)
                 if type(held) is set:
@@ -460,25 +465,16 @@ class TableRoutes:
         return found
 
 
-def _key_from(row: Row, columns: tuple[str, ...]) -> Key | None:
-    try:
-        if len(columns) == 1:  # the common case, without a generator (runs per change)
-            return (row[columns[0]],)
-        return tuple([row[c] for c in columns])
-    except KeyError:
-        return None
-
-
 def _change_keys(observer: Observer, change: RowChange) -> tuple[Key | None, Key | None]:
     """(old key, new key) a change may affect in an observer (for the holders index)."""
-    columns = observer.key_columns
+    key_or_none = observer.key_or_none
     if type(change) is Insert:
-        return None, _key_from(change.new, columns)
+        return None, key_or_none(change.new)
     if type(change) is Update:
-        new_key = _key_from(change.new, columns)
-        old_key = _key_from(change.identity, columns)
+        new_key = key_or_none(change.new)
+        old_key = key_or_none(change.identity)
         return (old_key if old_key is not None else new_key), new_key
-    return _key_from(change.identity, columns), None  # type: ignore[union-attr]
+    return key_or_none(change.identity), None  # type: ignore[union-attr]
 
 
 @dataclass
@@ -1547,8 +1543,7 @@ class LiveData:
             await trio.sleep(delay)
             delay = min(delay * 2, 0.1)
         self.rows_fetched += 1
-        old_key = _key_from(change.identity, observer.key_columns) if type(change) is Update \
-            else None
+        old_key = observer.key_or_none(change.identity) if type(change) is Update else None
         ops = observer.apply_fetched(old_key if old_key is not None else needs.key, row)
         observer.note_fetched(needs.key, snapshot, lsn)
         return ops

@@ -57,17 +57,10 @@ class NeedsRow:
     missing: tuple[str, ...]
 
 
-def _values_getter(columns: tuple[str, ...]) -> Callable[[Row], Values]:
-    """``row -> its values tuple in columns order`` (KeyError when a column is missing)."""
-    if len(columns) == 1:
-        column = columns[0]
-        return lambda row: (row[column],)
-    return itemgetter(*columns)  # type: ignore[return-value]
-
-
-def _key_getter(columns: tuple[Any, ...]) -> Callable[[Any], Key]:
-    """``row -> tuple of the key columns' values`` (KeyError when one is missing); with
-    indexes instead of names, the same for a row's values tuple."""
+def key_getter(columns: tuple[Any, ...]) -> Callable[[Any], Key]:
+    """``row -> tuple of these columns' values`` (KeyError when one is missing); with
+    indexes instead of names, the same for a row's values tuple. (Keys, and whole rows as
+    values tuples: one per change, so no generator.)"""
     if len(columns) == 1:
         column = columns[0]
         return lambda row: (row[column],)
@@ -149,10 +142,10 @@ class Observer:
         self.key_columns = cursor.key_columns
         self._matches = bound.predicate
         self._filter_columns = bound.filter.columns
-        self._key_of = _key_getter(self.key_columns)
+        self._key_of = key_getter(self.key_columns)
         self._render = _wire_renderer(cursor.render, cursor.key_columns, cursor.field_map)
-        self._values_key_of = _key_getter(tuple(self.columns.index(c) for c in self.key_columns))
-        self._values_from_row = _values_getter(self.columns)
+        self._values_key_of = key_getter(tuple(self.columns.index(c) for c in self.key_columns))
+        self._values_from_row = key_getter(self.columns)  # a row as its values tuple
         self._render_values = _values_renderer(cursor.render, self.columns, cursor.key_columns,
                                                cursor.field_map)
         self.rows: dict[Key, Values] = {}
@@ -212,7 +205,7 @@ class Observer:
         """A row as its values tuple in ``columns`` order (tuples are taken as they are)."""
         if type(row) is tuple:
             return row
-        return tuple([row[c] for c in self.columns])  # type: ignore[call-overload]
+        return self._values_from_row(row)  # type: ignore[arg-type]
 
     def row(self, key: Key) -> Row | None:
         """The kept row for ``key`` as a dict (``None``: not in the result)."""
@@ -275,13 +268,13 @@ class Observer:
     def apply(self, change: RowChange) -> list[DocOp] | NeedsRow:
         if type(change) is Insert:
             if self.fetched and self._already_fetched(
-                    change.xid, self._key_or_none(change.new)):
+                    change.xid, self.key_or_none(change.new)):
                 return []
             return self._upsert(None, change.new)
         if type(change) is Update:
             old_key = self._identity_key(change.identity, change.new)
             if self.fetched and self._already_fetched(
-                    change.xid, old_key, self._key_or_none(change.new)):
+                    change.xid, old_key, self.key_or_none(change.new)):
                 return []
             return self._upsert(old_key, change.new, change.identity)
         if type(change) is Delete:
@@ -301,7 +294,7 @@ class Observer:
         assert not isinstance(result, NeedsRow)  # a fetched row is complete
         return result
 
-    def _key_or_none(self, row: Row) -> Key | None:
+    def key_or_none(self, row: Row) -> Key | None:
         try:
             return self.key_of(row)
         except KeyError:

@@ -347,6 +347,10 @@ class TypeCatalog:
     def __iter__(self) -> Iterator[PgType]:
         return iter(self._types.values())
 
+    def resolves(self, oids: Iterable[int]) -> bool:
+        """Whether every oid is built in or in this catalog (else a reload may help)."""
+        return all(is_known(oid, self) for oid in oids)
+
     def merged(self, newer: TypeCatalog) -> TypeCatalog:
         """Both catalogs' types, ``newer``'s winning: a load read under an older snapshot
         must not make types another load already found unknown again."""
@@ -390,9 +394,7 @@ class SharedCatalog:
             return merged
 
     def resolves(self, oids: Iterable[int]) -> bool:
-        """Whether every oid is built in or in the catalog (else a reload may help)."""
-        catalog = self._current[1]
-        return all(oid < FIRST_USER_OID or catalog.get(oid) is not None for oid in oids)
+        return self._current[1].resolves(oids)
 
 
 _MAX_TYPE_DEPTH: Final = 16  # domains of domains of arrays...: bounded, against catalog cycles
