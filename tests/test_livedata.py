@@ -336,3 +336,36 @@ async def test_initial_result_larger_than_the_send_buffer_goes_out_in_pieces(
             await wait_store(client, {**store(client), "10000": {**store(client)["10000"],
                                                                 "title": "last"}})
         check_message_log(client)
+
+
+async def test_a_backlog_is_written_to_clients_in_few_rounds(db_dsn: str) -> None:
+    """Catching up (more already sent by the server than applied), the engine applies what
+    is waiting before it writes to clients: a backlog of single-row transactions reaches a
+    client in a few writes, not one per commit, and whole."""
+    transactions = 3000
+    # One batch in flight between the stream's reader and the engine: they take turns, and
+    # between two batches nothing is buffered but the socket.
+    async with live_server(db_dsn, stream_options={"status_interval": 0.2,
+                                                   "buffer_batches": 1}) as server:
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.all")
+            live = server.live
+            live.hold = trio.Event()  # the engine stops at the next commit
+            await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'first')")
+            await asql(db_dsn, f"""
+                CREATE PROCEDURE backlog() LANGUAGE plpgsql AS $$
+                BEGIN
+                    FOR i IN 1..{transactions} LOOP
+                        INSERT INTO items (category, title) VALUES ('a', 't' || i);
+                        COMMIT;
+                    END LOOP;
+                END $$""", "CALL backlog()")
+            rounds_before = live.flush_rounds
+            live.hold.set()
+            live.hold = None
+            with trio.fail_after(30):
+                await wait_store(client, expected_view(db_dsn, [("items.all", [])]))
+            rounds = live.flush_rounds - rounds_before
+            assert rounds <= transactions // 30, rounds
+            check_message_log(client)
+            assert len(data_messages(client)) == transactions + 1  # one `added` each

@@ -344,3 +344,25 @@ async def test_server_restart_is_survived(private_cluster: LocalCluster) -> None
             await collector.run(until=lambda c: len(c.rows()) == 200)
         assert stream.reconnects >= 1 and collector.gaps == []
     assert collector.rows() == list(range(1, 201))
+
+
+async def test_has_buffered_sees_bytes_the_reader_has_not_read_yet() -> None:
+    """The reader shares the consumer's thread: between its batches the channel is empty
+    while the server has sent more. ``has_buffered`` (the engine's "behind" signal for
+    coalescing client writes) must count bytes waiting in the socket, and nothing once the
+    reader is gone."""
+    import socket
+
+    stream = ReplicationStream("dbname=unused", "unused")
+    ours, server = socket.socketpair()
+    with ours, server:
+        assert not stream.has_buffered  # no reader
+        stream._reader_fd = ours.fileno()
+        assert not stream.has_buffered  # nothing received, nothing waiting
+        server.send(b"w")
+        assert stream.has_buffered
+        ours.recv(1)
+        assert not stream.has_buffered
+        server.send(b"w")
+        stream._reader_fd = -1  # the reader stopped (reconnecting): the socket is stale
+        assert not stream.has_buffered

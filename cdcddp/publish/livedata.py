@@ -125,6 +125,10 @@ class LiveDataConfig:
     # up to this long (seconds) for it to apply that first: one write per client for many
     # commits instead of one per commit. Bounds the extra commit->sent latency under load.
     flush_coalesce_delay: float = 0.05
+    # ... and at least twice as long as the last round of client writes took, up to this
+    # (seconds): with many clients each getting a little, writing then takes at most a third
+    # of the time and every write carries more (while behind only).
+    flush_coalesce_delay_max: float = 0.5
 
 
 # ---------------------------------------------------------------------------- encoding once
@@ -696,6 +700,7 @@ class LiveData:
         self._catch_up_waiters: list[trio.Event] = []
         self._catch_up_wake = trio.Event()
         self.catch_up_rounds = 0
+        self.flush_rounds = 0  # rounds of client writes (one per commit while keeping up)
         self.catch_up_timeouts = 0
         self._open_txn: _OpenTransaction | None = None
         # Delivered xids (32-bit) → delivery number, until a snapshot sees them. A commit is
@@ -1395,6 +1400,7 @@ class LiveData:
 
     def _flush_clients(self) -> None:
         clients, self._flush_due = self._flush_due, set()
+        self.flush_rounds += 1
         cache = EncodeCache()  # one diff and encoding per change, whatever the client count
         with gc_paused():  # a round allocates per client; nothing in it outlives the round
             for client in clients:
@@ -1405,13 +1411,15 @@ class LiveData:
 
         At a low rate that is right after each commit; when transactions arrive faster than
         they are written out, the consumer applies every commit already received first (for
-        at most ``flush_coalesce_delay``: the stream hands it over in batches), and
+        at most ``flush_coalesce_delay``, or twice the time the last round of writes took,
+        up to ``flush_coalesce_delay_max``: the stream hands it over in batches), and
         each client gets one write for all of them (coalesced by its merge box) instead of one
         per commit: a server that falls behind catches up instead of drowning in writes.
         (Flushing between transactions only: a commit the consumer is still applying keeps
         the gate closed, and clients then wait for it.)
         """
         self._flusher_running = True
+        last_round = 0.0  # seconds the last round of client writes took
         try:
             while True:
                 await self._flush_wake.wait()
@@ -1419,10 +1427,15 @@ class LiveData:
                 stream = self.stream
                 if stream is not None and stream.has_buffered:
                     # Behind: let the consumer apply what it already received first (bounded).
-                    deadline = trio.current_time() + self.config.flush_coalesce_delay
+                    config = self.config
+                    wait = min(max(config.flush_coalesce_delay, 2 * last_round),
+                               config.flush_coalesce_delay_max)
+                    deadline = trio.current_time() + wait
                     while stream.has_buffered and trio.current_time() < deadline:
                         await trio.sleep(0.001)
+                started = time.perf_counter()
                 self._flush_clients()
+                last_round = time.perf_counter() - started
         finally:
             self._flusher_running = False  # _open_gate flushes by itself from now on
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import random
+import select
 import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -220,6 +221,7 @@ class ReplicationStream:
         self._send, self._receive = trio.open_memory_channel[list[StreamEvent]](buffer_batches)
         self._pending: deque[StreamEvent] = deque()
         self._reader_full = False  # see has_buffered
+        self._reader_fd = -1  # the replication socket while the reader runs (has_buffered)
         self._failure: BaseException | None = None
         self._closing = False
         self._session_scope: trio.CancelScope | None = None
@@ -283,10 +285,20 @@ class ReplicationStream:
     @property
     def has_buffered(self) -> bool:
         """Events already received that the consumer has not taken yet, or more waiting to
-        be read (the reader's last batch was cut by size, not by an empty socket): the
-        consumer is behind."""
-        return (self._reader_full or bool(self._pending)
-                or self._receive.statistics().current_buffer_used > 0)
+        be read (the reader's last batch was cut by size, not by an empty socket, or the
+        socket holds bytes the reader has not read yet): the consumer is behind."""
+        if (self._reader_full or self._pending
+                or self._receive.statistics().current_buffer_used > 0):
+            return True
+        # The reader shares the consumer's thread: between two of its batches the channel is
+        # empty although the server has sent more. A zero-timeout poll tells.
+        fd = self._reader_fd
+        if fd < 0:
+            return False
+        try:
+            return bool(select.select([fd], [], [], 0)[0])
+        except (OSError, ValueError):  # closed under us: the reader reconnects
+            return False
 
     async def __anext__(self) -> StreamEvent:
         if not self._pending:
@@ -494,6 +506,7 @@ class ReplicationStream:
         polled = False  # the socket was read since the last complete message
         ended = False  # the batch holds a commit
         self._reader_full = False
+        self._reader_fd = sock
         if self._control:  # from the reconnect: delivered first, while status updates go on
             control = list(self._control)
             await send(control)
@@ -574,6 +587,8 @@ class ReplicationStream:
                 await send(batch)
                 self._sent_open_xid = self._open_xid
             raise
+        finally:
+            self._reader_fd = -1
 
     async def _decode_with_new_types(self, decoder: Decoder, payload: bytes,
                                      event: StreamEvent) -> StreamEvent:
