@@ -87,6 +87,29 @@ def test_encode_cache_diffs_and_encodes_a_shared_transition_once() -> None:
     assert [encode_transition(t) for t in box.settle()] == [texts[0][1].replace(b'"2"', b'"1"')]
 
 
+def test_encode_cache_encodes_a_clients_flush_together_with_the_same_texts() -> None:
+    fields, after = {"title": "x", "n": 1}, {"title": "y", "n": 1}
+    dated = {"when": dt.datetime(2024, 5, 1, tzinfo=dt.UTC)}
+    shared, own = MergeBox(), MergeBox()
+    for box in (shared, own):
+        box.add("s", "items", "1", fields)
+        box.add("s", "items", "3", fields)
+        box.add("s", "items", "4", {"n": float("nan")})
+        box.flush()
+        box.change("s", "items", "1", {"title": "y"}, (), fields_after=after)
+        box.add("s", "items", "2", dated)
+        box.remove("s", "items", "3")
+        box.change("s", "items", "4", {"n": float("nan")}, ())  # NaN equals NaN: no message
+    own.add("t", "items", "5", {"$weird": 1})  # only this client: encoded in its batch
+    cache = EncodeCache()
+    first = cache.encode(shared.settle())
+    settled = own.settle()
+    expected = [text for t in settled if (text := encode_transition(t)) is not None]
+    assert cache.encode(settled) == expected
+    assert first == expected[:3]
+    assert len(expected) == 4 and cache.hits == 3  # the shared change, add and remove
+
+
 def test_encoding_a_flush_together_equals_encoding_each_message() -> None:
     box = MergeBox()
     box.add("s", "items", "1", {"title": "x", "n": 1})

@@ -200,6 +200,37 @@ class EncodeCache:
         self._transitions[key] = (before, after, found)
         return found
 
+    def encode(self, transitions: list[Transition]) -> list[bytes]:
+        """The texts of a client's settled documents, in order (nothing for those that need
+        no message): cached texts reused, the others encoded together, with one encoder call
+        (a client that gets several changes nobody else gets) and cached."""
+        texts: list[Any] = []
+        missing: list[tuple[int, tuple[str, str, int, int], Transition, dict[str, Any]]] = []
+        cached = self._transitions
+        for transition in transitions:
+            collection, doc_id, before, after = transition
+            if after is None:
+                texts.append(self.transition(transition))
+                continue
+            key = (collection, doc_id, id(before), id(after))
+            hit = cached.get(key)
+            if hit is not None and hit[0] is before and hit[1] is after:
+                self.hits += 1
+                texts.append(hit[2])
+                continue
+            message = transition_message(transition)
+            if message is None:
+                cached[key] = (before, after, None)
+            else:
+                missing.append((len(texts), key, transition, message))
+            texts.append(None)
+        if missing:
+            encoded = messages.encode_many([message for _, _, _, message in missing])
+            for (index, key, transition, _), text in zip(missing, encoded, strict=True):
+                texts[index] = text
+                cached[key] = (transition[2], transition[3], text)
+        return [text for text in texts if text is not None]
+
 
 # ---------------------------------------------------------------------------- clients
 
@@ -279,9 +310,7 @@ class LiveClient:
         self.flush_wanted = False
         with gc_paused():  # short-lived tuples by the thousand (see cdcddp.gcpause)
             if cache is not None:  # many clients flush the same documents this round
-                encode = cache.transition
-                ops = [text for transition in self.box.settle(MAX_OPS_PER_FLUSH)
-                       if (text := encode(transition)) is not None]
+                ops = cache.encode(self.box.settle(MAX_OPS_PER_FLUSH))
             elif (fresh := self.box.settle_fresh(MAX_OPS_PER_FLUSH)) is not None:
                 collection, documents = fresh  # a new subscription's (large initial result)
                 ops = messages.encode_many([messages.added_message(collection, doc_id, fields)
