@@ -138,6 +138,17 @@ async def test_every_metric_moves_with_its_event(db_dsn: str) -> None:
                        "INSERT INTO items (category, title, body) SELECT 'a', 't' || i, "
                        "repeat('x', 2000) FROM generate_series(1, 100) i")
             assert await readyz(server) == (200, "ok")
+            # The polled slot lag is seen above zero once (it reads 0 whenever the stream
+            # confirmed everything before the poll: write until a poll falls in between).
+            with trio.fail_after(10):
+                while True:
+                    await asql(db_dsn, "CREATE TEMP TABLE lag_probe AS SELECT 1",
+                               "DROP TABLE lag_probe")
+                    await trio.sleep(0.05)
+                    samples = await scrape(metrics_port)
+                    if at(samples, "cdcddp_replication_slot_lag_bytes") > 0:
+                        history.append(samples)
+                        break
 
             async with connect(server.ws_url) as client:
                 await client.subscribe("items.all")
