@@ -348,6 +348,18 @@ def test_batch_encoding_splits_only_between_values() -> None:
     assert len(ejson.dumpb_many(values)) == len(values)
 
 
+def test_batch_encoding_with_and_without_any_dollar() -> None:
+    # No `$` anywhere (the scan for `{"$` is skipped), a `$` only inside strings (scanned,
+    # nothing to escape), and a `$` key nested in one value (that value is escaped).
+    plain = [{"msg": "added", "id": str(i), "fields": {"n": i, "s": "x"}} for i in range(3)]
+    in_strings = [{"a": "$date", "b": "{\"$x"}, {"$": 1, "k": ["$"]}, "$"]
+    nested = [{"a": 1}, {"fields": {"d": {"$date": 5}}}, {"b": [{"$escape": {}}]}, {"c": 2}]
+    hooked = [{"t": datetime(2024, 1, 1, tzinfo=UTC)}, {"k": "$x"}, {"x": {"$binary": "AA=="}}]
+    for values in (plain, in_strings, nested, hooked):
+        assert ejson.dumpb_many(values) == [ejson.dumpb(value) for value in values]
+    assert ejson.dumpb_many(nested)[1] == b'{"fields":{"d":{"$escape":{"$date":5}}}}'
+
+
 def test_dumps_throughput_of_a_typical_changed_message() -> None:
     fields = {"title": "Buy milk", "done": False, "priority": 3, "score": 0.75,
               "updated_at": datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC), "note": None}

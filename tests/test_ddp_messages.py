@@ -86,6 +86,20 @@ def test_data_messages_exact_text() -> None:
     )
 
 
+def test_added_messages_equals_added_message_per_document() -> None:
+    shared = {"a": 1}
+    documents: list[tuple[str, Any]] = [("1", shared), ("2", {}), ("3", None),
+                                        ("4", {"j": {"$date": 5}})]
+    built = m.added_messages("c", documents)
+    assert built == [m.added_message("c", doc_id, fields) for doc_id, fields in documents]
+    assert [list(message) for message in built] == [  # Meteor's key order, `fields` only if any
+        ["msg", "collection", "id", "fields"], ["msg", "collection", "id"],
+        ["msg", "collection", "id"], ["msg", "collection", "id", "fields"]]
+    assert built[0]["fields"] is shared  # the shared mapping itself, not a copy
+    assert m.encode_many(built) == [m.added("c", d, f).encode() for d, f in documents]
+    assert m.added_messages("c", iter([])) == []
+
+
 def test_result_undefined_vs_null() -> None:
     assert m.result("1") == '{"msg":"result","id":"1"}'
     assert m.result("1", None) == '{"msg":"result","id":"1","result":null}'

@@ -764,3 +764,73 @@ def test_settle_fresh_takes_the_oldest_new_documents_and_settle_the_rest() -> No
     fast.change("s", "c", "0", {"n": 7})  # the client has it now: not fresh
     assert fast.settle_fresh(10) is None
     assert [t[1] for t in fast.settle()] == ["0"]
+
+
+def _settled_fresh(box: MergeBox, limit: int) -> list[Transition]:
+    out: list[Transition] = []
+    while box.has_pending:
+        fresh = box.settle_fresh(limit)
+        if fresh is None:
+            out += box.settle(limit)
+        else:
+            out += [(fresh[0], doc_id, None, fields) for doc_id, fields in fresh[1]]
+    return out
+
+
+def _spoil_middle(box: MergeBox, how: str) -> None:
+    """Make document "3" of the fresh documents 0..7 (sub "s", collection C) not fresh."""
+    if how == "overlapped":
+        box.add("t", C, "3", {"m": 1})
+    elif how == "removed":
+        box.remove("s", C, "3")  # dirty, but gone from the view
+    elif how == "has _id":
+        box.remove("s", C, "3")
+        box.add("s", C, "3", {"_id": "3", "n": 3})
+    elif how == "client has it":
+        box.reset()
+        box.add("s", C, "3", {"n": 3})
+        box.settle()  # the client has 3 now
+        for i in (0, 1, 2):
+            box.add("s", C, str(i), {"n": i})
+        box.change("s", C, "3", {"n": 33})  # dirty with what the client had
+        for i in (4, 5, 6, 7):
+            box.add("s", C, str(i), {"n": i})
+    elif how == "sole holder is another sub":
+        box.remove("s", C, "3")
+        box.add("u", C, "3", {"n": 3})
+
+
+@pytest.mark.parametrize("how", ["none", "overlapped", "removed", "has _id", "client has it",
+                                 "sole holder is another sub"])
+@pytest.mark.parametrize("limit", [1, 3, 5, 8, 100])
+def test_settle_fresh_fast_path_and_fallback_equal_settle(how: str, limit: int) -> None:
+    def scenario(box: MergeBox) -> None:
+        box.add_many("s", C, [(str(i), {"n": i}) for i in range(8)])
+        _spoil_middle(box, how)
+
+    fast, slow = MergeBox(), MergeBox()
+    scenario(fast)
+    scenario(slow)
+    assert _settled_fresh(fast, limit) == slow.settle()
+    assert not fast.has_pending
+    assert fast.view() == slow.view()
+
+
+def test_settle_fresh_checks_a_whole_piece_at_once_or_returns_the_valid_prefix() -> None:
+    box = MergeBox()
+    box.add_many("s", C, [(str(i), {"n": i}) for i in range(8)])
+    dirty, view = box._dirty[C], box._views[C]
+    # all fresh: the fast path answers, and takes the piece off the dirty list
+    assert box._settle_fresh_piece(C, dirty, view, 3) == [(str(i), {"n": i}) for i in range(3)]
+    assert list(box._dirty[C]) == [str(i) for i in range(3, 8)]
+    box.add("t", C, "5", {"m": 1})  # 5 is overlapped now: the fast path declines ...
+    assert box._settle_fresh_piece(C, dirty, view, 4) is None
+    assert list(box._dirty[C]) == [str(i) for i in range(3, 8)]  # ... touching nothing
+    fresh = box.settle_fresh(4)  # and the loop returns the prefix before it
+    assert fresh == (C, [("3", {"n": 3}), ("4", {"n": 4})])
+    assert box.settle_fresh(4) is None  # 5 is first now
+    assert box.settle_fresh(0) is None
+    fresh_all = MergeBox()
+    fresh_all.add_many("s", C, [("a", {"n": 1}), ("b", {"n": 2})])
+    assert fresh_all.settle_fresh(2) == (C, [("a", {"n": 1}), ("b", {"n": 2})])
+    assert not fresh_all.has_pending  # the whole collection went

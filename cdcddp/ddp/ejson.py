@@ -397,7 +397,9 @@ def dumpb_many(values: Sequence[Any]) -> list[bytes]:
         except TypeError:
             return [dumpb(value) for value in values]
     pieces = out[1:-1].split(_BATCH_SPLIT)
-    escape_suspect = out.count(b'{"$') != produced
+    # No `$` at all (a memchr, ~100x cheaper than the count): nothing to escape, and the hook
+    # produced no `$` form either (produced is 0).
+    escape_suspect = out.find(b"$") >= 0 and out.count(b'{"$') != produced
     if escape_suspect or out.find(b"null") >= 0:
         # Some piece may hold an object needing `$escape` or a non-finite float written as
         # null: those pieces take the single-value path (which decides exactly).

@@ -30,8 +30,10 @@ publisher broke its contract (added twice, changed or removed something it does 
 from __future__ import annotations
 
 import math
+import operator
+from collections import deque
 from collections.abc import Hashable, Iterable, Mapping
-from itertools import islice
+from itertools import islice, repeat
 from typing import Any, Literal, TypeAlias
 
 __all__ = [
@@ -387,7 +389,11 @@ class MergeBox:
         collection, dirty = oldest
         view = self._views.get(collection, _NO_VIEW)
         published = self._published
-        fresh: list[tuple[str, Fields]] = []
+        if limit > 0:
+            fresh = self._settle_fresh_piece(collection, dirty, view, limit)
+            if fresh is not None:
+                return collection, fresh
+        fresh = []
         append = fresh.append
         holder: Any = _MISSING
         holder_docs: dict[str, Fields] = {}
@@ -411,6 +417,34 @@ class MergeBox:
             for doc_id, _ in fresh:
                 del dirty[doc_id]
         return collection, fresh
+
+    def _settle_fresh_piece(self, collection: str, dirty: dict[str, Fields | None],
+                            view: dict[str, _ViewEntry],
+                            limit: int) -> list[tuple[str, Fields]] | None:
+        """:meth:`settle_fresh`'s result when its whole first piece (up to ``limit``) is fresh,
+        checked with C-level operations on the piece instead of a Python step per document;
+        None when some document is not (the caller's loop then finds the valid prefix)."""
+        ids = list(islice(dirty, limit))
+        count = len(ids)
+        # The client had none of them (no before is anything but None).
+        if list(islice(dirty.values(), count)).count(None) != count:
+            return None
+        # All in the view, held by one and the same subscription (no _Overlap, nothing
+        # removed: a missing id reads as None). Sub ids are dict keys in the box, so == is
+        # their identity.
+        entries = list(map(view.get, ids))
+        holder = entries[0]
+        if holder is None or type(holder) is _Overlap or entries.count(holder) != count:
+            return None
+        holder_docs = self._published[holder][collection]
+        fields = list(map(holder_docs.__getitem__, ids))
+        if any(map(operator.contains, fields, repeat(_ID_KEY))):
+            return None  # an `_id` to strip: the general path
+        if count == len(dirty):
+            del self._dirty[collection]
+        else:
+            deque(map(dirty.__delitem__, ids), maxlen=0)  # (a C loop; no list of Nones)
+        return list(zip(ids, fields, strict=True))
 
     def _take_dirty(self, limit: int | None) -> list[tuple[str, dict[str, Fields | None]]]:
         """Remove and return up to ``limit`` dirty documents, by collection, oldest first."""

@@ -313,8 +313,7 @@ class LiveClient:
                 ops = cache.encode(self.box.settle(MAX_OPS_PER_FLUSH))
             elif (fresh := self.box.settle_fresh(MAX_OPS_PER_FLUSH)) is not None:
                 collection, documents = fresh  # a new subscription's (large initial result)
-                ops = messages.encode_many([messages.added_message(collection, doc_id, fields)
-                                            for doc_id, fields in documents])
+                ops = messages.encode_many(messages.added_messages(collection, documents))
             else:
                 ops = encode_transitions(self.box.settle(MAX_OPS_PER_FLUSH))
         if ops:
