@@ -166,7 +166,7 @@ def encode_transitions(transitions: Iterable[Transition]) -> list[bytes]:
 class EncodeCache:
     """Diffs and encodes merge-box output once per flush round when many clients get it.
 
-    :meth:`transition` keys on the identities of the mappings a client has and should have:
+    :meth:`encode` keys on the identities of the mappings a client has and should have:
     for a document one subscription holds they are the observer's shared, immutable field
     mappings, so every client of the observer gets the same text from one diff and one
     encoding. Entries keep those mappings alive (an id is not reused while cached); the cache
@@ -181,24 +181,19 @@ class EncodeCache:
         self.hits = 0
 
     def transition(self, transition: Transition) -> bytes | None:
-        collection, doc_id, before, after = transition
-        if after is None:
-            rkey = (collection, doc_id)
-            text = self._removed.get(rkey)
-            if text is None:
-                text = messages.encode(messages.removed_message(collection, doc_id))
-                self._removed[rkey] = text
-            else:
-                self.hits += 1
-            return text
-        key = (collection, doc_id, id(before), id(after))
-        hit = self._transitions.get(key)
-        if hit is not None and hit[0] is before and hit[1] is after:
+        """The text of one settled document (None: no message); see :meth:`encode`."""
+        texts = self.encode([transition])
+        return texts[0] if texts else None
+
+    def _removed_text(self, collection: str, doc_id: str) -> bytes:
+        key = (collection, doc_id)
+        text = self._removed.get(key)
+        if text is None:
+            text = self._removed[key] = messages.encode(
+                messages.removed_message(collection, doc_id))
+        else:
             self.hits += 1
-            return hit[2]
-        found = encode_transition(transition)
-        self._transitions[key] = (before, after, found)
-        return found
+        return text
 
     def encode(self, transitions: list[Transition]) -> list[bytes]:
         """The texts of a client's settled documents, in order (nothing for those that need
@@ -210,7 +205,7 @@ class EncodeCache:
         for transition in transitions:
             collection, doc_id, before, after = transition
             if after is None:
-                texts.append(self.transition(transition))
+                texts.append(self._removed_text(collection, doc_id))
                 continue
             key = (collection, doc_id, id(before), id(after))
             hit = cached.get(key)
