@@ -834,3 +834,55 @@ def test_settle_fresh_checks_a_whole_piece_at_once_or_returns_the_valid_prefix()
     fresh_all.add_many("s", C, [("a", {"n": 1}), ("b", {"n": 2})])
     assert fresh_all.settle_fresh(2) == (C, [("a", {"n": 1}), ("b", {"n": 2})])
     assert not fresh_all.has_pending  # the whole collection went
+
+
+@pytest.mark.parametrize("op", ["change", "remove", "overlap", "add", "remove all", "settle",
+                                "reset", "other collection"])
+def test_a_bulk_run_interrupted_after_a_piece_settles_like_settle(op: str) -> None:
+    """A new subscription's bulk-added documents go out as a run (``_runs``); any other
+    operation on the collection ends the run, and what is left settles exactly as
+    :meth:`settle` would settle it."""
+    def scenario(box: MergeBox, first_piece: Any) -> list[Transition]:
+        box.add_many("s", C, [(str(i), {"n": i}) for i in range(10)])
+        out = first_piece(box)
+        if op == "change":
+            box.change("s", C, "1", {"n": 10})  # sent already: changed
+            box.change("s", C, "7", {"n": 70})  # not yet: added with 70
+        elif op == "remove":
+            box.remove("s", C, "2")  # sent: removed
+            box.remove("s", C, "8")  # never sent: nothing
+        elif op == "overlap":
+            box.add("t", C, "6", {"m": 6})
+        elif op == "add":
+            box.add("s", C, "new", {"n": -1})
+        elif op == "remove all":
+            box.remove_subscription("s")
+        elif op == "settle":
+            out += box.settle(2)
+        elif op == "reset":
+            box.reset()
+            box.add_many("s", C, [("a", {"n": 1})])
+        else:
+            box.add("s", "other", "x", {"n": 0})
+        return out
+
+    def fresh_piece(box: MergeBox) -> list[Transition]:
+        fresh = box.settle_fresh(4)
+        assert fresh is not None and C in box._runs
+        return [(C, doc_id, None, fields) for doc_id, fields in fresh[1]]
+
+    fast, slow = MergeBox(), MergeBox()
+    got = scenario(fast, fresh_piece)
+    expected = scenario(slow, lambda box: box.settle(4))
+    assert got == expected  # the same first piece
+    assert sorted(_settled_fresh(fast, 3), key=repr) == sorted(slow.settle(), key=repr)
+    assert fast.view() == slow.view()
+    assert not fast.has_pending and not fast._runs
+
+
+def test_a_bulk_run_with_an_id_field_takes_the_general_path() -> None:
+    box = MergeBox()
+    box.add_many("s", C, [("1", {"n": 1}), ("2", {"_id": "2", "n": 2})])
+    assert not box._runs
+    assert _settled_fresh(box, 10) == [(C, "1", None, {"n": 1}),
+                                       (C, "2", None, {"_id": "2", "n": 2})]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from itertools import islice, repeat
 from typing import Any, Literal, TypeAlias
 
@@ -65,7 +65,8 @@ Transition: TypeAlias = tuple[str, str, "Fields | None", "Fields | None"]
 # Meteor's publish API ignores `_id` inside fields; it travels as the message's `id`.
 _ID_KEY = "_id"
 _MISSING: Any = object()
-_NO_VIEW: dict[str, Any] = {}  # read-only stand-in for a collection the client has no view of
+_NO_VIEW: dict[str, Any] = {}
+_FIRST = operator.itemgetter(0)  # read-only stand-in for a collection the client has no view of
 
 
 class MergeBoxError(ValueError):
@@ -179,7 +180,7 @@ class MergeBox:
     publications). Collections and document ids are strings (ids already stringified).
     """
 
-    __slots__ = ("_dirty", "_published", "_views")
+    __slots__ = ("_dirty", "_published", "_runs", "_views")
 
     def __init__(self) -> None:
         # collection -> doc id -> sole holder's sub id, or _Overlap.
@@ -189,6 +190,11 @@ class MergeBox:
         # collection -> doc id -> what the client had at the last flush (None: nothing).
         # Collections in the order they first got dirty, documents likewise within one.
         self._dirty: dict[str, dict[str, Fields | None]] = {}
+        # collection -> the rest of a new subscription's bulk-added documents, (doc id, fields)
+        # in the order of its dirty entries, which are exactly these: all new to the client,
+        # all held by that one subscription. Any other operation on the collection drops it
+        # (_dirty_in, settle, reset); until then settle_fresh takes pieces of it as they are.
+        self._runs: dict[str, Iterator[tuple[str, Fields]]] = {}
 
     # ---- publisher operations -------------------------------------------------------------
 
@@ -236,6 +242,8 @@ class MergeBox:
                 dirty.setdefault(doc_id, None)
         else:
             self._dirty[collection] = dict.fromkeys(new_docs)
+            if not any(map(operator.contains, new_docs.values(), repeat(_ID_KEY))):
+                self._runs[collection] = iter(new_docs.items())
 
     def change(
         self,
@@ -328,6 +336,7 @@ class MergeBox:
         self._views.clear()
         self._published.clear()
         self._dirty.clear()
+        self._runs.clear()
 
     # ---- output -------------------------------------------------------------------------------
 
@@ -387,6 +396,15 @@ class MergeBox:
         if oldest is None:
             return None
         collection, dirty = oldest
+        run = self._runs.get(collection)
+        if run is not None and limit > 0:
+            fresh = list(islice(run, limit))
+            if len(fresh) == len(dirty):
+                del self._dirty[collection], self._runs[collection]
+            else:
+                deque(map(dirty.__delitem__, map(_FIRST, fresh)), maxlen=0)  # (a C loop)
+            return collection, fresh
+        self._runs.pop(collection, None)
         view = self._views.get(collection, _NO_VIEW)
         published = self._published
         if limit > 0:
@@ -448,6 +466,7 @@ class MergeBox:
 
     def _take_dirty(self, limit: int | None) -> list[tuple[str, dict[str, Fields | None]]]:
         """Remove and return up to ``limit`` dirty documents, by collection, oldest first."""
+        self._runs.clear()
         if limit is None or self.pending_count <= limit:
             taken, self._dirty = self._dirty, {}
             return list(taken.items())
@@ -531,6 +550,8 @@ class MergeBox:
             dirty[doc_id] = self.visible(collection, doc_id)
 
     def _dirty_in(self, collection: str) -> dict[str, Fields | None]:
+        if self._runs:
+            self._runs.pop(collection, None)  # about to change: no longer a plain run
         dirty = self._dirty.get(collection)
         if dirty is None:
             dirty = self._dirty[collection] = {}
