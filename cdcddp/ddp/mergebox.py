@@ -65,8 +65,8 @@ Transition: TypeAlias = tuple[str, str, "Fields | None", "Fields | None"]
 # Meteor's publish API ignores `_id` inside fields; it travels as the message's `id`.
 _ID_KEY = "_id"
 _MISSING: Any = object()
-_NO_VIEW: dict[str, Any] = {}
-_FIRST = operator.itemgetter(0)  # read-only stand-in for a collection the client has no view of
+_NO_VIEW: dict[str, Any] = {}  # read-only stand-in for a collection the client has no view of
+_FIRST = operator.itemgetter(0)
 
 
 class MergeBoxError(ValueError):
@@ -397,8 +397,7 @@ class MergeBox:
             return None
         collection, dirty = oldest
         run = self._runs.get(collection)
-        if run is not None and limit > 0:
-            fresh = list(islice(run, limit))
+        if run is not None and limit > 0 and (fresh := list(islice(run, limit))):
             if len(fresh) == len(dirty):
                 del self._dirty[collection], self._runs[collection]
             else:
