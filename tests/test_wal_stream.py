@@ -351,18 +351,33 @@ async def test_has_buffered_sees_bytes_the_reader_has_not_read_yet() -> None:
     while the server has sent more. ``has_buffered`` (the engine's "behind" signal for
     coalescing client writes) must count bytes waiting in the socket, and nothing once the
     reader is gone."""
+    import os
+    import resource
+    import select
     import socket
 
     stream = ReplicationStream("dbname=unused", "unused")
     ours, server = socket.socketpair()
     with ours, server:
         assert not stream.has_buffered  # no reader
-        stream._reader_fd = ours.fileno()
+        stream._reader_poll = select.poll()
+        stream._reader_poll.register(ours.fileno(), select.POLLIN)
         assert not stream.has_buffered  # nothing received, nothing waiting
         server.send(b"w")
         assert stream.has_buffered
         ours.recv(1)
         assert not stream.has_buffered
         server.send(b"w")
-        stream._reader_fd = -1  # the reader stopped (reconnecting): the socket is stale
+        stream._reader_poll = None  # the reader stopped (reconnecting): the socket is stale
         assert not stream.has_buffered
+        # A descriptor past select()'s 1024, as on a server with thousands of clients.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+        high = os.dup2(ours.fileno(), 3000)
+        try:
+            stream._reader_poll = select.poll()
+            stream._reader_poll.register(high, select.POLLIN)
+            assert stream.has_buffered  # the byte sent above is still unread
+        finally:
+            os.close(high)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

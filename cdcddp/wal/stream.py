@@ -221,7 +221,9 @@ class ReplicationStream:
         self._send, self._receive = trio.open_memory_channel[list[StreamEvent]](buffer_batches)
         self._pending: deque[StreamEvent] = deque()
         self._reader_full = False  # see has_buffered
-        self._reader_fd = -1  # the replication socket while the reader runs (has_buffered)
+        # The replication socket while the reader runs, registered for has_buffered's check
+        # (poll, not select: a server with thousands of clients has descriptors past 1024).
+        self._reader_poll: select.poll | None = None
         self._failure: BaseException | None = None
         self._closing = False
         self._session_scope: trio.CancelScope | None = None
@@ -292,12 +294,12 @@ class ReplicationStream:
             return True
         # The reader shares the consumer's thread: between two of its batches the channel is
         # empty although the server has sent more. A zero-timeout poll tells.
-        fd = self._reader_fd
-        if fd < 0:
+        poller = self._reader_poll
+        if poller is None:
             return False
         try:
-            return bool(select.select([fd], [], [], 0)[0])
-        except (OSError, ValueError):  # closed under us: the reader reconnects
+            return any(events & select.POLLIN for _, events in poller.poll(0))
+        except OSError:  # closed under us: the reader reconnects
             return False
 
     async def __anext__(self) -> StreamEvent:
@@ -506,7 +508,8 @@ class ReplicationStream:
         polled = False  # the socket was read since the last complete message
         ended = False  # the batch holds a commit
         self._reader_full = False
-        self._reader_fd = sock
+        self._reader_poll = select.poll()
+        self._reader_poll.register(sock, select.POLLIN)
         if self._control:  # from the reconnect: delivered first, while status updates go on
             control = list(self._control)
             await send(control)
@@ -588,7 +591,7 @@ class ReplicationStream:
                 self._sent_open_xid = self._open_xid
             raise
         finally:
-            self._reader_fd = -1
+            self._reader_poll = None
 
     async def _decode_with_new_types(self, decoder: Decoder, payload: bytes,
                                      event: StreamEvent) -> StreamEvent:
