@@ -69,7 +69,16 @@ from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
 from cdcddp.publish.lookup import Dependency
-from cdcddp.publish.observer import DocOp, Key, NeedsRow, Observer, Row, Values, key_getter
+from cdcddp.publish.observer import (
+    DocOp,
+    Key,
+    NeedsRow,
+    Observer,
+    Row,
+    Values,
+    key_getter,
+    replaced_key,
+)
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import (
     ABSENT,
@@ -476,13 +485,8 @@ class TableRoutes:
             found |= self.unconstrained
         key_of = self._key_of
         if kind is not Insert and key_of is not None:
-            try:
-                key: Key | None = key_of(change.identity)  # type: ignore[union-attr]
-            except KeyError:  # an identity without the key columns (USING INDEX)
-                try:
-                    key = key_of(change.new) if kind is Update else None  # type: ignore[union-attr]
-                except KeyError:
-                    key = None
+            key = replaced_key(key_of, change.identity,  # type: ignore[union-attr]
+                               change.new if kind is Update else None)  # type: ignore[union-attr]
             if key is not None:
                 held = self.holders.get(key)
                 if type(held) is set:
@@ -494,14 +498,12 @@ class TableRoutes:
 
 def _change_keys(observer: Observer, change: RowChange) -> tuple[Key | None, Key | None]:
     """(old key, new key) a change may affect in an observer (for the holders index)."""
-    key_or_none = observer.key_or_none
     if type(change) is Insert:
-        return None, key_or_none(change.new)
+        return None, observer.key_or_none(change.new)
     if type(change) is Update:
-        new_key = key_or_none(change.new)
-        old_key = key_or_none(change.identity)
-        return (old_key if old_key is not None else new_key), new_key
-    return key_or_none(change.identity), None  # type: ignore[union-attr]
+        return (observer.replaced_key(change.identity, change.new),
+                observer.key_or_none(change.new))
+    return observer.replaced_key(change.identity, None), None  # type: ignore[union-attr]
 
 
 @dataclass

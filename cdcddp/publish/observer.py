@@ -67,6 +67,21 @@ def key_getter(columns: tuple[Any, ...]) -> Callable[[Any], Key]:
     return itemgetter(*columns)  # type: ignore[return-value]
 
 
+def replaced_key(key_of: Callable[[Row], Key], identity: Row, new: Row | None) -> Key | None:
+    """The key of the row an update or delete replaces: from the change's replica identity,
+    else (an identity without the key columns: USING INDEX on other columns) from the new
+    row, the key being assumed unchanged by an update; None when neither has it."""
+    try:
+        return key_of(identity)
+    except KeyError:
+        if new is None:
+            return None
+        try:
+            return key_of(new)
+        except KeyError:
+            return None
+
+
 # Non-negative ints below this have at most 23 digits: their decimal text is their wire id
 # (no sign to escape, too short to look like an ObjectID).
 _PLAIN_INT_ID_LIMIT = 10**23
@@ -272,13 +287,13 @@ class Observer:
                 return []
             return self._upsert(None, change.new)
         if type(change) is Update:
-            old_key = self._identity_key(change.identity, change.new)
+            old_key = self.replaced_key(change.identity, change.new)
             if self.fetched and self._already_fetched(
                     change.xid, old_key, self.key_or_none(change.new)):
                 return []
             return self._upsert(old_key, change.new, change.identity)
         if type(change) is Delete:
-            key = self._identity_key(change.identity, None)
+            key = self.replaced_key(change.identity, None)
             if self.fetched and self._already_fetched(change.xid, key):
                 return []
             return self._remove(key) if key is not None else []
@@ -300,18 +315,9 @@ class Observer:
         except KeyError:
             return None
 
-    def _identity_key(self, identity: Row, new: Row | None) -> Key | None:
-        try:
-            return self._key_of(identity)
-        except KeyError:
-            # Replica identity without the key columns (USING INDEX on other columns): the key
-            # is assumed unchanged by an update.
-            if new is None:
-                return None
-            try:
-                return self.key_of(new)
-            except KeyError:
-                return None
+    def replaced_key(self, identity: Row, new: Row | None) -> Key | None:
+        """See :func:`replaced_key`."""
+        return replaced_key(self._key_of, identity, new)
 
     def _upsert(self, old_key: Key | None, new: Row, identity: Row | None = None
                 ) -> list[DocOp] | NeedsRow:
