@@ -30,6 +30,7 @@ from cdcddp.wal.decode import (
     libpq_options,
 )
 from cdcddp.wal.events import ABSENT, Begin, Commit, Delete, Insert, Message, Truncate, Update
+from cdcddp.wal.lsn import parse_lsn
 from cdcddp.wal.pgtypes import (
     BINARY_LOADS_AS_DECODED,
     TYPE_CATALOG_SQL,
@@ -460,6 +461,22 @@ def test_begin_commit_bracket_changes_with_xid_lsn_and_time(capture: Capture,
     assert open_xid is None and begins > len(CASES)
     commits = [e for e in events if isinstance(e, Commit)]
     assert [c.end_lsn for c in commits] == sorted(c.end_lsn for c in commits)
+
+
+def test_record_lsn_of_a_row_change_is_its_document_lsn(capture: Capture) -> None:
+    # The stream passes the XLogData header's start LSN so the decoder need not parse the
+    # text. The SQL interface's lsn column is that same value (both are the position the
+    # output plugin was told to write at): for row changes it must equal the document's.
+    rows = 0
+    for lsn_text, _, payload in capture.changes:
+        record_lsn = parse_lsn(lsn_text)
+        plain, hinted = Decoder(capture.catalog), Decoder(capture.catalog)
+        event = plain.decode(payload.encode())
+        assert repr(hinted.decode(payload.encode(), record_lsn)) == repr(event)  # NaN != NaN
+        if isinstance(event, Insert | Update | Delete):
+            assert event.lsn == record_lsn
+            rows += 1
+    assert rows > len(CASES)
 
 
 # -- API surface -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 import trio
@@ -130,6 +131,27 @@ async def test_commit_order_across_concurrent_writers(db_dsn: str) -> None:
     for w in range(writers):
         mine = [n for writer, n in rows if writer == w]
         assert mine == sorted(mine)
+
+
+async def test_row_change_lsns_are_the_documents_lsns(db_dsn: str) -> None:
+    # The reader hands the decoder the XLogData start LSN instead of having it parse the
+    # document's "lsn": they must be the same for every row change.
+    sql(db_dsn, "CREATE TABLE t (n int PRIMARY KEY, v text)")
+    sql(db_dsn, "SELECT pg_create_logical_replication_slot('lsn_check', 'wal2json')")
+    async with open_stream(db_dsn, new_slot(), **FAST) as stream:
+        collector = Collector(stream)
+        await asql(db_dsn, "INSERT INTO t SELECT g, 'a' FROM generate_series(1, 20) g",
+                   "UPDATE t SET v = 'b' WHERE n % 3 = 0", "DELETE FROM t WHERE n % 5 = 0",
+                   "BEGIN", "UPDATE t SET n = n + 100 WHERE n < 4", "INSERT INTO t VALUES (0)",
+                   "COMMIT")
+        with trio.fail_after(30):
+            await collector.run(until=lambda c: len(c.transactions) == 4)
+    streamed = [(e.action, e.lsn) for _, evs in collector.transactions for e in evs]
+    rows = sql(db_dsn, "SELECT data FROM pg_logical_slot_get_changes('lsn_check', NULL, NULL, "
+                       "'format-version', '2', 'include-lsn', '1')")
+    documents = [(d["action"], parse_lsn(d["lsn"])) for d in (orjson.loads(r[0]) for r in rows)
+                 if d["action"] in "IUD"]
+    assert streamed == documents and len(documents) == 20 + 6 + 4 + 3 + 1
 
 
 async def test_rolled_back_transaction_yields_nothing(db_dsn: str) -> None:

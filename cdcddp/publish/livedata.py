@@ -111,6 +111,9 @@ SYNC_PREFIX: Final = "cdcddp.sync"
 TableName = tuple[str, str]
 _DELIVERED_KEPT: Final = 65_536  # recent xids remembered (far beyond the visibility lag)
 _TABLE_AND_KIND: Final = attrgetter("schema", "table", "__class__")  # change_counts keys
+# Below this many merge-box operations a delivery runs without pausing the collector: so few
+# allocations rarely start a collection, and pausing costs about 0.3 µs per change.
+_GC_PAUSE_ENTRIES: Final = 64
 SubKey = Hashable  # a merge-box subscription id: the DDP sub id, or a universal handle
 
 
@@ -1554,6 +1557,8 @@ class LiveData:
                     failed.add(entry)
                     continue
                 old_key, new_key = _change_keys(observer, change)  # type: ignore[arg-type]
+                if new_key == old_key:  # the usual update: the key stays
+                    new_key = None
                 for key in (old_key, new_key):
                     if key is not None:
                         if observer.holds(key):
@@ -1656,6 +1661,9 @@ class LiveData:
     def _deliver(self, entry: ObserverEntry, ops: Sequence[DocOp],
                  clients: set[LiveClient]) -> None:
         if not ops:
+            return
+        if len(ops) * len(entry.subscribers) < _GC_PAUSE_ENTRIES:  # one row's change, mostly
+            self._deliver_to_boxes(entry, ops, clients)
             return
         with gc_paused():  # per-client dirty entries, by the thousand (see cdcddp.gcpause)
             self._deliver_to_boxes(entry, ops, clients)

@@ -25,6 +25,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from operator import itemgetter
 from typing import Any, Final
 
 import orjson
@@ -113,8 +114,8 @@ class Decoder:
     Not thread-safe (one per stream). ``catalog`` resolves domains and user array types.
     """
 
-    __slots__ = ("_catalog", "_handlers", "_numeric_texts", "_payload", "_plans", "_shapes",
-                 "relations", "track_shapes", "unresolved_oids")
+    __slots__ = ("_catalog", "_handlers", "_numeric_texts", "_payload", "_plans",
+                 "_record_lsn", "_shapes", "relations", "track_shapes", "unresolved_oids")
 
     def __init__(self, catalog: TypeCatalog | None = None) -> None:
         self._catalog = catalog
@@ -130,6 +131,7 @@ class Decoder:
         self.relations: list[Relation] = []
         self._payload: bytes | memoryview = b""
         self._numeric_texts: Iterator[bytes] | None = None
+        self._record_lsn: int | None = None
         self._handlers: dict[str, Callable[[dict[str, Any]], Event]] = {
             "I": self._insert, "U": self._update, "D": self._delete,
             "B": self._begin, "C": self._commit, "T": self._truncate, "M": self._message,
@@ -145,8 +147,12 @@ class Decoder:
         self._plans.clear()
         self.unresolved_oids.clear()
 
-    def decode(self, payload: bytes | memoryview) -> Event:
-        """One wal2json v2 document -> one event. Raises ``DecodeError`` if malformed."""
+    def decode(self, payload: bytes | memoryview, record_lsn: int | None = None) -> Event:
+        """One wal2json v2 document -> one event. Raises ``DecodeError`` if malformed.
+
+        ``record_lsn``: the XLogData header's start LSN, when the payload came from the
+        replication stream. For a row change it equals the document's ``lsn`` (both are the
+        change record's LSN), so the text need not be parsed again."""
         try:
             doc = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -160,6 +166,7 @@ class Decoder:
         # The numeric converter reads exact digits from the payload text, found on first use.
         self._payload = payload
         self._numeric_texts = None
+        self._record_lsn = record_lsn
         try:
             return handler(doc)
         except DecodeError:
@@ -209,12 +216,16 @@ class Decoder:
 
     # -- one handler per action -------------------------------------------------------------
 
+    def _change_lsn(self, doc: dict[str, Any]) -> int:
+        lsn = self._record_lsn
+        return _lsn(doc["lsn"]) if lsn is None else lsn
+
     def _insert(self, doc: dict[str, Any]) -> Insert:
-        return Insert(doc["xid"], _lsn(doc["lsn"]), doc["schema"], doc["table"],
+        return Insert(doc["xid"], self._change_lsn(doc), doc["schema"], doc["table"],
                       self._new_row(doc, complete=True), _pk(doc))
 
     def _update(self, doc: dict[str, Any]) -> Update:
-        return Update(doc["xid"], _lsn(doc["lsn"]), doc["schema"], doc["table"],
+        return Update(doc["xid"], self._change_lsn(doc), doc["schema"], doc["table"],
                       self._new_row(doc, complete=False), self._row(doc["identity"]), _pk(doc))
 
     def _new_row(self, doc: dict[str, Any], complete: bool) -> Row:
@@ -260,7 +271,7 @@ class Decoder:
                                        absent))
 
     def _delete(self, doc: dict[str, Any]) -> Delete:
-        return Delete(doc["xid"], _lsn(doc["lsn"]), doc["schema"], doc["table"],
+        return Delete(doc["xid"], self._change_lsn(doc), doc["schema"], doc["table"],
                       self._row(doc["identity"]), _pk(doc))
 
     def _begin(self, doc: dict[str, Any]) -> Begin:
@@ -280,9 +291,12 @@ class Decoder:
                        doc["content"])
 
 
+_NAME = itemgetter("name")
+
+
 def _pk(doc: dict[str, Any]) -> tuple[str, ...]:
     pk = doc.get("pk")
-    return tuple([column["name"] for column in pk]) if pk else ()
+    return tuple(map(_NAME, pk)) if pk else ()
 
 
 def _slow_loads(payload: bytes | memoryview) -> Any:

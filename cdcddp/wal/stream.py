@@ -525,7 +525,7 @@ class ReplicationStream:
                         try:
                             # bytes, not a view: the decoder searches the text for numerics
                             payload = bytes(buf[XLOGDATA_PAYLOAD_OFFSET:])
-                            event = decode(payload)
+                            event = decode(payload, data_start)
                             if unresolved:  # a type the catalog lacks: created since loaded
                                 event = await self._decode_with_new_types(decoder, payload,
                                                                           event)
