@@ -819,7 +819,7 @@ def test_settle_fresh_fast_path_and_fallback_equal_settle(how: str, limit: int) 
 def test_settle_fresh_checks_a_whole_piece_at_once_or_returns_the_valid_prefix() -> None:
     box = MergeBox()
     box.add_many("s", C, [(str(i), {"n": i}) for i in range(8)])
-    dirty, view = box._dirty[C], box._views[C]
+    dirty, view = box._end_run(C), box._views[C]  # dirty entries, as after any other op
     # all fresh: the fast path answers, and takes the piece off the dirty list
     assert box._settle_fresh_piece(C, dirty, view, 3) == [(str(i), {"n": i}) for i in range(3)]
     assert list(box._dirty[C]) == [str(i) for i in range(3, 8)]
@@ -869,12 +869,14 @@ def test_a_bulk_run_interrupted_after_a_piece_settles_like_settle(op: str) -> No
     def fresh_piece(box: MergeBox) -> list[Transition]:
         fresh = box.settle_fresh(4)
         assert fresh is not None and C in box._runs
+        assert box.pending_count == 6 and box.has_pending  # the run's rest counts
         return [(C, doc_id, None, fields) for doc_id, fields in fresh[1]]
 
     fast, slow = MergeBox(), MergeBox()
     got = scenario(fast, fresh_piece)
     expected = scenario(slow, lambda box: box.settle(4))
     assert got == expected  # the same first piece
+    assert fast.pending_count == slow.pending_count
     assert sorted(_settled_fresh(fast, 3), key=repr) == sorted(slow.settle(), key=repr)
     assert fast.view() == slow.view()
     assert not fast.has_pending and not fast._runs

@@ -173,6 +173,21 @@ def transition_op(transition: Transition) -> Op | None:
     return None
 
 
+class _Run:
+    """The rest of a new subscription's bulk-added documents in one collection, (doc id,
+    fields) in the order they were added: all new to the client, all held by that one
+    subscription. It stands in for their dirty entries (the collection's entry in
+    ``MergeBox._dirty`` stays empty, keeping its place in line) until any other operation on
+    the collection writes them out (``MergeBox._end_run``); a large initial result is then
+    handed to the client in pieces without a dirty entry per document."""
+
+    __slots__ = ("items", "left")
+
+    def __init__(self, items: Iterator[tuple[str, Fields]], left: int) -> None:
+        self.items = items
+        self.left = left
+
+
 class MergeBox:
     """One client's merge box. See the module docstring for the rules.
 
@@ -190,11 +205,8 @@ class MergeBox:
         # collection -> doc id -> what the client had at the last flush (None: nothing).
         # Collections in the order they first got dirty, documents likewise within one.
         self._dirty: dict[str, dict[str, Fields | None]] = {}
-        # collection -> the rest of a new subscription's bulk-added documents, (doc id, fields)
-        # in the order of its dirty entries, which are exactly these: all new to the client,
-        # all held by that one subscription. Any other operation on the collection drops it
-        # (_dirty_in, settle, reset); until then settle_fresh takes pieces of it as they are.
-        self._runs: dict[str, Iterator[tuple[str, Fields]]] = {}
+        # collection -> its pending documents as a _Run (its _dirty entry is then empty).
+        self._runs: dict[str, _Run] = {}
 
     # ---- publisher operations -------------------------------------------------------------
 
@@ -240,10 +252,11 @@ class MergeBox:
         if dirty:
             for doc_id in new_docs:
                 dirty.setdefault(doc_id, None)
+        elif any(map(operator.contains, new_docs.values(), repeat(_ID_KEY))):
+            self._dirty[collection] = dict.fromkeys(new_docs)  # an `_id` to strip: no run
         else:
-            self._dirty[collection] = dict.fromkeys(new_docs)
-            if not any(map(operator.contains, new_docs.values(), repeat(_ID_KEY))):
-                self._runs[collection] = iter(new_docs.items())
+            self._dirty[collection] = {}
+            self._runs[collection] = _Run(iter(new_docs.items()), len(new_docs))
 
     def change(
         self,
@@ -397,13 +410,14 @@ class MergeBox:
             return None
         collection, dirty = oldest
         run = self._runs.get(collection)
-        if run is not None and limit > 0 and (fresh := list(islice(run, limit))):
-            if len(fresh) == len(dirty):
-                del self._dirty[collection], self._runs[collection]
-            else:
-                deque(map(dirty.__delitem__, map(_FIRST, fresh)), maxlen=0)  # (a C loop)
-            return collection, fresh
-        self._runs.pop(collection, None)
+        if run is not None:
+            if limit > 0:
+                fresh = list(islice(run.items, limit))
+                run.left -= len(fresh)
+                if not run.left:
+                    del self._dirty[collection], self._runs[collection]
+                return collection, fresh
+            dirty = self._end_run(collection)
         view = self._views.get(collection, _NO_VIEW)
         published = self._published
         if limit > 0:
@@ -465,7 +479,8 @@ class MergeBox:
 
     def _take_dirty(self, limit: int | None) -> list[tuple[str, dict[str, Fields | None]]]:
         """Remove and return up to ``limit`` dirty documents, by collection, oldest first."""
-        self._runs.clear()
+        for collection in list(self._runs):
+            self._end_run(collection)
         if limit is None or self.pending_count <= limit:
             taken, self._dirty = self._dirty, {}
             return list(taken.items())
@@ -492,7 +507,8 @@ class MergeBox:
 
     @property
     def pending_count(self) -> int:
-        return sum(map(len, self._dirty.values()))
+        return (sum(map(len, self._dirty.values()))
+                + sum(run.left for run in self._runs.values()))
 
     # ---- inspection ---------------------------------------------------------------------------
 
@@ -549,9 +565,16 @@ class MergeBox:
             dirty[doc_id] = self.visible(collection, doc_id)
 
     def _dirty_in(self, collection: str) -> dict[str, Fields | None]:
-        if self._runs:
-            self._runs.pop(collection, None)  # about to change: no longer a plain run
+        if self._runs and collection in self._runs:
+            return self._end_run(collection)  # about to change: no longer a plain run
         dirty = self._dirty.get(collection)
         if dirty is None:
             dirty = self._dirty[collection] = {}
+        return dirty
+
+    def _end_run(self, collection: str) -> dict[str, Fields | None]:
+        """Write a run's documents out as dirty entries (the client has none of them), in
+        its place in line; call before the documents it iterates over change."""
+        run = self._runs.pop(collection)
+        dirty = self._dirty[collection] = dict.fromkeys(map(_FIRST, run.items))
         return dirty
