@@ -30,6 +30,7 @@ from cdcddp.db import (
     register_loaders,
 )
 from cdcddp.devcluster import LocalCluster
+from cdcddp.publish import livedata
 from cdcddp.publish.definition import Cursor, Publication
 from cdcddp.publish.livedata import _fetch_row, _row_query, _snapshot_rows
 from cdcddp.publish.lookup import SqlRowLookup
@@ -313,3 +314,30 @@ async def test_types_created_after_the_server_started_publish_alike(
             {"msg": "changed", "collection": "moods", "id": "1", "fields": {"note": "two"}},
             {"msg": "added", "collection": "moods", "id": "2",
              "fields": {"v": ["sad"], "w": 4, "note": "new"}}]
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_snapshot_rows_arrive_whole_in_chunks_or_at_once(db_dsn: str, chunked: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshot rows stream in chunks where libpq can (libpq 17+), else come in one result;
+    either way ``take`` sees every row once, in query order, under the snapshot it is given."""
+    if chunked and not livedata._STREAM_CHUNKED:
+        pytest.skip("this libpq cannot stream in chunks")
+    monkeypatch.setattr(livedata, "_STREAM_CHUNKED", chunked)
+    count = livedata._SNAPSHOT_CHUNK_ROWS * 2 + 7  # more than one chunk, and a partial one
+    sql(db_dsn, "CREATE TABLE many (id int PRIMARY KEY, v text)",
+        f"INSERT INTO many SELECT g, 'v' || g FROM generate_series(1, {count}) g")
+    bound = Cursor("many", fields=["v"]).bind()
+    seen: list[Any] = []
+
+    def take(rows: Any, snapshot: Any, lsn: int) -> int:
+        assert snapshot.is_visible(snapshot.xmin - 1) and lsn > 0
+        seen.extend(rows)
+        return len(seen)
+
+    with psycopg.connect(db_dsn) as conn, conn.transaction():
+        taken, _, _, _ = _snapshot_rows(conn, bound, take)
+        listed, _, _, _ = _snapshot_rows(conn, bound)
+    ids = [row[bound.columns.index("id")] for row in seen]
+    assert taken == count and sorted(ids) == list(range(1, count + 1))
+    assert listed == seen

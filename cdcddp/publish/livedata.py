@@ -593,11 +593,26 @@ _SNAPSHOT_SHAPE_SQL: Final = (
 TableShape = dict[str, tuple[int, bool]]  # column -> (type oid, varlena: may be TOASTed)
 
 
-def _snapshot_rows(conn: psycopg.Connection[Any], bound: BoundCursor
-                   ) -> tuple[list[Values], Snapshot, int, TableShape]:
-    """The cursor's rows (values tuples in the order the query selects the bound cursor's
-    ``columns``, as the observer keeps them), the snapshot (and its WAL position) they were
-    read under, and the table's columns as of that snapshot."""
+def _row_list(rows: Iterable[Values], snapshot: Snapshot, lsn: int) -> list[Values]:
+    taken = list(rows)
+    if len(taken) >= LARGE_RESULT_ROWS:
+        promote_young_objects()  # kept by the observer they are for
+    return taken
+
+
+# Rows per chunk of a snapshot read: the server sends the next chunks while we load these.
+_SNAPSHOT_CHUNK_ROWS: Final = 2_000
+_STREAM_CHUNKED: Final = psycopg.capabilities.has_stream_chunked()  # libpq 17 or later
+
+
+def _snapshot_rows(conn: psycopg.Connection[Any], bound: BoundCursor,
+                   take: Callable[[Iterable[Values], Snapshot, int], T] = _row_list,  # type: ignore[assignment]
+                   ) -> tuple[T, Snapshot, int, TableShape]:
+    """``take(rows, snapshot, lsn)`` of the cursor's rows (values tuples in the order the
+    query selects the bound cursor's ``columns``, as the observer keeps them) and of the
+    snapshot (and its WAL position) they are read under, plus the table's columns as of that
+    snapshot. ``take`` gets the rows as they arrive, in chunks where libpq can (so loading
+    them overlaps the server's reading and sending them); by default it lists them."""
     _repeatable_read(conn)
     table = (bound.cursor.schema_name, bound.cursor.table_name)
     found = conn.execute(_SNAPSHOT_SHAPE_SQL, table).fetchone()
@@ -612,11 +627,13 @@ def _snapshot_rows(conn: psycopg.Connection[Any], bound: BoundCursor
     # give the values the stream decodes.
     binary = all(shape.get(column, (0,))[0] in BINARY_LOADS_AS_DECODED
                  for column in bound.columns)
+    cursor = conn.cursor(binary=binary)
     with gc_paused():  # (see cdcddp.gcpause)
-        rows = conn.cursor(binary=binary).execute(query, params).fetchall()
-        if len(rows) >= LARGE_RESULT_ROWS:
-            promote_young_objects()  # kept by the observer being built
-    return rows, snapshot, lsn, shape
+        rows: Iterable[Values] = (
+            cursor.stream(query, params, size=_SNAPSHOT_CHUNK_ROWS) if _STREAM_CHUNKED
+            else cursor.execute(query, params).fetchall())
+        taken = take(rows, snapshot, lsn)
+    return taken, snapshot, lsn, shape
 
 
 def _shape_differs(expected: TableShape | None, relation: Relation) -> bool:
@@ -950,15 +967,28 @@ class LiveData:
         try:
             # Transactions delivered before the pin must be in the snapshot (they are not in
             # the ring); those delivered after it are in the ring.
-            rows, snapshot, lsn, shape = await self._take_snapshot(bound)
+            caught_up: list[trio.Event] = []  # for the last snapshot taken
+            token = trio.lowlevel.current_trio_token()
+
+            def request_catch_up() -> None:
+                caught_up.append(self._request_catch_up())
+
+            def build(rows: Iterable[Values], snapshot: Snapshot, lsn: int) -> Observer:
+                # (In the database thread, right after the snapshot is taken.) Ask for the
+                # catch-up mark now, so it travels while the rows load. Queued ahead of the
+                # thread's result, it has run when _take_snapshot returns; a retaken snapshot
+                # asks again, and the last request counts.
+                token.run_sync_soon(request_catch_up)
+                observer = Observer(bound, snapshot, lsn)
+                observer.fill(rows)
+                return observer
+
+            observer, _, _, shape = await self._take_snapshot(bound, build)
             entry.shape = shape
             entry.snapshot_queries += 1
             if self.after_snapshot is not None:
                 await self.after_snapshot(entry)
-            caught_up = self._request_catch_up()  # the mark travels while the rows load
-            observer = Observer(bound, snapshot, lsn)
-            observer.fill(rows)
-            await self._catch_up(caught_up)
+            await self._catch_up(caught_up[-1])
             replayed = 0
             while True:
                 await self._between_transactions()
@@ -1373,27 +1403,29 @@ class LiveData:
                 del delivered[xid]
         return missed
 
-    async def _take_snapshot(self, bound: BoundCursor
-                             ) -> tuple[list[Values], Snapshot, int, TableShape]:
-        """The cursor's rows and their snapshot, which sees every transaction delivered so
-        far (retaken, after a moment, while one is decoded but not yet visible)."""
+    async def _take_snapshot(self, bound: BoundCursor,
+                             take: Callable[[Iterable[Values], Snapshot, int], T] = _row_list,  # type: ignore[assignment]
+                             ) -> tuple[T, Snapshot, int, TableShape]:
+        """``take`` of the cursor's rows and their snapshot (see :func:`_snapshot_rows`), a
+        snapshot that sees every transaction delivered so far (retaken, after a moment, while
+        one is decoded but not yet visible)."""
         delay = 0.001
         while True:
             delivered_before = self._commits_seen
             self._snapshots_in_flight.append(delivered_before)
             started = time.monotonic()
             try:
-                rows, snapshot, lsn, shape = await self.database.run(_snapshot_rows, bound,
-                                                                     snapshot=True)
+                taken, snapshot, lsn, shape = await self.database.run(
+                    _snapshot_rows, bound, take, snapshot=True)
             finally:
                 self._snapshots_in_flight.remove(delivered_before)
             self.snapshot_queries += 1
             if self.metrics is not None:
-                self.metrics.snapshot_finished(time.monotonic() - started, len(rows))
+                self.metrics.snapshot_finished(time.monotonic() - started, len(taken))  # type: ignore[arg-type]
             oldest = min(self._snapshots_in_flight, default=delivered_before)
             if not self._missed_delivered(snapshot, delivered_before,
                                           prune=oldest >= delivered_before):
-                return rows, snapshot, lsn, shape
+                return taken, snapshot, lsn, shape
             self.invisible_delivered_retries += 1
             await trio.sleep(delay)
             delay = min(delay * 2, 0.1)
