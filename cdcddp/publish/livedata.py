@@ -499,16 +499,6 @@ class TableRoutes:
         return found
 
 
-def _change_keys(observer: Observer, change: RowChange) -> tuple[Key | None, Key | None]:
-    """(old key, new key) a change may affect in an observer (for the holders index)."""
-    if type(change) is Insert:
-        return None, observer.key_or_none(change.new)
-    if type(change) is Update:
-        return (observer.replaced_key(change.identity, change.new),
-                observer.key_or_none(change.new))
-    return observer.replaced_key(change.identity, None), None  # type: ignore[union-attr]
-
-
 @dataclass
 class _OpenTransaction:
     xid: int
@@ -1588,7 +1578,7 @@ class LiveData:
                               change.schema, change.table, exc_info=exc)
                     failed.add(entry)
                     continue
-                old_key, new_key = _change_keys(observer, change)  # type: ignore[arg-type]
+                old_key, new_key = observer.keys
                 if new_key == old_key:  # the usual update: the key stays
                     new_key = None
                 for key in (old_key, new_key):

@@ -172,6 +172,10 @@ class Observer:
         # Rows fetched by key (NeedsRow) reflect every transaction their fetch snapshot saw;
         # changes of those transactions to those rows must not be applied again.
         self.fetched: dict[Key, tuple[Snapshot, int | None]] = {}
+        # (old key, new key) of the row the last applied change replaced and wrote, either
+        # None when there is none: the keys whose documents it may have added or removed
+        # (the engine's holders index follows them).
+        self.keys: tuple[Key | None, Key | None] = (None, None)
 
     # -- the snapshot/stream handoff -----------------------------------------------------------
     def wants_transaction(self, xid: int, end_lsn: int | None = None) -> bool:
@@ -281,19 +285,23 @@ class Observer:
 
     # -- stream changes ------------------------------------------------------------------------
     def apply(self, change: RowChange) -> list[DocOp] | NeedsRow:
+        """The ops a stream change makes; sets :attr:`keys`."""
         if type(change) is Insert:
             if self.fetched and self._already_fetched(
                     change.xid, self.key_or_none(change.new)):
+                self.keys = (None, self.key_or_none(change.new))
                 return []
             return self._upsert(None, change.new)
         if type(change) is Update:
-            old_key = self.replaced_key(change.identity, change.new)
+            old_key = replaced_key(self._key_of, change.identity, change.new)
             if self.fetched and self._already_fetched(
                     change.xid, old_key, self.key_or_none(change.new)):
+                self.keys = (old_key, self.key_or_none(change.new))
                 return []
             return self._upsert(old_key, change.new, change.identity)
         if type(change) is Delete:
-            key = self.replaced_key(change.identity, None)
+            key = replaced_key(self._key_of, change.identity, None)
+            self.keys = (key, None)
             if self.fetched and self._already_fetched(change.xid, key):
                 return []
             return self._remove(key) if key is not None else []
@@ -302,8 +310,9 @@ class Observer:
     def apply_fetched(self, old_key: Key | None, row: Row | None) -> list[DocOp]:
         """Finish a change answered with :class:`NeedsRow`: ``row`` is the current row by key
         (``None`` when it no longer exists: a later transaction deleted it, and that delete is
-        still to come through the stream)."""
+        still to come through the stream). Sets :attr:`keys`."""
         if row is None:
+            self.keys = (old_key, None)
             return self._remove(old_key) if old_key is not None else []
         result = self._upsert(old_key, row)
         assert not isinstance(result, NeedsRow)  # a fetched row is complete
@@ -315,10 +324,6 @@ class Observer:
         except KeyError:
             return None
 
-    def replaced_key(self, identity: Row, new: Row | None) -> Key | None:
-        """See :func:`replaced_key`."""
-        return replaced_key(self._key_of, identity, new)
-
     def _upsert(self, old_key: Key | None, new: Row, identity: Row | None = None
                 ) -> list[DocOp] | NeedsRow:
         kept = self.rows.get(old_key) if old_key is not None else None
@@ -327,10 +332,12 @@ class Observer:
         except KeyError:  # unchanged TOASTed values left out: complete the row first
             completed = self._complete(kept, new, identity)
             if type(completed) is not dict:
+                self.keys = (old_key, self.key_or_none(new))
                 return completed  # type: ignore[return-value]
             new = completed
             values = self._values_from_row(new)
         new_key = self._values_key_of(values)
+        self.keys = (old_key, new_key)
         matches = self._matches(new)
         ops: list[DocOp] = []
         if kept is not None and (not matches or new_key != old_key):
