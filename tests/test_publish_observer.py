@@ -67,6 +67,27 @@ def test_key_change_is_remove_plus_add() -> None:
     assert [(op.kind, op.doc_id) for op in ops] == [("removed", "1"), ("added", "5")]
 
 
+def test_keys_of_each_change_for_the_holders_index() -> None:
+    """``keys``: the (old, new) keys whose documents the last change may have removed or
+    added, whatever came of it (the engine's holders index follows them)."""
+    o = obs()
+    o.apply(ins(row(1, list_id=2)))  # not matching: its key is still reported
+    assert o.keys == (None, (1,))
+    o.apply(ins(row(2)))
+    assert o.keys == (None, (2,))
+    o.apply(upd(row(5), old_id=2))  # a key change
+    assert o.keys == ((2,), (5,))
+    o.apply(upd({"id": 7, "list_id": 1, "checked": False}))  # NeedsRow
+    assert o.keys == ((7,), (7,))
+    o.apply_fetched((7,), row(7))
+    assert o.keys == ((7,), (7,)) and o.holds((7,))
+    o.apply_fetched((7,), None)
+    assert o.keys == ((7,), None) and not o.holds((7,))
+    o.apply(Delete(xid=1, lsn=1, schema="public", table="todos", identity={"id": 5},
+                   pk=("id",)))
+    assert o.keys == ((5,), None) and not o.holds((5,))
+
+
 def test_type_changes_are_changes() -> None:
     o = Observer(Cursor("t", fields=["v"]).bind())
     o.load([{"id": 1, "v": 1}])
