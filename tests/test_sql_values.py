@@ -341,3 +341,31 @@ def test_snapshot_rows_arrive_whole_in_chunks_or_at_once(db_dsn: str, chunked: b
     ids = [row[bound.columns.index("id")] for row in seen]
     assert taken == count and sorted(ids) == list(range(1, count + 1))
     assert listed == seen
+
+
+async def test_a_snapshot_load_that_fails_midway_leaves_the_pool_usable(db_dsn: str) -> None:
+    """A ``take`` that raises while rows still stream (a bug in loading them, say) ends the
+    query: the error is the one raised, and the pooled connection serves the next read."""
+    count = livedata._SNAPSHOT_CHUNK_ROWS * 3
+    sql(db_dsn, "CREATE TABLE many (id int PRIMARY KEY, v text)",
+        f"INSERT INTO many SELECT g, 'v' || g FROM generate_series(1, {count}) g")
+    bound = Cursor("many", fields=["v"]).bind()
+
+    def fail_midway(rows: Any, snapshot: Any, lsn: int) -> None:
+        for n, _ in enumerate(rows):
+            if n == livedata._SNAPSHOT_CHUNK_ROWS + 5:
+                raise ValueError("cannot load this row")
+
+    def backend(conn: psycopg.Connection[Any]) -> int:
+        return conn.info.backend_pid
+
+    database = Database(db_dsn, size=1)
+    try:
+        pid = await database.run(backend)
+        with pytest.raises(ValueError, match="cannot load this row"):
+            await database.run(_snapshot_rows, bound, fail_midway, snapshot=True)
+        rows, _, _, _ = await database.run(_snapshot_rows, bound, snapshot=True)
+        assert len(rows) == count
+        assert await database.run(backend) == pid  # the same connection: it was left clean
+    finally:
+        database.close()

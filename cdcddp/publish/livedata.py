@@ -52,7 +52,7 @@ import logging
 import secrets
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -618,11 +618,18 @@ def _snapshot_rows(conn: psycopg.Connection[Any], bound: BoundCursor,
     binary = all(shape.get(column, (0,))[0] in BINARY_LOADS_AS_DECODED
                  for column in bound.columns)
     cursor = conn.cursor(binary=binary)
-    with gc_paused():  # (see cdcddp.gcpause)
-        rows: Iterable[Values] = (
-            cursor.stream(query, params, size=_SNAPSHOT_CHUNK_ROWS) if _STREAM_CHUNKED
-            else cursor.execute(query, params).fetchall())
-        taken = take(rows, snapshot, lsn)
+    stream: Generator[Values, None, None] | None = None
+    rows: Iterable[Values]
+    if _STREAM_CHUNKED:
+        rows = stream = cursor.stream(query, params, size=_SNAPSHOT_CHUNK_ROWS)
+    else:
+        rows = cursor.execute(query, params).fetchall()
+    try:
+        with gc_paused():  # (see cdcddp.gcpause)
+            taken = take(rows, snapshot, lsn)
+    finally:
+        if stream is not None:
+            stream.close()  # a take that failed midway: end the query, so the transaction can
     return taken, snapshot, lsn, shape
 
 
