@@ -629,7 +629,9 @@ def _snapshot_rows(conn: psycopg.Connection[Any], bound: BoundCursor,
             taken = take(rows, snapshot, lsn)
     finally:
         if stream is not None:
-            stream.close()  # a take that failed midway: end the query, so the transaction can
+            # A take that failed midway: cancel and drain the query here, or the rollback
+            # that follows waits on it forever.
+            stream.close()
     return taken, snapshot, lsn, shape
 
 
