@@ -287,17 +287,19 @@ class Observer:
     def apply(self, change: RowChange) -> list[DocOp] | NeedsRow:
         """The ops a stream change makes; sets :attr:`keys`."""
         if type(change) is Insert:
-            if self.fetched and self._already_fetched(
-                    change.xid, self.key_or_none(change.new)):
-                self.keys = (None, self.key_or_none(change.new))
-                return []
+            if self.fetched:
+                new_key = self.key_or_none(change.new)
+                if self._already_fetched(change.xid, new_key):
+                    self.keys = (None, new_key)
+                    return []
             return self._upsert(None, change.new)
         if type(change) is Update:
             old_key = replaced_key(self._key_of, change.identity, change.new)
-            if self.fetched and self._already_fetched(
-                    change.xid, old_key, self.key_or_none(change.new)):
-                self.keys = (old_key, self.key_or_none(change.new))
-                return []
+            if self.fetched:
+                new_key = self.key_or_none(change.new)
+                if self._already_fetched(change.xid, old_key, new_key):
+                    self.keys = (old_key, new_key)
+                    return []
             return self._upsert(old_key, change.new, change.identity)
         if type(change) is Delete:
             key = replaced_key(self._key_of, change.identity, None)
