@@ -16,7 +16,14 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from cdcddp.ddp.mergebox import MergeBox, MergeBoxError, Op, Transition, values_equal
+from cdcddp.ddp.mergebox import (
+    MergeBox,
+    MergeBoxError,
+    Op,
+    Transition,
+    transition_op,
+    values_equal,
+)
 
 C = "items"
 
@@ -634,6 +641,49 @@ class MergeBoxMachine(RuleBasedStateMachine):
             self.eager.remove(*key)
         self.lazy.remove_subscription(sub)
         self._check_eager()
+
+    @rule(
+        sub=st.sampled_from(SUBS),
+        coll=st.sampled_from(COLLECTIONS),
+        ids=st.lists(st.sampled_from(DOC_IDS), min_size=1, unique=True),
+        fields=st.lists(FIELDS, min_size=len(DOC_IDS), max_size=len(DOC_IDS)),
+    )
+    def add_many(self, sub: str, coll: str, ids: list[str],
+                 fields: list[dict[str, Any]]) -> None:
+        """A subscription's initial documents in bulk (a new subscription's snapshot): on a
+        fresh collection they become a run (``MergeBox._runs``)."""
+        if any((sub, coll, doc_id) in self.published for doc_id in ids):
+            return  # add_many's contract: documents new to the subscription
+        documents = list(zip(ids, fields, strict=False))
+        for doc_id, doc_fields in documents:
+            self.published[(sub, coll, doc_id)] = doc_fields
+            self.meteor.added(sub, coll, doc_id, doc_fields)
+        self.eager.add_many(sub, coll, documents)
+        self.lazy.add_many(sub, coll, documents)
+        self._check_eager()
+
+    @precondition(lambda self: self.lazy.has_pending)
+    @rule(limit=st.integers(min_value=1, max_value=3))
+    def flush_in_pieces(self, limit: int) -> None:
+        """What a client's flush does: new documents in pieces (``settle_fresh``), else
+        settled transitions, ``limit`` documents at a time, until nothing is pending."""
+        ops: list[Op] = []
+        while self.lazy.has_pending:
+            before = self.lazy.pending_count
+            fresh = self.lazy.settle_fresh(limit)
+            if fresh is not None:
+                collection, documents = fresh
+                ops.extend(("added", collection, doc_id, doc_fields)
+                           for doc_id, doc_fields in documents)
+            else:
+                ops.extend(op for op in map(transition_op, self.lazy.settle(limit))
+                           if op is not None)
+            assert self.lazy.pending_count < before
+        touched = [(op[1], op[2]) for op in ops]
+        assert len(touched) == len(set(touched)), "more than one op per document per flush"
+        for op in ops:
+            apply_to_client(self.lazy_client, op)
+        assert {k: canonical(v) for k, v in self.lazy_client.items()} == self.meteor.client_view()
 
     @precondition(lambda self: self.lazy.has_pending)
     @rule()
