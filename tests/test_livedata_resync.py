@@ -376,3 +376,61 @@ async def test_too_far_behind_skips_the_backlog_and_resyncs(db_dsn: str, tempora
             assert scraped(metrics, "cdcddp_replication_backlog_skips_total") == 1
             assert scraped(metrics, "cdcddp_resyncs_total", reason="stream_gap") >= 1
 
+
+
+class StepHold:
+    """``LiveData.hold`` that lets the consumer past one commit per :meth:`step`."""
+
+    def __init__(self) -> None:
+        self.arrived = 0
+        self._steps = trio.Semaphore(0)
+
+    async def wait(self) -> None:
+        self.arrived += 1
+        await self._steps.acquire()
+
+    def step(self) -> None:
+        self._steps.release()
+
+
+async def test_a_resync_snapshot_ahead_of_the_stream_never_sends_a_value_back(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A resync's snapshot may see commits the stream has not delivered yet. Clients are
+    flushed again only once the stream has delivered them: else a client holding a document
+    through a resynced observer and an older one could fall back to the older copy (here by
+    unsubscribing from the resynced one) and see its version go back."""
+    async with live_server(db_dsn) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        async with connect(server.ws_url, log_messages=True) as client:
+            ahead = await client.subscribe("items.byCategory", {"category": "a"})  # its fields win
+            await client.subscribe("items.all")
+            entry = next(e for e in live.observers() if "category" in e.bound.filter.columns)
+            observer = entry.observer
+            assert observer is not None
+            apply = observer.apply
+
+            def fail_once(change: Any) -> Any:
+                observer.apply = apply  # type: ignore[method-assign]
+                raise RuntimeError("injected observer failure")
+
+            observer.apply = fail_once  # type: ignore[method-assign]
+            hold = live.hold = StepHold()  # type: ignore[assignment]
+            # X makes the observer fail (a resync); C commits before that resync's snapshot.
+            await asql(db_dsn, "UPDATE items SET title = 'boom' WHERE id = 1",
+                       "UPDATE items SET title = 'c', version = 1 WHERE id = 1")
+            with trio.fail_after(10), caplog.at_level(logging.CRITICAL):
+                while hold.arrived < 1:
+                    await trio.sleep(0.01)
+                hold.step()  # X: resync from a snapshot that has C
+                while hold.arrived < 2:  # at C's commit: X applied, C not yet
+                    await trio.sleep(0.01)
+            assert live.resync_reasons["observer_error"] == 1
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.unsubscribe, ahead)
+                await trio.sleep(0.2)  # the unsubscription's changes are in the box
+                live.hold = None
+                hold.step()  # C
+            await wait_store(client, {"1": {"owner": None, "category": "a", "title": "c",
+                                            "body": None, "rank": 0, "version": 1}})
+            check_message_log(client)

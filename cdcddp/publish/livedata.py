@@ -243,14 +243,16 @@ class EncodeCache:
 
 
 class FlushGate:
-    """Client flushes wait while the engine holds a partly applied transaction."""
+    """Client flushes wait while the engine holds a partly applied transaction (``closed``),
+    and after a resync until the stream has caught up with its snapshot (``held``)."""
 
     def __init__(self) -> None:
         self.closed = False
+        self.held = False
         self.deferred: set[LiveClient] = set()
 
     def defer(self, client: LiveClient) -> bool:
-        if self.closed:
+        if self.closed or self.held:
             self.deferred.add(client)
             return True
         return False
@@ -304,7 +306,8 @@ class LiveClient:
         self._after.append(action)
 
     def request_flush(self, cache: EncodeCache | None = None) -> None:
-        if self.closed or (self.gate.closed and self.gate.defer(self)):
+        gate = self.gate
+        if self.closed or ((gate.closed or gate.held) and gate.defer(self)):
             return
         if self._output_busy():
             self.flush_wanted = True  # the connection calls flush() once its write is done
@@ -769,6 +772,7 @@ class LiveData:
         # Delivery number of the last transaction that changed each table (lookup guard).
         self._table_changed_at: dict[TableName, int] = {}
         self._nursery: trio.Nursery | None = None
+        self._resync_mark: trio.Event | None = None  # the catch-up a held gate waits for
         # Test hooks: hold the consumer before applying a commit; run after a snapshot query.
         self.hold: trio.Event | None = None
         self.after_snapshot: Callable[[ObserverEntry], Awaitable[None]] | None = None
@@ -1641,6 +1645,7 @@ class LiveData:
         ``reason`` (a short fixed word: stream_gap, transaction_restart, observer_error, ...)
         labels ``cdcddp_resyncs_total``."""
         clients: set[LiveClient] = set()
+        reloaded = False
         for entry in entries:
             if not entry.live:
                 continue
@@ -1671,7 +1676,33 @@ class LiveData:
             entry.shape = shape
             ops = self._reload(entry, self._routes[entry.table], rows, snapshot, lsn)
             self._deliver(entry, ops, clients)
+            reloaded = True
+        if reloaded:
+            self._hold_until_caught_up()
         return clients
+
+    def _hold_until_caught_up(self) -> None:
+        """Flush no client until the stream has delivered every commit a resync snapshot just
+        taken sees (a catch-up mark written after it, as for a new observer; see
+        :meth:`_catch_up`), or for ``catch_up_timeout`` at most. The resync runs inside the
+        consumer, so it cannot wait for that itself: until then the resynced observers are
+        ahead of the others, and a client that moves from one to another (an unsubscription,
+        a row moving between filters) would see a value go back."""
+        if self._nursery is None:
+            return
+        mark = self._resync_mark = self._request_catch_up()
+        self.gate.held = True
+        self._nursery.start_soon(self._release_hold, mark)
+
+    async def _release_hold(self, mark: trio.Event) -> None:
+        with trio.move_on_after(self.config.catch_up_timeout):
+            await mark.wait()
+        if self._resync_mark is not mark:
+            return  # a later resync holds on, until its own mark
+        self._resync_mark = None
+        self.gate.held = False
+        if not self.gate.closed:  # else the transaction being applied opens it at its commit
+            self._open_gate(set())
 
     def _fail(self, entry: ObserverEntry, error: BaseException) -> None:
         """Stop the observer and every subscription using it (their connections send
