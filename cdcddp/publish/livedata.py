@@ -29,7 +29,9 @@
   flip once.
 * **Resync** (invariant 5). ``StreamGap`` resyncs every observer; TRUNCATE empties the observers
   of the table at that point of commit order (the table is empty there: TRUNCATE holds an
-  ACCESS EXCLUSIVE lock), so later inserts apply on top. Only differences reach clients.
+  ACCESS EXCLUSIVE lock), so later inserts apply on top. Only differences reach clients, and
+  only once the stream has delivered what the resync snapshots saw (they may be ahead of it:
+  ``FlushGate.held``).
   A schema change shows as a stream ``Relation`` (columns and type oids) that contradicts the
   shape an observer's snapshot read from ``pg_attribute`` (same statement as the snapshot):
   those observers resync before the next commit is applied; a query that no longer runs
