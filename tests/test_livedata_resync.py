@@ -434,3 +434,35 @@ async def test_a_resync_snapshot_ahead_of_the_stream_never_sends_a_value_back(
             await wait_store(client, {"1": {"owner": None, "category": "a", "title": "c",
                                             "body": None, "rank": 0, "version": 1}})
             check_message_log(client)
+
+
+async def test_a_resync_hold_ends_after_catch_up_timeout_without_a_mark(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Where no catch-up mark can be written (a standby), clients wait for a resync's hold
+    no longer than ``catch_up_timeout``."""
+    async with live_server(db_dsn, catch_up_timeout=0.3) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        async with connect(server.ws_url) as client:
+            await client.subscribe("items.all")
+            observer = live.observers()[0].observer
+            assert observer is not None
+            apply = observer.apply
+
+            def fail_once(change: Any) -> Any:
+                observer.apply = apply  # type: ignore[method-assign]
+                raise RuntimeError("injected observer failure")
+
+            async def cannot_write(timeout: float = 30.0) -> None:
+                raise psycopg.errors.ReadOnlySqlTransaction("read-only")
+
+            observer.apply = fail_once  # type: ignore[method-assign]
+            live.sync = cannot_write  # type: ignore[method-assign]
+            with caplog.at_level(logging.CRITICAL):
+                started = trio.current_time()
+                await asql(db_dsn, "UPDATE items SET title = 'y', version = 1 WHERE id = 1")
+                await wait_store(client, {"1": {"owner": None, "category": "a", "title": "y",
+                                                "body": None, "rank": 0, "version": 1}})
+            assert live.resync_reasons["observer_error"] == 1
+            assert trio.current_time() - started >= 0.3  # held, then let go
+            assert not live.gate.held

@@ -1451,15 +1451,19 @@ class LiveData:
     def _open_gate(self, touched: set[LiveClient]) -> None:
         gate = self.gate
         gate.closed = False
-        self._flush_due |= touched
-        self._flush_due |= gate.deferred
-        self._flush_due |= self._held_clients
-        gate.deferred = set()
-        self._held_clients = set()
-        if self._flusher_running:
-            self._flush_wake.set()
+        if gate.held:  # after a resync: they wait until _release_hold (not per commit)
+            gate.deferred |= touched
+            gate.deferred |= self._held_clients
         else:
-            self._flush_clients()
+            self._flush_due |= touched
+            self._flush_due |= gate.deferred
+            self._flush_due |= self._held_clients
+            gate.deferred = set()
+            if self._flusher_running:
+                self._flush_wake.set()
+            else:
+                self._flush_clients()
+        self._held_clients = set()
         self._txn_done.set()
         self._txn_done = trio.Event()
 
