@@ -30,7 +30,6 @@ from cdcddp.ddp.meteor_random import random_id
 __all__ = ["DDPClient", "DDPConnectionClosed", "MeteorError", "MethodCall", "connect"]
 
 
-
 class DDPConnectionClosed(ConnectionError):
     """The connection closed (or the server answered ``failed``) while waiting."""
 

@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 UNMISTAKABLE_CHARS = "23456789ABCDEFGHJKLMNPQRSTWXYZabcdefghijkmnopqrstuvwxyz"
+BASE64_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
+HEX_CHARS = "0123456789abcdef"
 
 
 def random_id(length: int = 17) -> str:
@@ -45,8 +47,7 @@ def random_id(length: int = 17) -> str:
         n, digit = divmod(n, len(UNMISTAKABLE_CHARS))
         chars.append(UNMISTAKABLE_CHARS[digit])
     return "".join(chars)
-BASE64_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
-HEX_CHARS = "0123456789abcdef"
+
 
 _TWO_POW_32 = 4294967296.0
 _TWO_POW_MINUS_32 = 2.3283064365386963e-10

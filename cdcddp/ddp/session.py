@@ -59,7 +59,6 @@ CLOSE_HEARTBEAT_TIMEOUT: Final = (3000, "No response from heartbeat")
 CLOSE_CONNECT_TIMEOUT: Final = (3001, "No connect message")
 
 
-
 @dataclass
 class SessionConfig:
     heartbeat_interval: float = 17.5  # ping the client after this much silence; <= 0: never
