@@ -181,6 +181,9 @@ def run_phase(name: str, dsn: str, server: ServerChild, swarm: ddpbench.Swarm,
     """One backlog; returns (pg_recvlogical rows/s, cdcddp rows/s). The swarm stays connected."""
     before = int(server.ask("count", "COUNT"))
     with psycopg.connect(dsn, autocommit=True) as conn:
+        (walsender,) = conn.execute(  # type: ignore[misc]
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'bench_filtered'"
+        ).fetchone()
         conn.execute("VACUUM items")
         conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                      "WHERE slot_name = %s", (slot,))
@@ -197,9 +200,12 @@ def run_phase(name: str, dsn: str, server: ServerChild, swarm: ddpbench.Swarm,
             finally:
                 os.kill(server.proc.pid, signal.SIGCONT)
             resumed = time.time()
+            cpu0 = cpu_seconds(server.proc.pid, walsender)
         print(f"{name}: server resumed, catching up", flush=True)  # (a profiler can attach now)
         applied_at = float(server.ask(f"until {before + changes}", "APPLIED"))
         result = swarm.report()
+        server_cpu, walsender_cpu = (b - a for a, b in zip(
+            cpu0, cpu_seconds(server.proc.pid, walsender), strict=True))
         delivered_at = result["last_at"] or applied_at
         ours = max(applied_at, delivered_at) - resumed
         recv = run_recvlogical(find_bindir(), dsn, slot, str(endpos))
@@ -213,11 +219,17 @@ def run_phase(name: str, dsn: str, server: ServerChild, swarm: ddpbench.Swarm,
           f"cdcddp applied in {applied_at - resumed:.2f} s, last message at "
           f"{delivered_at - resumed:.2f} s = {changes / ours:,.0f} rows/s "
           f"(ratio {recv / ours:.2f}); "
-          f"{messages:,} changed messages (updates of one row in one flush coalesce)",
+          f"{messages:,} changed messages (updates of one row in one flush coalesce); "
+          f"CPU during the catch-up: server {server_cpu:.2f} s, its walsender "
+          f"{walsender_cpu:.2f} s, clients {result['cpu_seconds']:.2f} s",
           flush=True)
     if messages == 0:
         sys.exit(f"{name}: no client received a change")
     return changes / recv, changes / ours
+
+
+def cpu_seconds(*pids: int) -> tuple[float, ...]:
+    return tuple(ddpbench.proc_cpu_seconds(pid) if pid else float("nan") for pid in pids)
 
 
 class PhaseRuns:
