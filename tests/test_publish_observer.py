@@ -138,6 +138,25 @@ def test_doc_ops_carry_the_meteor_wire_id() -> None:
     assert [op.doc_id for op in ops] == ["--x", "abc"]
 
 
+def test_observers_of_one_cursor_shape_share_their_row_functions() -> None:
+    # Thousands of observers of one publication with different parameters: one set of
+    # key/render functions (memory, and CPU caches), each still rendering its own rows.
+    first, second = Observer(CURSOR.bind({"listId": 1})), Observer(CURSOR.bind({"listId": 2}))
+    assert first._render_values is second._render_values
+    assert first._key_of is second._key_of
+    other_shape = Cursor("public.todos", collection="todos", fields=["text"])
+    assert Observer(other_shape.bind())._render_values is not first._render_values
+    first.load([row(1, list_id=1)])
+    second.load([row(2, list_id=2, text="two")])
+    assert first.documents() == [("1", {"listId": 1, "text": "t", "checked": False})]
+    assert second.documents() == [("2", {"listId": 2, "text": "two", "checked": False})]
+    # A cursor made anew per call (a publication function) with the same shape shares them.
+    again = Cursor("public.todos", collection="todos", camel_case=True,
+                   fields=["list_id", "text", "checked"],
+                   filter=(C("list_id") == Param("listId")) & (C("checked") == False))  # noqa: E712
+    assert Observer(again.bind({"listId": 3}))._render_values is first._render_values
+
+
 def test_an_observer_diff_compares_as_the_client_would() -> None:
     nan = float("nan")
     old = {"a": 1, "b": True, "c": nan, "d": 1, "e": {"x": 1, "y": 2}, "f": "s", "g": 0.5,

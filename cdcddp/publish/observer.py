@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from cdcddp.ddp.mergebox import diff_visible
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
-from cdcddp.publish.definition import BoundCursor, Fields
+from cdcddp.publish.definition import BoundCursor, Cursor, Fields
 from cdcddp.publish.ids import id_stringify
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Delete, Insert, RowChange, Update
@@ -87,28 +87,6 @@ def replaced_key(key_of: Callable[[Row], Key], identity: Row, new: Row | None) -
 _PLAIN_INT_ID_LIMIT = 10**23
 
 
-def _wire_renderer(render: Callable[[Row], tuple[str, Fields]], key_columns: tuple[str, ...],
-                   field_map: tuple[tuple[str, str], ...]
-                   ) -> Callable[[Row], tuple[str, Fields]]:
-    """``row -> (DDP wire id, fields)``: ``cursor.render`` plus ``id_stringify``, with the
-    common single integer key done inline (this runs for every row of a snapshot)."""
-    if len(key_columns) != 1:
-        def general(row: Row) -> tuple[str, Fields]:
-            doc_id, fields = render(row)
-            return id_stringify(doc_id), fields  # DocOps carry the DDP wire id
-        return general
-    key = key_columns[0]
-    pairs = field_map
-
-    def single_key(row: Row) -> tuple[str, Fields]:
-        value = row[key]
-        if type(value) is int and 0 <= value < _PLAIN_INT_ID_LIMIT:
-            return str(value), {name: row[column] for column, name in pairs}
-        doc_id, fields = render(row)
-        return id_stringify(doc_id), fields
-    return single_key
-
-
 @lru_cache(maxsize=1024)
 def _fields_picker(pairs: tuple[tuple[str, int], ...]) -> Callable[[Values], Fields]:
     """``values -> {name: values[position], ...}``: a dict display compiled for these pairs,
@@ -123,8 +101,9 @@ def _fields_picker(pairs: tuple[tuple[str, int], ...]) -> Callable[[Values], Fie
 def _values_renderer(render: Callable[[Row], tuple[str, Fields]], columns: tuple[str, ...],
                      key_columns: tuple[str, ...], field_map: tuple[tuple[str, str], ...]
                      ) -> Callable[[Values], tuple[str, Fields]]:
-    """:func:`_wire_renderer` for a row's values tuple (snapshot rows, kept rows): the common
-    single integer key and the fields are read by position, without building a row dict."""
+    """``values -> (DDP wire id, fields)`` for a row's values tuple (snapshot rows, kept rows):
+    ``render`` plus ``id_stringify``, with the common single integer key and the fields read
+    by position, without building a row dict (this runs for every row of a snapshot)."""
     index = {column: i for i, column in enumerate(columns)}
 
     def general(values: Values) -> tuple[str, Fields]:
@@ -143,6 +122,34 @@ def _values_renderer(render: Callable[[Row], tuple[str, Fields]], columns: tuple
     return single_key
 
 
+RowHelpers: TypeAlias = tuple[
+    Callable[[Row], Key],  # a row's key
+    Callable[[Values], Key],  # a values tuple's key
+    Callable[[Row], Values],  # a row as its values tuple
+    Callable[[Values], tuple[str, Fields]],  # a values tuple's (wire id, fields)
+]
+_row_helpers_by_shape: dict[tuple[Any, ...], RowHelpers] = {}
+
+
+def _row_helpers(cursor: Cursor, columns: tuple[str, ...]) -> RowHelpers:
+    """The key and render functions for a cursor's rows, shared by every observer of cursors
+    with the same key, fields and columns: thousands of observers with different parameters
+    then use one set of functions, which stays in the CPU caches (a set per observer made
+    applying a change about 12 % slower with 10,000 observers). They depend on nothing else:
+    ``Cursor.render`` depends only on the key columns and the field map."""
+    shape = (cursor.key_columns, cursor.field_map, columns)
+    helpers = _row_helpers_by_shape.get(shape)
+    if helpers is None:
+        if len(_row_helpers_by_shape) >= 1024:  # cursors made per call may vary: bounded
+            _row_helpers_by_shape.clear()
+        helpers = _row_helpers_by_shape[shape] = (
+            key_getter(cursor.key_columns),
+            key_getter(tuple(columns.index(c) for c in cursor.key_columns)),
+            key_getter(columns),
+            _values_renderer(cursor.render, columns, cursor.key_columns, cursor.field_map))
+    return helpers
+
+
 class Observer:
     """The result set of one bound cursor."""
 
@@ -157,12 +164,8 @@ class Observer:
         self.key_columns = cursor.key_columns
         self._matches = bound.predicate
         self._filter_columns = bound.filter.columns
-        self._key_of = key_getter(self.key_columns)
-        self._render = _wire_renderer(cursor.render, cursor.key_columns, cursor.field_map)
-        self._values_key_of = key_getter(tuple(self.columns.index(c) for c in self.key_columns))
-        self._values_from_row = key_getter(self.columns)  # a row as its values tuple
-        self._render_values = _values_renderer(cursor.render, self.columns, cursor.key_columns,
-                                               cursor.field_map)
+        (self._key_of, self._values_key_of, self._values_from_row,
+         self._render_values) = _row_helpers(cursor, self.columns)
         self.rows: dict[Key, Values] = {}
         self.docs: dict[Key, tuple[str, Fields]] = {}
         # Until the stream passes the snapshot, transactions it already saw are skipped.
