@@ -116,6 +116,11 @@ _TABLE_AND_KIND: Final = attrgetter("schema", "table", "__class__")  # change_co
 # Below this many merge-box operations a delivery runs without pausing the collector: so few
 # allocations rarely start a collection, and pausing costs about 0.3 µs per change.
 _GC_PAUSE_ENTRIES: Final = 64
+# While behind, a flush round waits at least this many times as long as the last round of
+# client writes took (see LiveData._flusher): writing then takes at most 1/(1 + this) of the
+# time. 4 rather than 2 caught up a backlog spread over 1,000 clients 13 % faster (a write
+# costs a syscall whatever it carries), with fan-out latency unchanged.
+_WAIT_PER_WRITE_TIME: Final = 4
 SubKey = Hashable  # a merge-box subscription id: the DDP sub id, or a universal handle
 
 
@@ -139,8 +144,8 @@ class LiveDataConfig:
     # up to this long (seconds) for it to apply that first: one write per client for many
     # commits instead of one per commit. Bounds the extra commit->sent latency under load.
     flush_coalesce_delay: float = 0.05
-    # ... and at least twice as long as the last round of client writes took, up to this
-    # (seconds): with many clients each getting a little, writing then takes at most a third
+    # ... and at least four times as long as the last round of client writes took, up to this
+    # (seconds): with many clients each getting a little, writing then takes at most a fifth
     # of the time and every write carries more (while behind only).
     flush_coalesce_delay_max: float = 0.5
 
@@ -1480,7 +1485,7 @@ class LiveData:
 
         At a low rate that is right after each commit; when transactions arrive faster than
         they are written out, the consumer applies every commit already received first (for
-        at most ``flush_coalesce_delay``, or twice the time the last round of writes took,
+        at most ``flush_coalesce_delay``, or four times as long as the last round of writes took,
         up to ``flush_coalesce_delay_max``: the stream hands it over in batches), and
         each client gets one write for all of them (coalesced by its merge box) instead of one
         per commit: a server that falls behind catches up instead of drowning in writes.
@@ -1497,7 +1502,7 @@ class LiveData:
                 if stream is not None and stream.has_buffered:
                     # Behind: let the consumer apply what it already received first (bounded).
                     config = self.config
-                    wait = min(max(config.flush_coalesce_delay, 2 * last_round),
+                    wait = min(max(config.flush_coalesce_delay, _WAIT_PER_WRITE_TIME * last_round),
                                config.flush_coalesce_delay_max)
                     deadline = trio.current_time() + wait
                     while stream.has_buffered and trio.current_time() < deadline:
