@@ -152,8 +152,7 @@ def test_observer_fill_is_load_without_ops() -> None:
     assert filled.observer.docs == loaded.docs
     assert filled.observer.rows == loaded.rows
     # Wire ids as Meteor stringifies them (a sign, or 24 hex-like digits, gets escaped).
-    assert [doc_id for doc_id, _ in filled.observer.docs.values()] == [
-        "1", "--2", "-" + str(10**23)]
+    assert list(filled.observer.docs) == ["1", "--2", "-" + str(10**23)]
 
 
 async def test_run_seeing_retries_in_a_new_transaction_until_the_snapshot_sees() -> None:

@@ -39,10 +39,10 @@ def test_load_then_diff_on_reload() -> None:
     ops = o.load([row(1), row(2)])
     assert [(op.kind, op.doc_id) for op in ops] == [("added", "1"), ("added", "2")]
     assert ops[0].fields == {"listId": 1, "text": "t", "checked": False}
-    kept = o.docs[(2,)]
+    kept = o.docs["2"]
     ops = o.load([row(2), row(3, text="x")])  # resync: 1 gone, 3 new, 2 unchanged
     assert sorted((op.kind, op.doc_id) for op in ops) == [("added", "3"), ("removed", "1")]
-    assert o.docs[(2,)] is kept  # unchanged documents keep their identity (shared references)
+    assert o.docs["2"] is kept  # unchanged documents keep their identity (shared references)
 
 
 def test_insert_update_delete_and_move_in_out() -> None:
@@ -148,13 +148,35 @@ def test_observers_of_one_cursor_shape_share_their_row_functions() -> None:
     assert Observer(other_shape.bind())._render_values is not first._render_values
     first.load([row(1, list_id=1)])
     second.load([row(2, list_id=2, text="two")])
-    assert first.documents() == [("1", {"listId": 1, "text": "t", "checked": False})]
-    assert second.documents() == [("2", {"listId": 2, "text": "two", "checked": False})]
+    assert first.docs == {"1": {"listId": 1, "text": "t", "checked": False}}
+    assert second.docs == {"2": {"listId": 2, "text": "two", "checked": False}}
     # A cursor made anew per call (a publication function) with the same shape shares them.
     again = Cursor("public.todos", collection="todos", camel_case=True,
                    fields=["list_id", "text", "checked"],
                    filter=(C("list_id") == Param("listId")) & (C("checked") == False))  # noqa: E712
     assert Observer(again.bind({"listId": 3}))._render_values is first._render_values
+
+
+def test_a_delete_finds_its_document_whatever_form_its_wire_id_takes() -> None:
+    # Documents are kept by wire id; a delete carries only the key, so the id is derived
+    # from it again: every escaping and encoding must agree with the rendered one.
+    def delete(identity: dict, pk: tuple[str, ...]) -> Delete:
+        return Delete(xid=1, lsn=1, schema="public", table="t", identity=identity, pk=pk)
+
+    single = Observer(Cursor("t", fields=["v"], primary_key=["k"]).bind())
+    keys = [5, -2, 10**23, "-x", "abc", "0123456789abcdef01234567", "{y"]
+    single.load([{"k": k, "v": 1} for k in keys])
+    for k in keys:
+        [op] = single.apply(delete({"k": k}, ("k",)))  # type: ignore[misc]
+        assert op.kind == "removed"
+    assert single.docs == {} and single.rows == {}
+
+    composite = Observer(Cursor("t", fields=["v"], primary_key=["a", "b"]).bind())
+    composite.load([{"a": 7, "b": "en", "v": 1}, {"a": -1, "b": "x,y", "v": 2}])
+    ids = set(composite.docs)
+    removed = {op.doc_id for k in ((7, "en"), (-1, "x,y"))
+               for op in composite.apply(delete({"a": k[0], "b": k[1]}, ("a", "b")))}  # type: ignore[union-attr]
+    assert removed == ids and composite.docs == {}
 
 
 def test_an_observer_diff_compares_as_the_client_would() -> None:

@@ -233,13 +233,15 @@ class MergeBox:
         sub_docs[doc_id] = fields
 
     def add_many(self, sub_id: SubId, collection: str,
-                 documents: Iterable[tuple[str, Fields]]) -> None:
-        """:meth:`add` for each ``(doc_id, fields)``; a subscription's first documents in a
-        collection nobody else publishes to this client take a bulk path (a large initial
-        result costs a few C-level dict operations per document)."""
+                 documents: Mapping[str, Fields] | Iterable[tuple[str, Fields]]) -> None:
+        """:meth:`add` for each document (``doc_id -> fields``, or ``(doc_id, fields)``
+        pairs); a subscription's first documents in a collection nobody else publishes to
+        this client take a bulk path (a large initial result costs a few C-level dict
+        operations per document; from a dict, whose copy is cheaper still)."""
         sub_docs = self._published.get(sub_id, {}).get(collection)
         if sub_docs or self._views.get(collection):
-            for doc_id, fields in documents:
+            pairs = documents.items() if isinstance(documents, Mapping) else documents
+            for doc_id, fields in pairs:
                 self.add(sub_id, collection, doc_id, fields)
             return
         new_docs = dict(documents)

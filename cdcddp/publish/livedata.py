@@ -431,10 +431,10 @@ class TableRoutes:
             self.unconstrained.add(entry)
         self._slots[entry] = slot
         if self.holders:
-            for key in observer.docs:
+            for key in observer.rows:
                 self.hold(entry, key)
         else:
-            self.holders = dict.fromkeys(observer.docs, entry)
+            self.holders = dict.fromkeys(observer.rows, entry)
 
     def remove(self, entry: ObserverEntry) -> None:
         observer = entry.observer
@@ -454,7 +454,7 @@ class TableRoutes:
                         del index[value]
             if not index:
                 self.by_value.pop(column, None)
-        for key in list(observer.docs):
+        for key in list(observer.rows):
             self.release(entry, key)
 
     def hold(self, entry: ObserverEntry, key: Key) -> None:
@@ -917,7 +917,7 @@ class LiveData:
         assert observer is not None
         entry.subscribers[(id(client), sub)] = (client, sub)
         with gc_paused():
-            client.box.add_many(sub, observer.collection, observer.docs.values())
+            client.box.add_many(sub, observer.collection, observer.docs)
             if len(observer.docs) >= LARGE_RESULT_ROWS:
                 promote_young_objects()  # they live as long as the subscription
 
@@ -928,7 +928,7 @@ class LiveData:
         observer = entry.observer
         assert observer is not None
         box, collection = client.box, observer.collection
-        for doc_id, _ in observer.docs.values():
+        for doc_id in observer.docs:
             if box.published_fields(sub, collection, doc_id) is not None:
                 box.remove(sub, collection, doc_id)
 
@@ -1641,11 +1641,11 @@ class LiveData:
                 snapshot: Snapshot | None = None, lsn: int | None = None) -> list[DocOp]:
         observer = entry.observer
         assert observer is not None
-        for key in list(observer.docs):
+        for key in list(observer.rows):
             routes.release(entry, key)
         ops = observer.load(rows)
         observer.snapshot, observer.snapshot_lsn = snapshot, lsn
-        for key in observer.docs:
+        for key in observer.rows:
             routes.hold(entry, key)
         return ops
 

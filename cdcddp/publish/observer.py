@@ -3,7 +3,9 @@
 An observer is shared by every subscription with the same (publication cursor, params, user)
 result. It holds each published row (all the columns the cursor needs, so rows whose unchanged
 TOASTed values wal2json left out can be completed; as a tuple in ``columns`` order, the shape
-the snapshot query returns, which is cheaper to keep than a dict) and the rendered document.
+the snapshot query returns, which is cheaper to keep than a dict, by key) and the rendered
+document (its fields, by DDP wire id: the shape a merge box takes, copied whole for a new
+subscription).
 Documents are immutable once rendered: a change renders a new ``fields`` dict, so merge boxes
 can keep references to them instead of copies (DESIGN invariant 8).
 
@@ -17,7 +19,7 @@ TOASTed value of a row moving *into* the result), :meth:`Observer.apply` answers
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from operator import itemgetter
@@ -26,7 +28,7 @@ from typing import Any, Literal, TypeAlias
 from cdcddp.ddp.mergebox import diff_visible
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor, Cursor, Fields
-from cdcddp.publish.ids import id_stringify
+from cdcddp.publish.ids import id_stringify, pk_to_wire_id
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Delete, Insert, RowChange, Update
 
@@ -150,6 +152,15 @@ def _row_helpers(cursor: Cursor, columns: tuple[str, ...]) -> RowHelpers:
     return helpers
 
 
+def _wire_id_of_key(key: Key) -> str:
+    """The DDP wire id of the document of the row with this key (as ``render`` makes it)."""
+    if len(key) == 1:
+        value = key[0]
+        if type(value) is int and 0 <= value < _PLAIN_INT_ID_LIMIT:
+            return str(value)
+    return pk_to_wire_id(key)
+
+
 class Observer:
     """The result set of one bound cursor."""
 
@@ -166,8 +177,8 @@ class Observer:
         self._filter_columns = bound.filter.columns
         (self._key_of, self._values_key_of, self._values_from_row,
          self._render_values) = _row_helpers(cursor, self.columns)
-        self.rows: dict[Key, Values] = {}
-        self.docs: dict[Key, tuple[str, Fields]] = {}
+        self.rows: dict[Key, Values] = {}  # key -> the row's values
+        self.docs: dict[str, Fields] = {}  # the same rows' documents: wire id -> fields
         # Until the stream passes the snapshot, transactions it already saw are skipped.
         # ``snapshot_lsn``: the WAL insert position read right after the snapshot was taken.
         self.snapshot = snapshot
@@ -248,7 +259,8 @@ class Observer:
                 values = row if type(row) is tuple else values_of(row)
                 key = key_of(values)
                 all_rows[key] = values
-                docs[key] = render(values)
+                doc_id, fields = render(values)
+                docs[doc_id] = fields
             if len(docs) >= LARGE_RESULT_ROWS:
                 promote_young_objects()  # they live as long as the observer
 
@@ -268,19 +280,19 @@ class Observer:
             key = key_of(values)
             doc_id, fields = render(values)
             self.rows[key] = values
-            previous = old_docs.pop(key, None)
+            previous = old_docs.pop(doc_id, None)
             if previous is None:
-                self.docs[key] = (doc_id, fields)
+                self.docs[doc_id] = fields
                 ops.append(DocOp("added", self.collection, doc_id, fields))
             else:
-                changed, cleared = diff_visible(previous[1], fields)
+                changed, cleared = diff_visible(previous, fields)
                 if changed or cleared:
-                    self.docs[key] = (doc_id, fields)
+                    self.docs[doc_id] = fields
                     ops.append(DocOp("changed", self.collection, doc_id, changed, cleared,
                                      fields))
                 else:
-                    self.docs[key] = previous  # keep the object merge boxes already reference
-        ops.extend(DocOp("removed", self.collection, doc_id) for doc_id, _ in old_docs.values())
+                    self.docs[doc_id] = previous  # keep the object merge boxes already reference
+        ops.extend(DocOp("removed", self.collection, doc_id) for doc_id in old_docs)
         return ops
 
     def clear(self) -> list[DocOp]:
@@ -351,14 +363,14 @@ class Observer:
             return ops
         doc_id, fields = self._render_values(values)
         self.rows[new_key] = values
-        current = self.docs.get(new_key)  # present also when a change is seen twice
+        current = self.docs.get(doc_id)  # present also when a change is seen twice
         if current is None:
-            self.docs[new_key] = (doc_id, fields)
+            self.docs[doc_id] = fields
             ops.append(DocOp("added", self.collection, doc_id, fields))
             return ops
-        changed, cleared = diff_visible(current[1], fields)
+        changed, cleared = diff_visible(current, fields)
         if changed or cleared:
-            self.docs[new_key] = (doc_id, fields)
+            self.docs[doc_id] = fields
             ops.append(DocOp("changed", self.collection, doc_id, changed, cleared, fields))
         return ops
 
@@ -383,17 +395,14 @@ class Observer:
         return NeedsRow(key, missing)
 
     def _remove(self, key: Key) -> list[DocOp]:
-        self.rows.pop(key, None)
-        doc = self.docs.pop(key, None)
-        if doc is None:
+        if self.rows.pop(key, None) is None:
             return []
-        return [DocOp("removed", self.collection, doc[0])]
+        doc_id = _wire_id_of_key(key)
+        del self.docs[doc_id]
+        return [DocOp("removed", self.collection, doc_id)]
 
     def __len__(self) -> int:
         return len(self.docs)
 
     def holds(self, key: Key) -> bool:
-        return key in self.docs
-
-    def documents(self) -> Sequence[tuple[str, Fields]]:
-        return list(self.docs.values())
+        return key in self.rows
