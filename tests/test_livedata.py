@@ -371,3 +371,66 @@ async def test_a_backlog_is_written_to_clients_in_few_rounds(db_dsn: str) -> Non
             assert rounds <= transactions // 30, rounds
             check_message_log(client)
             assert len(data_messages(client)) == transactions + 1  # one `added` each
+
+
+KEYED_SCHEMA = """
+CREATE TABLE labels (region int, code text, label text, grp int NOT NULL,
+                     PRIMARY KEY (region, code));
+CREATE TABLE tags (id uuid PRIMARY KEY, label text);
+CREATE TABLE names (name text PRIMARY KEY, label text);
+"""
+
+
+async def test_documents_of_every_key_form_live_through_changes_and_deletes(db_dsn: str) -> None:
+    # Composite, uuid and text keys, including texts Meteor would misparse (escaped on the
+    # wire): the observer keeps documents by wire id and derives it from the key of a
+    # delete or a row moving out, so each form must come out the same both ways.
+    from pydantic import BaseModel
+
+    from cdcddp.app import App
+    from cdcddp.publish.definition import Cursor, Publication
+    from cdcddp.publish.filters import C, Param
+
+    class GroupParams(BaseModel):
+        grp: int
+
+    app = App("keys")
+    app.add_publication(Publication(
+        "labels.byGroup", Cursor("labels", fields=["label"], primary_key=["region", "code"],
+                                 filter=C("grp") == Param("grp")), params=GroupParams))
+    app.add_publication(Publication("tags", Cursor("tags", fields=["label"])))
+    app.add_publication(Publication("names", Cursor("names", fields=["label"],
+                                                    primary_key=["name"])))
+    hex24 = "0123456789abcdef01234567"
+    tag = "6f1c8a52-3d2e-4b7a-9c1d-2e3f4a5b6c7d"
+    async with live_server(db_dsn, app, schema=KEYED_SCHEMA) as server:
+        await asql(db_dsn, "INSERT INTO labels VALUES (7, 'en', 'seven', 1), (-1, 'x,y', 'm', 1)",
+                   f"INSERT INTO tags VALUES ('{tag}', 'one')",
+                   f"INSERT INTO names VALUES ('-x', 'dash'), ('{hex24}', 'hex'), ('~t', 'tilde')")
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("labels.byGroup", {"grp": 1})
+            await client.subscribe("tags")
+            await client.subscribe("names")
+            assert store(client, "labels") == {'[7,"en"]': {"label": "seven"},
+                                               '[-1,"x,y"]': {"label": "m"}}
+            assert store(client, "tags") == {tag: {"label": "one"}}
+            assert store(client, "names") == {"--x": {"label": "dash"},
+                                              "-" + hex24: {"label": "hex"},
+                                              "-~t": {"label": "tilde"}}
+            await asql(db_dsn,
+                       "UPDATE labels SET label = 'SEVEN' WHERE region = 7",
+                       "UPDATE labels SET code = 'fr' WHERE region = 7",  # the key changes
+                       "UPDATE labels SET grp = 2 WHERE region = -1",  # moves out
+                       "INSERT INTO labels VALUES (3, '', 'empty code', 1)",
+                       f"UPDATE tags SET label = 'ONE' WHERE id = '{tag}'",
+                       "DELETE FROM names WHERE name IN ('-x', '~t')",
+                       f"UPDATE names SET label = 'HEX' WHERE name = '{hex24}'")
+            await wait_store(client, {'[7,"fr"]': {"label": "SEVEN"},
+                                      '[3,""]': {"label": "empty code"}}, "labels")
+            await wait_store(client, {tag: {"label": "ONE"}}, "tags")
+            await wait_store(client, {"-" + hex24: {"label": "HEX"}}, "names")
+            await asql(db_dsn, "DELETE FROM labels", "DELETE FROM tags", "DELETE FROM names")
+            for collection in ("labels", "tags", "names"):
+                await wait_store(client, {}, collection)
+            check_message_log(client)
+            assert server.live.resyncs == 0  # (a wrong id would fail the observer: a resync)
