@@ -86,18 +86,19 @@ def test_data_messages_exact_text() -> None:
     )
 
 
-def test_added_messages_equals_added_message_per_document() -> None:
-    shared = {"a": 1}
-    documents: list[tuple[str, Any]] = [("1", shared), ("2", {}), ("3", None),
-                                        ("4", {"j": {"$date": 5}})]
-    built = m.added_messages("c", documents)
-    assert built == [m.added_message("c", doc_id, fields) for doc_id, fields in documents]
-    assert [list(message) for message in built] == [  # Meteor's key order, `fields` only if any
-        ["msg", "collection", "id", "fields"], ["msg", "collection", "id"],
-        ["msg", "collection", "id"], ["msg", "collection", "id", "fields"]]
-    assert built[0]["fields"] is shared  # the shared mapping itself, not a copy
-    assert m.encode_many(built) == [m.added("c", d, f).encode() for d, f in documents]
-    assert m.added_messages("c", iter([])) == []
+def test_encode_added_equals_encoding_each_added_message() -> None:
+    documents: list[tuple[str, Any]] = [
+        ("1", {"a": 1}), ("2", {}), ("3", None), ("4", {"j": {"$date": 5}}),  # `$`: escaped
+        ("-x", {"when": datetime(2024, 5, 1, tzinfo=UTC), "f": float("nan")}),
+        ('q"\\u', {"é": "ü\n", "nested": {"$x": [1, {"y": None}]}, "b": b"\x00"}),
+        ("5", {"big": 2**60, "neg": -0.0, "inf": float("-inf")}),
+    ]
+    expected = [m.encode(m.added_message("c", d, f)) for d, f in documents]
+    assert m.encode_added("c", documents) == expected
+    assert m.encode_added('c"\\', documents[:1]) == [
+        m.encode(m.added_message('c"\\', *documents[0]))]
+    assert m.encode_added("c", [documents[0]]) == expected[:1]  # one: no batch
+    assert m.encode_added("c", []) == []
 
 
 def test_result_undefined_vs_null() -> None:

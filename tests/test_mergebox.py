@@ -659,7 +659,9 @@ class MergeBoxMachine(RuleBasedStateMachine):
             self.published[(sub, coll, doc_id)] = doc_fields
             self.meteor.added(sub, coll, doc_id, doc_fields)
         self.eager.add_many(sub, coll, documents)
-        self.lazy.add_many(sub, coll, documents)
+        # The engine's form: a dict, vouched free of `_id` fields when it is.
+        self.lazy.add_many(sub, coll, dict(documents),
+                           no_id_field=not any("_id" in f for _, f in documents))
         self._check_eager()
 
     @precondition(lambda self: self.lazy.has_pending)

@@ -233,11 +233,15 @@ class MergeBox:
         sub_docs[doc_id] = fields
 
     def add_many(self, sub_id: SubId, collection: str,
-                 documents: Mapping[str, Fields] | Iterable[tuple[str, Fields]]) -> None:
+                 documents: Mapping[str, Fields] | Iterable[tuple[str, Fields]], *,
+                 no_id_field: bool = False) -> None:
         """:meth:`add` for each document (``doc_id -> fields``, or ``(doc_id, fields)``
         pairs); a subscription's first documents in a collection nobody else publishes to
         this client take a bulk path (a large initial result costs a few C-level dict
-        operations per document; from a dict, whose copy is cheaper still)."""
+        operations per document; from a dict, whose copy is cheaper still).
+
+        ``no_id_field``: the caller vouches that no fields mapping has an ``_id`` key
+        (documents rendered from a cursor, which cannot publish one), sparing the check."""
         sub_docs = self._published.get(sub_id, {}).get(collection)
         if sub_docs or self._views.get(collection):
             pairs = documents.items() if isinstance(documents, Mapping) else documents
@@ -254,7 +258,8 @@ class MergeBox:
         if dirty:
             for doc_id in new_docs:
                 dirty.setdefault(doc_id, None)
-        elif any(map(operator.contains, new_docs.values(), repeat(_ID_KEY))):
+        elif not no_id_field and any(map(operator.contains, new_docs.values(),
+                                         repeat(_ID_KEY))):
             self._dirty[collection] = dict.fromkeys(new_docs)  # an `_id` to strip: no run
         else:
             self._dirty[collection] = {}

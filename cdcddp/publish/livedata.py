@@ -330,7 +330,7 @@ class LiveClient:
                 ops = cache.encode(self.box.settle(MAX_OPS_PER_FLUSH))
             elif (fresh := self.box.settle_fresh(MAX_OPS_PER_FLUSH)) is not None:
                 collection, documents = fresh  # a new subscription's (large initial result)
-                ops = messages.encode_many(messages.added_messages(collection, documents))
+                ops = messages.encode_added(collection, documents)
             else:
                 ops = encode_transitions(self.box.settle(MAX_OPS_PER_FLUSH))
         if ops:
@@ -917,7 +917,8 @@ class LiveData:
         assert observer is not None
         entry.subscribers[(id(client), sub)] = (client, sub)
         with gc_paused():
-            client.box.add_many(sub, observer.collection, observer.docs)
+            # (Cursors cannot publish a field named _id.)
+            client.box.add_many(sub, observer.collection, observer.docs, no_id_field=True)
             if len(observer.docs) >= LARGE_RESULT_ROWS:
                 promote_young_objects()  # they live as long as the subscription
 
