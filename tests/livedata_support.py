@@ -135,8 +135,11 @@ class LiveServer:
 @asynccontextmanager
 async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
                       server_config: ServerConfig | None = None,
-                      metrics: Metrics | None = None,
+                      metrics: Metrics | None = None, observer_errors: int = 0,
                       **live_options: Any) -> AsyncIterator[LiveServer]:
+    """A server with the engine. A test that ends normally must have seen exactly
+    ``observer_errors`` observer failures (tests that inject one say so): a failure is
+    resynced, so the clients' final state alone would hide the bug."""
     if schema:
         await asql(dsn, schema)
     options: dict[str, Any] = {"temporary_slot": True,
@@ -148,6 +151,10 @@ async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
         port = await nursery.start(server.serve, "127.0.0.1", 0)
         try:
             yield LiveServer(server, port, dsn)
+            assert server.live is not None
+            failures = server.live.resync_reasons["observer_error"]
+            assert failures == observer_errors, (
+                f"{failures} observer failure(s) resynced during the test (see the log)")
         finally:
             nursery.cancel_scope.cancel()
             if server.database is not None:

@@ -399,7 +399,7 @@ async def test_a_resync_snapshot_ahead_of_the_stream_never_sends_a_value_back(
     flushed again only once the stream has delivered them: else a client holding a document
     through a resynced observer and an older one could fall back to the older copy (here by
     unsubscribing from the resynced one) and see its version go back."""
-    async with live_server(db_dsn) as server:
+    async with live_server(db_dsn, observer_errors=1) as server:
         live = server.live
         await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
         async with connect(server.ws_url, log_messages=True) as client:
@@ -440,7 +440,7 @@ async def test_a_resync_hold_ends_after_catch_up_timeout_without_a_mark(
         db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     """Where no catch-up mark can be written (a standby), clients wait for a resync's hold
     no longer than ``catch_up_timeout``."""
-    async with live_server(db_dsn, catch_up_timeout=0.3) as server:
+    async with live_server(db_dsn, catch_up_timeout=0.3, observer_errors=1) as server:
         live = server.live
         await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
         async with connect(server.ws_url) as client:
