@@ -148,7 +148,7 @@ def test_observer_fill_is_load_without_ops() -> None:
     rows = [{"id": n, "category": "a", "rank": n} for n in (1, -2, 10**23)]
     loaded, filled = entry_for(C("rank") != 0, rows).observer, entry_for(C("rank") != 0)
     assert loaded is not None and filled.observer is not None
-    filled.observer.fill([dict(r) for r in rows])
+    filled.observer.fill([filled.observer.values_of(r) for r in rows])
     assert filled.observer.docs == loaded.docs
     assert filled.observer.rows == loaded.rows
     # Wire ids as Meteor stringifies them (a sign, or 24 hex-like digits, gets escaped).

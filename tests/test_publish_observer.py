@@ -179,6 +179,26 @@ def test_a_delete_finds_its_document_whatever_form_its_wire_id_takes() -> None:
     assert removed == ids and composite.docs == {}
 
 
+def test_fill_loads_what_load_loads_for_every_key_form() -> None:
+    # fill runs a loop compiled per cursor shape (single key) or a plain one (composite);
+    # field names reach the compiled source only as literals, whatever they hold.
+    cursors_and_rows = [
+        (Cursor("t", fields=[("v", "it's \"q\"\\n"), ("w", "ü")], primary_key=["k"]),
+         [{"k": k, "v": k, "w": None} for k in (0, 7, -2, 10**23)]),
+        (Cursor("t", fields=["v"], primary_key=["k"]),
+         [{"k": k, "v": 1} for k in ("abc", "-x", "0123456789abcdef01234567")]),
+        (Cursor("t", fields=["v", "a"], primary_key=["a", "b"]),
+         [{"a": 7, "b": "en", "v": 1}, {"a": -1, "b": "x,y", "v": None}]),
+    ]
+    for cursor, rows in cursors_and_rows:
+        loaded, filled = Observer(cursor.bind()), Observer(cursor.bind())
+        loaded.load(rows)
+        filled.fill([filled.values_of(r) for r in rows])
+        assert filled.docs == loaded.docs and filled.rows == loaded.rows
+        assert list(filled.docs) == list(loaded.docs)  # in snapshot order
+        assert all(type(v) is dict for v in filled.docs.values())
+
+
 def test_an_observer_diff_compares_as_the_client_would() -> None:
     nan = float("nan")
     old = {"a": 1, "b": True, "c": nan, "d": 1, "e": {"x": 1, "y": 2}, "f": "s", "g": 0.5,

@@ -95,9 +95,15 @@ def _fields_picker(pairs: tuple[tuple[str, int], ...]) -> Callable[[Values], Fie
     three times faster than ``dict(zip(...))`` (this runs for every row of a snapshot). Cached:
     compiling costs a fraction of a millisecond, and many observers share a cursor's shape.
     Names enter the source only as repr() literals."""
-    display = ", ".join(f"{name!r}: values[{position}]" for name, position in pairs)
-    picker: Callable[[Values], Fields] = eval(f"lambda values: {{{display}}}", {})
+    picker: Callable[[Values], Fields] = eval(
+        f"lambda values: {{{_fields_display(pairs)}}}", {})
     return picker
+
+
+def _fields_display(pairs: tuple[tuple[str, int], ...]) -> str:
+    """The inside of a dict display ``{name: values[position], ...}`` (names as repr()
+    literals: nothing else of a name enters compiled source)."""
+    return ", ".join(f"{name!r}: values[{int(position)}]" for name, position in pairs)
 
 
 def _values_renderer(render: Callable[[Row], tuple[str, Fields]], columns: tuple[str, ...],
@@ -124,11 +130,50 @@ def _values_renderer(render: Callable[[Row], tuple[str, Fields]], columns: tuple
     return single_key
 
 
+# (rows, all_rows, docs): each values tuple into all_rows by key, its document into docs
+Filler: TypeAlias = Callable[[Iterable[Values], dict[Key, Values], dict[str, Fields]], None]
+
+
+def _values_filler(render_values: Callable[[Values], tuple[str, Fields]],
+                   columns: tuple[str, ...], key_columns: tuple[str, ...],
+                   field_map: tuple[tuple[str, str], ...]) -> Filler:
+    """The loop that loads a snapshot's values tuples (see :data:`Filler`). With a single key
+    column it is compiled for the shape, the key, the common plain integer id and the fields
+    read inline: three calls fewer per row made a 100,000-row fill a fifth faster."""
+    index = {column: i for i, column in enumerate(columns)}
+    if len(key_columns) != 1:
+        key_of = key_getter(tuple(index[c] for c in key_columns))
+
+        def fill(rows: Iterable[Values], all_rows: dict[Key, Values],
+                 docs: dict[str, Fields]) -> None:
+            for values in rows:
+                all_rows[key_of(values)] = values
+                doc_id, fields = render_values(values)
+                docs[doc_id] = fields
+        return fill
+    display = _fields_display(tuple((name, index[column]) for column, name in field_map))
+    source = (
+        "def fill(rows, all_rows, docs):\n"
+        "    for values in rows:\n"
+        f"        key = values[{index[key_columns[0]]}]\n"
+        "        all_rows[(key,)] = values\n"
+        "        if type(key) is int and 0 <= key < limit:\n"
+        f"            docs[str(key)] = {{{display}}}\n"
+        "        else:\n"
+        "            doc_id, fields = render_values(values)\n"
+        "            docs[doc_id] = fields\n")
+    namespace: dict[str, Any] = {"limit": _PLAIN_INT_ID_LIMIT, "render_values": render_values}
+    exec(source, namespace)
+    compiled: Filler = namespace["fill"]
+    return compiled
+
+
 RowHelpers: TypeAlias = tuple[
     Callable[[Row], Key],  # a row's key
     Callable[[Values], Key],  # a values tuple's key
     Callable[[Row], Values],  # a row as its values tuple
     Callable[[Values], tuple[str, Fields]],  # a values tuple's (wire id, fields)
+    Filler,  # a snapshot's values tuples into an empty observer
 ]
 _row_helpers_by_shape: dict[tuple[Any, ...], RowHelpers] = {}
 
@@ -144,11 +189,14 @@ def _row_helpers(cursor: Cursor, columns: tuple[str, ...]) -> RowHelpers:
     if helpers is None:
         if len(_row_helpers_by_shape) >= 1024:  # cursors made per call may vary: bounded
             _row_helpers_by_shape.clear()
+        render_values = _values_renderer(cursor.render, columns, cursor.key_columns,
+                                         cursor.field_map)
         helpers = _row_helpers_by_shape[shape] = (
             key_getter(cursor.key_columns),
             key_getter(tuple(columns.index(c) for c in cursor.key_columns)),
             key_getter(columns),
-            _values_renderer(cursor.render, columns, cursor.key_columns, cursor.field_map))
+            render_values,
+            _values_filler(render_values, columns, cursor.key_columns, cursor.field_map))
     return helpers
 
 
@@ -175,8 +223,8 @@ class Observer:
         self.key_columns = cursor.key_columns
         self._matches = bound.predicate
         self._filter_columns = bound.filter.columns
-        (self._key_of, self._values_key_of, self._values_from_row,
-         self._render_values) = _row_helpers(cursor, self.columns)
+        (self._key_of, self._values_key_of, self._values_from_row, self._render_values,
+         self._fill_values) = _row_helpers(cursor, self.columns)
         self.rows: dict[Key, Values] = {}  # key -> the row's values
         self.docs: dict[str, Fields] = {}  # the same rows' documents: wire id -> fields
         # Until the stream passes the snapshot, transactions it already saw are skipped.
@@ -245,23 +293,16 @@ class Observer:
         values = self.rows.get(key)
         return None if values is None else dict(zip(self.columns, values, strict=True))
 
-    def fill(self, rows: Iterable[Row | Values]) -> None:
+    def fill(self, rows: Iterable[Values]) -> None:
         """The initial result of a new observer (no subscriber yet): :meth:`load` without
-        building the ops nobody would read. Rows: dicts, or values tuples in ``columns``
-        order (what the snapshot query returns)."""
+        building the ops nobody would read. Rows: values tuples in ``columns`` order (what
+        the snapshot query returns)."""
         if self.docs:
             self.load(rows)
             return
-        key_of, render, values_of = self._values_key_of, self._render_values, self.values_of
-        all_rows, docs = self.rows, self.docs
         with gc_paused():
-            for row in rows:
-                values = row if type(row) is tuple else values_of(row)
-                key = key_of(values)
-                all_rows[key] = values
-                doc_id, fields = render(values)
-                docs[doc_id] = fields
-            if len(docs) >= LARGE_RESULT_ROWS:
+            self._fill_values(rows, self.rows, self.docs)
+            if len(self.docs) >= LARGE_RESULT_ROWS:
                 promote_young_objects()  # they live as long as the observer
 
     def load(self, rows: Iterable[Row | Values]) -> list[DocOp]:
