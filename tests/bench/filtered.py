@@ -25,8 +25,9 @@ the slot is dropped. Both rates are --changes / seconds. Phases:
    same backlog as phase 1 (owners 0..99, identical row sequence), so the delivered work is the
    same as in phase 1 and only the number of idle subscriptions grows. The drop from phase 1
    to 2 is what N subscriptions cost a change that matches few.
-3. ``spread``: the same clients and subscriptions as phase 2; one run whose backlog updates
-   rows of every owner, so every subscription receives changes.
+3. ``spread``: the same clients and subscriptions as phase 2; --repeat runs of one backlog that
+   updates rows of every owner, so every subscription receives changes (a message to its own
+   client for each change).
 
 Figures: each run's rates; per phase the median cdcddp rate, the median pg_recvlogical rate
 and their ratio (median / median), with the min-max of each over the runs. The drop from phase
@@ -35,7 +36,8 @@ are identical, but exposed to machine-wide drift) and relative to pg_recvlogical
 (1 - ratio2 / ratio1, each ratio = cdcddp median / pg_recvlogical median of that phase;
 cancels drift that slows both, but adds pg_recvlogical's own noise).
 ``filtered_subscription_drop_pct=`` is the latter (medians relative to pg_recvlogical's
-median). Last line: ``filtered_ingest_ratio=`` (phase 3, cdcddp rate / pg_recvlogical rate).
+median). Last line: ``filtered_ingest_ratio=`` (phase 3, median cdcddp rate / median
+pg_recvlogical rate).
 """
 
 from __future__ import annotations
@@ -276,7 +278,7 @@ def main() -> None:
     parser.add_argument("--subs-per-client", type=int, default=10)
     parser.add_argument("--changes", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5,
-                        help="runs of phases 1 and 2 (medians are reported)")
+                        help="runs of each phase (medians are reported)")
     parser.add_argument("--profile", metavar="FILE",
                         help="write a cProfile of the server process to FILE")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -324,8 +326,9 @@ def run(args: argparse.Namespace, dsn: str) -> None:
         for i in range(repeat):
             phase2.add(run_phase(f"{phase2.label}, run {i + 1}/{repeat}", dsn, server, swarm,
                                  changes, small, seed=1, slot=f"bench_filtered_recv_2_{i}"))
-        phase3.add(run_phase(phase3.label, dsn, server, swarm, changes, owners, seed=3,
-                             slot="bench_filtered_recv_3_0"))
+        for i in range(repeat):
+            phase3.add(run_phase(f"{phase3.label}, run {i + 1}/{repeat}", dsn, server, swarm,
+                                 changes, owners, seed=3, slot=f"bench_filtered_recv_3_{i}"))
         swarm.stop()
     finally:
         if swarm is not None:
