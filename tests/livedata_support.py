@@ -136,10 +136,12 @@ class LiveServer:
 async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
                       server_config: ServerConfig | None = None,
                       metrics: Metrics | None = None, observer_errors: int = 0,
+                      resyncs: bool = False,
                       **live_options: Any) -> AsyncIterator[LiveServer]:
     """A server with the engine. A test that ends normally must have seen exactly
-    ``observer_errors`` observer failures (tests that inject one say so): a failure is
-    resynced, so the clients' final state alone would hide the bug."""
+    ``observer_errors`` observer failures (tests that inject one say so), and no resync at
+    all unless it says it may cause some (``resyncs``: stream gaps, schema changes): a
+    resync repairs the clients' state, so that state alone would hide a bug."""
     if schema:
         await asql(dsn, schema)
     options: dict[str, Any] = {"temporary_slot": True,
@@ -155,6 +157,8 @@ async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
             failures = server.live.resync_reasons["observer_error"]
             assert failures == observer_errors, (
                 f"{failures} observer failure(s) resynced during the test (see the log)")
+            assert resyncs or observer_errors or not server.live.resyncs, (
+                f"unexpected resyncs: {dict(server.live.resync_reasons)}")
         finally:
             nursery.cancel_scope.cancel()
             if server.database is not None:

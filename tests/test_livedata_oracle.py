@@ -96,7 +96,8 @@ async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
                      subscription_steps: int, clients: int, kills: int,
                      temporary_slot: bool) -> None:
     rng = random.Random(seed)
-    async with live_server(dsn, temporary_slot=temporary_slot) as server:
+    async with live_server(dsn, temporary_slot=temporary_slot,
+                           resyncs=temporary_slot) as server:
         await asql(dsn, "INSERT INTO items (category, title, rank, body) "
                         "SELECT (ARRAY['a','b','c','d'])[1 + i % 4], 't' || i, i % 10, "
                         "CASE WHEN i % 5 = 0 THEN repeat(md5(i::text), 300) END "

@@ -106,7 +106,7 @@ def test_decoder_reports_shapes_first_seen_and_changed_but_not_toast_omissions()
 
 
 async def test_add_column_with_default_and_drop_of_an_unpublished_column(db_dsn: str) -> None:
-    async with live_server(db_dsn, resync_app()) as server:
+    async with live_server(db_dsn, resync_app(), resyncs=True) as server:
         await asql(db_dsn, "ALTER TABLE items ADD COLUMN junk text DEFAULT 'j'",
                    "INSERT INTO items (owner, category, title) VALUES ('ann', 'a', 'one'), "
                    "('bob', 'b', 'two')")
@@ -149,7 +149,7 @@ async def test_add_column_with_default_and_drop_of_an_unpublished_column(db_dsn:
 
 async def test_type_change_of_a_published_column_sends_changed(db_dsn: str) -> None:
     metrics = Metrics()
-    async with live_server(db_dsn, resync_app(), metrics=metrics) as server:
+    async with live_server(db_dsn, resync_app(), metrics=metrics, resyncs=True) as server:
         await asql(db_dsn, "INSERT INTO items (category, title, rank) VALUES "
                            "('a', 'one', 1), ('b', 'two', 2)")
         async with connect(server.ws_url, log_messages=True) as client:
@@ -182,7 +182,7 @@ async def test_type_change_of_a_published_column_sends_changed(db_dsn: str) -> N
 async def test_rename_or_drop_of_a_published_column_stops_its_subscriptions(
         db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "cdcddp.publish.livedata")
-    async with live_server(db_dsn, resync_app()) as server:
+    async with live_server(db_dsn, resync_app(), resyncs=True) as server:
         await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'one'), ('b', 'x')",
                    "INSERT INTO other (note) VALUES ('n1')")
         async with connect(server.ws_url, log_messages=True) as client, \
@@ -228,7 +228,7 @@ async def test_dropped_published_column_seen_first_in_an_update(db_dsn: str) -> 
     # catalog says dropped: the subscription stops; the one not publishing body carries on.
     app = resync_app()
     app.add_publication(Publication("items.slim", Cursor("items", fields=["title"])))
-    async with live_server(db_dsn, app) as server:
+    async with live_server(db_dsn, app, resyncs=True) as server:
         await asql(db_dsn, "INSERT INTO items (category, title, body) VALUES ('a', 'one', 'b')")
         async with connect(server.ws_url) as client:
             await client.subscribe("items.all", sub_id="all")
@@ -248,7 +248,7 @@ async def test_dropped_published_column_seen_first_in_an_update(db_dsn: str) -> 
 async def test_subscribing_between_a_schema_change_and_its_first_change(db_dsn: str) -> None:
     # The engine has seen the table's old shape; the new observer's snapshot sees the new one:
     # no spurious failure, and the old observer (created before) still gets resynced.
-    async with live_server(db_dsn, resync_app()) as server:
+    async with live_server(db_dsn, resync_app(), resyncs=True) as server:
         await asql(db_dsn, "INSERT INTO items (category, title, rank) VALUES ('a', 'one', 1)")
         async with connect(server.ws_url) as early, connect(server.ws_url) as late:
             await early.subscribe("items.all")
@@ -311,7 +311,8 @@ async def test_too_far_behind_skips_the_backlog_and_resyncs(db_dsn: str, tempora
                                                             ) -> None:
     options: dict[str, Any] = {"temporary_slot": temporary, "behind_check_interval": 0.1}
     metrics = Metrics()
-    async with live_server(db_dsn, resync_app(), metrics=metrics, **options) as server:
+    async with live_server(db_dsn, resync_app(), metrics=metrics, resyncs=True,
+                           **options) as server:
         live = server.live
         stream = live.stream
         assert stream is not None

@@ -130,7 +130,7 @@ async def test_every_metric_moves_with_its_event(db_dsn: str) -> None:
         metrics_port = await nursery.start(serve_metrics, metrics, "127.0.0.1", 0)
         history.append(await scrape(metrics_port))
         async with live_server(db_dsn, build_app(), server_config=config,
-                               metrics=metrics) as server:
+                               metrics=metrics, resyncs=True) as server:  # a stream gap
             assert server.server.database is not None
             nursery.start_soon(poll_slot, metrics, db_dsn, server.live.config.slot, 0.1)
             await apply_schema(server.server.database, "accounts")
