@@ -27,8 +27,8 @@ from typing import Any, Literal, TypeAlias
 
 from cdcddp.ddp.mergebox import diff_visible
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
-from cdcddp.publish.definition import BoundCursor, Cursor, Fields
-from cdcddp.publish.ids import id_stringify, pk_to_wire_id
+from cdcddp.publish.definition import BoundCursor, Fields
+from cdcddp.publish.ids import pk_to_wire_id
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Delete, Insert, RowChange, Update
 
@@ -89,11 +89,9 @@ def replaced_key(key_of: Callable[[Row], Key], identity: Row, new: Row | None) -
 _PLAIN_INT_ID_LIMIT = 10**23
 
 
-@lru_cache(maxsize=1024)
 def _fields_picker(pairs: tuple[tuple[str, int], ...]) -> Callable[[Values], Fields]:
     """``values -> {name: values[position], ...}``: a dict display compiled for these pairs,
-    three times faster than ``dict(zip(...))`` (this runs for every row of a snapshot). Cached:
-    compiling costs a fraction of a millisecond, and many observers share a cursor's shape.
+    three times faster than ``dict(zip(...))`` (this runs for every row of a snapshot).
     Names enter the source only as repr() literals."""
     picker: Callable[[Values], Fields] = eval(
         f"lambda values: {{{_fields_display(pairs)}}}", {})
@@ -106,27 +104,35 @@ def _fields_display(pairs: tuple[tuple[str, int], ...]) -> str:
     return ", ".join(f"{name!r}: values[{int(position)}]" for name, position in pairs)
 
 
-def _values_renderer(render: Callable[[Row], tuple[str, Fields]], columns: tuple[str, ...],
-                     key_columns: tuple[str, ...], field_map: tuple[tuple[str, str], ...]
+def _wire_id_of_key(key: Key) -> str:
+    """The DDP wire id of the document of the row with this key (``Cursor.render``'s id,
+    stringified as Meteor does), with the common plain integer done inline."""
+    if len(key) == 1:
+        value = key[0]
+        if type(value) is int and 0 <= value < _PLAIN_INT_ID_LIMIT:
+            return str(value)
+    return pk_to_wire_id(key)
+
+
+def _values_renderer(key_positions: tuple[int, ...], fields_of: Callable[[Values], Fields]
                      ) -> Callable[[Values], tuple[str, Fields]]:
     """``values -> (DDP wire id, fields)`` for a row's values tuple (snapshot rows, kept rows):
-    ``render`` plus ``id_stringify``, with the common single integer key and the fields read
-    by position, without building a row dict (this runs for every row of a snapshot)."""
-    index = {column: i for i, column in enumerate(columns)}
+    what ``Cursor.render`` plus ``id_stringify`` give for the row, read by position without
+    building a row dict, the common single plain integer key inline (this runs for every
+    changed row, and for every row of a snapshot)."""
+    if len(key_positions) != 1:
+        values_key_of = key_getter(key_positions)
 
-    def general(values: Values) -> tuple[str, Fields]:
-        doc_id, fields = render(dict(zip(columns, values, strict=True)))
-        return id_stringify(doc_id), fields
-    if len(key_columns) != 1:
-        return general
-    key = index[key_columns[0]]
-    fields_of = _fields_picker(tuple((name, index[column]) for column, name in field_map))
+        def render(values: Values) -> tuple[str, Fields]:
+            return pk_to_wire_id(values_key_of(values)), fields_of(values)
+        return render
+    position = key_positions[0]
 
     def single_key(values: Values) -> tuple[str, Fields]:
-        value = values[key]
+        value = values[position]
         if type(value) is int and 0 <= value < _PLAIN_INT_ID_LIMIT:
             return str(value), fields_of(values)
-        return general(values)
+        return pk_to_wire_id((value,)), fields_of(values)
     return single_key
 
 
@@ -134,31 +140,27 @@ def _values_renderer(render: Callable[[Row], tuple[str, Fields]], columns: tuple
 Filler: TypeAlias = Callable[[Iterable[Values], dict[Key, Values], dict[str, Fields]], None]
 
 
-def _values_filler(render_values: Callable[[Values], tuple[str, Fields]],
-                   columns: tuple[str, ...], key_columns: tuple[str, ...],
-                   field_map: tuple[tuple[str, str], ...]) -> Filler:
+def _values_filler(values_key_of: Callable[[Values], Key],
+                   render_values: Callable[[Values], tuple[str, Fields]],
+                   key_positions: tuple[int, ...], fields_display: str) -> Filler:
     """The loop that loads a snapshot's values tuples (see :data:`Filler`). With a single key
     column it is compiled for the shape, the key, the common plain integer id and the fields
     read inline: three calls fewer per row made a 100,000-row fill a fifth faster."""
-    index = {column: i for i, column in enumerate(columns)}
-    if len(key_columns) != 1:
-        key_of = key_getter(tuple(index[c] for c in key_columns))
-
+    if len(key_positions) != 1:
         def fill(rows: Iterable[Values], all_rows: dict[Key, Values],
                  docs: dict[str, Fields]) -> None:
             for values in rows:
-                all_rows[key_of(values)] = values
+                all_rows[values_key_of(values)] = values
                 doc_id, fields = render_values(values)
                 docs[doc_id] = fields
         return fill
-    display = _fields_display(tuple((name, index[column]) for column, name in field_map))
     source = (
         "def fill(rows, all_rows, docs):\n"
         "    for values in rows:\n"
-        f"        key = values[{index[key_columns[0]]}]\n"
+        f"        key = values[{int(key_positions[0])}]\n"
         "        all_rows[(key,)] = values\n"
         "        if type(key) is int and 0 <= key < limit:\n"
-        f"            docs[str(key)] = {{{display}}}\n"
+        f"            docs[str(key)] = {{{fields_display}}}\n"
         "        else:\n"
         "            doc_id, fields = render_values(values)\n"
         "            docs[doc_id] = fields\n")
@@ -175,38 +177,23 @@ RowHelpers: TypeAlias = tuple[
     Callable[[Values], tuple[str, Fields]],  # a values tuple's (wire id, fields)
     Filler,  # a snapshot's values tuples into an empty observer
 ]
-_row_helpers_by_shape: dict[tuple[Any, ...], RowHelpers] = {}
 
 
-def _row_helpers(cursor: Cursor, columns: tuple[str, ...]) -> RowHelpers:
-    """The key and render functions for a cursor's rows, shared by every observer of cursors
-    with the same key, fields and columns: thousands of observers with different parameters
-    then use one set of functions, which stays in the CPU caches (a set per observer made
-    applying a change about 12 % slower with 10,000 observers). They depend on nothing else:
-    ``Cursor.render`` depends only on the key columns and the field map."""
-    shape = (cursor.key_columns, cursor.field_map, columns)
-    helpers = _row_helpers_by_shape.get(shape)
-    if helpers is None:
-        if len(_row_helpers_by_shape) >= 1024:  # cursors made per call may vary: bounded
-            _row_helpers_by_shape.clear()
-        render_values = _values_renderer(cursor.render, columns, cursor.key_columns,
-                                         cursor.field_map)
-        helpers = _row_helpers_by_shape[shape] = (
-            key_getter(cursor.key_columns),
-            key_getter(tuple(columns.index(c) for c in cursor.key_columns)),
-            key_getter(columns),
-            render_values,
-            _values_filler(render_values, columns, cursor.key_columns, cursor.field_map))
-    return helpers
-
-
-def _wire_id_of_key(key: Key) -> str:
-    """The DDP wire id of the document of the row with this key (as ``render`` makes it)."""
-    if len(key) == 1:
-        value = key[0]
-        if type(value) is int and 0 <= value < _PLAIN_INT_ID_LIMIT:
-            return str(value)
-    return pk_to_wire_id(key)
+@lru_cache(maxsize=1024)  # cursors made per call (publication functions) may vary: bounded
+def _row_helpers(key_columns: tuple[str, ...], field_map: tuple[tuple[str, str], ...],
+                 columns: tuple[str, ...]) -> RowHelpers:
+    """The key and render functions for rows of this shape, shared by every observer of
+    cursors with the same key, fields and columns: thousands of observers with different
+    parameters then use one set of functions, which stays in the CPU caches (a set per
+    observer made applying a change about 12 % slower with 10,000 observers)."""
+    index = {column: i for i, column in enumerate(columns)}
+    key_positions = tuple(index[c] for c in key_columns)
+    field_pairs = tuple((name, index[column]) for column, name in field_map)
+    values_key_of = key_getter(key_positions)
+    render_values = _values_renderer(key_positions, _fields_picker(field_pairs))
+    return (key_getter(key_columns), values_key_of, key_getter(columns), render_values,
+            _values_filler(values_key_of, render_values, key_positions,
+                           _fields_display(field_pairs)))
 
 
 class Observer:
@@ -224,7 +211,7 @@ class Observer:
         self._matches = bound.predicate
         self._filter_columns = bound.filter.columns
         (self._key_of, self._values_key_of, self._values_from_row, self._render_values,
-         self._fill_values) = _row_helpers(cursor, self.columns)
+         self._fill_values) = _row_helpers(cursor.key_columns, cursor.field_map, self.columns)
         self.rows: dict[Key, Values] = {}  # key -> the row's values
         self.docs: dict[str, Fields] = {}  # the same rows' documents: wire id -> fields
         # Until the stream passes the snapshot, transactions it already saw are skipped.
