@@ -348,12 +348,14 @@ async def test_too_far_behind_skips_the_backlog_and_resyncs(db_dsn: str, tempora
                     await trio.sleep(0.05)
             live.config.resync_behind_bytes = None
             assert live.behind_skips == 1
+            resyncs = live.resyncs
             hold, live.hold = live.hold, None
             hold.set()
 
             await writer.wait_for(lambda: call.updated_received.is_set(), 20)
             assert live.fences_settled_by_gap == 1  # never streamed: the gap's resync passed it
             await live.sync(timeout=60)
+            assert live.resyncs - resyncs == live.observer_count >= 2  # every observer
             expected = expected_view(db_dsn, ALL)
             assert len(expected) == 2 + 1 + 20000 - 1
             await wait_store(client, expected, timeout=60)

@@ -2,7 +2,7 @@
 
 Every case of ``tests.test_wal_decode.CASES`` is written to a database while a real
 replication stream (``open_stream``, which loads its own type catalog) runs; the values it
-decodes are compared with what the real ``_snapshot_rows``, ``_fetch_row`` and
+decodes are compared with what the real ``_snapshot_reads``, ``_fetch_row`` and
 ``SqlRowLookup.row`` read on connections made as ``Database`` makes them. Also: types created
 after the stream and the pool loaded their catalogs, and subscriptions end to end.
 """
@@ -32,7 +32,13 @@ from cdcddp.db import (
 from cdcddp.devcluster import LocalCluster
 from cdcddp.publish import livedata
 from cdcddp.publish.definition import Cursor, Publication
-from cdcddp.publish.livedata import _fetch_row, _row_query, _snapshot_rows
+from cdcddp.publish.livedata import (
+    SnapshotRead,
+    _fetch_row,
+    _row_list,
+    _row_query,
+    _snapshot_reads,
+)
 from cdcddp.publish.lookup import SqlRowLookup
 from cdcddp.wal import pgtypes
 from cdcddp.wal.events import Insert, Update
@@ -105,12 +111,21 @@ def streamed(typed_dsn: str) -> tuple[Values, SharedCatalog]:
     return trio.run(run)  # module scoped: outside the tests' own trio runs
 
 
+def _snapshot_rows(conn: psycopg.Connection[Any], bound: Any) -> list[Any]:
+    """The rows a snapshot read gives (in the transaction under way)."""
+    read = SnapshotRead(bound, _row_list)
+    _snapshot_reads(conn, [read])
+    if read.error is not None:
+        raise read.error
+    return read.result  # type: ignore[no-any-return]
+
+
 def _sql_reads(conn: psycopg.Connection[Any], table: str, row_id: int) -> dict[str, Any]:
     """Column ``v`` of one row, read by each of the server's SQL paths."""
     bound = Cursor(table, fields=["v"]).bind()
     reads: dict[str, Any] = {}
     with conn.transaction():
-        rows, _, _, _ = _snapshot_rows(conn, bound)
+        rows = _snapshot_rows(conn, bound)
     by_id = {row[bound.columns.index("id")]: row for row in rows}
     reads["snapshot"] = by_id[row_id][bound.columns.index("v")]
     with conn.transaction():
@@ -209,7 +224,7 @@ async def test_types_created_after_startup_decode_as_snapshots_read_them(db_dsn:
                           ("late_c", 1): [datetime.max.replace(tzinfo=UTC)]}
         for table in ("late_a", "late_b", "late_c"):
             bound = Cursor(table, fields=["v"]).bind()
-            rows, _, _, _ = await database.run(_snapshot_rows, bound)
+            rows = await database.run(_snapshot_rows, bound)
             assert repr(rows[0][bound.columns.index("v")]) == repr(values[(table, 1)])
         assert shared.version > loaded_version
     finally:
@@ -240,13 +255,15 @@ async def test_sql_reads_reload_the_catalog_for_a_new_type(db_dsn: str) -> None:
 async def test_a_new_type_oid_never_stops_the_stream(db_dsn: str) -> None:
     """A type gone by the time the stream reloads its catalog decodes as text."""
     def write() -> None:
-        sql(db_dsn, "CREATE TYPE gone AS ENUM ('a')",
+        # One transaction: the stream meets the row only once its types are gone (else a
+        # catalog reload racing the drops may still find them).
+        sql(db_dsn, "BEGIN", "CREATE TYPE gone AS ENUM ('a')",
             "CREATE DOMAIN gone_d AS int",
             "CREATE TABLE t_gone (id int PRIMARY KEY, v gone_d, w gone[])",
             "INSERT INTO t_gone VALUES (1, 4, '{a}')",
             "DROP TABLE t_gone", "DROP DOMAIN gone_d", "DROP TYPE gone",
             "CREATE TABLE t_after (id int PRIMARY KEY, v int)",
-            "INSERT INTO t_after VALUES (2, 7)")
+            "INSERT INTO t_after VALUES (2, 7)", "COMMIT")
 
     values, stream = await _stream_values(db_dsn, write, 2)
     assert values == {("t_gone", 1): "4", ("t_after", 2): 7}
@@ -335,9 +352,10 @@ def test_snapshot_rows_arrive_whole_in_chunks_or_at_once(db_dsn: str, chunked: b
         seen.extend(rows)
         return len(seen)
 
+    reads = [SnapshotRead(bound, take), SnapshotRead(bound, _row_list)]
     with psycopg.connect(db_dsn) as conn, conn.transaction():
-        taken, _, _, _ = _snapshot_rows(conn, bound, take)
-        listed, _, _, _ = _snapshot_rows(conn, bound)
+        _snapshot_reads(conn, reads)  # (both in one transaction)
+    taken, listed = (read.result for read in reads)
     ids = [row[bound.columns.index("id")] for row in seen]
     assert taken == count and sorted(ids) == list(range(1, count + 1))
     assert listed == seen
@@ -345,7 +363,8 @@ def test_snapshot_rows_arrive_whole_in_chunks_or_at_once(db_dsn: str, chunked: b
 
 async def test_a_snapshot_load_that_fails_midway_leaves_the_pool_usable(db_dsn: str) -> None:
     """A ``take`` that raises while rows still stream (a bug in loading them, say) ends the
-    query: the error is the one raised, and the pooled connection serves the next read."""
+    query: the error is the one raised, the next read in the same transaction gets its rows,
+    and the pooled connection serves the next transaction."""
     count = livedata._SNAPSHOT_CHUNK_ROWS * 3
     sql(db_dsn, "CREATE TABLE many (id int PRIMARY KEY, v text)",
         f"INSERT INTO many SELECT g, 'v' || g FROM generate_series(1, {count}) g")
@@ -362,9 +381,12 @@ async def test_a_snapshot_load_that_fails_midway_leaves_the_pool_usable(db_dsn: 
     database = Database(db_dsn, size=1)
     try:
         pid = await database.run(backend)
-        with pytest.raises(ValueError, match="cannot load this row"):
-            await database.run(_snapshot_rows, bound, fail_midway, snapshot=True)
-        rows, _, _, _ = await database.run(_snapshot_rows, bound, snapshot=True)
+        failing, after = SnapshotRead(bound, fail_midway), SnapshotRead(bound, _row_list)
+        await database.run(_snapshot_reads, [failing, after], snapshot=True)
+        assert isinstance(failing.error, ValueError)
+        assert str(failing.error) == "cannot load this row"
+        assert after.error is None and len(after.result) == count
+        rows = await database.run(_snapshot_rows, bound, snapshot=True)
         assert len(rows) == count
         assert await database.run(backend) == pid  # the same connection: it was left clean
     finally:

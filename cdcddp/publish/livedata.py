@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import secrets
 import time
 from collections import Counter, OrderedDict
@@ -121,6 +122,9 @@ _GC_PAUSE_ENTRIES: Final = 64
 # time. 4 rather than 2 caught up a backlog spread over 1,000 clients 13 % faster (a write
 # costs a syscall whatever it carries), with fan-out latency unchanged.
 _WAIT_PER_WRITE_TIME: Final = 4
+# New observers' snapshots read in one transaction at most (those queued meanwhile), and the
+# batches read at once: half the pool, so a reconnect storm leaves threads for method calls.
+_SNAPSHOT_BATCH_MAX: Final = 32
 SubKey = Hashable  # a merge-box subscription id: the DDP sub id, or a universal handle
 
 
@@ -581,14 +585,17 @@ async def run_seeing(database: Database, fn: Callable[[psycopg.Connection[Any], 
             delay = min(delay * 2, 0.05)
 
 
-# The same, plus the table's columns as of that snapshot (read in the same statement, so
-# without another round trip): what the rows are expected to look like in the stream.
-_SNAPSHOT_SHAPE_SQL: Final = (
-    "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text, "
-    "(SELECT array_agg(array[a.attname::text, a.atttypid::text, (a.attlen < 0)::text]) "
+# A table's columns: (name, type oid, varlena) triples, NULL when the table is gone.
+_TABLE_COLUMNS_SQL: Final = (
+    "SELECT array_agg(array[a.attname::text, a.atttypid::text, (a.attlen < 0)::text]) "
     "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
     "JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped)")
+    "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped")
+
+# The snapshot statement plus the table's columns as of that snapshot (read in the same
+# statement, so without another round trip): what the rows are expected to look like in the
+# stream.
+_SNAPSHOT_SHAPE_SQL: Final = f"{_SNAPSHOT_SQL}, ({_TABLE_COLUMNS_SQL})"
 
 TableShape = dict[str, tuple[int, bool]]  # column -> (type oid, varlena: may be TOASTed)
 
@@ -605,20 +612,18 @@ _SNAPSHOT_CHUNK_ROWS: Final = 2_000
 _STREAM_CHUNKED: Final = psycopg.capabilities.has_stream_chunked()  # libpq 17 or later
 
 
-def _snapshot_rows(conn: psycopg.Connection[Any], bound: BoundCursor,
-                   take: Callable[[Iterable[Values], Snapshot, int], T] = _row_list,  # type: ignore[assignment]
-                   ) -> tuple[T, Snapshot, int, TableShape]:
+def _table_shape(columns: Iterable[tuple[str, str, str]] | None) -> TableShape:
+    return {name: (int(oid), varlena == "true") for name, oid, varlena in columns or ()}
+
+
+def _read_rows(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableShape,
+               take: Callable[[Iterable[Values], Snapshot, int], T],
+               snapshot: Snapshot, lsn: int) -> T:
     """``take(rows, snapshot, lsn)`` of the cursor's rows (values tuples in the order the
-    query selects the bound cursor's ``columns``, as the observer keeps them) and of the
-    snapshot (and its WAL position) they are read under, plus the table's columns as of that
-    snapshot. ``take`` gets the rows as they arrive, in chunks where libpq can (so loading
-    them overlaps the server's reading and sending them); by default it lists them."""
-    _repeatable_read(conn)
-    table = (bound.cursor.schema_name, bound.cursor.table_name)
-    found = conn.execute(_SNAPSHOT_SHAPE_SQL, table).fetchone()
-    assert found is not None
-    snapshot, lsn = Snapshot.parse(found[0]), parse_lsn(found[1])
-    shape = {name: (int(oid), varlena == "true") for name, oid, varlena in found[2] or ()}
+    query selects the bound cursor's ``columns``, as the observer keeps them), read in the
+    transaction under way (whose snapshot, WAL position and table shape are given).
+    ``take`` gets the rows as they arrive, in chunks where libpq can (so loading them
+    overlaps the server's reading and sending them)."""
     # A column of a type created since the type catalog was loaded: reload it first, so the
     # rows load as the stream decodes them.
     ensure_types(conn, [shape[column][0] for column in bound.columns if column in shape])
@@ -636,13 +641,76 @@ def _snapshot_rows(conn: psycopg.Connection[Any], bound: BoundCursor,
         rows = cursor.execute(query, params).fetchall()
     try:
         with gc_paused():  # (see cdcddp.gcpause)
-            taken = take(rows, snapshot, lsn)
+            return take(rows, snapshot, lsn)
     finally:
         if stream is not None:
             # A take that failed midway: cancel and drain the query here, or the rollback
             # that follows waits on it forever.
             stream.close()
-    return taken, snapshot, lsn, shape
+
+
+@dataclass(eq=False, slots=True)
+class SnapshotRead:
+    """One cursor's rows to read under a snapshot shared with others read at the same time
+    (see :func:`_snapshot_reads`): ``take(rows, snapshot, lsn)`` gives ``result``."""
+
+    bound: BoundCursor
+    take: Callable[[Iterable[Values], Snapshot, int], Any]
+    result: Any = None
+    snapshot: Snapshot | None = None
+    lsn: int = 0
+    shape: TableShape | None = None
+    error: BaseException | None = None
+    finished: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def table(self) -> TableName:
+        cursor = self.bound.cursor
+        return cursor.schema_name, cursor.table_name
+
+
+class _ReadsInterrupted(Exception):
+    """A read failed in PostgreSQL, which ends its transaction: the reads without an error
+    are to be read again in a new one."""
+
+
+def _snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead]
+                    ) -> tuple[Snapshot, int]:
+    """Every read's rows in this one REPEATABLE READ transaction (one snapshot, each table's
+    shape read once), and that snapshot and its WAL position; a read that fails gets its
+    error and the others go on, unless the transaction failed (:class:`_ReadsInterrupted`).
+
+    Subscriptions that start together (clients reconnecting after a restart) then cost one
+    transaction, snapshot statement and thread hand-off per batch instead of each."""
+    _repeatable_read(conn)
+    snapshot: Snapshot | None = None
+    lsn = 0
+    shapes: dict[TableName, TableShape] = {}
+    for read in reads:
+        table = read.table
+        try:
+            shape = shapes.get(table)
+            if shape is None:
+                if snapshot is None:
+                    found = conn.execute(_SNAPSHOT_SHAPE_SQL, table).fetchone()
+                    assert found is not None
+                    snapshot, lsn = Snapshot.parse(found[0]), parse_lsn(found[1])
+                    columns = found[2]
+                else:
+                    found = conn.execute(_TABLE_COLUMNS_SQL, table).fetchone()
+                    assert found is not None
+                    columns = found[0]
+                shape = shapes[table] = _table_shape(columns)
+            assert snapshot is not None
+            read.result = _read_rows(conn, read.bound, shape, read.take, snapshot, lsn)
+            read.shape = shape
+        except Exception as exc:
+            read.error = exc
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+                raise _ReadsInterrupted from exc
+    if snapshot is None:  # no read got that far (every one failed in Python)
+        snapshot, lsn = _begin_snapshot(conn)
+    return snapshot, lsn
 
 
 def _shape_differs(expected: TableShape | None, relation: Relation) -> bool:
@@ -674,11 +742,8 @@ def _describe_shape_change(relation: Relation) -> str:
 
 def _table_columns(conn: psycopg.Connection[Any], table: TableName) -> set[str]:
     """The table's columns now (empty when it is gone)."""
-    rows = conn.execute(
-        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
-        "AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped", table).fetchall()
-    return {name for name, in rows}
+    found = conn.execute(_TABLE_COLUMNS_SQL, table).fetchone()
+    return set(_table_shape(found[0] if found else None))
 
 
 def _current_wal_lsn(conn: psycopg.Connection[Any]) -> int:
@@ -769,6 +834,9 @@ class LiveData:
         # number, not an entry per query (10,000 subscribing at once made a list's min()
         # quadratic); the numbers in flight at once are few.
         self._snapshots_in_flight: Counter[int] = Counter()
+        # New observers' snapshots waiting to be read (see _snapshot_batches).
+        self._snapshot_queue, self._snapshot_batched = \
+            trio.open_memory_channel[SnapshotRead](math.inf)
         self._xid_waiters: dict[int, trio.Event] = {}
         self._held_clients: set[LiveClient] = set()  # changed while the gate was closed
         # Clients applied commits changed, flushed by _flusher once the consumer waits.
@@ -790,6 +858,7 @@ class LiveData:
         self.transactions_applied = 0
         self.changes_applied = 0
         self.snapshot_queries = 0
+        self.snapshot_transactions = 0  # each reads one or more snapshot queries
         self.snapshot_retries = 0
         self.ring_replays = 0
         self.rows_fetched = 0
@@ -839,6 +908,8 @@ class LiveData:
                 self.stream = stream
                 nursery.start_soon(self._flusher)
                 nursery.start_soon(self._catch_up_rounds)
+                for _ in range(max(1, self.database.size // 2)):
+                    nursery.start_soon(self._snapshot_batches, self._snapshot_batched)
                 self._started.set()
                 task_status.started()
                 nursery.start_soon(self._watch_behind, stream)
@@ -990,15 +1061,19 @@ class LiveData:
             def build(rows: Iterable[Values], snapshot: Snapshot, lsn: int) -> Observer:
                 # (In the database thread, right after the snapshot is taken.) Ask for the
                 # catch-up mark now, so it travels while the rows load. Queued ahead of the
-                # thread's result, it has run when _take_snapshot returns; a retaken snapshot
+                # thread's result, it has run when the read is finished; a retaken snapshot
                 # asks again, and the last request counts.
                 token.run_sync_soon(request_catch_up)
                 observer = Observer(bound, snapshot, lsn)
                 observer.fill(rows)
                 return observer
 
-            observer, _, _, shape = await self._take_snapshot(bound, build)
-            entry.shape = shape
+            read = self._queue_snapshot(bound, build)
+            await read.finished.wait()
+            if read.error is not None:
+                raise read.error
+            observer = read.result
+            entry.shape = read.shape
             entry.snapshot_queries += 1
             if self.after_snapshot is not None:
                 await self.after_snapshot(entry)
@@ -1417,32 +1492,70 @@ class LiveData:
                 del delivered[xid]
         return missed
 
-    async def _take_snapshot(self, bound: BoundCursor,
-                             take: Callable[[Iterable[Values], Snapshot, int], T] = _row_list,  # type: ignore[assignment]
-                             ) -> tuple[T, Snapshot, int, TableShape]:
-        """``take`` of the cursor's rows and their snapshot (see :func:`_snapshot_rows`), a
-        snapshot that sees every transaction delivered so far (retaken, after a moment, while
-        one is decoded but not yet visible)."""
+    def _queue_snapshot(self, bound: BoundCursor,
+                        take: Callable[[Iterable[Values], Snapshot, int], Any]) -> SnapshotRead:
+        """A read of ``bound``'s rows, queued: done (read with the others queued meanwhile,
+        see :meth:`_snapshot_batches`, under a snapshot that sees every transaction delivered
+        so far) once its ``finished`` is set."""
+        read = SnapshotRead(bound, take)
+        self._snapshot_queue.send_nowait(read)
+        return read
+
+    async def _snapshot_batches(self, queue: trio.MemoryReceiveChannel[SnapshotRead]
+                                ) -> None:
+        """Reads queued snapshots, all those waiting (up to a batch) in one transaction."""
+        async for first in queue:
+            batch = [first]
+            while len(batch) < _SNAPSHOT_BATCH_MAX:
+                try:
+                    batch.append(queue.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                await self._read_snapshots(batch)
+            finally:
+                for read in batch:
+                    read.finished.set()
+
+    async def _read_snapshots(self, reads: list[SnapshotRead]) -> None:
+        """Each read's rows under one snapshot that sees every transaction delivered so far
+        (retaken, after a moment, while one is decoded but not yet visible); a read that
+        fails gets its error."""
         delay = 0.001
         while True:
+            pending = [read for read in reads if read.error is None]
+            if not pending:
+                return
             delivered_before = self._commits_seen
             in_flight = self._snapshots_in_flight
             in_flight[delivered_before] += 1
             started = time.monotonic()
+            self.snapshot_transactions += 1
             try:
-                taken, snapshot, lsn, shape = await self.database.run(
-                    _snapshot_rows, bound, take, snapshot=True)
+                snapshot, lsn = await self.database.run(_snapshot_reads, pending,
+                                                        snapshot=True)
+            except _ReadsInterrupted:
+                continue  # the failed read has its error; the others in a new transaction
+            except Exception as exc:  # the connection, say: no read is done
+                for read in pending:
+                    read.error = exc
+                return
             finally:
                 in_flight[delivered_before] -= 1
                 if not in_flight[delivered_before]:
                     del in_flight[delivered_before]
-            self.snapshot_queries += 1
+            self.snapshot_queries += len(pending)
             if self.metrics is not None:
-                self.metrics.snapshot_finished(time.monotonic() - started, len(taken))  # type: ignore[arg-type]
+                elapsed = time.monotonic() - started
+                for read in pending:
+                    if read.error is None:
+                        self.metrics.snapshot_finished(elapsed, len(read.result))
             oldest = min(in_flight, default=delivered_before)
             if not self._missed_delivered(snapshot, delivered_before,
                                           prune=oldest >= delivered_before):
-                return taken, snapshot, lsn, shape
+                for read in pending:
+                    read.snapshot, read.lsn = snapshot, lsn
+                return
             self.invisible_delivered_retries += 1
             await trio.sleep(delay)
             delay = min(delay * 2, 0.1)
@@ -1664,14 +1777,18 @@ class LiveData:
         labels ``cdcddp_resyncs_total``."""
         clients: set[LiveClient] = set()
         reloaded = False
+        # Read in batches, as new observers' are: a stream gap resyncs every observer while
+        # clients wait.
+        reads: dict[ObserverEntry, SnapshotRead] = {}
         for entry in entries:
-            if not entry.live:
-                continue
+            if entry.live:
+                reads[entry] = self._queue_snapshot(entry.bound, _row_list)
+        for entry, read in reads.items():
+            await read.finished.wait()
             self.resyncs += 1
             self.resync_reasons[reason] += 1
-            try:
-                rows, snapshot, lsn, shape = await self._take_snapshot(entry.bound)
-            except Exception as exc:
+            if read.error is not None:
+                exc = read.error
                 error: BaseException = exc
                 if reason == "schema_change" and isinstance(exc, psycopg.Error):
                     # Its query can no longer run on the table's new shape (a published or
@@ -1691,8 +1808,10 @@ class LiveData:
                 continue
             if not entry.live:
                 continue
-            entry.shape = shape
-            ops = self._reload(entry, self._routes[entry.table], rows, snapshot, lsn)
+            assert read.snapshot is not None
+            entry.shape = read.shape
+            ops = self._reload(entry, self._routes[entry.table], read.result, read.snapshot,
+                               read.lsn)
             self._deliver(entry, ops, clients)
             reloaded = True
         if reloaded:

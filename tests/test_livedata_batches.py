@@ -1,0 +1,128 @@
+"""New observers' snapshots read in shared transactions (a reconnect storm), against real
+PostgreSQL: batches form while the pool is busy, every subscription still gets exactly its
+rows, and one read that fails does not fail the others read with it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+import trio
+
+from cdcddp.client import connect
+from cdcddp.publish.definition import Cursor
+from cdcddp.publish.livedata import SnapshotRead, _row_list
+from cdcddp.publish.visibility import Snapshot
+from tests.livedata_support import asql, check_message_log, expected_view, live_server, sql, store
+
+CATEGORIES = [f"c{i}" for i in range(40)]
+
+
+async def test_subscriptions_started_together_share_snapshot_transactions(db_dsn: str) -> None:
+    async with live_server(db_dsn, resyncs=True) as server:
+        live = server.live
+        assert live is not None
+        await asql(db_dsn, "INSERT INTO items (category, title) "
+                           "SELECT 'c' || (g % 40), 'item ' || g FROM generate_series(1, 120) g")
+        # Hold the table: the first snapshot reads wait on it, so the others queue meanwhile.
+        locker = await trio.to_thread.run_sync(psycopg.connect, db_dsn)
+        try:
+            await trio.to_thread.run_sync(
+                locker.execute, "LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+            before = live.snapshot_transactions
+            async with contextlib.AsyncExitStack() as stack:
+                # One client each: a connection runs its subscriptions one at a time.
+                clients = [await stack.enter_async_context(connect(server.ws_url,
+                                                                   log_messages=True))
+                           for _ in CATEGORIES]
+                async with trio.open_nursery() as nursery:
+                    for client, category in zip(clients, CATEGORIES, strict=True):
+                        nursery.start_soon(client.subscribe, "items.byCategory",
+                                           {"category": category})
+                    with trio.fail_after(10):
+                        while len(live._observers) < len(CATEGORIES):
+                            await trio.sleep(0.01)
+                    await trio.sleep(0.2)  # every runner is waiting on the lock by now
+                    assert live.snapshot_transactions - before < len(CATEGORIES) // 4
+                    await trio.to_thread.run_sync(locker.rollback)
+                transactions = live.snapshot_transactions - before
+                # (the first reads went alone, the rest in batches of up to 32)
+                assert transactions <= 8, transactions
+                assert live.snapshot_queries >= len(CATEGORIES)
+
+                def check() -> None:
+                    for client, category in zip(clients, CATEGORIES, strict=True):
+                        assert store(client) == expected_view(
+                            db_dsn, [("items.byCategory", [{"category": category}])])
+                        check_message_log(client)
+                check()
+                assert all(len(store(client)) == 3 for client in clients)
+                # and live from there, each observer on its own
+                await asql(db_dsn, "UPDATE items SET title = 'moved', category = 'c1', "
+                                   "version = 1 WHERE category = 'c0'")
+                await live.sync()
+                for client in clients:
+                    await client.ping()
+                assert store(clients[0]) == {} and len(store(clients[1])) == 6
+                check()
+
+                # A resync of every observer (as after a stream gap) reads in batches too.
+                before, resyncs = live.snapshot_transactions, live.resyncs
+                sent = [len(client.messages or ()) for client in clients]
+                await live._with_gate_closed(live._resync(set(live.observers()), "test"))
+                assert live.resyncs - resyncs == len(CATEGORIES)
+                transactions = live.snapshot_transactions - before
+                # (one read to each idle runner at once, then the rest in batches)
+                assert transactions <= 8, transactions
+                await live.sync()
+                for client in clients:
+                    await client.ping()
+                check()  # nothing changed: nothing sent
+                assert [len(client.messages or ()) - n for client, n in
+                        zip(clients, sent, strict=True)] == [1] * len(CATEGORIES)  # the pong
+        finally:
+            await trio.to_thread.run_sync(locker.close)
+
+
+def _rows(dsn: str, columns: tuple[str, ...], where: str) -> list[tuple[Any, ...]]:
+    listed = ", ".join(columns)
+    return [tuple(r) for r in sql(dsn, f"SELECT {listed} FROM items WHERE {where} ORDER BY id")]
+
+
+async def test_a_failing_read_does_not_fail_the_others_in_its_transaction(db_dsn: str) -> None:
+    async with live_server(db_dsn) as server:
+        live = server.live
+        assert live is not None
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'one'), "
+                           "('b', 'two'), ('a', 'three')")
+        by_category = server.server.app.publications.get("items.byCategory")
+        assert by_category is not None and isinstance(by_category.source, Cursor)
+        cursor = by_category.source
+        a, b = cursor.bind({"category": "a"}), cursor.bind({"category": "b"})
+        gone = Cursor("no_such_table", fields=["title"]).bind()
+
+        def failing_take(rows: Iterable[Any], snapshot: Snapshot, lsn: int) -> Any:
+            next(iter(rows))
+            raise ValueError("take failed")
+
+        reads = [SnapshotRead(a, _row_list), SnapshotRead(gone, _row_list),
+                 SnapshotRead(b, failing_take), SnapshotRead(b, _row_list),
+                 SnapshotRead(a, _row_list)]
+        before = live.snapshot_transactions
+        await live._read_snapshots(reads)
+        good_a, missing, failed, good_b, again_a = reads
+        # PostgreSQL refused one: its transaction ended, the others were read in a new one
+        assert isinstance(missing.error, psycopg.errors.UndefinedTable)
+        assert live.snapshot_transactions - before == 2
+        # one failed in Python: the transaction went on
+        assert isinstance(failed.error, ValueError)
+        for read, where in ((good_a, "category = 'a'"), (good_b, "category = 'b'"),
+                            (again_a, "category = 'a'")):
+            assert read.error is None
+            assert sorted(read.result) == _rows(db_dsn, read.bound.columns, where)
+            assert read.snapshot is good_a.snapshot  # one snapshot for all of them
+            assert read.shape is not None and "title" in read.shape
+        # the pool's connections are fine afterwards
+        assert await live.database.fetchall("SELECT 1") == [(1,)]
