@@ -32,6 +32,7 @@ from cdcddp.db import (
 from cdcddp.devcluster import LocalCluster
 from cdcddp.publish import livedata
 from cdcddp.publish.definition import Cursor, Publication
+from cdcddp.publish.filters import C, Param
 from cdcddp.publish.livedata import (
     SnapshotRead,
     _fetch_row,
@@ -391,3 +392,27 @@ async def test_a_snapshot_load_that_fails_midway_leaves_the_pool_usable(db_dsn: 
         assert await database.run(backend) == pid  # the same connection: it was left clean
     finally:
         database.close()
+
+
+def test_snapshot_reads_of_oddly_named_tables_and_columns(db_dsn: str) -> None:
+    """Quotes, braces, blanks and percent signs in names: the queries quote them (once per
+    name, see ``filters.quoted``) and PostgreSQL finds them (a ``%`` once made psycopg refuse
+    the query)."""
+    sql(db_dsn, 'CREATE SCHEMA "we ird"',
+        'CREATE TABLE "we ird"."ta""ble" (id int PRIMARY KEY, "x{y}" text, "z%" int, '
+        '"a{}" int, "b%s" text)',
+        'INSERT INTO "we ird"."ta""ble" VALUES (1, \'one\', 10, 3, NULL), '
+        '(2, \'two\', 20, 3, \'set\'), (3, \'three\', 30, 4, NULL)')
+    cursor = Cursor(("we ird", 'ta"ble'), fields=["x{y}", "z%"],
+                    filter=(C("a{}") == Param("a")) & C("b%s").is_null())
+    bound = cursor.bind({"a": 3})
+    expected = {"id": 1, "x{y}": "one", "z%": 10, "a{}": 3, "b%s": None}
+    with psycopg.connect(db_dsn) as conn:
+        with conn.transaction():
+            rows = _snapshot_rows(conn, bound)
+        assert [dict(zip(bound.columns, row, strict=True)) for row in rows] == [expected]
+        with conn.transaction():  # a row fetched by key (TOAST), a lookup by key
+            row, _, _ = _fetch_row(conn, _row_query(bound), (1,), bound.columns)
+            assert row == expected
+            found = SqlRowLookup(conn).row(("we ird", 'ta"ble'), 1, columns=["z%", "b%s"])
+            assert found == {"id": 1, "z%": 10, "b%s": None}

@@ -35,12 +35,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Final, TypeAlias
 
 import pydantic
 from psycopg import sql
 
-from cdcddp.publish.filters import TRUE, BoundFilter, Condition, Row
+from cdcddp.publish.filters import TRUE, BoundFilter, Condition, Row, quoted
 from cdcddp.publish.ids import pk_to_doc_id
 
 UserIdValue: TypeAlias = Any  # the accounts layer's user id (str, int or UUID); None = anonymous
@@ -189,17 +190,17 @@ class BoundCursor:
         return (c.schema_name, c.table_name, c.collection_name, c.field_map, c.key_columns,
                 self.filter)
 
-    @property
+    @cached_property
     def columns(self) -> tuple[str, ...]:
         return self.cursor.columns_for(self.filter)
 
     def snapshot_query(self) -> tuple[sql.Composed, list[Any]]:
         """``SELECT <columns> FROM <schema>.<table> WHERE <filter>`` and its parameters."""
         where, params = self.filter.where()
+        cursor = self.cursor
         query = sql.SQL("SELECT {} FROM {}.{} WHERE {}").format(
-            sql.SQL(", ").join(sql.Identifier(c) for c in self.columns),
-            sql.Identifier(self.cursor.schema_name), sql.Identifier(self.cursor.table_name),
-            where)
+            sql.SQL(", ").join(map(quoted, self.columns)), quoted(cursor.schema_name),
+            quoted(cursor.table_name), where)
         return query, params
 
     @property

@@ -70,6 +70,7 @@ from cdcddp.ddp.mergebox import MergeBox, MergeBoxError, Transition, transition_
 from cdcddp.ddp.session import ServerSession
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor
+from cdcddp.publish.filters import quoted
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
 from cdcddp.publish.lookup import Dependency
 from cdcddp.publish.observer import (
@@ -778,10 +779,10 @@ def _fetch_row(conn: psycopg.Connection[Any], query: sql.Composable, key: Key,
 def _row_query(bound: BoundCursor) -> sql.Composed:
     cursor = bound.cursor
     where = sql.SQL(" AND ").join(
-        sql.SQL("{} = %s").format(sql.Identifier(c)) for c in cursor.key_columns)
+        sql.SQL("{} = %s").format(quoted(c)) for c in cursor.key_columns)
     return sql.SQL("SELECT {} FROM {}.{} WHERE {}").format(
-        sql.SQL(", ").join(sql.Identifier(c) for c in bound.columns),
-        sql.Identifier(cursor.schema_name), sql.Identifier(cursor.table_name), where)
+        sql.SQL(", ").join(map(quoted, bound.columns)),
+        quoted(cursor.schema_name), quoted(cursor.table_name), where)
 
 
 class _RetrySnapshot(Exception):

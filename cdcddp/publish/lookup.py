@@ -26,6 +26,7 @@ from psycopg import sql
 
 from cdcddp.db import execute_as_decoded
 from cdcddp.publish.definition import DEFAULT_SCHEMA
+from cdcddp.publish.filters import quoted
 
 Dependency = tuple[str, str, tuple[Any, ...]]  # (schema, table, primary-key values)
 
@@ -59,11 +60,11 @@ class SqlRowLookup:
             raise ValueError(f"key {key!r} does not match key columns {list(key_columns)}")
         self.dependencies.add((schema, name, key_values))
         selected = sql.SQL("*") if columns is None else sql.SQL(", ").join(
-            sql.Identifier(c) for c in dict.fromkeys([*key_columns, *columns]))
+            map(quoted, dict.fromkeys([*key_columns, *columns])))
         where = sql.SQL(" AND ").join(
-            sql.SQL("{} = %s").format(sql.Identifier(c)) for c in key_columns)
+            sql.SQL("{} = %s").format(quoted(c)) for c in key_columns)
         query = sql.SQL("SELECT {} FROM {}.{} WHERE {}").format(
-            selected, sql.Identifier(schema), sql.Identifier(name), where)
+            selected, quoted(schema), quoted(name), where)
         # Values as the stream decodes them (the function may compare them with published ones).
         cursor = execute_as_decoded(self._conn, query, key_values)
         found = cursor.fetchone()
