@@ -3,12 +3,17 @@ real WebSocket clients (cdcddp.client)."""
 
 from __future__ import annotations
 
+import gc
 import secrets
 
 import psycopg
 import trio
 
 from cdcddp.client import MeteorError, connect
+from cdcddp.ddp.mergebox import MergeBox
+from cdcddp.ddp.session import ServerSession
+from cdcddp.publish.livedata import LiveClient
+from cdcddp.server.connection import Connection
 from tests.livedata_support import (
     FIELDS,
     asql,
@@ -434,3 +439,30 @@ async def test_documents_of_every_key_form_live_through_changes_and_deletes(db_d
                 await wait_store(client, {}, collection)
             check_message_log(client)
             assert server.live.resyncs == 0  # (a wrong id would fail the observer: a resync)
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(db_dsn: str) -> None:
+    """A connection's objects form no reference cycle once it is closed: with thousands of
+    clients coming and going, each left for a full collection (which walks every observer
+    and merge box) cost memory until one ran, and a long pause when it did."""
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x'), ('b', 'y')")
+        async with connect(server.ws_url) as warm:
+            await warm.subscribe("items.all")
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for category in ("a", "b", "c"):
+                async with connect(server.ws_url) as client:
+                    await client.subscribe("items.all")
+                    await client.subscribe("items.byCategory", {"category": category})
+            with trio.fail_after(5):
+                while server.server.connections:
+                    await trio.sleep(0.01)
+            gc.collect()
+            server_side = (Connection, LiveClient, MergeBox, ServerSession)
+            left = [type(o).__name__ for o in gc.garbage if isinstance(o, server_side)]
+            assert left == []
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()

@@ -284,6 +284,18 @@ OPEN_GATE: Final = FlushGate()  # for connections without an engine (never close
 MAX_OPS_PER_FLUSH = 2000
 
 
+def _nothing() -> None:
+    pass
+
+
+def _never() -> bool:
+    return False
+
+
+def _ignore_reason(reason: str) -> None:
+    pass
+
+
 class LiveClient:
     """One connection's merge box and its way out to the connection's session.
 
@@ -295,9 +307,9 @@ class LiveClient:
     """
 
     def __init__(self, session: ServerSession, wake: Callable[[], None],
-                 output_busy: Callable[[], bool] = lambda: False,
+                 output_busy: Callable[[], bool] = _never,
                  gate: FlushGate = OPEN_GATE,
-                 on_failure: Callable[[str], None] = lambda reason: None) -> None:
+                 on_failure: Callable[[str], None] = _ignore_reason) -> None:
         self.box = MergeBox()
         self.session = session
         self.gate = gate
@@ -360,10 +372,17 @@ class LiveClient:
             self._wake()
 
     def close(self) -> None:
-        """The connection is gone: forget everything, send nothing."""
+        """The connection is gone: forget everything, send nothing. (Its callbacks are
+        the connection's methods: dropping them breaks the reference cycle, so a closed
+        connection is freed at once, not by a later full garbage collection.)"""
         self.closed = True
         self.box.reset()
         self._after.clear()
+        self._wake = _nothing
+        self._output_busy = _never
+        self._on_failure = _ignore_reason
+        self.on_subscription_failed = None
+
 
 
 def _epoch(timestamp: dt.datetime) -> float:
