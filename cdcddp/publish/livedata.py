@@ -123,8 +123,7 @@ _GC_PAUSE_ENTRIES: Final = 64
 # time. 4 rather than 2 caught up a backlog spread over 1,000 clients 13 % faster (a write
 # costs a syscall whatever it carries), with fan-out latency unchanged.
 _WAIT_PER_WRITE_TIME: Final = 4
-# New observers' snapshots read in one transaction at most (those queued meanwhile), and the
-# batches read at once: half the pool, so a reconnect storm leaves threads for method calls.
+# Snapshot reads done in one transaction at most (new observers': those queued meanwhile).
 _SNAPSHOT_BATCH_MAX: Final = 32
 # A batch this large means many subscriptions at once (a reconnect storm): what was built
 # until then (observers, connections) is promoted to the oldest GC generation, so young
@@ -859,9 +858,11 @@ class LiveData:
         # number, not an entry per query (10,000 subscribing at once made a list's min()
         # quadratic); the numbers in flight at once are few.
         self._snapshots_in_flight: Counter[int] = Counter()
-        # New observers' snapshots waiting to be read (see _snapshot_batches).
+        # New observers' snapshots waiting to be read (see _snapshot_batches), by half the
+        # pool's threads at most, so a reconnect storm leaves threads for method calls.
         self._snapshot_queue, self._snapshot_batched = \
             trio.open_memory_channel[SnapshotRead](math.inf)
+        self._snapshot_readers = max(1, database.size // 2)
         self._xid_waiters: dict[int, trio.Event] = {}
         self._held_clients: set[LiveClient] = set()  # changed while the gate was closed
         # Clients applied commits changed, flushed by _flusher once the consumer waits.
@@ -933,7 +934,7 @@ class LiveData:
                 self.stream = stream
                 nursery.start_soon(self._flusher)
                 nursery.start_soon(self._catch_up_rounds)
-                for _ in range(max(1, self.database.size // 2)):
+                for _ in range(self._snapshot_readers):
                     nursery.start_soon(self._snapshot_batches, self._snapshot_batched)
                 self._started.set()
                 task_status.started()
@@ -1544,6 +1545,19 @@ class LiveData:
             if len(batch) >= _STORM_BATCH:
                 promote_young_objects()  # (see _STORM_BATCH)
 
+    async def _read_now(self, reads: list[SnapshotRead]) -> None:
+        """Read these in batches, as many at once as the queue's readers, without queueing
+        (the consumer waits for them: a stream gap resyncs every observer while clients wait,
+        and must not wait behind a reconnect storm's queue too)."""
+        limiter = trio.CapacityLimiter(self._snapshot_readers)
+
+        async def read_batch(batch: list[SnapshotRead]) -> None:
+            async with limiter:
+                await self._read_snapshots(batch)
+        async with trio.open_nursery() as nursery:
+            for start in range(0, len(reads), _SNAPSHOT_BATCH_MAX):
+                nursery.start_soon(read_batch, reads[start:start + _SNAPSHOT_BATCH_MAX])
+
     async def _read_snapshots(self, reads: list[SnapshotRead]) -> None:
         """Each read's rows under one snapshot that sees every transaction delivered so far
         (retaken, after a moment, while one is decoded but not yet visible); a read that
@@ -1804,14 +1818,10 @@ class LiveData:
         labels ``cdcddp_resyncs_total``."""
         clients: set[LiveClient] = set()
         reloaded = False
-        # Read in batches, as new observers' are: a stream gap resyncs every observer while
-        # clients wait.
-        reads: dict[ObserverEntry, SnapshotRead] = {}
-        for entry in entries:
-            if entry.live:
-                reads[entry] = self._queue_snapshot(entry.bound, _row_list)
+        reads = {entry: SnapshotRead(entry.bound, _row_list) for entry in entries
+                 if entry.live}
+        await self._read_now(list(reads.values()))
         for entry, read in reads.items():
-            await read.finished.wait()
             self.resyncs += 1
             self.resync_reasons[reason] += 1
             if read.error is not None:
