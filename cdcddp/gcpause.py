@@ -48,3 +48,31 @@ def promote_young_objects() -> None:
     gc.freeze()
     gc.unfreeze()
 
+
+class Promotion:
+    """Promotes the young generation (:func:`promote_young_objects`) once every ``every``
+    long-lived things are built one after another (connections set up, observers created).
+
+    In a storm of them (clients reconnecting after a deploy) young and middle collections
+    otherwise walk everything built so far again and again, finding nothing to free: with
+    4,000 connections set up one after another a middle collection took 60-100 ms, 14 % of
+    the server's time. Outside storms it promotes rarely, and only what is young then.
+    """
+
+    __slots__ = ("_built", "every")
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._built = 0
+
+    def built(self, count: int = 1) -> None:
+        self._built += count
+        if self._built >= self.every:
+            self._built = 0
+            promote_young_objects()
+
+
+# Shared by the server (connections) and the live-data engine (observers): one count of what
+# the process builds to keep.
+storm_promotion = Promotion(256)
+

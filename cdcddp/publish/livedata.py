@@ -68,7 +68,12 @@ from cdcddp.db import Database, ensure_types, execute_as_decoded
 from cdcddp.ddp import messages
 from cdcddp.ddp.mergebox import MergeBox, MergeBoxError, Transition, transition_op
 from cdcddp.ddp.session import ServerSession
-from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
+from cdcddp.gcpause import (
+    LARGE_RESULT_ROWS,
+    gc_paused,
+    promote_young_objects,
+    storm_promotion,
+)
 from cdcddp.publish.definition import BoundCursor
 from cdcddp.publish.filters import quoted
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
@@ -125,11 +130,6 @@ _GC_PAUSE_ENTRIES: Final = 64
 _WAIT_PER_WRITE_TIME: Final = 4
 # Snapshot reads done in one transaction at most (new observers': those queued meanwhile).
 _SNAPSHOT_BATCH_MAX: Final = 32
-# A batch this large means many subscriptions at once (a reconnect storm): what was built
-# until then (observers, connections) is promoted to the oldest GC generation, so young
-# collections stop walking it again and again (10,000 subscriptions: 0.5-0.7 s of
-# collections with pauses up to 150 ms before, none after).
-_STORM_BATCH: Final = 8
 SubKey = Hashable  # a merge-box subscription id: the DDP sub id, or a universal handle
 
 
@@ -1542,8 +1542,7 @@ class LiveData:
             finally:
                 for read in batch:
                     read.finished.set()
-            if len(batch) >= _STORM_BATCH:
-                promote_young_objects()  # (see _STORM_BATCH)
+            storm_promotion.built(len(batch))
 
     async def _read_now(self, reads: list[SnapshotRead]) -> None:
         """Read these in batches, as many at once as the queue's readers, without queueing

@@ -35,6 +35,7 @@ import trio_websocket
 from cdcddp.app import App
 from cdcddp.db import Database
 from cdcddp.ddp.session import ServerSession
+from cdcddp.gcpause import storm_promotion
 from cdcddp.methods.context import LoginState
 from cdcddp.metrics import Metrics
 from cdcddp.publish.livedata import LiveData, LiveDataConfig
@@ -316,6 +317,7 @@ class Server:
                                     on_tokens_revoked=self._tokens_revoked,
                                     metrics=self.metrics)
             self._handlers[scope] = connection
+            storm_promotion.built()  # (a connection lives long: see cdcddp.gcpause.Promotion)
             metrics = self.metrics
             if metrics is not None:
                 metrics.session_opened()
