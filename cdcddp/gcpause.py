@@ -75,4 +75,3 @@ class Promotion:
 # Shared by the server (connections) and the live-data engine (observers): one count of what
 # the process builds to keep.
 storm_promotion = Promotion(256)
-

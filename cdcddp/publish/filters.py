@@ -708,9 +708,9 @@ def _compile(node: BoundNode) -> TriPredicate:
 
 @lru_cache(maxsize=4096)
 def quoted(name: str) -> sql.SQL:
-    """An identifier quoted once, as query text (``sql.Identifier`` quotes through libpq at
-    every use: thousands of subscriptions starting at once paid it per snapshot query). A
-    ``%`` is doubled: these queries always go with parameters, which makes ``%`` special."""
+    """An identifier as query text, quoted once per name, with ``%`` doubled: the queries it
+    goes into always have parameters, and psycopg reads a ``%`` in them as a placeholder (a
+    table or column named with one made the query fail; ``sql.Identifier`` leaves it)."""
     return sql.SQL(sql.Identifier(name).as_string(None).replace("%", "%%"))
 
 
