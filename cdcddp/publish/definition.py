@@ -183,6 +183,11 @@ class BoundCursor:
     filter: BoundFilter
 
     @property
+    def table(self) -> tuple[str, str]:
+        """(schema, table) of the cursor's table."""
+        return self.cursor.schema_name, self.cursor.table_name
+
+    @property
     def key(self) -> tuple[Any, ...]:
         """Equal keys mean identical results: subscriptions with equal keys can share an
         observer (the user only matters if the filter used it)."""

@@ -419,7 +419,7 @@ class ObserverEntry:
 
     @property
     def table(self) -> TableName:
-        return (self.bound.cursor.schema_name, self.bound.cursor.table_name)
+        return self.bound.table
 
 
 class TableRoutes:
@@ -687,11 +687,6 @@ class SnapshotRead:
     error: BaseException | None = None
     finished: trio.Event = field(default_factory=trio.Event)
 
-    @property
-    def table(self) -> TableName:
-        cursor = self.bound.cursor
-        return cursor.schema_name, cursor.table_name
-
 
 class _ReadsInterrupted(Exception):
     """A read failed in PostgreSQL, which ends its transaction: the reads without an error
@@ -699,10 +694,11 @@ class _ReadsInterrupted(Exception):
 
 
 def _snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead]
-                    ) -> tuple[Snapshot, int]:
+                    ) -> tuple[Snapshot | None, int]:
     """Every read's rows in this one REPEATABLE READ transaction (one snapshot, each table's
-    shape read once), and that snapshot and its WAL position; a read that fails gets its
-    error and the others go on, unless the transaction failed (:class:`_ReadsInterrupted`).
+    shape read once), and that snapshot and its WAL position (None: every read failed before
+    it was taken); a read that fails gets its error and the others go on, unless the
+    transaction failed (:class:`_ReadsInterrupted`).
 
     Subscriptions that start together (clients reconnecting after a restart) then cost one
     transaction, snapshot statement and thread hand-off per batch instead of each."""
@@ -711,7 +707,7 @@ def _snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead]
     lsn = 0
     shapes: dict[TableName, TableShape] = {}
     for read in reads:
-        table = read.table
+        table = read.bound.table
         try:
             shape = shapes.get(table)
             if shape is None:
@@ -732,8 +728,6 @@ def _snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead]
             read.error = exc
             if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
                 raise _ReadsInterrupted from exc
-    if snapshot is None:  # no read got that far (every one failed in Python)
-        snapshot, lsn = _begin_snapshot(conn)
     return snapshot, lsn
 
 
@@ -1584,6 +1578,8 @@ class LiveData:
                 in_flight[delivered_before] -= 1
                 if not in_flight[delivered_before]:
                     del in_flight[delivered_before]
+            if snapshot is None:
+                continue  # every read failed: nothing is left to read
             self.snapshot_queries += len(pending)
             if self.metrics is not None:
                 elapsed = time.monotonic() - started
