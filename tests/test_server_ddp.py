@@ -3,6 +3,7 @@ heartbeats, methods and publications through the App, limits, stuck clients, shu
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 
@@ -11,6 +12,8 @@ import trio
 import trio_websocket
 
 from cdcddp.ddp.session import SessionConfig
+from cdcddp.server import http
+from cdcddp.server.connection import Connection
 from cdcddp.server.server import Server
 from tests.server_support import (
     FIXED_ITEMS,
@@ -36,6 +39,22 @@ async def test_connect_ping_and_pipelining() -> None:
         assert {"msg": "updated", "methods": ["1"]} in got
         await peer.send({"msg": "ping"})
         assert await peer.recv() == {"msg": "pong"}
+
+
+async def test_an_open_connection_keeps_nothing_of_its_handshake() -> None:
+    """An idle connection's memory is what the server holds by the thousand: the parsed
+    request head and trio-websocket's request object are garbage once the WebSocket is open,
+    and a Connection has no attribute dict (idle_conn_kb in tests/bench/connections.py)."""
+    async with running_server() as server, raw_ddp(server.ws_url) as peer:
+        await peer.send({"msg": "method", "id": "1", "method": "echo", "params": ["x"]})
+        assert (await peer.recv())["msg"] == "result"
+        gc.collect()
+        alive = gc.get_objects()
+        connections = [o for o in alive if isinstance(o, Connection)]
+        assert len(connections) == 1
+        assert not hasattr(connections[0], "__dict__")
+        assert [o for o in alive if isinstance(o, http.RequestHead)] == []
+        assert [o for o in alive if isinstance(o, trio_websocket.WebSocketRequest)] == []
 
 
 async def test_failed_version_closes() -> None:

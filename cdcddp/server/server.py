@@ -195,7 +195,11 @@ class Server:
                     peer = stream.socket.getpeername()[0]
                 except (OSError, AttributeError, IndexError):
                     peer = None
-                await self._serve_http(stream, scope, peer)
+                upgrade = await self._serve_http(stream, peer)
+                if upgrade is not None:
+                    # (called here, not from _serve_http: the request head it parsed is
+                    # garbage before the connection starts its long life)
+                    await self._serve_websocket(*upgrade, scope, peer)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             except Exception:
@@ -238,8 +242,9 @@ class Server:
 
     # ---- HTTP front ------------------------------------------------------------------------
 
-    async def _serve_http(self, stream: trio.SocketStream, scope: trio.CancelScope,
-                          peer: str | None = None) -> None:
+    async def _serve_http(self, stream: trio.SocketStream, peer: str | None = None
+                          ) -> tuple[ReplayStream, Framing] | None:
+        """Read and answer one HTTP request; a WebSocket upgrade is returned to be served."""
         config = self.config
         buffer = bytearray()
         end: int | None = None
@@ -272,9 +277,7 @@ class Server:
                 await self._respond(stream, http.text_response(503, "Shutting down\n"))
                 return
             framing = Framing(sockjs=kind is http.RouteKind.SOCKJS_WEBSOCKET)
-            replay = ReplayStream(stream, bytes(buffer[:end]), bytes(buffer[end:]))
-            await self._serve_websocket(replay, framing, scope, peer)
-            return
+            return ReplayStream(stream, bytes(buffer[:end]), bytes(buffer[end:])), framing
         response = http.plain_response(
             head, kind, entropy=secrets.randbits(32), healthy=not self._shutting_down,
             static=config.static,
@@ -306,6 +309,7 @@ class Server:
                 request = await trio_websocket.wrap_server_stream(
                     ws_nursery, stream, max_message_size=config.ws_max_message_chars)
                 ws = await request.accept()
+                del request  # its copy of the request headers need not live as long as ws
                 stream.release()
             if ws is None:
                 ws_nursery.cancel_scope.cancel()
