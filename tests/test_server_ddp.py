@@ -10,6 +10,7 @@ import logging
 import pytest
 import trio
 import trio_websocket
+import wsproto.events
 
 from cdcddp.ddp.session import SessionConfig
 from cdcddp.server import http
@@ -43,8 +44,8 @@ async def test_connect_ping_and_pipelining() -> None:
 
 async def test_an_open_connection_keeps_nothing_of_its_handshake() -> None:
     """An idle connection's memory is what the server holds by the thousand: the parsed
-    request head and trio-websocket's request object are garbage once the WebSocket is open,
-    and a Connection has no attribute dict (idle_conn_kb in tests/bench/connections.py)."""
+    request head is garbage once the WebSocket is open, and neither the Connection nor its
+    WebSocket has an attribute dict (idle_conn_kb in tests/bench/connections.py)."""
     async with running_server() as server, raw_ddp(server.ws_url) as peer:
         await peer.send({"msg": "method", "id": "1", "method": "echo", "params": ["x"]})
         assert (await peer.recv())["msg"] == "result"
@@ -53,8 +54,37 @@ async def test_an_open_connection_keeps_nothing_of_its_handshake() -> None:
         connections = [o for o in alive if isinstance(o, Connection)]
         assert len(connections) == 1
         assert not hasattr(connections[0], "__dict__")
+        assert not hasattr(connections[0]._ws, "__dict__")
         assert [o for o in alive if isinstance(o, http.RequestHead)] == []
-        assert [o for o in alive if isinstance(o, trio_websocket.WebSocketRequest)] == []
+
+
+async def test_websocket_pings_fragments_and_pipelined_frames() -> None:
+    """WebSocket-level details a client may use: a ping is answered, a message in fragments
+    arrives whole, and frames sent right behind the upgrade request are not lost."""
+    async with running_server() as server:
+        async with raw_ddp(server.ws_url) as peer:
+            with trio.fail_after(5):
+                await peer.ws.ping(b"are you there")  # returns once the pong arrives
+            await peer.ws._send(wsproto.events.TextMessage(  # (trio-websocket has no API
+                '{"msg":"method","id":"f","method":"echo",', message_finished=False))  # for it)
+            await peer.ws._send(wsproto.events.TextMessage('"params":[1]}'))
+            assert await peer.recv() == {"msg": "result", "id": "f", "result": [1]}
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        connect = json.dumps({"msg": "connect", "version": "1", "support": ["1"]}).encode()
+        request = (f"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                   f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
+        frame = bytes([0x81, 0x80 | len(connect)]) + b"mask" + bytes(
+            b ^ b"mask"[i % 4] for i, b in enumerate(connect))
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(request + frame)  # one write: the frame follows the head
+            received = b""
+            with trio.fail_after(5):
+                while b"connected" not in received:
+                    received += await stream.receive_some(4096)
+        assert received.startswith(b"HTTP/1.1 101 ")
+        assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in received
 
 
 async def test_failed_version_closes() -> None:

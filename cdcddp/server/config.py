@@ -14,8 +14,8 @@ class ServerConfig:
     # HTTP front: a client gets this long and this many bytes to send its request head.
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
     head_timeout: float = 10.0
-    # Absurd WebSocket messages close the connection (1009) inside trio-websocket; anything up
-    # to this size reaches the session, which answers a too-large DDP message with `error`.
+    # Absurd WebSocket messages close the connection (1009, cdcddp.server.websocket); anything
+    # up to this size reaches the session, which answers a too-large DDP message with `error`.
     ws_max_message_chars: int = 16 * 1_048_576
     # A client that does not read: pending outgoing bytes beyond this, or one write stuck
     # longer than send_timeout, disconnects it. Other connections never wait for it.

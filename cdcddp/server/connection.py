@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
-import trio_websocket
 
 from cdcddp.app import App, MethodContext, MethodHandler, PublicationHandler, bind_params
 from cdcddp.db import Database
@@ -57,6 +56,7 @@ from cdcddp.publish.visibility import Snapshot
 from cdcddp.server.config import ServerConfig
 from cdcddp.server.sockjs import HEARTBEAT_FRAME, SockJSFramingError
 from cdcddp.server.transport import FrameWriter, Framing
+from cdcddp.server.websocket import ConnectionClosed, ServerWebSocket
 
 if TYPE_CHECKING:
     from cdcddp.metrics import Metrics
@@ -204,7 +204,7 @@ class Connection:
                  "connection_id", "database", "framing", "live", "login", "metrics",
                  "peer_address", "secure_transport", "session", "user_id")
 
-    def __init__(self, *, app: App, session: ServerSession, ws: trio_websocket.WebSocketConnection,
+    def __init__(self, *, app: App, session: ServerSession, ws: ServerWebSocket,
                  framing: Framing, config: ServerConfig, live: LiveData | None = None,
                  database: Database | None = None, peer_address: str | None = None,
                  tls: bool = False,
@@ -343,7 +343,7 @@ class Connection:
                 if self._close_request is None:
                     nursery.cancel_scope.cancel()  # the peer left: nothing more to send
                 # else the pump flushes, closes, then cancels
-        except trio_websocket.ConnectionClosed:
+        except ConnectionClosed:
             pass
         finally:
             for sub in [*self._subs.values(), *self._universal]:
@@ -371,7 +371,7 @@ class Connection:
                 await self._write(self.framing.outgoing(pending)
                                   + self.framing.closing_frames(code, reason))
                 await self._ws.aclose(code, reason)
-            except trio_websocket.ConnectionClosed:
+            except ConnectionClosed:
                 pass
 
     # ---- tasks -----------------------------------------------------------------------------
@@ -380,9 +380,9 @@ class Connection:
         while True:
             try:
                 frame = await self._ws.get_message()
-            except trio_websocket.ConnectionClosed:
+            except ConnectionClosed:
                 return
-            # Once closing, keep draining (so trio-websocket can see the peer's Close reply)
+            # Once closing, keep draining (so the WebSocket sees the peer's Close reply)
             # but act on nothing: messages after `failed` or a close are ignored.
             if self._close_request is None:
                 self._receive_frame(frame, trio.current_time())

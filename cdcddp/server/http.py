@@ -1,9 +1,8 @@
 """The HTTP front: request-head parsing, routing and plain responses (pure functions, no I/O).
 
-trio-websocket answers any non-upgrade request with a bare 400 before our code runs, so the
-server reads the request head itself, routes it here, answers plain routes (``/sockjs/info``,
-``/healthz``, static files later) and hands WebSocket upgrades, head included, to
-trio-websocket.
+The server reads each request head itself, routes it here, answers plain routes
+(``/sockjs/info``, ``/healthz``, ``/readyz``, static files) and accepts WebSocket upgrades
+(:mod:`cdcddp.server.websocket`).
 """
 
 from __future__ import annotations
@@ -145,11 +144,7 @@ def route(head: RequestHead) -> RouteKind:
 
 
 def websocket_handshake_problem(head: RequestHead) -> str | None:
-    """Why this head is not a WebSocket handshake we hand to trio-websocket (None if it is).
-
-    wsproto rejects bad handshakes too, but by then the stream belongs to trio-websocket; a
-    plain 400 from here is clearer and cannot hang a connection.
-    """
+    """Why this head is not a WebSocket handshake we accept (None if it is): a plain 400."""
     if head.method != "GET" or head.version != "HTTP/1.1":
         return "WebSocket handshake must be GET over HTTP/1.1"
     if not is_websocket_upgrade(head):

@@ -28,9 +28,9 @@ import gc
 import logging
 import secrets
 import signal
+from typing import NamedTuple
 
 import trio
-import trio_websocket
 
 from cdcddp.app import App
 from cdcddp.db import Database
@@ -39,10 +39,10 @@ from cdcddp.gcpause import storm_promotion
 from cdcddp.methods.context import LoginState
 from cdcddp.metrics import Metrics
 from cdcddp.publish.livedata import LiveData, LiveDataConfig
-from cdcddp.server import http
+from cdcddp.server import http, websocket
 from cdcddp.server.config import ServerConfig
 from cdcddp.server.connection import GOING_AWAY, Connection
-from cdcddp.server.transport import Framing, ReplayStream
+from cdcddp.server.transport import Framing
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,14 @@ RECEIVE_CHUNK = 4096
 LINGER_SECONDS = 1.0
 LINGER_MAX_BYTES = 1_048_576
 TOKEN_REVOKED = (1000, "Login token revoked")
+
+
+class WebSocketUpgrade(NamedTuple):
+    """A request head the HTTP front accepted as a WebSocket upgrade."""
+
+    framing: Framing
+    key: str  # Sec-WebSocket-Key
+    received: bytes  # what the client sent after the head (pipelined frames)
 
 
 class Server:
@@ -199,7 +207,7 @@ class Server:
                 if upgrade is not None:
                     # (called here, not from _serve_http: the request head it parsed is
                     # garbage before the connection starts its long life)
-                    await self._serve_websocket(*upgrade, scope, peer)
+                    await self._serve_websocket(stream, upgrade, scope, peer)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             except Exception:
@@ -243,7 +251,7 @@ class Server:
     # ---- HTTP front ------------------------------------------------------------------------
 
     async def _serve_http(self, stream: trio.SocketStream, peer: str | None = None
-                          ) -> tuple[ReplayStream, Framing] | None:
+                          ) -> WebSocketUpgrade | None:
         """Read and answer one HTTP request; a WebSocket upgrade is returned to be served."""
         config = self.config
         buffer = bytearray()
@@ -276,8 +284,9 @@ class Server:
             if self._shutting_down:
                 await self._respond(stream, http.text_response(503, "Shutting down\n"))
                 return
-            framing = Framing(sockjs=kind is http.RouteKind.SOCKJS_WEBSOCKET)
-            return ReplayStream(stream, bytes(buffer[:end]), bytes(buffer[end:])), framing
+            return WebSocketUpgrade(
+                Framing(sockjs=kind is http.RouteKind.SOCKJS_WEBSOCKET),
+                head.header("sec-websocket-key") or "", bytes(buffer[end:]))
         response = http.plain_response(
             head, kind, entropy=secrets.randbits(32), healthy=not self._shutting_down,
             static=config.static,
@@ -300,46 +309,40 @@ class Server:
 
     # ---- WebSocket -------------------------------------------------------------------------
 
-    async def _serve_websocket(self, stream: ReplayStream, framing: Framing,
+    async def _serve_websocket(self, stream: trio.SocketStream, upgrade: WebSocketUpgrade,
                                scope: trio.CancelScope, peer: str | None = None) -> None:
         config = self.config
-        async with trio.open_nursery() as ws_nursery:
-            ws: trio_websocket.WebSocketConnection | None = None
-            with trio.move_on_after(config.head_timeout):
-                request = await trio_websocket.wrap_server_stream(
-                    ws_nursery, stream, max_message_size=config.ws_max_message_chars)
-                ws = await request.accept()
-                del request  # its copy of the request headers need not live as long as ws
-                stream.release()
-            if ws is None:
-                ws_nursery.cancel_scope.cancel()
-                return
-            session = ServerSession(config.session)
-            connection = Connection(app=self.app, session=session, ws=ws, framing=framing,
-                                    config=config, live=self.live, database=self.database,
-                                    peer_address=peer, on_login=self._login_changed,
-                                    on_tokens_revoked=self._tokens_revoked,
-                                    metrics=self.metrics)
-            self._handlers[scope] = connection
-            storm_promotion.built()  # (a connection lives long: see cdcddp.gcpause.Promotion)
-            metrics = self.metrics
+        with trio.move_on_after(config.send_timeout) as handshake:
+            await stream.send_all(websocket.handshake_response(upgrade.key))
+        if handshake.cancelled_caught:
+            return
+        ws = websocket.ServerWebSocket(stream, upgrade.received,
+                                       max_message_size=config.ws_max_message_chars)
+        session = ServerSession(config.session)
+        connection = Connection(app=self.app, session=session, ws=ws, framing=upgrade.framing,
+                                config=config, live=self.live, database=self.database,
+                                peer_address=peer, on_login=self._login_changed,
+                                on_tokens_revoked=self._tokens_revoked,
+                                metrics=self.metrics)
+        self._handlers[scope] = connection
+        storm_promotion.built()  # (a connection lives long: see cdcddp.gcpause.Promotion)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.session_opened()
+        finished = False
+        try:
+            if self._shutting_down:
+                connection.request_close(*GOING_AWAY)
+            await connection.run()
+            finished = True
+        finally:
             if metrics is not None:
-                metrics.session_opened()
-            finished = False
-            try:
-                if self._shutting_down:
-                    connection.request_close(*GOING_AWAY)
-                await connection.run()
-                finished = True
-            finally:
-                if metrics is not None:
-                    reason = connection.close_reason
-                    if not finished and reason == "client":  # cancelled, or run() failed
-                        reason = "shutdown" if self._shutting_down else "server_error"
-                    metrics.session_closed(reason)
-                self._forget_token(connection, connection.login.login_token_hash)
-                self._handlers[scope] = None
-                ws_nursery.cancel_scope.cancel()
+                reason = connection.close_reason
+                if not finished and reason == "client":  # cancelled, or run() failed
+                    reason = "shutdown" if self._shutting_down else "server_error"
+                metrics.session_closed(reason)
+            self._forget_token(connection, connection.login.login_token_hash)
+            self._handlers[scope] = None
 
 
 async def serve(app: App, *, host: str = "127.0.0.1", port: int = 0,
