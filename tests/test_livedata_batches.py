@@ -15,7 +15,15 @@ from cdcddp.client import connect
 from cdcddp.publish.definition import Cursor
 from cdcddp.publish.livedata import SnapshotRead, _row_list
 from cdcddp.publish.visibility import Snapshot
-from tests.livedata_support import asql, check_message_log, expected_view, live_server, sql, store
+from tests.livedata_support import (
+    SCHEMA,
+    asql,
+    check_message_log,
+    expected_view,
+    live_server,
+    sql,
+    store,
+)
 
 CATEGORIES = [f"c{i}" for i in range(40)]
 
@@ -126,4 +134,74 @@ async def test_a_failing_read_does_not_fail_the_others_in_its_transaction(db_dsn
             assert read.snapshot is good_a.snapshot  # one snapshot for all of them
             assert read.shape is not None and "title" in read.shape
         # the pool's connections are fine afterwards
+        assert await live.database.fetchall("SELECT 1") == [(1,)]
+
+
+class CountingCursor(psycopg.Cursor[Any]):
+    """A real cursor that counts the statements run through it."""
+
+    statements = 0
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        CountingCursor.statements += 1
+        return super().execute(*args, **kwargs)
+
+    def stream(self, *args: Any, **kwargs: Any) -> Any:
+        CountingCursor.statements += 1
+        return super().stream(*args, **kwargs)
+
+
+def test_reads_of_the_same_columns_share_one_statement(db_dsn: str) -> None:
+    """A batch's reads of one table and column list are one UNION ALL statement; each read
+    still gets exactly its rows (none, one, several), and a read of other columns its own."""
+    from cdcddp.publish.filters import C
+    from cdcddp.publish.livedata import _snapshot_reads
+
+    sql(db_dsn, SCHEMA)
+    sql(db_dsn, "INSERT INTO items (category, title, rank) SELECT 'c' || (g % 7), 't' || g, g "
+                "FROM generate_series(1, 60) g")
+    by_category = [Cursor("items", fields=["title", "rank"], filter=C("category") == f"c{k}")
+                   for k in range(9)]  # c7 and c8 match nothing
+    by_rank = Cursor("items", fields=["title", "rank"],  # the same columns: id, title, rank,
+                     filter=(C("rank") < 5) & (C("category") != "c1"))  # category
+    other = Cursor("items", fields=["title"], filter=C("rank") >= 58)
+    reads = [SnapshotRead(c.bind(), _row_list) for c in [*by_category, by_rank, other]]
+    with psycopg.connect(db_dsn, cursor_factory=CountingCursor) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # as the pool begins it
+        CountingCursor.statements = 0
+        snapshot, _ = _snapshot_reads(conn, reads)
+        # the snapshot (with the table's shape), one statement for the ten reads of
+        # (title, rank) columns, one for the read of other columns
+        assert CountingCursor.statements == 3
+    assert snapshot is not None
+    wheres = [f"category = 'c{k}'" for k in range(9)] + ["rank < 5 AND category <> 'c1'",
+                                                          "rank >= 58"]
+    for read, where in zip(reads, wheres, strict=True):
+        assert read.error is None
+        assert sorted(read.result) == _rows(db_dsn, read.bound.columns, where)
+        assert read.shape is not None and "rank" in read.shape
+
+
+async def test_a_failure_in_a_shared_statement_fails_only_its_own_read(db_dsn: str) -> None:
+    """PostgreSQL refuses one read of a shared statement (a text compared with an integer
+    column): the reads are read again one by one, and only that one fails."""
+    from cdcddp.publish.filters import C
+
+    async with live_server(db_dsn) as server:
+        live = server.live
+        assert live is not None
+        await asql(db_dsn, "INSERT INTO items (category, title, rank) VALUES ('a', 'one', 1), "
+                           "('b', 'two', 2)")
+        rank = [Cursor("items", fields=["title", "rank"], filter=C("rank") == value)
+                for value in (1, "not a number", 2)]
+        reads = [SnapshotRead(c.bind(), _row_list) for c in rank]
+        before = live.snapshot_transactions
+        await live._read_snapshots(reads)
+        one, bad, two = reads
+        assert isinstance(bad.error, psycopg.errors.UndefinedFunction), repr(bad.error)
+        assert one.error is two.error is None
+        assert [one.result, two.result] == [[(1, "one", 1)], [(2, "two", 2)]]
+        # together (failed), one by one (the bad one failed), the others again
+        assert live.snapshot_transactions - before == 3
+        assert one.snapshot is two.snapshot is not None
         assert await live.database.fetchall("SELECT 1") == [(1,)]

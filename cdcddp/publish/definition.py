@@ -199,13 +199,16 @@ class BoundCursor:
     def columns(self) -> tuple[str, ...]:
         return self.cursor.columns_for(self.filter)
 
-    def snapshot_query(self) -> tuple[sql.Composed, list[Any]]:
-        """``SELECT <columns> FROM <schema>.<table> WHERE <filter>`` and its parameters."""
+    def snapshot_query(self, tag: int | None = None) -> tuple[sql.Composed, list[Any]]:
+        """``SELECT <columns> FROM <schema>.<table> WHERE <filter>`` and its parameters; with a
+        ``tag``, each row starts with that number (reads combined in one statement)."""
         where, params = self.filter.where()
         cursor = self.cursor
+        columns = sql.SQL(", ").join(map(quoted, self.columns))
+        if tag is not None:
+            columns = sql.SQL("{}, {}").format(sql.Literal(tag), columns)
         query = sql.SQL("SELECT {} FROM {}.{} WHERE {}").format(
-            sql.SQL(", ").join(map(quoted, self.columns)), quoted(cursor.schema_name),
-            quoted(cursor.table_name), where)
+            columns, quoted(cursor.schema_name), quoted(cursor.table_name), where)
         return query, params
 
     @property

@@ -55,7 +55,15 @@ import math
 import secrets
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Generator, Hashable, Iterable, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -640,37 +648,75 @@ def _table_shape(columns: Iterable[tuple[str, str, str]] | None) -> TableShape:
     return {name: (int(oid), varlena == "true") for name, oid, varlena in columns or ()}
 
 
+def _result_cursor(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableShape
+                   ) -> psycopg.Cursor[Any]:
+    """A cursor for ``bound``'s snapshot rows, loading them as the stream decodes them."""
+    # A column of a type created since the type catalog was loaded: reload it first, so the
+    # rows load as the stream decodes them.
+    ensure_types(conn, [shape[column][0] for column in bound.columns if column in shape])
+    # Binary results parse faster (a large snapshot reads about a third faster), where they
+    # give the values the stream decodes.
+    binary = all(shape.get(column, (0,))[0] in BINARY_LOADS_AS_DECODED
+                 for column in bound.columns)
+    return conn.cursor(binary=binary)
+
+
+@contextmanager
+def _result_rows(cursor: psycopg.Cursor[Any], query: sql.Composed, params: list[Any]
+                 ) -> Iterator[Iterable[Values]]:
+    """The query's rows as they arrive, in chunks where libpq can (so loading them overlaps
+    the server's reading and sending them)."""
+    if not _STREAM_CHUNKED:
+        yield cursor.execute(query, params).fetchall()
+        return
+    stream = cursor.stream(query, params, size=_SNAPSHOT_CHUNK_ROWS)
+    try:
+        yield stream
+    finally:
+        # Rows not taken (a take that failed midway): cancel and drain the query here, or
+        # the rollback that follows waits on it forever.
+        stream.close()
+
+
 def _read_rows(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableShape,
                take: Callable[[Iterable[Values], Snapshot, int], T],
                snapshot: Snapshot, lsn: int) -> T:
     """``take(rows, snapshot, lsn)`` of the cursor's rows (values tuples in the order the
     query selects the bound cursor's ``columns``, as the observer keeps them), read in the
     transaction under way (whose snapshot, WAL position and table shape are given).
-    ``take`` gets the rows as they arrive, in chunks where libpq can (so loading them
-    overlaps the server's reading and sending them)."""
-    # A column of a type created since the type catalog was loaded: reload it first, so the
-    # rows load as the stream decodes them.
-    ensure_types(conn, [shape[column][0] for column in bound.columns if column in shape])
+    ``take`` gets the rows as they arrive."""
+    cursor = _result_cursor(conn, bound, shape)
     query, params = bound.snapshot_query()
-    # Binary results parse faster (a large snapshot reads about a third faster), where they
-    # give the values the stream decodes.
-    binary = all(shape.get(column, (0,))[0] in BINARY_LOADS_AS_DECODED
-                 for column in bound.columns)
-    cursor = conn.cursor(binary=binary)
-    stream: Generator[Values, None, None] | None = None
-    rows: Iterable[Values]
-    if _STREAM_CHUNKED:
-        rows = stream = cursor.stream(query, params, size=_SNAPSHOT_CHUNK_ROWS)
-    else:
-        rows = cursor.execute(query, params).fetchall()
-    try:
-        with gc_paused():  # (see cdcddp.gcpause)
-            return take(rows, snapshot, lsn)
-    finally:
-        if stream is not None:
-            # A take that failed midway: cancel and drain the query here, or the rollback
-            # that follows waits on it forever.
-            stream.close()
+    with _result_rows(cursor, query, params) as rows, gc_paused():  # (see cdcddp.gcpause)
+        return take(rows, snapshot, lsn)
+
+
+def _read_together(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
+                   shape: TableShape, snapshot: Snapshot, lsn: int) -> None:
+    """Reads of the same columns of one table, in one statement: their queries joined by
+    UNION ALL, each row tagged with its read's place. A round trip and a statement cost far
+    more than a small result (about a tenth of the CPU per read, for the one or two rows
+    of a typical subscription). A failure in PostgreSQL fails the statement, so it raises;
+    a take that fails fails its own read."""
+    queries = []
+    params: list[Any] = []
+    for tag, read in enumerate(reads):
+        query, read_params = read.bound.snapshot_query(tag)
+        queries.append(sql.SQL("({})").format(query))
+        params += read_params
+    rows_of: list[list[Values]] = [[] for _ in reads]
+    cursor = _result_cursor(conn, reads[0].bound, shape)
+    with _result_rows(cursor, sql.SQL(" UNION ALL ").join(queries), params) as rows, \
+            gc_paused():
+        for row in rows:
+            rows_of[row[0]].append(row[1:])
+    for read, rows in zip(reads, rows_of, strict=True):
+        try:
+            with gc_paused():
+                read.result = read.take(rows, snapshot, lsn)
+            read.shape = shape
+        except Exception as exc:
+            read.error = exc
 
 
 @dataclass(eq=False, slots=True)
@@ -690,22 +736,30 @@ class SnapshotRead:
 
 class _ReadsInterrupted(Exception):
     """A read failed in PostgreSQL, which ends its transaction: the reads without an error
-    are to be read again in a new one."""
+    are to be read again in a new one (``together``: reads combined in one statement
+    failed, and which one it was is unknown: read them one by one)."""
+
+    def __init__(self, together: bool = False) -> None:
+        super().__init__()
+        self.together = together
 
 
-def _snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead]
-                    ) -> tuple[Snapshot | None, int]:
+def _snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
+                    together: bool = True) -> tuple[Snapshot | None, int]:
     """Every read's rows in this one REPEATABLE READ transaction (one snapshot, each table's
     shape read once), and that snapshot and its WAL position (None: every read failed before
     it was taken); a read that fails gets its error and the others go on, unless the
-    transaction failed (:class:`_ReadsInterrupted`).
+    transaction failed (:class:`_ReadsInterrupted`). With ``together``, reads of the same
+    columns of a table are read in one statement (:func:`_read_together`).
 
     Subscriptions that start together (clients reconnecting after a restart) then cost one
-    transaction, snapshot statement and thread hand-off per batch instead of each."""
+    transaction, snapshot statement and thread hand-off per batch instead of each, and a
+    statement per table and column list."""
     _repeatable_read(conn)
     snapshot: Snapshot | None = None
     lsn = 0
     shapes: dict[TableName, TableShape] = {}
+    groups: dict[Hashable, list[SnapshotRead]] = {}
     for read in reads:
         table = read.bound.table
         try:
@@ -720,14 +774,33 @@ def _snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead]
                     found = conn.execute(_TABLE_COLUMNS_SQL, table).fetchone()
                     assert found is not None
                     columns = found[0]
-                shape = shapes[table] = _table_shape(columns)
-            assert snapshot is not None
-            read.result = _read_rows(conn, read.bound, shape, read.take, snapshot, lsn)
-            read.shape = shape
+                shapes[table] = _table_shape(columns)
         except Exception as exc:
             read.error = exc
             if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
                 raise _ReadsInterrupted from exc
+            continue
+        groups.setdefault((table, read.bound.columns) if together else read, []).append(read)
+    for group in groups.values():
+        assert snapshot is not None
+        shape = shapes[group[0].bound.table]
+        if len(group) > 1:
+            try:
+                _read_together(conn, group, shape, snapshot, lsn)
+                continue
+            except Exception as exc:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+                    raise _ReadsInterrupted(together=True) from exc
+                # Failed in Python before any take (a value that does not load, say), and
+                # whose it is is unknown: one by one, in this transaction.
+        for read in group:
+            try:
+                read.result = _read_rows(conn, read.bound, shape, read.take, snapshot, lsn)
+                read.shape = shape
+            except Exception as exc:
+                read.error = exc
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+                    raise _ReadsInterrupted from exc
     return snapshot, lsn
 
 
@@ -1556,6 +1629,7 @@ class LiveData:
         (retaken, after a moment, while one is decoded but not yet visible); a read that
         fails gets its error."""
         delay = 0.001
+        together = True  # reads of the same columns of a table in one statement
         while True:
             pending = [read for read in reads if read.error is None]
             if not pending:
@@ -1566,10 +1640,13 @@ class LiveData:
             started = time.monotonic()
             self.snapshot_transactions += 1
             try:
-                snapshot, lsn = await self.database.run(_snapshot_reads, pending,
+                snapshot, lsn = await self.database.run(_snapshot_reads, pending, together,
                                                         snapshot=True)
-            except _ReadsInterrupted:
-                continue  # the failed read has its error; the others in a new transaction
+            except _ReadsInterrupted as interrupted:
+                # The failed read has its error; the others in a new transaction. (If the
+                # failure was in a combined statement, no read has it yet: one by one.)
+                together = together and not interrupted.together
+                continue
             except Exception as exc:  # the connection, say: no read is done
                 for read in pending:
                     read.error = exc
