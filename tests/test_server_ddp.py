@@ -6,12 +6,15 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import socket
+import struct
 
 import pytest
 import trio
 import trio_websocket
 import wsproto.events
 
+from cdcddp.app import App, MethodContext
 from cdcddp.ddp.session import SessionConfig
 from cdcddp.server import http
 from cdcddp.server.connection import Connection
@@ -85,6 +88,54 @@ async def test_websocket_pings_fragments_and_pipelined_frames() -> None:
                     received += await stream.receive_some(4096)
         assert received.startswith(b"HTTP/1.1 101 ")
         assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in received
+
+
+def masked_text_frame(text: str, mask: bytes = b"mask") -> bytes:
+    data = text.encode()
+    size = len(data)
+    head = bytes([0x81, 0x80 | size]) if size < 126 else (
+        bytes([0x81, 0x80 | 126]) + struct.pack("!H", size))
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+async def test_a_client_vanishing_while_the_server_writes_is_no_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A client that resets its connection while the server writes to it (large results
+    under way) has just left: nothing is logged as an error, and the server serves on."""
+    caplog.set_level(logging.INFO)
+    app = App("vanishing")
+
+    @app.method("big")
+    async def big(ctx: MethodContext) -> str:
+        return "x" * 500_000
+
+    async with running_server(app) as server:
+        for _ in range(5):
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", server.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stream = trio.SocketStream(sock)
+            await stream.send_all(
+                b"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+                + masked_text_frame('{"msg":"connect","version":"1","support":["1"]}')
+                + b"".join(masked_text_frame(json.dumps(
+                    {"msg": "method", "id": str(i), "method": "big", "params": []}))
+                    for i in range(3)))
+            await trio.sleep(0.05)
+            assert (await stream.receive_some(1000)).startswith(b"HTTP/1.1 101")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, with megabytes still to write
+            await trio.sleep(0.05)
+        with trio.fail_after(5):
+            while server.server.connections:
+                await trio.sleep(0.01)
+        async with raw_ddp(server.ws_url) as peer:
+            await peer.send({"msg": "method", "id": "1", "method": "big", "params": []})
+            assert len((await peer.recv())["result"]) == 500_000
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert errors == []
 
 
 async def test_failed_version_closes() -> None:

@@ -343,8 +343,8 @@ class Connection:
                 if self._close_request is None:
                     nursery.cancel_scope.cancel()  # the peer left: nothing more to send
                 # else the pump flushes, closes, then cancels
-        except ConnectionClosed:
-            pass
+        except* ConnectionClosed:
+            pass  # the peer left, also while the pump was writing (then in a group)
         finally:
             for sub in [*self._subs.values(), *self._universal]:
                 if isinstance(sub, LiveSubscription):
