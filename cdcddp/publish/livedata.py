@@ -777,7 +777,7 @@ def _snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead]
                 shapes[table] = _table_shape(columns)
         except Exception as exc:
             read.error = exc
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+            if _transaction_failed(conn):
                 raise _ReadsInterrupted from exc
             continue
         groups.setdefault((table, read.bound.columns) if together else read, []).append(read)
@@ -789,7 +789,7 @@ def _snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead]
                 _read_together(conn, group, shape, snapshot, lsn)
                 continue
             except Exception as exc:
-                if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+                if _transaction_failed(conn):
                     raise _ReadsInterrupted(together=True) from exc
                 # Failed in Python before any take (a value that does not load, say), and
                 # whose it is is unknown: one by one, in this transaction.
@@ -799,9 +799,14 @@ def _snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead]
                 read.shape = shape
             except Exception as exc:
                 read.error = exc
-                if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+                if _transaction_failed(conn):
                     raise _ReadsInterrupted from exc
     return snapshot, lsn
+
+
+def _transaction_failed(conn: psycopg.Connection[Any]) -> bool:
+    """An error ended the transaction (PostgreSQL's, or the connection's)."""
+    return conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS
 
 
 def _shape_differs(expected: TableShape | None, relation: Relation) -> bool:

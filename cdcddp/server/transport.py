@@ -127,7 +127,3 @@ class FrameWriter:
         await self._ws.send_all(data)
         if self._counts is not None:
             self._counts.bytes += len(data)
-
-    async def write_close_frame(self, code: int, reason: str) -> None:
-        """Send a Close frame without waiting for the reply (used when tearing down)."""
-        await self._ws.send_close(code, reason)
