@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -182,22 +183,39 @@ async def raw_ddp(url: str, *, handshake: bool = True, **kwargs: Any) -> AsyncIt
         yield peer
 
 
-async def open_stuck_websocket(port: int, messages: list[str]) -> trio.SocketStream:
-    """A raw WebSocket client with a tiny receive buffer: it sends ``messages`` pipelined
-    behind its handshake (the server must cope), then never reads."""
+# RFC 6455's example key; the server's 101 answers it with this accept value.
+WEBSOCKET_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+WEBSOCKET_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+CONNECT_MESSAGE = '{"msg":"connect","version":"1","support":["1"]}'
+
+
+def masked_text_frame(text: str, mask: bytes = b"mask") -> bytes:
+    """One client text frame (clients mask theirs), for messages under 64 KiB."""
+    payload = text.encode()
+    size = len(payload)
+    head = bytes([0x81, 0x80 | size]) if size < 126 else (
+        bytes([0x81, 0x80 | 126]) + struct.pack("!H", size))
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def open_raw_websocket(port: int, messages: list[str],
+                             receive_buffer: int | None = None) -> trio.SocketStream:
+    """A raw WebSocket client that sends ``connect`` and ``messages`` pipelined behind its
+    handshake, in one write (the server must cope); the 101 and all else is left to read."""
     sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     await sock.connect(("127.0.0.1", port))
     stream = trio.SocketStream(sock)
-
-    def masked_text_frame(text: str) -> bytes:
-        payload = text.encode()
-        assert len(payload) < 126
-        return bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload  # zero mask key
-
     await stream.send_all(
         b"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        + masked_text_frame('{"msg":"connect","version":"1","support":["1"]}')
+        b"Sec-WebSocket-Key: " + WEBSOCKET_KEY.encode() + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        + masked_text_frame(CONNECT_MESSAGE)
         + b"".join(masked_text_frame(m) for m in messages))
     return stream
+
+
+async def open_stuck_websocket(port: int, messages: list[str]) -> trio.SocketStream:
+    """A raw WebSocket client with a tiny receive buffer: it sends ``messages`` pipelined
+    behind its handshake, then never reads."""
+    return await open_raw_websocket(port, messages, receive_buffer=4096)

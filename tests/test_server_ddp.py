@@ -21,8 +21,10 @@ from cdcddp.server.connection import Connection
 from cdcddp.server.server import Server
 from tests.server_support import (
     FIXED_ITEMS,
+    WEBSOCKET_ACCEPT,
     build_test_app,
     fast_config,
+    open_raw_websocket,
     open_stuck_websocket,
     raw_ddp,
     running_server,
@@ -72,30 +74,14 @@ async def test_websocket_pings_fragments_and_pipelined_frames() -> None:
                 '{"msg":"method","id":"f","method":"echo",', message_finished=False))  # for it)
             await peer.ws._send(wsproto.events.TextMessage('"params":[1]}'))
             assert await peer.recv() == {"msg": "result", "id": "f", "result": [1]}
-        key = "dGhlIHNhbXBsZSBub25jZQ=="
-        connect = json.dumps({"msg": "connect", "version": "1", "support": ["1"]}).encode()
-        request = (f"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                   f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
-        frame = bytes([0x81, 0x80 | len(connect)]) + b"mask" + bytes(
-            b ^ b"mask"[i % 4] for i, b in enumerate(connect))
-        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-        async with stream:
-            await stream.send_all(request + frame)  # one write: the frame follows the head
+        # one write: the connect frame follows the head
+        async with await open_raw_websocket(server.port, []) as stream:
             received = b""
             with trio.fail_after(5):
                 while b"connected" not in received:
                     received += await stream.receive_some(4096)
         assert received.startswith(b"HTTP/1.1 101 ")
-        assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in received
-
-
-def masked_text_frame(text: str, mask: bytes = b"mask") -> bytes:
-    data = text.encode()
-    size = len(data)
-    head = bytes([0x81, 0x80 | size]) if size < 126 else (
-        bytes([0x81, 0x80 | 126]) + struct.pack("!H", size))
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        assert f"Sec-WebSocket-Accept: {WEBSOCKET_ACCEPT}\r\n".encode() in received
 
 
 async def test_a_client_vanishing_while_the_server_writes_is_no_error(
@@ -111,20 +97,12 @@ async def test_a_client_vanishing_while_the_server_writes_is_no_error(
 
     async with running_server(app) as server:
         for _ in range(5):
-            sock = trio.socket.socket()
-            await sock.connect(("127.0.0.1", server.port))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            stream = trio.SocketStream(sock)
-            await stream.send_all(
-                b"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                b"Sec-WebSocket-Version: 13\r\n\r\n"
-                + masked_text_frame('{"msg":"connect","version":"1","support":["1"]}')
-                + b"".join(masked_text_frame(json.dumps(
-                    {"msg": "method", "id": str(i), "method": "big", "params": []}))
-                    for i in range(3)))
+            stream = await open_stuck_websocket(server.port, [json.dumps(
+                {"msg": "method", "id": str(i), "method": "big", "params": []})
+                for i in range(3)])
             await trio.sleep(0.05)
             assert (await stream.receive_some(1000)).startswith(b"HTTP/1.1 101")
+            sock = stream.socket
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()  # a reset, with megabytes still to write
             await trio.sleep(0.05)

@@ -391,7 +391,6 @@ class LiveClient:
         self.on_subscription_failed = None
 
 
-
 def _epoch(timestamp: dt.datetime) -> float:
     if timestamp.tzinfo is None:  # wal2json timestamps are UTC
         timestamp = timestamp.replace(tzinfo=dt.UTC)
