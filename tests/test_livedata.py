@@ -12,7 +12,7 @@ import trio
 from cdcddp.client import MeteorError, connect
 from cdcddp.ddp.mergebox import MergeBox
 from cdcddp.ddp.session import ServerSession
-from cdcddp.publish.livedata import LiveClient
+from cdcddp.publish.clients import LiveClient
 from cdcddp.server.connection import Connection
 from tests.livedata_support import (
     FIELDS,

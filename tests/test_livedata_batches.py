@@ -13,7 +13,7 @@ import trio
 
 from cdcddp.client import connect
 from cdcddp.publish.definition import Cursor
-from cdcddp.publish.livedata import SnapshotRead, _row_list
+from cdcddp.publish.snapshots import SnapshotRead, row_list
 from cdcddp.publish.visibility import Snapshot
 from tests.livedata_support import (
     SCHEMA,
@@ -116,9 +116,9 @@ async def test_a_failing_read_does_not_fail_the_others_in_its_transaction(db_dsn
             next(iter(rows))
             raise ValueError("take failed")
 
-        reads = [SnapshotRead(a, _row_list), SnapshotRead(gone, _row_list),
-                 SnapshotRead(b, failing_take), SnapshotRead(b, _row_list),
-                 SnapshotRead(a, _row_list)]
+        reads = [SnapshotRead(a, row_list), SnapshotRead(gone, row_list),
+                 SnapshotRead(b, failing_take), SnapshotRead(b, row_list),
+                 SnapshotRead(a, row_list)]
         before = live.snapshot_transactions
         await live._read_snapshots(reads)
         good_a, missing, failed, good_b, again_a = reads
@@ -155,7 +155,7 @@ def test_reads_of_the_same_columns_share_one_statement(db_dsn: str) -> None:
     """A batch's reads of one table and column list are one UNION ALL statement; each read
     still gets exactly its rows (none, one, several), and a read of other columns its own."""
     from cdcddp.publish.filters import C
-    from cdcddp.publish.livedata import _snapshot_reads
+    from cdcddp.publish.snapshots import snapshot_reads
 
     sql(db_dsn, SCHEMA)
     sql(db_dsn, "INSERT INTO items (category, title, rank) SELECT 'c' || (g % 7), 't' || g, g "
@@ -165,11 +165,11 @@ def test_reads_of_the_same_columns_share_one_statement(db_dsn: str) -> None:
     by_rank = Cursor("items", fields=["title", "rank"],  # the same columns: id, title, rank,
                      filter=(C("rank") < 5) & (C("category") != "c1"))  # category
     other = Cursor("items", fields=["title"], filter=C("rank") >= 58)
-    reads = [SnapshotRead(c.bind(), _row_list) for c in [*by_category, by_rank, other]]
+    reads = [SnapshotRead(c.bind(), row_list) for c in [*by_category, by_rank, other]]
     with psycopg.connect(db_dsn, cursor_factory=CountingCursor) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # as the pool begins it
         CountingCursor.statements = 0
-        snapshot, _ = _snapshot_reads(conn, reads)
+        snapshot, _ = snapshot_reads(conn, reads)
         # the snapshot (with the table's shape), one statement for the ten reads of
         # (title, rank) columns, one for the read of other columns
         assert CountingCursor.statements == 3
@@ -194,7 +194,7 @@ async def test_a_failure_in_a_shared_statement_fails_only_its_own_read(db_dsn: s
                            "('b', 'two', 2)")
         rank = [Cursor("items", fields=["title", "rank"], filter=C("rank") == value)
                 for value in (1, "not a number", 2)]
-        reads = [SnapshotRead(c.bind(), _row_list) for c in rank]
+        reads = [SnapshotRead(c.bind(), row_list) for c in rank]
         before = live.snapshot_transactions
         await live._read_snapshots(reads)
         one, bad, two = reads

@@ -11,7 +11,7 @@ import trio
 
 from cdcddp.client import connect
 from cdcddp.metrics import Metrics
-from cdcddp.publish.livedata import ObserverEntry
+from cdcddp.publish.routes import ObserverEntry
 from tests.livedata_support import (
     asql,
     check_message_log,

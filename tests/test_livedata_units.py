@@ -7,18 +7,12 @@ from collections import OrderedDict
 from typing import Any
 
 from cdcddp.ddp.mergebox import MergeBox
+from cdcddp.publish.clients import EncodeCache, encode_transition, encode_transitions
 from cdcddp.publish.definition import Cursor
 from cdcddp.publish.filters import C
-from cdcddp.publish.livedata import (
-    EncodeCache,
-    ObserverEntry,
-    SnapshotTooEarly,
-    TableRoutes,
-    encode_transition,
-    encode_transitions,
-    run_seeing,
-)
 from cdcddp.publish.observer import Observer
+from cdcddp.publish.routes import ObserverEntry, TableRoutes
+from cdcddp.publish.snapshots import SnapshotTooEarly, run_seeing
 from cdcddp.wal.events import Delete, Insert, Update
 
 

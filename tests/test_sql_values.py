@@ -2,7 +2,7 @@
 
 Every case of ``tests.test_wal_decode.CASES`` is written to a database while a real
 replication stream (``open_stream``, which loads its own type catalog) runs; the values it
-decodes are compared with what the real ``_snapshot_reads``, ``_fetch_row`` and
+decodes are compared with what the real ``snapshot_reads``, ``fetch_row`` and
 ``SqlRowLookup.row`` read on connections made as ``Database`` makes them. Also: types created
 after the stream and the pool loaded their catalogs, and subscriptions end to end.
 """
@@ -30,17 +30,17 @@ from cdcddp.db import (
     register_loaders,
 )
 from cdcddp.devcluster import LocalCluster
-from cdcddp.publish import livedata
+from cdcddp.publish import snapshots
 from cdcddp.publish.definition import Cursor, Publication
 from cdcddp.publish.filters import C, Param
-from cdcddp.publish.livedata import (
-    SnapshotRead,
-    _fetch_row,
-    _row_list,
-    _row_query,
-    _snapshot_reads,
-)
 from cdcddp.publish.lookup import SqlRowLookup
+from cdcddp.publish.snapshots import (
+    SnapshotRead,
+    fetch_row,
+    row_list,
+    row_query,
+    snapshot_reads,
+)
 from cdcddp.wal import pgtypes
 from cdcddp.wal.events import Insert, Update
 from cdcddp.wal.pgtypes import SharedCatalog, TypeCatalog
@@ -114,8 +114,8 @@ def streamed(typed_dsn: str) -> tuple[Values, SharedCatalog]:
 
 def _snapshot_rows(conn: psycopg.Connection[Any], bound: Any) -> list[Any]:
     """The rows a snapshot read gives (in the transaction under way)."""
-    read = SnapshotRead(bound, _row_list)
-    _snapshot_reads(conn, [read])
+    read = SnapshotRead(bound, row_list)
+    snapshot_reads(conn, [read])
     if read.error is not None:
         raise read.error
     return read.result  # type: ignore[no-any-return]
@@ -130,7 +130,7 @@ def _sql_reads(conn: psycopg.Connection[Any], table: str, row_id: int) -> dict[s
     by_id = {row[bound.columns.index("id")]: row for row in rows}
     reads["snapshot"] = by_id[row_id][bound.columns.index("v")]
     with conn.transaction():
-        row, _, _ = _fetch_row(conn, _row_query(bound), (row_id,), bound.columns)
+        row, _, _ = fetch_row(conn, row_query(bound), (row_id,), bound.columns)
     assert row is not None
     reads["fetch"] = row["v"]
     with conn.transaction():
@@ -339,10 +339,10 @@ def test_snapshot_rows_arrive_whole_in_chunks_or_at_once(db_dsn: str, chunked: b
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Snapshot rows stream in chunks where libpq can (libpq 17+), else come in one result;
     either way ``take`` sees every row once, in query order, under the snapshot it is given."""
-    if chunked and not livedata._STREAM_CHUNKED:
+    if chunked and not snapshots._STREAM_CHUNKED:
         pytest.skip("this libpq cannot stream in chunks")
-    monkeypatch.setattr(livedata, "_STREAM_CHUNKED", chunked)
-    count = livedata._SNAPSHOT_CHUNK_ROWS * 2 + 7  # more than one chunk, and a partial one
+    monkeypatch.setattr(snapshots, "_STREAM_CHUNKED", chunked)
+    count = snapshots._SNAPSHOT_CHUNK_ROWS * 2 + 7  # more than one chunk, and a partial one
     sql(db_dsn, "CREATE TABLE many (id int PRIMARY KEY, v text)",
         f"INSERT INTO many SELECT g, 'v' || g FROM generate_series(1, {count}) g")
     bound = Cursor("many", fields=["v"]).bind()
@@ -353,9 +353,9 @@ def test_snapshot_rows_arrive_whole_in_chunks_or_at_once(db_dsn: str, chunked: b
         seen.extend(rows)
         return len(seen)
 
-    reads = [SnapshotRead(bound, take), SnapshotRead(bound, _row_list)]
+    reads = [SnapshotRead(bound, take), SnapshotRead(bound, row_list)]
     with psycopg.connect(db_dsn) as conn, conn.transaction():
-        _snapshot_reads(conn, reads)  # (both in one transaction)
+        snapshot_reads(conn, reads)  # (both in one transaction)
     taken, listed = (read.result for read in reads)
     ids = [row[bound.columns.index("id")] for row in seen]
     assert taken == count and sorted(ids) == list(range(1, count + 1))
@@ -366,14 +366,14 @@ async def test_a_snapshot_load_that_fails_midway_leaves_the_pool_usable(db_dsn: 
     """A ``take`` that raises while rows still stream (a bug in loading them, say) ends the
     query: the error is the one raised, the next read in the same transaction gets its rows,
     and the pooled connection serves the next transaction."""
-    count = livedata._SNAPSHOT_CHUNK_ROWS * 3
+    count = snapshots._SNAPSHOT_CHUNK_ROWS * 3
     sql(db_dsn, "CREATE TABLE many (id int PRIMARY KEY, v text)",
         f"INSERT INTO many SELECT g, 'v' || g FROM generate_series(1, {count}) g")
     bound = Cursor("many", fields=["v"]).bind()
 
     def fail_midway(rows: Any, snapshot: Any, lsn: int) -> None:
         for n, _ in enumerate(rows):
-            if n == livedata._SNAPSHOT_CHUNK_ROWS + 5:
+            if n == snapshots._SNAPSHOT_CHUNK_ROWS + 5:
                 raise ValueError("cannot load this row")
 
     def backend(conn: psycopg.Connection[Any]) -> int:
@@ -382,8 +382,8 @@ async def test_a_snapshot_load_that_fails_midway_leaves_the_pool_usable(db_dsn: 
     database = Database(db_dsn, size=1)
     try:
         pid = await database.run(backend)
-        failing, after = SnapshotRead(bound, fail_midway), SnapshotRead(bound, _row_list)
-        await database.run(_snapshot_reads, [failing, after], snapshot=True)
+        failing, after = SnapshotRead(bound, fail_midway), SnapshotRead(bound, row_list)
+        await database.run(snapshot_reads, [failing, after], snapshot=True)
         assert isinstance(failing.error, ValueError)
         assert str(failing.error) == "cannot load this row"
         assert after.error is None and len(after.result) == count
@@ -412,7 +412,7 @@ def test_snapshot_reads_of_oddly_named_tables_and_columns(db_dsn: str) -> None:
             rows = _snapshot_rows(conn, bound)
         assert [dict(zip(bound.columns, row, strict=True)) for row in rows] == [expected]
         with conn.transaction():  # a row fetched by key (TOAST), a lookup by key
-            row, _, _ = _fetch_row(conn, _row_query(bound), (1,), bound.columns)
+            row, _, _ = fetch_row(conn, row_query(bound), (1,), bound.columns)
             assert row == expected
             found = SqlRowLookup(conn).row(("we ird", 'ta"ble'), 1, columns=["z%", "b%s"])
             assert found == {"id": 1, "z%": 10, "b%s": None}

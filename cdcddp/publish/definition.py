@@ -46,6 +46,7 @@ from cdcddp.publish.ids import pk_to_doc_id
 
 UserIdValue: TypeAlias = Any  # the accounts layer's user id (str, int or UUID); None = anonymous
 Fields: TypeAlias = dict[str, Any]
+TableName: TypeAlias = tuple[str, str]  # (schema, table)
 
 DEFAULT_SCHEMA: Final = "public"
 
@@ -183,7 +184,7 @@ class BoundCursor:
     filter: BoundFilter
 
     @property
-    def table(self) -> tuple[str, str]:
+    def table(self) -> TableName:
         """(schema, table) of the cursor's table."""
         return self.cursor.schema_name, self.cursor.table_name
 

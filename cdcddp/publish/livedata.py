@@ -55,50 +55,39 @@ import math
 import secrets
 import time
 from collections import Counter, OrderedDict
-from collections.abc import (
-    Awaitable,
-    Callable,
-    Hashable,
-    Iterable,
-    Iterator,
-    Sequence,
-)
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 import trio
-from psycopg import sql
 
-from cdcddp.db import Database, ensure_types, execute_as_decoded
+from cdcddp.db import Database
 from cdcddp.ddp import messages
-from cdcddp.ddp.mergebox import MergeBox, MergeBoxError, Transition, transition_op
-from cdcddp.ddp.session import ServerSession
-from cdcddp.gcpause import (
-    LARGE_RESULT_ROWS,
-    gc_paused,
-    promote_young_objects,
-    storm_promotion,
-)
-from cdcddp.publish.definition import BoundCursor
-from cdcddp.publish.filters import quoted
+from cdcddp.ddp.mergebox import MergeBoxError
+from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects, storm_promotion
+from cdcddp.publish.clients import EncodeCache, FlushGate, LiveClient, SubKey
+from cdcddp.publish.definition import BoundCursor, TableName
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
 from cdcddp.publish.lookup import Dependency
-from cdcddp.publish.observer import (
-    DocOp,
-    Key,
-    NeedsRow,
-    Observer,
-    Row,
-    Values,
-    key_getter,
-    replaced_key,
+from cdcddp.publish.observer import DocOp, NeedsRow, Observer, Row, Values
+from cdcddp.publish.routes import ObserverEntry, TableRoutes
+from cdcddp.publish.snapshots import (
+    ReadsInterrupted,
+    SnapshotRead,
+    current_wal_lsn,
+    describe_shape_change,
+    fetch_row,
+    horizon_snapshot,
+    row_list,
+    row_query,
+    shape_differs,
+    snapshot_reads,
+    table_columns,
 )
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import (
-    ABSENT,
     Begin,
     Commit,
     Delete,
@@ -111,21 +100,18 @@ from cdcddp.wal.events import (
     Truncate,
     Update,
 )
-from cdcddp.wal.lsn import parse_lsn
-from cdcddp.wal.pgtypes import BINARY_LOADS_AS_DECODED
 from cdcddp.wal.stream import ReplicationStream, open_stream
 
 if TYPE_CHECKING:
     from cdcddp.metrics import Metrics
 
-__all__ = ["EncodeCache", "LiveClient", "LiveData", "LiveDataConfig", "ObserverEntry"]
+__all__ = ["LiveData", "LiveDataConfig"]
 
 log = logging.getLogger(__name__)
 
 SYNC_PREFIX: Final = "cdcddp.sync"
 """``pg_logical_emit_message`` prefix of :meth:`LiveData.sync` markers."""
 
-TableName = tuple[str, str]
 _DELIVERED_KEPT: Final = 65_536  # recent xids remembered (far beyond the visibility lag)
 _TABLE_AND_KIND: Final = attrgetter("schema", "table", "__class__")  # change_counts keys
 # Below this many merge-box operations a delivery runs without pausing the collector: so few
@@ -138,7 +124,6 @@ _GC_PAUSE_ENTRIES: Final = 64
 _WAIT_PER_WRITE_TIME: Final = 4
 # Snapshot reads done in one transaction at most (new observers': those queued meanwhile).
 _SNAPSHOT_BATCH_MAX: Final = 32
-SubKey = Hashable  # a merge-box subscription id: the DDP sub id, or a universal handle
 
 
 @dataclass
@@ -167,230 +152,6 @@ class LiveDataConfig:
     flush_coalesce_delay_max: float = 0.5
 
 
-# ---------------------------------------------------------------------------- encoding once
-
-
-def transition_message(transition: Transition) -> dict[str, Any] | None:
-    """The DDP message for one settled merge-box document (None: nothing to send)."""
-    before, after = transition[2], transition[3]
-    if before is None and after and "_id" not in after:
-        # The common case (every document of a snapshot), without building the op tuple.
-        return messages.added_message(transition[0], transition[1], after)
-    op = transition_op(transition)
-    if op is None:
-        return None
-    kind = op[0]
-    if kind == "added":
-        return messages.added_message(op[1], op[2], op[3])  # type: ignore[misc]
-    if kind == "changed":
-        return messages.changed_message(op[1], op[2], op[3], op[4])  # type: ignore[misc]
-    return messages.removed_message(op[1], op[2])
-
-
-def encode_transition(transition: Transition) -> bytes | None:
-    message = transition_message(transition)
-    return None if message is None else messages.encode(message)
-
-
-def encode_transitions(transitions: Iterable[Transition]) -> list[bytes]:
-    """The messages for settled documents, encoded together (one encoder call per flush
-    piece, not per document)."""
-    return messages.encode_many([message for transition in transitions
-                                 if (message := transition_message(transition)) is not None])
-
-
-class EncodeCache:
-    """Diffs and encodes merge-box output once per flush round when many clients get it.
-
-    :meth:`encode` keys on the identities of the mappings a client has and should have:
-    for a document one subscription holds they are the observer's shared, immutable field
-    mappings, so every client of the observer gets the same text from one diff and one
-    encoding. Entries keep those mappings alive (an id is not reused while cached); the cache
-    lives for one round (one commit).
-    """
-
-    __slots__ = ("_removed", "_transitions", "hits")
-
-    def __init__(self) -> None:
-        self._removed: dict[tuple[str, str], bytes] = {}
-        self._transitions: dict[tuple[str, str, int, int], tuple[Any, Any, bytes | None]] = {}
-        self.hits = 0
-
-    def transition(self, transition: Transition) -> bytes | None:
-        """The text of one settled document (None: no message); see :meth:`encode`."""
-        texts = self.encode([transition])
-        return texts[0] if texts else None
-
-    def _removed_text(self, collection: str, doc_id: str) -> bytes:
-        key = (collection, doc_id)
-        text = self._removed.get(key)
-        if text is None:
-            text = self._removed[key] = messages.encode(
-                messages.removed_message(collection, doc_id))
-        else:
-            self.hits += 1
-        return text
-
-    def encode(self, transitions: list[Transition]) -> list[bytes]:
-        """The texts of a client's settled documents, in order (nothing for those that need
-        no message): cached texts reused, the others encoded together, with one encoder call
-        (a client that gets several changes nobody else gets) and cached."""
-        texts: list[Any] = []
-        missing: list[tuple[int, tuple[str, str, int, int], Transition, dict[str, Any]]] = []
-        cached = self._transitions
-        for transition in transitions:
-            collection, doc_id, before, after = transition
-            if after is None:
-                texts.append(self._removed_text(collection, doc_id))
-                continue
-            key = (collection, doc_id, id(before), id(after))
-            hit = cached.get(key)
-            if hit is not None and hit[0] is before and hit[1] is after:
-                self.hits += 1
-                texts.append(hit[2])
-                continue
-            message = transition_message(transition)
-            if message is None:
-                cached[key] = (before, after, None)
-            else:
-                missing.append((len(texts), key, transition, message))
-            texts.append(None)
-        if missing:
-            encoded = messages.encode_many([message for _, _, _, message in missing])
-            for (index, key, transition, _), text in zip(missing, encoded, strict=True):
-                texts[index] = text
-                cached[key] = (transition[2], transition[3], text)
-        return [text for text in texts if text is not None]
-
-
-# ---------------------------------------------------------------------------- clients
-
-
-class FlushGate:
-    """Client flushes wait while the engine holds a partly applied transaction (``closed``),
-    and after a resync until the stream has caught up with its snapshot (``held``)."""
-
-    def __init__(self) -> None:
-        self.closed = False
-        self.held = False
-        self.deferred: set[LiveClient] = set()
-
-    def defer(self, client: LiveClient) -> bool:
-        if self.closed or self.held:
-            self.deferred.add(client)
-            return True
-        return False
-
-
-OPEN_GATE: Final = FlushGate()  # for connections without an engine (never closes)
-
-
-# Documents settled per merge-box flush: a large initial result is written in pieces of about
-# this many messages, each waiting for the previous write (so the send buffer bound applies to
-# clients that stop reading, not to big subscriptions).
-MAX_OPS_PER_FLUSH = 2000
-
-
-def _nothing() -> None:
-    pass
-
-
-def _never() -> bool:
-    return False
-
-
-def _ignore_reason(reason: str) -> None:
-    pass
-
-
-class LiveClient:
-    """One connection's merge box and its way out to the connection's session.
-
-    Publishers (observers via the engine, handler-style publication contexts) change the box;
-    :meth:`request_flush` turns its dirty documents into DDP messages — now, at the engine's
-    commit if a transaction is partly applied, or when the socket is free again (then the box
-    keeps coalescing: a slow client costs its view, not a queue). Control messages that must
-    follow data (``ready``, ``nosub``) go through :meth:`after_flush`.
-    """
-
-    def __init__(self, session: ServerSession, wake: Callable[[], None],
-                 output_busy: Callable[[], bool] = _never,
-                 gate: FlushGate = OPEN_GATE,
-                 on_failure: Callable[[str], None] = _ignore_reason) -> None:
-        self.box = MergeBox()
-        self.session = session
-        self.gate = gate
-        self.flush_wanted = False
-        self.closed = False
-        self._wake = wake
-        self._output_busy = output_busy
-        self._on_failure = on_failure
-        self._after: list[Callable[[], None]] = []
-        # The engine stopped an observer one of this client's subscriptions uses (its query
-        # can no longer run, e.g. after a schema change): (sub key, client-safe error).
-        self.on_subscription_failed: Callable[[SubKey, BaseException], None] | None = None
-        # Commit timestamp (time.time() scale) of the oldest applied transaction whose
-        # messages this client has not written yet; 0.0: none. Set only with metrics; the
-        # connection observes commit->sent latency after its next write and resets it.
-        self.commit_time = 0.0
-
-    def fail(self, reason: str) -> None:
-        """Drop the connection (its view cannot be trusted); the client reconnects."""
-        self._on_failure(reason)
-
-    def after_flush(self, action: Callable[[], None]) -> None:
-        self._after.append(action)
-
-    def request_flush(self, cache: EncodeCache | None = None) -> None:
-        gate = self.gate
-        if self.closed or ((gate.closed or gate.held) and gate.defer(self)):
-            return
-        if self._output_busy():
-            self.flush_wanted = True  # the connection calls flush() once its write is done
-            return
-        self.flush(cache)
-
-    def flush(self, cache: EncodeCache | None = None) -> None:
-        if self.closed or self.gate.defer(self):
-            return
-        self.flush_wanted = False
-        with gc_paused():  # short-lived tuples by the thousand (see cdcddp.gcpause)
-            if cache is not None:  # many clients flush the same documents this round
-                ops = cache.encode(self.box.settle(MAX_OPS_PER_FLUSH))
-            elif (fresh := self.box.settle_fresh(MAX_OPS_PER_FLUSH)) is not None:
-                collection, documents = fresh  # a new subscription's (large initial result)
-                ops = messages.encode_added(collection, documents)
-            else:
-                ops = encode_transitions(self.box.settle(MAX_OPS_PER_FLUSH))
-        if ops:
-            self.session.send_encoded_many(ops)
-        if self.box.has_pending:
-            # More than one write's worth: the rest goes after this write; ready/updated
-            # (the after-flush actions) wait until everything is out.
-            self.flush_wanted = True
-            self._wake()
-            return
-        after = self._after
-        if after:
-            self._after = []
-            for action in after:
-                action()
-        if ops or after:
-            self._wake()
-
-    def close(self) -> None:
-        """The connection is gone: forget everything, send nothing. (Its callbacks are
-        the connection's methods: dropping them breaks the reference cycle, so a closed
-        connection is freed at once, not by a later full garbage collection.)"""
-        self.closed = True
-        self.box.reset()
-        self._after.clear()
-        self._wake = _nothing
-        self._output_busy = _never
-        self._on_failure = _ignore_reason
-        self.on_subscription_failed = None
-
-
 def _epoch(timestamp: dt.datetime) -> float:
     if timestamp.tzinfo is None:  # wal2json timestamps are UTC
         timestamp = timestamp.replace(tzinfo=dt.UTC)
@@ -404,146 +165,6 @@ def _stamp_commit(clients: Iterable[LiveClient], commit_time: float) -> None:
             client.commit_time = commit_time
 
 
-# ---------------------------------------------------------------------------- observers
-
-
-@dataclass(eq=False)
-class ObserverEntry:
-    """An observer shared by every subscription with its ``BoundCursor.key``."""
-
-    bound: BoundCursor
-    observer: Observer | None = None
-    leases: int = 0  # subscriptions (pending or attached) using it
-    subscribers: dict[tuple[int, SubKey], tuple[LiveClient, SubKey]] = field(
-        default_factory=dict)
-    ready: trio.Event = field(default_factory=trio.Event)
-    error: BaseException | None = None
-    live: bool = False  # registered in the routing index
-    snapshot_queries: int = 0
-    # The table's columns (name -> (type oid, varlena)) as its last snapshot saw them: a
-    # stream ``Relation`` that differs means the table changed shape since (resync).
-    shape: dict[str, tuple[int, bool]] | None = None
-
-    @property
-    def table(self) -> TableName:
-        return self.bound.table
-
-
-class TableRoutes:
-    """Which observers a row change of one table may concern."""
-
-    def __init__(self) -> None:
-        self.entries: set[ObserverEntry] = set()
-        self.by_value: dict[str, dict[Any, set[ObserverEntry]]] = {}
-        self.unconstrained: set[ObserverEntry] = set()
-        # Row key -> the observer holding it, or a set when several do (rare: the sole
-        # holder needs no set, which matters for large results).
-        self.holders: dict[Key, ObserverEntry | set[ObserverEntry]] = {}
-        self.key_columns: tuple[str, ...] | None = None
-        self._key_of: Callable[[Row], Key] | None = None  # a row's key (by key_columns)
-        self.odd_keys: set[ObserverEntry] = set()  # cursors keyed differently from the table
-        self._slots: dict[ObserverEntry, tuple[str, frozenset[Any]] | None] = {}
-
-    def add(self, entry: ObserverEntry) -> None:
-        observer = entry.observer
-        assert observer is not None
-        self.entries.add(entry)
-        if self.key_columns is None:
-            self.key_columns = observer.key_columns
-            self._key_of = key_getter(self.key_columns)
-        if observer.key_columns != self.key_columns:
-            self.odd_keys.add(entry)
-        constraints = entry.bound.filter.equality_constraints()
-        slot: tuple[str, frozenset[Any]] | None = None
-        if constraints:
-            # The most selective column; an empty value set means nothing can ever match.
-            column = min(constraints, key=lambda c: len(constraints[c]))
-            slot = (column, constraints[column])
-            index = self.by_value.setdefault(column, {})
-            for value in slot[1]:
-                index.setdefault(value, set()).add(entry)
-        else:
-            self.unconstrained.add(entry)
-        self._slots[entry] = slot
-        if self.holders:
-            for key in observer.rows:
-                self.hold(entry, key)
-        else:
-            self.holders = dict.fromkeys(observer.rows, entry)
-
-    def remove(self, entry: ObserverEntry) -> None:
-        observer = entry.observer
-        assert observer is not None
-        self.entries.discard(entry)
-        self.odd_keys.discard(entry)
-        self.unconstrained.discard(entry)
-        slot = self._slots.pop(entry, None)
-        if slot is not None:
-            column, values = slot
-            index = self.by_value.get(column, {})
-            for value in values:
-                holders = index.get(value)
-                if holders is not None:
-                    holders.discard(entry)
-                    if not holders:
-                        del index[value]
-            if not index:
-                self.by_value.pop(column, None)
-        for key in list(observer.rows):
-            self.release(entry, key)
-
-    def hold(self, entry: ObserverEntry, key: Key) -> None:
-        held = self.holders.get(key)
-        if held is None:
-            self.holders[key] = entry
-        elif type(held) is set:
-            held.add(entry)
-        elif held is not entry:
-            self.holders[key] = {held, entry}  # type: ignore[arg-type]
-
-    def release(self, entry: ObserverEntry, key: Key) -> None:
-        held = self.holders.get(key)
-        if held is entry:
-            del self.holders[key]
-        elif type(held) is set:
-            held.discard(entry)
-            if len(held) <= 1:
-                if held:
-                    self.holders[key] = held.pop()
-                else:
-                    del self.holders[key]
-
-    def candidates(self, change: RowChange) -> set[ObserverEntry]:
-        found: set[ObserverEntry] = set(self.odd_keys)
-        kind = type(change)
-        if kind is not Delete:
-            new = change.new  # type: ignore[union-attr]
-            for column, index in self.by_value.items():
-                value = new.get(column, ABSENT)
-                if value is ABSENT:  # an unchanged TOASTed value: any of them may match
-                    for entries in index.values():
-                        found |= entries
-                    continue
-                try:
-                    entries = index.get(value)
-                except TypeError:  # unhashable (json): equal to no indexed scalar
-                    continue
-                if entries:
-                    found |= entries
-            found |= self.unconstrained
-        key_of = self._key_of
-        if kind is not Insert and key_of is not None:
-            key = replaced_key(key_of, change.identity,  # type: ignore[union-attr]
-                               change.new if kind is Update else None)  # type: ignore[union-attr]
-            if key is not None:
-                held = self.holders.get(key)
-                if type(held) is set:
-                    found |= held
-                elif held is not None:
-                    found.add(held)
-        return found
-
-
 @dataclass
 class _OpenTransaction:
     xid: int
@@ -554,329 +175,6 @@ class _OpenTransaction:
     interest_grew: bool = False  # a table became of interest after its Begin
     touched: set[ObserverEntry] = field(default_factory=set)
     marks: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------- SQL (threads)
-
-
-# The first statement of a REPEATABLE READ transaction takes its snapshot; the WAL insert
-# position read in it is past the commit record of every transaction that snapshot sees.
-_SNAPSHOT_SQL: Final = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
-
-
-def _repeatable_read(conn: psycopg.Connection[Any]) -> None:
-    """Make the transaction just begun REPEATABLE READ, READ ONLY, unless it already is
-    (``Database.run(..., snapshot=True)`` begins it so, saving a round trip)."""
-    if conn.isolation_level != psycopg.IsolationLevel.REPEATABLE_READ:
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-
-
-def _begin_snapshot(conn: psycopg.Connection[Any]) -> tuple[Snapshot, int]:
-    _repeatable_read(conn)
-    found = conn.execute(_SNAPSHOT_SQL).fetchone()
-    assert found is not None
-    return Snapshot.parse(found[0]), parse_lsn(found[1])
-
-
-T = TypeVar("T")
-
-
-class SnapshotTooEarly(Exception):
-    """The snapshot does not see a transaction the stream already delivered (a commit is
-    decoded slightly before it is visible to new snapshots): retry in a new transaction."""
-
-
-def begin_snapshot_seeing(conn: psycopg.Connection[Any], xid: int, *, insist: bool = True
-                          ) -> Snapshot:
-    """Begin a REPEATABLE READ transaction on ``conn`` (this must be its first statement)
-    whose snapshot sees the committed transaction ``xid`` (32-bit; 0: any snapshot).
-
-    Raises :class:`SnapshotTooEarly` when it does not yet (unless ``insist`` is False): the
-    transaction cannot be restarted from in here (``Database.run`` holds it), so the caller
-    runs it again a moment later (:func:`run_seeing`).
-    """
-    snapshot, _ = _begin_snapshot(conn)
-    if insist and xid and not snapshot.is_visible(xid):
-        raise SnapshotTooEarly
-    return snapshot
-
-
-async def run_seeing(database: Database, fn: Callable[[psycopg.Connection[Any], bool], T],
-                     timeout: float = 10.0) -> T:
-    """``database.run(fn, insist)``, again while ``fn`` raises :class:`SnapshotTooEarly`
-    (``insist`` turns False after ``timeout`` seconds: then any snapshot will do)."""
-    deadline = trio.current_time() + timeout
-    delay = 0.001
-    while True:
-        insist = trio.current_time() < deadline
-        try:
-            return await database.run(fn, insist, snapshot=True)
-        except SnapshotTooEarly:
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
-
-# A table's columns: (name, type oid, varlena) triples, NULL when the table is gone.
-_TABLE_COLUMNS_SQL: Final = (
-    "SELECT array_agg(array[a.attname::text, a.atttypid::text, (a.attlen < 0)::text]) "
-    "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-    "JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped")
-
-# The snapshot statement plus the table's columns as of that snapshot (read in the same
-# statement, so without another round trip): what the rows are expected to look like in the
-# stream.
-_SNAPSHOT_SHAPE_SQL: Final = f"{_SNAPSHOT_SQL}, ({_TABLE_COLUMNS_SQL})"
-
-TableShape = dict[str, tuple[int, bool]]  # column -> (type oid, varlena: may be TOASTed)
-
-
-def _row_list(rows: Iterable[Values], snapshot: Snapshot, lsn: int) -> list[Values]:
-    taken = list(rows)
-    if len(taken) >= LARGE_RESULT_ROWS:
-        promote_young_objects()  # kept by the observer they are for
-    return taken
-
-
-# Rows per chunk of a snapshot read: the server sends the next chunks while we load these.
-_SNAPSHOT_CHUNK_ROWS: Final = 2_000
-_STREAM_CHUNKED: Final = psycopg.capabilities.has_stream_chunked()  # libpq 17 or later
-
-
-def _table_shape(columns: Iterable[tuple[str, str, str]] | None) -> TableShape:
-    return {name: (int(oid), varlena == "true") for name, oid, varlena in columns or ()}
-
-
-def _result_cursor(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableShape
-                   ) -> psycopg.Cursor[Any]:
-    """A cursor for ``bound``'s snapshot rows, loading them as the stream decodes them."""
-    # A column of a type created since the type catalog was loaded: reload it first, so the
-    # rows load as the stream decodes them.
-    ensure_types(conn, [shape[column][0] for column in bound.columns if column in shape])
-    # Binary results parse faster (a large snapshot reads about a third faster), where they
-    # give the values the stream decodes.
-    binary = all(shape.get(column, (0,))[0] in BINARY_LOADS_AS_DECODED
-                 for column in bound.columns)
-    return conn.cursor(binary=binary)
-
-
-@contextmanager
-def _result_rows(cursor: psycopg.Cursor[Any], query: sql.Composed, params: list[Any]
-                 ) -> Iterator[Iterable[Values]]:
-    """The query's rows as they arrive, in chunks where libpq can (so loading them overlaps
-    the server's reading and sending them)."""
-    if not _STREAM_CHUNKED:
-        yield cursor.execute(query, params).fetchall()
-        return
-    stream = cursor.stream(query, params, size=_SNAPSHOT_CHUNK_ROWS)
-    try:
-        yield stream
-    finally:
-        # Rows not taken (a take that failed midway): cancel and drain the query here, or
-        # the rollback that follows waits on it forever.
-        stream.close()
-
-
-def _read_rows(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableShape,
-               take: Callable[[Iterable[Values], Snapshot, int], T],
-               snapshot: Snapshot, lsn: int) -> T:
-    """``take(rows, snapshot, lsn)`` of the cursor's rows (values tuples in the order the
-    query selects the bound cursor's ``columns``, as the observer keeps them), read in the
-    transaction under way (whose snapshot, WAL position and table shape are given).
-    ``take`` gets the rows as they arrive."""
-    cursor = _result_cursor(conn, bound, shape)
-    query, params = bound.snapshot_query()
-    with _result_rows(cursor, query, params) as rows, gc_paused():  # (see cdcddp.gcpause)
-        return take(rows, snapshot, lsn)
-
-
-def _read_together(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
-                   shape: TableShape, snapshot: Snapshot, lsn: int) -> None:
-    """Reads of the same columns of one table, in one statement: their queries joined by
-    UNION ALL, each row tagged with its read's place. A round trip and a statement cost far
-    more than a small result (about a tenth of the CPU per read, for the one or two rows
-    of a typical subscription). A failure in PostgreSQL fails the statement, so it raises;
-    a take that fails fails its own read."""
-    queries = []
-    params: list[Any] = []
-    for tag, read in enumerate(reads):
-        query, read_params = read.bound.snapshot_query(tag)
-        queries.append(sql.SQL("({})").format(query))
-        params += read_params
-    rows_of: list[list[Values]] = [[] for _ in reads]
-    cursor = _result_cursor(conn, reads[0].bound, shape)
-    with _result_rows(cursor, sql.SQL(" UNION ALL ").join(queries), params) as rows, \
-            gc_paused():
-        for row in rows:
-            rows_of[row[0]].append(row[1:])
-    for read, rows in zip(reads, rows_of, strict=True):
-        try:
-            with gc_paused():
-                read.result = read.take(rows, snapshot, lsn)
-            read.shape = shape
-        except Exception as exc:
-            read.error = exc
-
-
-@dataclass(eq=False, slots=True)
-class SnapshotRead:
-    """One cursor's rows to read under a snapshot shared with others read at the same time
-    (see :func:`_snapshot_reads`): ``take(rows, snapshot, lsn)`` gives ``result``."""
-
-    bound: BoundCursor
-    take: Callable[[Iterable[Values], Snapshot, int], Any]
-    result: Any = None
-    snapshot: Snapshot | None = None
-    lsn: int = 0
-    shape: TableShape | None = None
-    error: BaseException | None = None
-    finished: trio.Event = field(default_factory=trio.Event)
-
-
-class _ReadsInterrupted(Exception):
-    """A read failed in PostgreSQL, which ends its transaction: the reads without an error
-    are to be read again in a new one (``together``: reads combined in one statement
-    failed, and which one it was is unknown: read them one by one)."""
-
-    def __init__(self, together: bool = False) -> None:
-        super().__init__()
-        self.together = together
-
-
-def _snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
-                    together: bool = True) -> tuple[Snapshot | None, int]:
-    """Every read's rows in this one REPEATABLE READ transaction (one snapshot, each table's
-    shape read once), and that snapshot and its WAL position (None: every read failed before
-    it was taken); a read that fails gets its error and the others go on, unless the
-    transaction failed (:class:`_ReadsInterrupted`). With ``together``, reads of the same
-    columns of a table are read in one statement (:func:`_read_together`).
-
-    Subscriptions that start together (clients reconnecting after a restart) then cost one
-    transaction, snapshot statement and thread hand-off per batch instead of each, and a
-    statement per table and column list."""
-    _repeatable_read(conn)
-    snapshot: Snapshot | None = None
-    lsn = 0
-    shapes: dict[TableName, TableShape] = {}
-    groups: dict[Hashable, list[SnapshotRead]] = {}
-    for read in reads:
-        table = read.bound.table
-        try:
-            shape = shapes.get(table)
-            if shape is None:
-                if snapshot is None:
-                    found = conn.execute(_SNAPSHOT_SHAPE_SQL, table).fetchone()
-                    assert found is not None
-                    snapshot, lsn = Snapshot.parse(found[0]), parse_lsn(found[1])
-                    columns = found[2]
-                else:
-                    found = conn.execute(_TABLE_COLUMNS_SQL, table).fetchone()
-                    assert found is not None
-                    columns = found[0]
-                shapes[table] = _table_shape(columns)
-        except Exception as exc:
-            read.error = exc
-            if _transaction_failed(conn):
-                raise _ReadsInterrupted from exc
-            continue
-        groups.setdefault((table, read.bound.columns) if together else read, []).append(read)
-    for group in groups.values():
-        assert snapshot is not None
-        shape = shapes[group[0].bound.table]
-        if len(group) > 1:
-            try:
-                _read_together(conn, group, shape, snapshot, lsn)
-                continue
-            except Exception as exc:
-                if _transaction_failed(conn):
-                    raise _ReadsInterrupted(together=True) from exc
-                # Failed in Python before any take (a value that does not load, say), and
-                # whose it is is unknown: one by one, in this transaction.
-        for read in group:
-            try:
-                read.result = _read_rows(conn, read.bound, shape, read.take, snapshot, lsn)
-                read.shape = shape
-            except Exception as exc:
-                read.error = exc
-                if _transaction_failed(conn):
-                    raise _ReadsInterrupted from exc
-    return snapshot, lsn
-
-
-def _transaction_failed(conn: psycopg.Connection[Any]) -> bool:
-    """An error ended the transaction (PostgreSQL's, or the connection's)."""
-    return conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS
-
-
-def _shape_differs(expected: TableShape | None, relation: Relation) -> bool:
-    """Does the stream's shape of a table contradict what an observer's snapshot saw?"""
-    if expected is None:
-        return False
-    seen = dict(relation.columns)
-    for name, oid in seen.items():
-        known = expected.get(name)
-        if known is None or known[0] != oid:
-            return True  # a new or renamed column, or another type
-    # A column the stream lacks was dropped — unless the shape came from an UPDATE and the
-    # column may be an unchanged TOASTed value it left out.
-    return any(name not in seen and (relation.complete or not varlena)
-               for name, (_, varlena) in expected.items())
-
-
-def _describe_shape_change(relation: Relation) -> str:
-    before = dict(relation.previous or ())
-    after = dict(relation.columns)
-    parts = [f"{n} added" for n in after if n not in before]
-    parts += [f"{n} gone" for n in before if n not in after]
-    parts += [f"{n} type oid {before[n]} -> {after[n]}" for n in after
-              if n in before and before[n] != after[n]]
-    if not parts and relation.absent:
-        parts = [f"{n} not in an UPDATE" for n in relation.absent]
-    return ", ".join(parts) or "columns differ from the snapshot"
-
-
-def _table_columns(conn: psycopg.Connection[Any], table: TableName) -> set[str]:
-    """The table's columns now (empty when it is gone)."""
-    found = conn.execute(_TABLE_COLUMNS_SQL, table).fetchone()
-    return set(_table_shape(found[0] if found else None))
-
-
-def _current_wal_lsn(conn: psycopg.Connection[Any]) -> int:
-    found = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-    assert found is not None
-    return parse_lsn(found[0])
-
-
-def _horizon_snapshot(conn: psycopg.Connection[Any], timeout: float = 5.0) -> Snapshot:
-    """A snapshot that sees every transaction whose commit was already written: retaken
-    while one it lists as running is committed in the commit log (committed, not yet
-    visible to new snapshots). Blocking: run it in a worker thread."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = conn.execute(
-            "SELECT pg_current_snapshot()::text, EXISTS (SELECT FROM "
-            "pg_snapshot_xip(pg_current_snapshot()) x "
-            "WHERE pg_xact_status(x) <> 'in progress')").fetchone()
-        assert found is not None
-        if not found[1] or time.monotonic() > deadline:
-            return Snapshot.parse(found[0])
-        time.sleep(0.002)
-
-
-def _fetch_row(conn: psycopg.Connection[Any], query: sql.Composable, key: Key,
-               columns: tuple[str, ...]) -> tuple[Row | None, Snapshot, int]:
-    snapshot, lsn = _begin_snapshot(conn)
-    found = execute_as_decoded(conn, query, list(key)).fetchone()
-    return (None if found is None else dict(zip(columns, found, strict=True))), snapshot, lsn
-
-
-def _row_query(bound: BoundCursor) -> sql.Composed:
-    cursor = bound.cursor
-    where = sql.SQL(" AND ").join(
-        sql.SQL("{} = %s").format(quoted(c)) for c in cursor.key_columns)
-    return sql.SQL("SELECT {} FROM {}.{} WHERE {}").format(
-        sql.SQL(", ").join(map(quoted, bound.columns)),
-        quoted(cursor.schema_name), quoted(cursor.table_name), where)
 
 
 class _RetrySnapshot(Exception):
@@ -1266,7 +564,7 @@ class LiveData:
         self._routes.setdefault(entry.table, TableRoutes()).add(entry)
         entry.live = True
         relation = self._stream_shapes.get(entry.table)
-        if relation is not None and _shape_differs(entry.shape, relation):
+        if relation is not None and shape_differs(entry.shape, relation):
             # The stream already showed another shape than its snapshot saw (a schema change
             # around the snapshot): resync it at the next commit.
             self._reshaped.add(entry)
@@ -1383,7 +681,7 @@ class LiveData:
         routes = self._routes.get(table)
         if routes is None:
             return
-        stale = {e for e in routes.entries if e.live and _shape_differs(e.shape, relation)}
+        stale = {e for e in routes.entries if e.live and shape_differs(e.shape, relation)}
         if relation.absent and any(e.live and e not in stale and e.shape
                                    and any(c in e.shape for c in relation.absent)
                                    for e in routes.entries):
@@ -1397,7 +695,7 @@ class LiveData:
             self.schema_changes += 1
             self._reshaped |= stale
             log.warning("table %s.%s changed shape (%s): resyncing its %d observer(s)",
-                        relation.schema, relation.table, _describe_shape_change(relation),
+                        relation.schema, relation.table, describe_shape_change(relation),
                         len(stale))
 
     async def _check_absent_columns(self) -> None:
@@ -1407,7 +705,7 @@ class LiveData:
         for relation in checks:
             table = (relation.schema, relation.table)
             try:
-                existing = await self.database.run(_table_columns, table)
+                existing = await self.database.run(table_columns, table)
             except Exception as exc:
                 log.debug("cannot read the columns of %s.%s: %s", *table, exc)
                 continue
@@ -1431,7 +729,7 @@ class LiveData:
 
     async def _gap_snapshot(self) -> Snapshot | None:
         try:
-            return await self.database.run(_horizon_snapshot)
+            return await self.database.run(horizon_snapshot)
         except Exception as exc:
             log.error("could not take the stream gap's snapshot; write fences of skipped "
                       "transactions wait", exc_info=exc)
@@ -1457,7 +755,7 @@ class LiveData:
             if not limit or self._skip_pending:
                 continue
             try:
-                current = await self.database.run(_current_wal_lsn)
+                current = await self.database.run(current_wal_lsn)
             except Exception as exc:
                 log.debug("cannot read the WAL position: %s", exc)
                 continue
@@ -1644,9 +942,9 @@ class LiveData:
             started = time.monotonic()
             self.snapshot_transactions += 1
             try:
-                snapshot, lsn = await self.database.run(_snapshot_reads, pending, together,
+                snapshot, lsn = await self.database.run(snapshot_reads, pending, together,
                                                         snapshot=True)
-            except _ReadsInterrupted as interrupted:
+            except ReadsInterrupted as interrupted:
                 # The failed read has its error; the others in a new transaction. (If the
                 # failure was in a combined statement, no read has it yet: one by one.)
                 together = together and not interrupted.together
@@ -1858,11 +1156,11 @@ class LiveData:
                           xid: int) -> list[DocOp]:
         """Complete a row moving in without its unchanged TOASTed columns: fetch it by key
         under a snapshot that has seen ``xid``; that snapshot then shields the row."""
-        query = _row_query(observer.bound)
+        query = row_query(observer.bound)
         delay = 0.001
         while True:
             row, snapshot, lsn = await self.database.run(
-                _fetch_row, query, needs.key, observer.columns, snapshot=True)
+                fetch_row, query, needs.key, observer.columns, snapshot=True)
             if snapshot.is_visible(xid):
                 break
             # The commit is decoded but not yet visible to new snapshots: a moment's wait.
@@ -1894,7 +1192,7 @@ class LiveData:
         labels ``cdcddp_resyncs_total``."""
         clients: set[LiveClient] = set()
         reloaded = False
-        reads = {entry: SnapshotRead(entry.bound, _row_list) for entry in entries
+        reads = {entry: SnapshotRead(entry.bound, row_list) for entry in entries
                  if entry.live}
         await self._read_now(list(reads.values()))
         for entry, read in reads.items():

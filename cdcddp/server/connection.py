@@ -36,22 +36,17 @@ from cdcddp.ddp.session import (
 )
 from cdcddp.methods.context import ConnectionInfo, LoginState, is_loopback_address
 from cdcddp.methods.registry import InvocationOutcome, invoke
+from cdcddp.publish.clients import OPEN_GATE, LiveClient, SubKey
 from cdcddp.publish.definition import (
     BoundCursor,
     Publication,
     PublicationParamsError,
 )
 from cdcddp.publish.filters import FilterError
-from cdcddp.publish.livedata import (
-    OPEN_GATE,
-    LiveClient,
-    LiveData,
-    ObserverEntry,
-    SubKey,
-    begin_snapshot_seeing,
-    run_seeing,
-)
+from cdcddp.publish.livedata import LiveData
 from cdcddp.publish.lookup import Dependency, SqlRowLookup
+from cdcddp.publish.routes import ObserverEntry
+from cdcddp.publish.snapshots import begin_snapshot_seeing, run_seeing
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.server.config import ServerConfig
 from cdcddp.server.sockjs import HEARTBEAT_FRAME, SockJSFramingError

@@ -1,0 +1,351 @@
+"""Reading rows under REPEATABLE READ snapshots, in worker threads: a new observer's initial
+result and a resync's (several reads sharing one transaction and snapshot, reads of the same
+columns of a table combined in one statement), a row fetched by key, and the snapshot, WAL
+position and table shape each read comes with."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+import psycopg
+import trio
+from psycopg import sql
+
+from cdcddp.db import Database, ensure_types, execute_as_decoded
+from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
+from cdcddp.publish.definition import BoundCursor, TableName
+from cdcddp.publish.filters import quoted
+from cdcddp.publish.observer import Key, Row, Values
+from cdcddp.publish.visibility import Snapshot
+from cdcddp.wal.events import Relation
+from cdcddp.wal.lsn import parse_lsn
+from cdcddp.wal.pgtypes import BINARY_LOADS_AS_DECODED
+
+__all__ = ["SnapshotRead", "SnapshotTooEarly", "TableShape", "begin_snapshot_seeing",
+           "run_seeing"]
+
+
+# The first statement of a REPEATABLE READ transaction takes its snapshot; the WAL insert
+# position read in it is past the commit record of every transaction that snapshot sees.
+_SNAPSHOT_SQL: Final = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
+
+
+def _repeatable_read(conn: psycopg.Connection[Any]) -> None:
+    """Make the transaction just begun REPEATABLE READ, READ ONLY, unless it already is
+    (``Database.run(..., snapshot=True)`` begins it so, saving a round trip)."""
+    if conn.isolation_level != psycopg.IsolationLevel.REPEATABLE_READ:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+
+def _begin_snapshot(conn: psycopg.Connection[Any]) -> tuple[Snapshot, int]:
+    _repeatable_read(conn)
+    found = conn.execute(_SNAPSHOT_SQL).fetchone()
+    assert found is not None
+    return Snapshot.parse(found[0]), parse_lsn(found[1])
+
+
+T = TypeVar("T")
+
+
+class SnapshotTooEarly(Exception):
+    """The snapshot does not see a transaction the stream already delivered (a commit is
+    decoded slightly before it is visible to new snapshots): retry in a new transaction."""
+
+
+def begin_snapshot_seeing(conn: psycopg.Connection[Any], xid: int, *, insist: bool = True
+                          ) -> Snapshot:
+    """Begin a REPEATABLE READ transaction on ``conn`` (this must be its first statement)
+    whose snapshot sees the committed transaction ``xid`` (32-bit; 0: any snapshot).
+
+    Raises :class:`SnapshotTooEarly` when it does not yet (unless ``insist`` is False): the
+    transaction cannot be restarted from in here (``Database.run`` holds it), so the caller
+    runs it again a moment later (:func:`run_seeing`).
+    """
+    snapshot, _ = _begin_snapshot(conn)
+    if insist and xid and not snapshot.is_visible(xid):
+        raise SnapshotTooEarly
+    return snapshot
+
+
+async def run_seeing(database: Database, fn: Callable[[psycopg.Connection[Any], bool], T],
+                     timeout: float = 10.0) -> T:
+    """``database.run(fn, insist)``, again while ``fn`` raises :class:`SnapshotTooEarly`
+    (``insist`` turns False after ``timeout`` seconds: then any snapshot will do)."""
+    deadline = trio.current_time() + timeout
+    delay = 0.001
+    while True:
+        insist = trio.current_time() < deadline
+        try:
+            return await database.run(fn, insist, snapshot=True)
+        except SnapshotTooEarly:
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+# A table's columns: (name, type oid, varlena) triples, NULL when the table is gone.
+_TABLE_COLUMNS_SQL: Final = (
+    "SELECT array_agg(array[a.attname::text, a.atttypid::text, (a.attlen < 0)::text]) "
+    "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped")
+
+# The snapshot statement plus the table's columns as of that snapshot (read in the same
+# statement, so without another round trip): what the rows are expected to look like in the
+# stream.
+_SNAPSHOT_SHAPE_SQL: Final = f"{_SNAPSHOT_SQL}, ({_TABLE_COLUMNS_SQL})"
+
+TableShape = dict[str, tuple[int, bool]]  # column -> (type oid, varlena: may be TOASTed)
+
+
+def row_list(rows: Iterable[Values], snapshot: Snapshot, lsn: int) -> list[Values]:
+    taken = list(rows)
+    if len(taken) >= LARGE_RESULT_ROWS:
+        promote_young_objects()  # kept by the observer they are for
+    return taken
+
+
+# Rows per chunk of a snapshot read: the server sends the next chunks while we load these.
+_SNAPSHOT_CHUNK_ROWS: Final = 2_000
+_STREAM_CHUNKED: Final = psycopg.capabilities.has_stream_chunked()  # libpq 17 or later
+
+
+def _table_shape(columns: Iterable[tuple[str, str, str]] | None) -> TableShape:
+    return {name: (int(oid), varlena == "true") for name, oid, varlena in columns or ()}
+
+
+def _result_cursor(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableShape
+                   ) -> psycopg.Cursor[Any]:
+    """A cursor for ``bound``'s snapshot rows, loading them as the stream decodes them."""
+    # A column of a type created since the type catalog was loaded: reload it first, so the
+    # rows load as the stream decodes them.
+    ensure_types(conn, [shape[column][0] for column in bound.columns if column in shape])
+    # Binary results parse faster (a large snapshot reads about a third faster), where they
+    # give the values the stream decodes.
+    binary = all(shape.get(column, (0,))[0] in BINARY_LOADS_AS_DECODED
+                 for column in bound.columns)
+    return conn.cursor(binary=binary)
+
+
+@contextmanager
+def _result_rows(cursor: psycopg.Cursor[Any], query: sql.Composed, params: list[Any]
+                 ) -> Iterator[Iterable[Values]]:
+    """The query's rows as they arrive, in chunks where libpq can (so loading them overlaps
+    the server's reading and sending them)."""
+    if not _STREAM_CHUNKED:
+        yield cursor.execute(query, params).fetchall()
+        return
+    stream = cursor.stream(query, params, size=_SNAPSHOT_CHUNK_ROWS)
+    try:
+        yield stream
+    finally:
+        # Rows not taken (a take that failed midway): cancel and drain the query here, or
+        # the rollback that follows waits on it forever.
+        stream.close()
+
+
+def _read_rows(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableShape,
+               take: Callable[[Iterable[Values], Snapshot, int], T],
+               snapshot: Snapshot, lsn: int) -> T:
+    """``take(rows, snapshot, lsn)`` of the cursor's rows (values tuples in the order the
+    query selects the bound cursor's ``columns``, as the observer keeps them), read in the
+    transaction under way (whose snapshot, WAL position and table shape are given).
+    ``take`` gets the rows as they arrive."""
+    cursor = _result_cursor(conn, bound, shape)
+    query, params = bound.snapshot_query()
+    with _result_rows(cursor, query, params) as rows, gc_paused():  # (see cdcddp.gcpause)
+        return take(rows, snapshot, lsn)
+
+
+def _read_together(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
+                   shape: TableShape, snapshot: Snapshot, lsn: int) -> None:
+    """Reads of the same columns of one table, in one statement: their queries joined by
+    UNION ALL, each row tagged with its read's place. A round trip and a statement cost far
+    more than a small result (about a tenth of the CPU per read, for the one or two rows
+    of a typical subscription). A failure in PostgreSQL fails the statement, so it raises;
+    a take that fails fails its own read."""
+    queries = []
+    params: list[Any] = []
+    for tag, read in enumerate(reads):
+        query, read_params = read.bound.snapshot_query(tag)
+        queries.append(sql.SQL("({})").format(query))
+        params += read_params
+    rows_of: list[list[Values]] = [[] for _ in reads]
+    cursor = _result_cursor(conn, reads[0].bound, shape)
+    with _result_rows(cursor, sql.SQL(" UNION ALL ").join(queries), params) as rows, \
+            gc_paused():
+        for row in rows:
+            rows_of[row[0]].append(row[1:])
+    for read, rows in zip(reads, rows_of, strict=True):
+        try:
+            with gc_paused():
+                read.result = read.take(rows, snapshot, lsn)
+            read.shape = shape
+        except Exception as exc:
+            read.error = exc
+
+
+@dataclass(eq=False, slots=True)
+class SnapshotRead:
+    """One cursor's rows to read under a snapshot shared with others read at the same time
+    (see :func:`snapshot_reads`): ``take(rows, snapshot, lsn)`` gives ``result``."""
+
+    bound: BoundCursor
+    take: Callable[[Iterable[Values], Snapshot, int], Any]
+    result: Any = None
+    snapshot: Snapshot | None = None
+    lsn: int = 0
+    shape: TableShape | None = None
+    error: BaseException | None = None
+    finished: trio.Event = field(default_factory=trio.Event)
+
+
+class ReadsInterrupted(Exception):
+    """A read failed in PostgreSQL, which ends its transaction: the reads without an error
+    are to be read again in a new one (``together``: reads combined in one statement
+    failed, and which one it was is unknown: read them one by one)."""
+
+    def __init__(self, together: bool = False) -> None:
+        super().__init__()
+        self.together = together
+
+
+def snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
+                    together: bool = True) -> tuple[Snapshot | None, int]:
+    """Every read's rows in this one REPEATABLE READ transaction (one snapshot, each table's
+    shape read once), and that snapshot and its WAL position (None: every read failed before
+    it was taken); a read that fails gets its error and the others go on, unless the
+    transaction failed (:class:`ReadsInterrupted`). With ``together``, reads of the same
+    columns of a table are read in one statement (:func:`_read_together`).
+
+    Subscriptions that start together (clients reconnecting after a restart) then cost one
+    transaction, snapshot statement and thread hand-off per batch instead of each, and a
+    statement per table and column list."""
+    _repeatable_read(conn)
+    snapshot: Snapshot | None = None
+    lsn = 0
+    shapes: dict[TableName, TableShape] = {}
+    groups: dict[Hashable, list[SnapshotRead]] = {}
+    for read in reads:
+        table = read.bound.table
+        try:
+            shape = shapes.get(table)
+            if shape is None:
+                if snapshot is None:
+                    found = conn.execute(_SNAPSHOT_SHAPE_SQL, table).fetchone()
+                    assert found is not None
+                    snapshot, lsn = Snapshot.parse(found[0]), parse_lsn(found[1])
+                    columns = found[2]
+                else:
+                    found = conn.execute(_TABLE_COLUMNS_SQL, table).fetchone()
+                    assert found is not None
+                    columns = found[0]
+                shapes[table] = _table_shape(columns)
+        except Exception as exc:
+            read.error = exc
+            if _transaction_failed(conn):
+                raise ReadsInterrupted from exc
+            continue
+        groups.setdefault((table, read.bound.columns) if together else read, []).append(read)
+    for group in groups.values():
+        assert snapshot is not None
+        shape = shapes[group[0].bound.table]
+        if len(group) > 1:
+            try:
+                _read_together(conn, group, shape, snapshot, lsn)
+                continue
+            except Exception as exc:
+                if _transaction_failed(conn):
+                    raise ReadsInterrupted(together=True) from exc
+                # Failed in Python before any take (a value that does not load, say), and
+                # whose it is is unknown: one by one, in this transaction.
+        for read in group:
+            try:
+                read.result = _read_rows(conn, read.bound, shape, read.take, snapshot, lsn)
+                read.shape = shape
+            except Exception as exc:
+                read.error = exc
+                if _transaction_failed(conn):
+                    raise ReadsInterrupted from exc
+    return snapshot, lsn
+
+
+def _transaction_failed(conn: psycopg.Connection[Any]) -> bool:
+    """An error ended the transaction (PostgreSQL's, or the connection's)."""
+    return conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS
+
+
+def shape_differs(expected: TableShape | None, relation: Relation) -> bool:
+    """Does the stream's shape of a table contradict what an observer's snapshot saw?"""
+    if expected is None:
+        return False
+    seen = dict(relation.columns)
+    for name, oid in seen.items():
+        known = expected.get(name)
+        if known is None or known[0] != oid:
+            return True  # a new or renamed column, or another type
+    # A column the stream lacks was dropped — unless the shape came from an UPDATE and the
+    # column may be an unchanged TOASTed value it left out.
+    return any(name not in seen and (relation.complete or not varlena)
+               for name, (_, varlena) in expected.items())
+
+
+def describe_shape_change(relation: Relation) -> str:
+    before = dict(relation.previous or ())
+    after = dict(relation.columns)
+    parts = [f"{n} added" for n in after if n not in before]
+    parts += [f"{n} gone" for n in before if n not in after]
+    parts += [f"{n} type oid {before[n]} -> {after[n]}" for n in after
+              if n in before and before[n] != after[n]]
+    if not parts and relation.absent:
+        parts = [f"{n} not in an UPDATE" for n in relation.absent]
+    return ", ".join(parts) or "columns differ from the snapshot"
+
+
+def table_columns(conn: psycopg.Connection[Any], table: TableName) -> set[str]:
+    """The table's columns now (empty when it is gone)."""
+    found = conn.execute(_TABLE_COLUMNS_SQL, table).fetchone()
+    return set(_table_shape(found[0] if found else None))
+
+
+def current_wal_lsn(conn: psycopg.Connection[Any]) -> int:
+    found = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert found is not None
+    return parse_lsn(found[0])
+
+
+def horizon_snapshot(conn: psycopg.Connection[Any], timeout: float = 5.0) -> Snapshot:
+    """A snapshot that sees every transaction whose commit was already written: retaken
+    while one it lists as running is committed in the commit log (committed, not yet
+    visible to new snapshots). Blocking: run it in a worker thread."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = conn.execute(
+            "SELECT pg_current_snapshot()::text, EXISTS (SELECT FROM "
+            "pg_snapshot_xip(pg_current_snapshot()) x "
+            "WHERE pg_xact_status(x) <> 'in progress')").fetchone()
+        assert found is not None
+        if not found[1] or time.monotonic() > deadline:
+            return Snapshot.parse(found[0])
+        time.sleep(0.002)
+
+
+def fetch_row(conn: psycopg.Connection[Any], query: sql.Composable, key: Key,
+               columns: tuple[str, ...]) -> tuple[Row | None, Snapshot, int]:
+    snapshot, lsn = _begin_snapshot(conn)
+    found = execute_as_decoded(conn, query, list(key)).fetchone()
+    return (None if found is None else dict(zip(columns, found, strict=True))), snapshot, lsn
+
+
+def row_query(bound: BoundCursor) -> sql.Composed:
+    cursor = bound.cursor
+    where = sql.SQL(" AND ").join(
+        sql.SQL("{} = %s").format(quoted(c)) for c in cursor.key_columns)
+    return sql.SQL("SELECT {} FROM {}.{} WHERE {}").format(
+        sql.SQL(", ").join(map(quoted, bound.columns)),
+        quoted(cursor.schema_name), quoted(cursor.table_name), where)
+
+
