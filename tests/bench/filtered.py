@@ -18,26 +18,27 @@ child) and "the last resulting DDP message reached a client" (the swarm drains u
 output to /dev/null) drains exactly the same WAL from its slot, timed from start to exit, and
 the slot is dropped. Both rates are --changes / seconds. Phases:
 
-1. ``100 subs``: 10 clients x 10 subscriptions (owners 0..99); the backlog updates rows of
-   owners 0..99. --repeat runs on the same connected clients, each run with its own slot
-   and an identical backlog. Those clients then disconnect.
-2. ``all subs``: every client subscribed (owners 0..N-1, connected once); --repeat runs of the
-   same backlog as phase 1 (owners 0..99, identical row sequence), so the delivered work is the
-   same as in phase 1 and only the number of idle subscriptions grows. The drop from phase 1
-   to 2 is what N subscriptions cost a change that matches few.
-3. ``spread``: the same clients and subscriptions as phase 2; --repeat runs of one backlog that
-   updates rows of every owner, so every subscription receives changes (a message to its own
-   client for each change).
+Two client swarms: ``small``, 10 clients x 10 subscriptions (owners 0..99), connected
+throughout; ``rest``, the other clients (owners 100..N-1), connected only for phases 2 and 3.
+Phases 1 and 2 alternate, one run each per round, so that the machine's drift over minutes
+falls on both alike:
+
+1. ``100 subs``: only ``small`` is connected; the backlog updates rows of owners 0..99.
+2. ``all subs``: ``rest`` connects and subscribes (timed: "ready in"), then the same backlog as
+   phase 1 (owners 0..99, identical row sequence), so the delivered work is that of phase 1
+   and only the number of idle subscriptions grows; ``rest`` then disconnects. The drop from
+   phase 1 to 2 is what N subscriptions cost a change that matches few.
+3. ``spread``: both swarms connected; --repeat runs of one backlog that updates rows of every
+   owner, so every subscription receives changes (a message to its own client for each
+   change).
 
 Figures: each run's rates; per phase the median cdcddp rate, the median pg_recvlogical rate
 and their ratio (median / median), with the min-max of each over the runs. The drop from phase
-1 to 2 is printed twice: on raw cdcddp rates (1 - median2 / median1; fair because the backlogs
-are identical, but exposed to machine-wide drift) and relative to pg_recvlogical
-(1 - ratio2 / ratio1, each ratio = cdcddp median / pg_recvlogical median of that phase;
-cancels drift that slows both, but adds pg_recvlogical's own noise).
-``filtered_subscription_drop_pct=`` is the latter (medians relative to pg_recvlogical's
-median). Last line: ``filtered_ingest_ratio=`` (phase 3, median cdcddp rate / median
-pg_recvlogical rate).
+1 to 2 is printed on raw cdcddp rates (1 - median2 / median1; fair because the backlogs are
+identical) and relative to pg_recvlogical, per round (1 - ratio2 / ratio1 of the two runs of a
+round, each ratio = cdcddp rate / pg_recvlogical rate of that run).
+``filtered_subscription_drop_pct=`` is the median of the rounds' relative drops. Last line:
+``filtered_ingest_ratio=`` (phase 3, median cdcddp rate / median pg_recvlogical rate).
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def bench_app():  # type: ignore[no-untyped-def]
 
 def serve(dsn: str, profile: str | None = None) -> None:
     """Server child: prints its port; then answers stdin lines ``count`` (changes applied so
-    far) and ``until N`` (prints the wall time once N changes have been applied)."""
+    far), ``until N`` (prints the wall time once N changes have been applied) and ``observers
+    N`` (answers once at most N observers are left: a swarm's unsubscriptions are done)."""
     import trio
 
     from cdcddp.ddp.session import SessionConfig
@@ -134,6 +136,11 @@ def serve(dsn: str, profile: str | None = None) -> None:
                     while live.changes_applied < target:
                         await trio.sleep(0.001)
                     print(f"APPLIED {time.time()}", flush=True)
+                elif line.startswith("observers"):
+                    target = int(line.split()[1])
+                    while live.observer_count > target:
+                        await trio.sleep(0.01)
+                    print(f"OBSERVERS {live.observer_count}", flush=True)
             nursery.cancel_scope.cancel()
 
     if profile is None:
@@ -178,9 +185,10 @@ def prepare(dsn: str, owners: int) -> None:
         conn.execute(LOAD_PROCEDURE)
 
 
-def run_phase(name: str, dsn: str, server: ServerChild, swarm: ddpbench.Swarm,
+def run_phase(name: str, dsn: str, server: ServerChild, swarms: list[ddpbench.Swarm],
               changes: int, owners: int, seed: int, slot: str) -> tuple[float, float]:
-    """One backlog; returns (pg_recvlogical rows/s, cdcddp rows/s). The swarm stays connected."""
+    """One backlog; returns (pg_recvlogical rows/s, cdcddp rows/s). The swarms stay
+    connected."""
     before = int(server.ask("count", "COUNT"))
     with psycopg.connect(dsn, autocommit=True) as conn:
         (walsender,) = conn.execute(  # type: ignore[misc]
@@ -198,24 +206,26 @@ def run_phase(name: str, dsn: str, server: ServerChild, swarm: ddpbench.Swarm,
                 conn.execute("CALL filtered_load(%s, %s, %s)", (changes, owners, seed))
                 written = time.perf_counter() - t0
                 (endpos,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()  # type: ignore[misc]
-                swarm.start()
+                for swarm in swarms:
+                    swarm.start()
             finally:
                 os.kill(server.proc.pid, signal.SIGCONT)
             resumed = time.time()
             cpu0 = cpu_seconds(server.proc.pid, walsender)
         print(f"{name}: server resumed, catching up", flush=True)  # (a profiler can attach now)
         applied_at = float(server.ask(f"until {before + changes}", "APPLIED"))
-        result = swarm.report()
+        results = [swarm.report() for swarm in swarms]
         server_cpu, walsender_cpu = (b - a for a, b in zip(
             cpu0, cpu_seconds(server.proc.pid, walsender), strict=True))
-        delivered_at = result["last_at"] or applied_at
+        delivered_at = max((r["last_at"] for r in results if r["last_at"]), default=applied_at)
         ours = max(applied_at, delivered_at) - resumed
         recv = run_recvlogical(find_bindir(), dsn, slot, str(endpos))
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                          "WHERE slot_name = %s", (slot,))
-    messages = result["changed"]
+    messages = sum(r["changed"] for r in results)
+    clients_cpu = sum(r["cpu_seconds"] for r in results)
     print(f"{name}: backlog of {changes:,} updates over {owners:,} owners written in "
           f"{written:.2f} s; pg_recvlogical {recv:.2f} s = {changes / recv:,.0f} rows/s; "
           f"cdcddp applied in {applied_at - resumed:.2f} s, last message at "
@@ -223,7 +233,7 @@ def run_phase(name: str, dsn: str, server: ServerChild, swarm: ddpbench.Swarm,
           f"(ratio {recv / ours:.2f}); "
           f"{messages:,} changed messages (updates of one row in one flush coalesce); "
           f"CPU during the catch-up: server {server_cpu:.2f} s, its walsender "
-          f"{walsender_cpu:.2f} s, clients {result['cpu_seconds']:.2f} s",
+          f"{walsender_cpu:.2f} s, clients {clients_cpu:.2f} s",
           flush=True)
     if messages == 0:
         sys.exit(f"{name}: no client received a change")
@@ -305,47 +315,65 @@ def run(args: argparse.Namespace, dsn: str) -> None:
     repeat = args.repeat
     prepare(dsn, owners)
     server = ServerChild(dsn, args.profile)
-    swarm: ddpbench.Swarm | None = None
+    small_swarm: ddpbench.Swarm | None = None
+    rest: ddpbench.Swarm | None = None
     phase1 = PhaseRuns(f"phase 1, {small} subscriptions")
     phase2 = PhaseRuns(f"phase 2, {owners:,} subscriptions, same backlog")
     phase3 = PhaseRuns(f"phase 3, {owners:,} subscriptions, spread backlog")
+    ready_seconds: list[float] = []
+
+    def connect_rest() -> ddpbench.Swarm:
+        t0 = time.perf_counter()
+        swarm = ddpbench.Swarm(server.port, args.clients - small_clients,
+                               subscriptions(small, owners - small), per)
+        ready = swarm.wait_ready()
+        ready_seconds.append(time.perf_counter() - t0)
+        print(f"{args.clients - small_clients:,} more clients x {per} subscriptions ready in "
+              f"{ready_seconds[-1]:.1f} s (last sub->ready {ready['seconds']:.1f} s)",
+              flush=True)
+        return swarm
+
     try:
-        swarm = ddpbench.Swarm(server.port, small_clients, subscriptions(0, small), per)
-        swarm.wait_ready()
+        small_swarm = ddpbench.Swarm(server.port, small_clients, subscriptions(0, small), per)
+        small_swarm.wait_ready()
         for i in range(repeat):
             # seed 1 in phases 1 and 2: every run of both phases writes the same row sequence
-            phase1.add(run_phase(f"{phase1.label}, run {i + 1}/{repeat}", dsn, server, swarm,
-                                 changes, small, seed=1, slot=f"bench_filtered_recv_1_{i}"))
-        swarm.stop()  # the phase-2 clients subscribe to owners 0..99 again
-        t0 = time.perf_counter()
-        swarm = ddpbench.Swarm(server.port, args.clients, subscriptions(0, owners), per)
-        ready = swarm.wait_ready()
-        print(f"{args.clients:,} clients x {per} subscriptions ready in "
-              f"{time.perf_counter() - t0:.1f} s (last sub->ready {ready['seconds']:.1f} s)",
-              flush=True)
+            phase1.add(run_phase(f"{phase1.label}, run {i + 1}/{repeat}", dsn, server,
+                                 [small_swarm], changes, small, seed=1,
+                                 slot=f"bench_filtered_recv_1_{i}"))
+            rest = connect_rest()
+            phase2.add(run_phase(f"{phase2.label}, run {i + 1}/{repeat}", dsn, server,
+                                 [small_swarm, rest], changes, small, seed=1,
+                                 slot=f"bench_filtered_recv_2_{i}"))
+            if i < repeat - 1:
+                rest.stop()
+                rest = None
+                # The next phase-1 run starts once the server has let go of their observers.
+                server.ask(f"observers {small}", "OBSERVERS")
+        assert rest is not None
         for i in range(repeat):
-            phase2.add(run_phase(f"{phase2.label}, run {i + 1}/{repeat}", dsn, server, swarm,
-                                 changes, small, seed=1, slot=f"bench_filtered_recv_2_{i}"))
-        for i in range(repeat):
-            phase3.add(run_phase(f"{phase3.label}, run {i + 1}/{repeat}", dsn, server, swarm,
-                                 changes, owners, seed=3, slot=f"bench_filtered_recv_3_{i}"))
-        swarm.stop()
+            phase3.add(run_phase(f"{phase3.label}, run {i + 1}/{repeat}", dsn, server,
+                                 [small_swarm, rest], changes, owners, seed=3,
+                                 slot=f"bench_filtered_recv_3_{i}"))
+        rest.stop()
+        small_swarm.stop()
     finally:
-        if swarm is not None:
-            swarm.kill()
+        for swarm in (small_swarm, rest):
+            if swarm is not None:
+                swarm.kill()
         server.stop()
+    print(f"{owners - small:,} more subscriptions ready in "
+          f"{', '.join(f'{t:.1f}' for t in ready_seconds)} s")
     for phase in (phase1, phase2, phase3):
         print(phase.summary())
     raw = 1 - statistics.median(phase2.ours) / statistics.median(phase1.ours)
-    # what the raw drop would read pairing the extreme runs (best/worst case over the runs)
-    raw_low = 1 - max(phase2.ours) / min(phase1.ours)
-    raw_high = 1 - min(phase2.ours) / max(phase1.ours)
-    drop = 1 - phase2.ratio / phase1.ratio
+    rounds = [1 - (o2 / r2) / (o1 / r1) for o1, r1, o2, r2 in zip(
+        phase1.ours, phase1.recv, phase2.ours, phase2.recv, strict=True)]
+    drop = statistics.median(rounds)
     print(f"drop from {small} to {owners:,} subscriptions, raw cdcddp rates (median to median, "
-          f"identical backlogs): {100 * raw:.1f} % (extreme runs paired: {100 * raw_low:.1f} "
-          f"to {100 * raw_high:.1f} %)")
-    print(f"drop from {small} to {owners:,} subscriptions relative to pg_recvlogical (ratio of "
-          f"medians {phase1.ratio:.2f} -> {phase2.ratio:.2f}): {100 * drop:.1f} %")
+          f"identical backlogs): {100 * raw:.1f} %")
+    print(f"drop from {small} to {owners:,} subscriptions relative to pg_recvlogical, per round: "
+          f"{', '.join(f'{100 * d:.1f}' for d in rounds)} %; median {100 * drop:.1f} %")
     print(f"filtered_subscription_drop_pct={100 * drop:.1f}")
     print(f"filtered_ingest_ratio={phase3.ratio:.2f}")
 
