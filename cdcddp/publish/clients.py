@@ -12,7 +12,17 @@ from cdcddp.ddp.mergebox import MergeBox, Transition, transition_op
 from cdcddp.ddp.session import ServerSession
 from cdcddp.gcpause import gc_paused
 
-__all__ = ["OPEN_GATE", "EncodeCache", "FlushGate", "LiveClient", "SubKey"]
+__all__ = [
+    "MAX_OPS_PER_FLUSH",
+    "OPEN_GATE",
+    "EncodeCache",
+    "FlushGate",
+    "LiveClient",
+    "SubKey",
+    "encode_transition",
+    "encode_transitions",
+    "transition_message",
+]
 
 SubKey = Hashable  # a merge-box subscription id: the DDP sub id, or a universal handle
 

@@ -25,8 +25,23 @@ from cdcddp.wal.events import Relation
 from cdcddp.wal.lsn import parse_lsn
 from cdcddp.wal.pgtypes import BINARY_LOADS_AS_DECODED
 
-__all__ = ["SnapshotRead", "SnapshotTooEarly", "TableShape", "begin_snapshot_seeing",
-           "run_seeing"]
+__all__ = [
+    "ReadsInterrupted",
+    "SnapshotRead",
+    "SnapshotTooEarly",
+    "TableShape",
+    "begin_snapshot_seeing",
+    "current_wal_lsn",
+    "describe_shape_change",
+    "fetch_row",
+    "horizon_snapshot",
+    "row_list",
+    "row_query",
+    "run_seeing",
+    "shape_differs",
+    "snapshot_reads",
+    "table_columns",
+]
 
 
 # The first statement of a REPEATABLE READ transaction takes its snapshot; the WAL insert
