@@ -165,12 +165,14 @@ async def test_every_metric_moves_with_its_event(db_dsn: str) -> None:
                 assert at(samples, "cdcddp_snapshot_duration_seconds_count") >= 2
                 await client.unsubscribe(note)
 
-                # Row changes: one transaction each.
-                await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'new')")
-                await asql(db_dsn, "UPDATE items SET rank = 5 WHERE id = 1")
-                await asql(db_dsn, "DELETE FROM items WHERE id = 2")
+                # Row changes: one transaction each, each delivered before the next (commits
+                # that arrive together go out in one write: one commit->send observation).
+                for statement in ("INSERT INTO items (category, title) VALUES ('a', 'new')",
+                                  "UPDATE items SET rank = 5 WHERE id = 1",
+                                  "DELETE FROM items WHERE id = 2"):
+                    await asql(db_dsn, statement)
+                    await wait_store(client, expected_view(db_dsn, [("items.all", [])]))
                 await asql(db_dsn, "INSERT INTO nopk VALUES (1)", "UPDATE nopk SET x = 2")
-                await wait_store(client, expected_view(db_dsn, [("items.all", [])]))
 
                 # Methods: handler-style ok / MeteorError / internal, unknown, typed.
                 assert await client.call("echo", 1) == [1]
