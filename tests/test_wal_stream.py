@@ -232,7 +232,9 @@ async def _ge(row: Any, lsn: int) -> bool:
 async def test_drop_mid_transaction_restarts_it(db_dsn: str, pg_cluster: LocalCluster) -> None:
     sql(db_dsn, "CREATE TABLE t (n int PRIMARY KEY)")
     slot = new_slot()
-    rows = 5000
+    # Far more than the socket, libpq and the stream can hold between them (a few thousand
+    # rows): a smaller transaction may be wholly received before the termination lands.
+    rows = 50_000
     async with open_stream(db_dsn, slot, buffer_batches=1, **FAST) as stream:
         sql(db_dsn, f"INSERT INTO t SELECT generate_series(1, {rows})")
         collector = Collector(stream)
