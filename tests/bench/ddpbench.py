@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import resource
@@ -46,7 +45,6 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
 ADDED_PREFIX = b'{"msg":"added"'
 CHANGED_PREFIX = b'{"msg":"changed"'
 
@@ -110,6 +108,8 @@ def serve_broadcast(rate: float, collection: str = "fan") -> None:
     """Baseline server: pre-encoded frames, one send_all per client per tick."""
     import trio
 
+    from cdcddp.server.websocket import handshake_response
+
     raise_fd_limit(20000)
     clients: list[trio.SocketStream] = []
 
@@ -122,10 +122,7 @@ def serve_broadcast(rate: float, collection: str = "fan") -> None:
             buf += data
         key = next(line.split(b":", 1)[1].strip() for line in buf.split(b"\r\n")
                    if line.lower().startswith(b"sec-websocket-key:"))
-        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                              b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept
-                              + b"\r\n\r\n")
+        await stream.send_all(handshake_response(key.decode("latin-1")))
         # the client pipelines connect + sub after the 101; answer without parsing them
         await stream.send_all(ws_frame(b'{"msg":"connected","session":"x"}')
                               + ws_frame(b'{"msg":"ready","subs":["s0"]}'))
