@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import secrets
+import weakref
 
 import psycopg
 import trio
@@ -466,3 +467,24 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector(db_dsn: 
         finally:
             gc.set_debug(0)
             gc.garbage.clear()
+
+
+async def test_an_observer_is_freed_when_its_last_subscription_ends(db_dsn: str) -> None:
+    """Nothing keeps a dropped observer's rows alive (the snapshot reader once held its last
+    read batch, and so the result, until the next batch: memory held for nothing, freed on
+    the next subscriber's path — 15-20 ms for 100,000 rows)."""
+    async with live_server(db_dsn) as server:
+        live = server.live
+        assert live is not None
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x'), ('b', 'y')")
+        async with connect(server.ws_url) as client:
+            sub = await client.subscribe("items.byCategory", {"category": "a"})
+            (entry,) = live.observers()
+            observer = weakref.ref(entry.observer)
+            del entry
+            await client.unsubscribe(sub)
+            with trio.fail_after(5):
+                while live.observer_count:
+                    await trio.sleep(0.01)
+            gc.collect()
+            assert observer() is None

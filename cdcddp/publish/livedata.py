@@ -49,6 +49,7 @@ dirty state (bounded by its view) and its connection flushes when the socket fre
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -182,6 +183,17 @@ class _RetrySnapshot(Exception):
 
 
 # ---------------------------------------------------------------------------- the engine
+
+
+async def _next_batch(queue: trio.MemoryReceiveChannel[SnapshotRead]) -> list[SnapshotRead]:
+    """The next queued snapshot read and all those waiting behind it, up to a batch."""
+    batch = [await queue.receive()]
+    while len(batch) < _SNAPSHOT_BATCH_MAX:
+        try:
+            batch.append(queue.receive_nowait())
+        except trio.WouldBlock:
+            break
+    return batch
 
 
 class LiveData:
@@ -575,9 +587,10 @@ class LiveData:
         if entry.live:
             entry.live = False
             routes = self._routes[entry.table]
-            routes.remove(entry)
-            if not routes.entries:
+            if len(routes.entries) == 1:  # the last: its index goes too, unpicked key by key
                 del self._routes[entry.table]
+            else:
+                routes.remove(entry)
             self._lose_interest(entry.table)
         entry.subscribers.clear()
 
@@ -899,19 +912,20 @@ class LiveData:
     async def _snapshot_batches(self, queue: trio.MemoryReceiveChannel[SnapshotRead]
                                 ) -> None:
         """Reads queued snapshots, all those waiting (up to a batch) in one transaction."""
-        async for first in queue:
-            batch = [first]
-            while len(batch) < _SNAPSHOT_BATCH_MAX:
-                try:
-                    batch.append(queue.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            try:
-                await self._read_snapshots(batch)
-            finally:
-                for read in batch:
-                    read.finished.set()
-            storm_promotion.built(len(batch))
+        with contextlib.suppress(trio.EndOfChannel):
+            while True:
+                # No local here keeps a batch between reads: its results are their waiters'
+                # once read (held until the next batch, a dropped observer's rows stayed in
+                # memory, to be freed on that batch's critical path).
+                await self._read_batch(await _next_batch(queue))
+
+    async def _read_batch(self, batch: list[SnapshotRead]) -> None:
+        try:
+            await self._read_snapshots(batch)
+        finally:
+            for read in batch:
+                read.finished.set()
+        storm_promotion.built(len(batch))
 
     async def _read_now(self, reads: list[SnapshotRead]) -> None:
         """Read these in batches, as many at once as the queue's readers, without queueing
