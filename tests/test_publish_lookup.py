@@ -43,3 +43,20 @@ def test_lookup_decides_and_records_dependencies(db_dsn: str) -> None:
             pub.resolve([{"listId": "pub"}], None)  # needs a lookup
         # Hostile keys are parameters, not SQL.
         assert SqlRowLookup(conn).row("lists", "x' OR '1'='1") is None
+
+
+def test_lookup_names_tables_as_cursors_do(db_dsn: str) -> None:
+    """One reading of a table name: ``"schema.table"``, ``"table"`` (public) or a pair; an
+    empty part is the developer's mistake, named as such (not a PostgreSQL syntax error)."""
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app")
+        conn.execute("CREATE TABLE app.lists (id text primary key, name text)")
+        conn.execute("INSERT INTO app.lists VALUES ('a', 'groceries')")
+        lookup = SqlRowLookup(conn)
+        row = {"id": "a", "name": "groceries"}
+        assert lookup.row("app.lists", "a", columns=["name"]) == row
+        assert lookup.row(("app", "lists"), "a", columns=["name"]) == row
+        for bad in ("app.", ".lists", ""):
+            with pytest.raises(PublicationError, match="bad table name"):
+                lookup.row(bad, "a")
+        assert lookup.dependencies == {("app", "lists", ("a",))}

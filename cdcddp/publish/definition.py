@@ -81,7 +81,8 @@ def _check_field_name(name: str, column: str) -> None:
         raise PublicationError(f"column {column!r} cannot be published as field {name!r}")
 
 
-def _split_table(table: str | tuple[str, str]) -> tuple[str, str]:
+def split_table(table: str | tuple[str, str]) -> tuple[str, str]:
+    """``"schema.table"``, ``"table"`` (in ``public``) or ``(schema, table)`` as a pair."""
     if isinstance(table, tuple):
         schema, name = table
     elif "." in table:
@@ -118,7 +119,7 @@ class Cursor:
     key_columns: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        schema, name = _split_table(self.table)
+        schema, name = split_table(self.table)
         if isinstance(self.fields, str):
             raise PublicationError("fields must be a list or mapping of columns, not a string")
         if isinstance(self.fields, Mapping):

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from cdcddp.db import execute_as_decoded
-from cdcddp.publish.definition import DEFAULT_SCHEMA
+from cdcddp.publish.definition import split_table
 from cdcddp.publish.filters import quoted
 
 Dependency = tuple[str, str, tuple[Any, ...]]  # (schema, table, primary-key values)
@@ -35,13 +35,6 @@ class RowLookup(Protocol):
     def row(self, table: str | tuple[str, str], key: Any,
             columns: Sequence[str] | None = None,
             key_columns: Sequence[str] = ("id",)) -> dict[str, Any] | None: ...
-
-
-def split_table(table: str | tuple[str, str]) -> tuple[str, str]:
-    if isinstance(table, tuple):
-        return table
-    schema, dot, name = table.partition(".")
-    return (schema, name) if dot else (DEFAULT_SCHEMA, table)
 
 
 class SqlRowLookup:
