@@ -587,7 +587,7 @@ class LiveData:
         if entry.live:
             entry.live = False
             routes = self._routes[entry.table]
-            if len(routes.entries) == 1:  # the last: its index goes too, unpicked key by key
+            if len(routes.entries) == 1:  # the table's last observer: its index goes whole
                 del self._routes[entry.table]
             else:
                 routes.remove(entry)
