@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import secrets
 import weakref
+from collections import Counter
 
 import psycopg
 import trio
@@ -14,6 +15,9 @@ from cdcddp.client import MeteorError, connect
 from cdcddp.ddp.mergebox import MergeBox
 from cdcddp.ddp.session import ServerSession
 from cdcddp.publish.clients import LiveClient
+from cdcddp.publish.observer import DocOp, Observer
+from cdcddp.publish.routes import ObserverEntry
+from cdcddp.publish.snapshots import SnapshotRead
 from cdcddp.server.connection import Connection
 from tests.livedata_support import (
     FIELDS,
@@ -488,3 +492,49 @@ async def test_an_observer_is_freed_when_its_last_subscription_ends(db_dsn: str)
                     await trio.sleep(0.01)
             gc.collect()
             assert observer() is None
+
+
+async def test_subscription_churn_leaves_nothing_behind(db_dsn: str) -> None:
+    """Clients that connect, subscribe, see changes, unsubscribe and leave, one after
+    another, leave no server object behind: memory stays bounded however long it runs."""
+    kinds = (Connection, LiveClient, MergeBox, ServerSession, Observer, ObserverEntry,
+             SnapshotRead, DocOp)
+
+    def census() -> dict[str, int]:
+        gc.collect()
+        found = Counter(type(o).__name__ for o in gc.get_objects() if isinstance(o, kinds))
+        return {kind.__name__: found[kind.__name__] for kind in kinds}
+
+    async with live_server(db_dsn) as server:
+        live = server.live
+        assert live is not None
+        await asql(db_dsn, "INSERT INTO items (category, title) "
+                           "SELECT 'c' || (g % 5), 't' || g FROM generate_series(1, 20) g")
+
+        async def visit(i: int) -> None:
+            async with connect(server.ws_url) as client:
+                category = f"c{i % 5}"
+                by_category = await client.subscribe("items.byCategory", {"category": category})
+                everything = await client.subscribe("items.all")
+                await asql(db_dsn, "INSERT INTO items (category, title) VALUES (%s, %s)",
+                           params=(category, f"n{i}"))
+                await asql(db_dsn, "UPDATE items SET version = version + 1 "
+                                   "WHERE category = %s", params=(category,))
+                await asql(db_dsn, "DELETE FROM items WHERE id = (SELECT min(id) FROM items)")
+                await live.sync()
+                await client.wait_for(lambda: len(store(client)) == 20, 5)
+                await client.unsubscribe(by_category)
+                await client.unsubscribe(everything)
+
+        async def settled() -> dict[str, int]:
+            with trio.fail_after(5):
+                while server.server.connections or live.observer_count:
+                    await trio.sleep(0.01)
+            return census()
+
+        for i in range(10):
+            await visit(i)
+        before = await settled()
+        for i in range(10, 110):
+            await visit(i)
+        assert await settled() == before
