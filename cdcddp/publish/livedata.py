@@ -615,7 +615,7 @@ class LiveData:
                 touched.add(table)
                 if watched and kind is not Truncate and table in watched:
                     self._row_hits(event, hits)
-                if txn is not None and (event.schema, event.table) in interest:  # type: ignore[union-attr]
+                if txn is not None and table in interest:
                     txn.changes.append(event)  # type: ignore[arg-type]
                     if len(txn.changes) >= chunk:
                         await self._apply_chunk(txn)
