@@ -44,15 +44,47 @@ def test_routes_by_equality_by_key_and_unconstrained() -> None:
     move_out = Update(1, 1, "public", "items", {"id": 1, "category": "q", "rank": 0},
                       {"id": 1}, ("id",))
     assert routes.candidates(move_out) == {by_a, ranked}
-    assert routes.candidates(Delete(1, 1, "public", "items", {"id": 1}, ("id",))) == {by_a}
-    assert routes.candidates(Delete(1, 1, "public", "items", {"id": 9}, ("id",))) == set()
+    # A delete finds the indexed observer holding the row by its key, and every unconstrained
+    # one (whose keys are not indexed: it is a candidate for every change).
+    assert routes.candidates(Delete(1, 1, "public", "items", {"id": 1}, ("id",))) == {
+        by_a, ranked}
+    assert routes.candidates(Delete(1, 1, "public", "items", {"id": 9}, ("id",))) == {ranked}
     # An unchanged TOASTed (absent) indexed column: every observer indexed on it may match.
     absent = Update(1, 1, "public", "items", {"id": 5, "rank": 0}, {"id": 5}, ("id",))
     assert len(routes.candidates(absent)) == 1003
 
     routes.remove(by_a)
-    assert routes.candidates(Delete(1, 1, "public", "items", {"id": 1}, ("id",))) == set()
+    assert routes.candidates(Delete(1, 1, "public", "items", {"id": 1}, ("id",))) == {ranked}
     assert routes.candidates(insert(id=2, category="a", rank=0)) == {ranked}
+
+
+def test_routes_index_the_keys_of_indexed_observers_only() -> None:
+    """A whole-table observer's rows cost no index entries (a key each, for what may be
+    millions of rows), yet it sees every change: deletes and moves included."""
+    routes = TableRoutes()
+    rows = [{"id": n, "category": "a", "rank": n} for n in range(100)]
+    whole = entry_for(None, rows)
+    ranked = entry_for(C("rank") >= 50, rows[50:])
+    by_a = entry_for(C("category") == "a", rows)
+    for entry in (whole, ranked):
+        routes.add(entry)
+    assert routes.holders == {} and not whole.keys_indexed and not ranked.keys_indexed
+    routes.add(by_a)
+    assert by_a.keys_indexed and len(routes.holders) == 100
+    delete = Delete(1, 1, "public", "items", {"id": 7}, ("id",))
+    assert routes.candidates(delete) == {whole, ranked, by_a}
+    # Following a change's keys and reloading leave the unindexed observers out of the index.
+    for entry in (whole, ranked, by_a):
+        assert entry.observer is not None
+        entry.observer.apply(delete)
+        routes.follow_keys(entry, entry.observer.keys)
+    assert (7,) not in routes.holders and len(routes.holders) == 99
+    assert whole.observer is not None
+    routes.reindex(whole, lambda: whole.observer.load([dict(r) for r in rows]))  # type: ignore[union-attr]
+    assert len(routes.holders) == 99
+    routes.remove(whole)
+    routes.remove(by_a)
+    assert routes.holders == {}
 
 
 def test_encode_cache_diffs_and_encodes_a_shared_transition_once() -> None:
@@ -122,8 +154,8 @@ def test_encoding_a_flush_together_equals_encoding_each_message() -> None:
 
 def test_routes_hold_a_key_for_one_or_several_observers() -> None:
     routes = TableRoutes()
-    first = entry_for(C("rank") > 0, [{"id": 1, "category": "a", "rank": 1}])
-    second = entry_for(C("rank") > 0, [{"id": 1, "category": "a", "rank": 1}])
+    first = entry_for(C("category") == "a", [{"id": 1, "category": "a", "rank": 1}])
+    second = entry_for(C("category").in_(["a", "b"]), [{"id": 1, "category": "a", "rank": 1}])
     routes.add(first)  # bulk: nothing held before
     routes.add(second)
     delete = Delete(1, 1, "public", "items", {"id": 1}, ("id",))

@@ -6,9 +6,10 @@
                               each subscribed client's MergeBox ──flush at commit──▶ session
 
 * **Routing.** Per table, observers are indexed by one equality constraint of their filter
-  (column → value → observers), the rest are "unconstrained", and a reverse index maps a row
-  key to the observers holding that row (UPDATE moves out and DELETEs carry only the key under
-  DEFAULT replica identity). A row change costs the observers that may match it, not all.
+  (column → value → observers), the rest are "unconstrained" (candidates for every change),
+  and a reverse index maps a row key to the indexed observers holding that row (UPDATE moves
+  out and DELETEs carry only the key under DEFAULT replica identity). A row change costs the
+  observers that may match it, not all.
 * **Transactions.** Row changes of tables somebody observes are buffered per transaction and
   applied at ``Commit``; clients are flushed between transactions, so no half-applied
   transaction is ever visible: after each commit, or — when commits arrive faster than they
@@ -1151,15 +1152,7 @@ class LiveData:
                               change.schema, change.table, exc_info=exc)
                     failed.add(entry)
                     continue
-                old_key, new_key = observer.keys
-                if new_key == old_key:  # the usual update: the key stays
-                    new_key = None
-                for key in (old_key, new_key):
-                    if key is not None:
-                        if observer.holds(key):
-                            routes.hold(entry, key)
-                        else:
-                            routes.release(entry, key)
+                routes.follow_keys(entry, observer.keys)
                 if result:
                     self._deliver(entry, result, clients)
         if failed:
@@ -1190,12 +1183,8 @@ class LiveData:
                 snapshot: Snapshot | None = None, lsn: int | None = None) -> list[DocOp]:
         observer = entry.observer
         assert observer is not None
-        for key in list(observer.rows):
-            routes.release(entry, key)
-        ops = observer.load(rows)
+        ops = routes.reindex(entry, lambda: observer.load(rows))
         observer.snapshot, observer.snapshot_lsn = snapshot, lsn
-        for key in observer.rows:
-            routes.hold(entry, key)
         return ops
 
     async def _resync(self, entries: set[ObserverEntry], reason: str = "observer_error"

@@ -1,12 +1,16 @@
 """Which observers a row change may concern: observers shared per ``BoundCursor.key``
 (``ObserverEntry``) and, per table, the index from equality-filter values and held row keys to
-them (``TableRoutes``), so a change costs the observers it may match, not all of them."""
+them (``TableRoutes``), so a change costs the observers it may match, not all of them.
+
+Only observers found through the value index have their rows' keys indexed: the others
+(unconstrained, or keyed otherwise than the table) are candidates for every change anyway, so
+indexing their keys, one entry per row of what may be a whole table, would buy nothing."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -16,6 +20,8 @@ from cdcddp.publish.observer import Key, Observer, Row, key_getter, replaced_key
 from cdcddp.wal.events import ABSENT, Delete, Insert, RowChange, Update
 
 __all__ = ["ObserverEntry", "TableRoutes"]
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -30,6 +36,7 @@ class ObserverEntry:
     ready: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
     live: bool = False  # registered in the routing index
+    keys_indexed: bool = False  # its rows' keys are in the routing index (``holders``)
     snapshot_queries: int = 0
     # The table's columns (name -> (type oid, varlena)) as its last snapshot saw them: a
     # stream ``Relation`` that differs means the table changed shape since (resync).
@@ -66,6 +73,7 @@ class TableRoutes:
             self.odd_keys.add(entry)
         constraints = entry.bound.filter.equality_constraints()
         slot: tuple[str, frozenset[Any]] | None = None
+        entry.keys_indexed = False
         if constraints:
             # The most selective column; an empty value set means nothing can ever match.
             column = min(constraints, key=lambda c: len(constraints[c]))
@@ -76,11 +84,13 @@ class TableRoutes:
         else:
             self.unconstrained.add(entry)
         self._slots[entry] = slot
-        if self.holders:
-            for key in observer.rows:
-                self.hold(entry, key)
-        else:
-            self.holders = dict.fromkeys(observer.rows, entry)
+        if slot is not None and entry not in self.odd_keys:
+            entry.keys_indexed = True
+            if self.holders:
+                for key in observer.rows:
+                    self.hold(entry, key)
+            else:
+                self.holders = dict.fromkeys(observer.rows, entry)
 
     def remove(self, entry: ObserverEntry) -> None:
         observer = entry.observer
@@ -100,8 +110,43 @@ class TableRoutes:
                         del index[value]
             if not index:
                 self.by_value.pop(column, None)
+        if entry.keys_indexed:
+            entry.keys_indexed = False
+            for key in list(observer.rows):
+                self.release(entry, key)
+
+    def follow_keys(self, entry: ObserverEntry, keys: tuple[Key | None, Key | None]) -> None:
+        """After a change applied to ``entry``'s observer: index the keys it wrote (``keys``:
+        ``Observer.keys``, old and new) as its rows now have them."""
+        if not entry.keys_indexed:
+            return
+        old_key, new_key = keys
+        observer = entry.observer
+        assert observer is not None
+        if old_key is not None:
+            if observer.holds(old_key):
+                self.hold(entry, old_key)
+            else:
+                self.release(entry, old_key)
+        if new_key is not None and new_key != old_key:
+            if observer.holds(new_key):
+                self.hold(entry, new_key)
+            else:
+                self.release(entry, new_key)
+
+    def reindex(self, entry: ObserverEntry, load: Callable[[], T]) -> T:
+        """``load()``, which replaces the rows of ``entry``'s observer (a resync), with the
+        index of its keys following."""
+        observer = entry.observer
+        assert observer is not None
+        if not entry.keys_indexed:
+            return load()
         for key in list(observer.rows):
             self.release(entry, key)
+        result = load()
+        for key in observer.rows:
+            self.hold(entry, key)
+        return result
 
     def hold(self, entry: ObserverEntry, key: Key) -> None:
         held = self.holders.get(key)
@@ -141,7 +186,7 @@ class TableRoutes:
                     continue
                 if entries:
                     found |= entries
-            found |= self.unconstrained
+        found |= self.unconstrained  # (for a DELETE too: their keys are not indexed)
         key_of = self._key_of
         if kind is not Insert and key_of is not None:
             key = replaced_key(key_of, change.identity,  # type: ignore[union-attr]
