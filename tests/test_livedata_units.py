@@ -80,7 +80,9 @@ def test_routes_index_the_keys_of_indexed_observers_only() -> None:
         routes.follow_keys(entry, entry.observer.keys)
     assert (7,) not in routes.holders and len(routes.holders) == 99
     assert whole.observer is not None
-    routes.reindex(whole, lambda: whole.observer.load([dict(r) for r in rows]))  # type: ignore[union-attr]
+    routes.release_keys(whole)
+    whole.observer.load([dict(r) for r in rows])
+    routes.hold_keys(whole)
     assert len(routes.holders) == 99
     routes.remove(whole)
     routes.remove(by_a)

@@ -1183,7 +1183,9 @@ class LiveData:
                 snapshot: Snapshot | None = None, lsn: int | None = None) -> list[DocOp]:
         observer = entry.observer
         assert observer is not None
-        ops = routes.reindex(entry, lambda: observer.load(rows))
+        routes.release_keys(entry)
+        ops = observer.load(rows)
+        routes.hold_keys(entry)
         observer.snapshot, observer.snapshot_lsn = snapshot, lsn
         return ops
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
@@ -20,8 +20,6 @@ from cdcddp.publish.observer import Key, Observer, Row, key_getter, replaced_key
 from cdcddp.wal.events import ABSENT, Delete, Insert, RowChange, Update
 
 __all__ = ["ObserverEntry", "TableRoutes"]
-
-T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -73,7 +71,6 @@ class TableRoutes:
             self.odd_keys.add(entry)
         constraints = entry.bound.filter.equality_constraints()
         slot: tuple[str, frozenset[Any]] | None = None
-        entry.keys_indexed = False
         if constraints:
             # The most selective column; an empty value set means nothing can ever match.
             column = min(constraints, key=lambda c: len(constraints[c]))
@@ -84,13 +81,8 @@ class TableRoutes:
         else:
             self.unconstrained.add(entry)
         self._slots[entry] = slot
-        if slot is not None and entry not in self.odd_keys:
-            entry.keys_indexed = True
-            if self.holders:
-                for key in observer.rows:
-                    self.hold(entry, key)
-            else:
-                self.holders = dict.fromkeys(observer.rows, entry)
+        entry.keys_indexed = slot is not None and entry not in self.odd_keys
+        self.hold_keys(entry)
 
     def remove(self, entry: ObserverEntry) -> None:
         observer = entry.observer
@@ -110,8 +102,26 @@ class TableRoutes:
                         del index[value]
             if not index:
                 self.by_value.pop(column, None)
+        self.release_keys(entry)
+        entry.keys_indexed = False
+
+    def hold_keys(self, entry: ObserverEntry) -> None:
+        """Index the keys of every row ``entry``'s observer holds (if its keys are indexed)."""
+        observer = entry.observer
+        assert observer is not None
+        if not entry.keys_indexed:
+            return
+        if self.holders:
+            for key in observer.rows:
+                self.hold(entry, key)
+        else:
+            self.holders = dict.fromkeys(observer.rows, entry)
+
+    def release_keys(self, entry: ObserverEntry) -> None:
+        """The inverse of :meth:`hold_keys` (before its observer's rows are replaced)."""
+        observer = entry.observer
+        assert observer is not None
         if entry.keys_indexed:
-            entry.keys_indexed = False
             for key in list(observer.rows):
                 self.release(entry, key)
 
@@ -123,30 +133,12 @@ class TableRoutes:
         old_key, new_key = keys
         observer = entry.observer
         assert observer is not None
-        if old_key is not None:
-            if observer.holds(old_key):
-                self.hold(entry, old_key)
-            else:
-                self.release(entry, old_key)
-        if new_key is not None and new_key != old_key:
-            if observer.holds(new_key):
-                self.hold(entry, new_key)
-            else:
-                self.release(entry, new_key)
-
-    def reindex(self, entry: ObserverEntry, load: Callable[[], T]) -> T:
-        """``load()``, which replaces the rows of ``entry``'s observer (a resync), with the
-        index of its keys following."""
-        observer = entry.observer
-        assert observer is not None
-        if not entry.keys_indexed:
-            return load()
-        for key in list(observer.rows):
-            self.release(entry, key)
-        result = load()
-        for key in observer.rows:
-            self.hold(entry, key)
-        return result
+        for key in (old_key,) if new_key == old_key else (old_key, new_key):
+            if key is not None:
+                if observer.holds(key):
+                    self.hold(entry, key)
+                else:
+                    self.release(entry, key)
 
     def hold(self, entry: ObserverEntry, key: Key) -> None:
         held = self.holders.get(key)
