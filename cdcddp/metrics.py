@@ -106,6 +106,9 @@ class LiveFigures(Protocol):
     @property
     def observer_count(self) -> int: ...
 
+    @property
+    def observer_documents(self) -> int: ...
+
     def apply_lag(self) -> float: ...
 
 
@@ -285,6 +288,10 @@ class Metrics:
             registry=r)
         self.observers = Gauge(
             "cdcddp_observers", "Live observers (distinct publication queries).", registry=r)
+        self.observer_documents = Gauge(
+            "cdcddp_observer_documents",
+            "Documents held by the live observers (each once, however many subscribe).",
+            registry=r)
         self.subscriptions = Gauge(
             "cdcddp_subscriptions", "Live subscriptions, by publication.", ["publication"],
             registry=r)
@@ -446,7 +453,7 @@ class Metrics:
                 child = self.changes_applied.labels(
                     table=self._table(name), action=kind.__name__.lower())
                 self.add_total(("changes", schema, table, kind), child, total)
-        self.set_observers(live.observer_count)
+        self.set_observers(live.observer_count, live.observer_documents)
         self.lag_seconds.set(live.apply_lag())
 
     def change_applied(self, table: str, action: str, count: int = 1) -> None:
@@ -465,8 +472,10 @@ class Metrics:
     def resync(self, reason: str) -> None:
         self.resyncs.labels(reason=self._reason(reason)).inc()
 
-    def set_observers(self, count: int) -> None:
+    def set_observers(self, count: int, documents: int | None = None) -> None:
         self.observers.set(count)
+        if documents is not None:
+            self.observer_documents.set(documents)
 
     def subscription_started(self, publication: str) -> None:
         self.subscriptions.labels(publication=self._publication(publication)).inc()

@@ -120,7 +120,7 @@ def test_apply_metrics_move() -> None:
     commit = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
     m.transaction_applied(commit, now=commit + dt.timedelta(milliseconds=250))
     m.resync("truncate")
-    m.set_observers(3)
+    m.set_observers(3, 1200)
     m.subscription_started("lists.public")
     m.subscription_started("lists.public")
     m.subscription_started("todos.inList")
@@ -134,6 +134,7 @@ def test_apply_metrics_move() -> None:
     assert value(m, "cdcddp_replication_lag_seconds") == pytest.approx(0.25)
     assert value(m, "cdcddp_resyncs_total", reason="truncate") == 1
     assert value(m, "cdcddp_observers") == 3
+    assert value(m, "cdcddp_observer_documents") == 1200
     assert value(m, "cdcddp_subscriptions", publication="lists.public") == 1
     assert value(m, "cdcddp_subscriptions", publication="todos.inList") == 1
     assert value(m, "cdcddp_snapshot_duration_seconds_count") == 2

@@ -161,6 +161,8 @@ async def test_every_metric_moves_with_its_event(db_dsn: str) -> None:
                 assert at(samples, "cdcddp_subscriptions", publication="handler.note") == 1
                 assert at(samples, "cdcddp_observers") == 2
                 assert at(samples, "cdcddp_mergebox_documents") == 101  # 100 rows + the note
+                # Two observers of the same 100 rows (all in category a): each holds them.
+                assert at(samples, "cdcddp_observer_documents") == 200
                 assert at(samples, "cdcddp_snapshot_rows_total") >= 200
                 assert at(samples, "cdcddp_snapshot_duration_seconds_count") >= 2
                 await client.unsubscribe(note)
@@ -256,6 +258,7 @@ async def test_every_metric_moves_with_its_event(db_dsn: str) -> None:
         assert at(samples, "cdcddp_sessions_closed_total", reason="shutdown") == 1
         assert at(samples, "cdcddp_clients_connected") == 0
         assert at(samples, "cdcddp_subscriptions", publication="items.all") == 0
+        assert at(samples, "cdcddp_observer_documents") == 0
         assert at(samples, "cdcddp_sessions_opened_total") == sum(
             v for (n, _), v in samples.items() if n == "cdcddp_sessions_closed_total")
         nursery.cancel_scope.cancel()

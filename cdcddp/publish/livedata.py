@@ -359,6 +359,12 @@ class LiveData:
     def observer_count(self) -> int:
         return sum(1 for e in self._observers.values() if e.live)
 
+    @property
+    def observer_documents(self) -> int:
+        """Documents the live observers hold (each once, however many subscribe to it)."""
+        return sum(len(e.observer) for e in self._observers.values()
+                   if e.live and e.observer is not None)
+
     def observers(self) -> list[ObserverEntry]:
         return [e for e in self._observers.values() if e.live]
 
