@@ -469,3 +469,55 @@ async def test_a_resync_hold_ends_after_catch_up_timeout_without_a_mark(
             assert live.resync_reasons["observer_error"] == 1
             assert trio.current_time() - started >= 0.3  # held, then let go
             assert not live.gate.held
+
+
+async def test_an_observer_resynced_mid_transaction_sees_that_transaction(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An observer that fails on a change is resynced from a snapshot that sees the
+    transaction it failed in, even while that transaction's commit, already decoded, is not
+    yet visible to new snapshots (otherwise nothing would apply it again: a lost change).
+
+    The window is held open the way a synchronous standby that never answers holds it: the
+    commit record is written and decoded, and the committing session waits for the standby
+    before it leaves the running transactions."""
+    async with live_server(db_dsn, catch_up_timeout=0.3, observer_errors=1) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        async with connect(server.ws_url) as client:
+            await client.subscribe("items.all")
+            observer = live.observers()[0].observer
+            assert observer is not None
+            apply = observer.apply
+
+            def fail_once(change: Any) -> Any:
+                observer.apply = apply  # type: ignore[method-assign]
+                raise RuntimeError("injected observer failure")
+
+            observer.apply = fail_once  # type: ignore[method-assign]
+            retries = live.invisible_delivered_retries
+            held = psycopg.connect(db_dsn, autocommit=True)
+            try:
+                await asql(db_dsn, "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+                           "SELECT pg_reload_conf()")
+                pid = held.info.backend_pid
+                with caplog.at_level(logging.CRITICAL):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(trio.to_thread.run_sync, lambda: held.execute(
+                            "UPDATE items SET title = 'y', version = 1 WHERE id = 1"))
+                        # The stream delivers the commit; the resync must wait for it.
+                        with trio.move_on_after(3):
+                            while live.invisible_delivered_retries - retries < 3:
+                                await trio.sleep(0.01)
+                        assert store(client) == {"1": {
+                            "owner": None, "category": "a", "title": "x", "body": None,
+                            "rank": 0, "version": 0}}  # nothing of it flushed meanwhile
+                        # Give up waiting for the standby: the commit becomes visible.
+                        await asql(db_dsn, f"SELECT pg_cancel_backend({int(pid)})")
+            finally:
+                await asql(db_dsn, "ALTER SYSTEM RESET synchronous_standby_names",
+                           "SELECT pg_reload_conf()")
+                held.close()
+            await wait_store(client, {"1": {"owner": None, "category": "a", "title": "y",
+                                            "body": None, "rank": 0, "version": 1}})
+            assert live.resync_reasons["observer_error"] == 1
+            assert live.invisible_delivered_retries - retries >= 3  # it waited

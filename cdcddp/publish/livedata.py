@@ -934,23 +934,25 @@ class LiveData:
                 read.finished.set()
         storm_promotion.built(len(batch))
 
-    async def _read_now(self, reads: list[SnapshotRead]) -> None:
+    async def _read_now(self, reads: list[SnapshotRead], seeing: int = 0) -> None:
         """Read these in batches, as many at once as the queue's readers, without queueing
         (the consumer waits for them: a stream gap resyncs every observer while clients wait,
-        and must not wait behind a reconnect storm's queue too)."""
+        and must not wait behind a reconnect storm's queue too). ``seeing``: see
+        :meth:`_read_snapshots`."""
         limiter = trio.CapacityLimiter(self._snapshot_readers)
 
         async def read_batch(batch: list[SnapshotRead]) -> None:
             async with limiter:
-                await self._read_snapshots(batch)
+                await self._read_snapshots(batch, seeing)
         async with trio.open_nursery() as nursery:
             for start in range(0, len(reads), _SNAPSHOT_BATCH_MAX):
                 nursery.start_soon(read_batch, reads[start:start + _SNAPSHOT_BATCH_MAX])
 
-    async def _read_snapshots(self, reads: list[SnapshotRead]) -> None:
+    async def _read_snapshots(self, reads: list[SnapshotRead], seeing: int = 0) -> None:
         """Each read's rows under one snapshot that sees every transaction delivered so far
-        (retaken, after a moment, while one is decoded but not yet visible); a read that
-        fails gets its error."""
+        and ``seeing`` (0: none; the transaction being applied, delivered whole but not yet
+        noted) — retaken, after a moment, while one is decoded but not yet visible; a read
+        that fails gets its error."""
         delay = 0.001
         together = True  # reads of the same columns of a table in one statement
         while True:
@@ -988,7 +990,8 @@ class LiveData:
                         self.metrics.snapshot_finished(elapsed, len(read.result))
             oldest = min(in_flight, default=delivered_before)
             if not self._missed_delivered(snapshot, delivered_before,
-                                          prune=oldest >= delivered_before):
+                                          prune=oldest >= delivered_before) and (
+                    not seeing or snapshot.is_visible(seeing)):
                 for read in pending:
                     read.snapshot, read.lsn = snapshot, lsn
                 return
@@ -1162,7 +1165,8 @@ class LiveData:
                 if result:
                     self._deliver(entry, result, clients)
         if failed:
-            clients |= await self._resync(failed)
+            # From a snapshot that sees this transaction: it is not applied to them again.
+            clients |= await self._resync(failed, seeing=xid)
         return clients
 
     async def _fetch_into(self, observer: Observer, change: Update, needs: NeedsRow,
@@ -1195,17 +1199,18 @@ class LiveData:
         observer.snapshot, observer.snapshot_lsn = snapshot, lsn
         return ops
 
-    async def _resync(self, entries: set[ObserverEntry], reason: str = "observer_error"
-                      ) -> set[LiveClient]:
+    async def _resync(self, entries: set[ObserverEntry], reason: str = "observer_error",
+                      seeing: int = 0) -> set[LiveClient]:
         """Re-run the queries; only the difference reaches clients (the gate is closed).
 
         ``reason`` (a short fixed word: stream_gap, transaction_restart, observer_error, ...)
-        labels ``cdcddp_resyncs_total``."""
+        labels ``cdcddp_resyncs_total``. ``seeing``: a transaction the snapshot must see
+        (the one being applied, when observers failed on it)."""
         clients: set[LiveClient] = set()
         reloaded = False
         reads = {entry: SnapshotRead(entry.bound, row_list) for entry in entries
                  if entry.live}
-        await self._read_now(list(reads.values()))
+        await self._read_now(list(reads.values()), seeing)
         for entry, read in reads.items():
             self.resyncs += 1
             self.resync_reasons[reason] += 1
