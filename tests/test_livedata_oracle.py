@@ -1,9 +1,12 @@
 """The correctness oracle: concurrent writers (inserts, updates moving rows in and out of
 filters, deletes, TOASTed values, truncates, rollbacks, multi-row transactions) while clients
 subscribe and unsubscribe with overlapping publications and parameters, and the walsender is
-killed mid-way. At quiescence each client's store equals what SQL returns for its
-subscriptions, and its message log keeps the merge-box promises (no duplicate ``added``, no
-``changed``/``removed`` of a document it does not hold, no ``version`` going back).
+killed mid-way. One more writer's commits are *held*: decoded and delivered by the stream, yet
+not visible to new snapshots for a while (a synchronous standby that never answers holds them,
+until the oracle gives up waiting for it), PostgreSQL's widest window between the two.
+At quiescence each client's store equals what SQL returns for its subscriptions, and its
+message log keeps the merge-box promises (no duplicate ``added``, no ``changed``/``removed``
+of a document it does not hold, no ``version`` going back).
 
 Seeded and reproducible in what it does (``CDCDDP_ORACLE_SEED=n``); the interleaving is
 whatever the machine makes of it. The long version runs with ``--runslow``.
@@ -15,6 +18,8 @@ import contextlib
 import os
 import random
 import secrets
+import threading
+import time
 from typing import Any
 
 import psycopg
@@ -58,6 +63,51 @@ def writer(dsn: str, seed: int, transactions: int, stop: list[bool]) -> int:
     return committed
 
 
+def held_writer(dsn: str, seed: int, transactions: int, stop: list[bool]) -> int:
+    """Like :func:`writer`, but each commit waits for a synchronous standby that does not
+    exist (``synchronous_standby_names`` names nobody) until another session cancels the wait
+    a random moment later: the commit is written, decoded and streamed, and only then
+    becomes visible. Returns how many committed."""
+    rng = random.Random(seed)
+    committed = 0
+    with psycopg.connect(dsn, autocommit=True) as conn, \
+            psycopg.connect(dsn, autocommit=True) as admin:
+        conn.execute("SET synchronous_commit = on")
+        pid = conn.info.backend_pid
+        for _ in range(transactions):
+            if stop:
+                break
+            done = threading.Event()
+            releaser = threading.Thread(target=_release_commit,
+                                        args=(admin, pid, rng.random() * 0.2, done))
+            releaser.start()
+            try:
+                with conn.transaction():
+                    for _ in range(rng.choice([1, 1, 2, 3])):
+                        _random_change(conn, rng)
+                committed += 1  # (the cancelled wait is a warning: the commit stands)
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.QueryCanceled):
+                pass
+            finally:
+                done.set()
+                releaser.join()
+    return committed
+
+
+def _release_commit(admin: psycopg.Connection[Any], pid: int, delay: float,
+                    done: threading.Event) -> None:
+    """Once ``pid`` waits for the standby, hold it ``delay`` seconds, then cancel the wait."""
+    while not done.is_set():
+        (waiting,) = admin.execute(  # type: ignore[misc]
+            "SELECT coalesce(wait_event = 'SyncRep', false) FROM pg_stat_activity "
+            "WHERE pid = %s", (pid,)).fetchone()
+        if waiting:
+            time.sleep(delay)
+            admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
+            return
+        time.sleep(0.002)
+
+
 def _random_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
     (top,) = conn.execute("SELECT coalesce(max(id), 0) FROM items").fetchone()  # type: ignore[misc]
     item = rng.randint(max(1, top - 40), top + 2)
@@ -97,6 +147,23 @@ async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
                      subscription_steps: int, clients: int, kills: int,
                      temporary_slot: bool) -> None:
     rng = random.Random(seed)
+    # Only the held writer's sessions wait for the standby nobody is.
+    await asql(dsn, f"ALTER DATABASE {psycopg.conninfo.conninfo_to_dict(dsn)['dbname']} "
+                    "SET synchronous_commit = local")
+    await asql(dsn, "ALTER SYSTEM SET synchronous_standby_names = 'oracle_nobody'",
+               "SELECT pg_reload_conf()")
+    try:
+        await _run_oracle(dsn, rng, seed=seed, transactions=transactions, writers=writers,
+                          subscription_steps=subscription_steps, clients=clients,
+                          kills=kills, temporary_slot=temporary_slot)
+    finally:
+        await asql(dsn, "ALTER SYSTEM RESET synchronous_standby_names",
+                   "SELECT pg_reload_conf()")
+
+
+async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: int,
+                      writers: int, subscription_steps: int, clients: int, kills: int,
+                      temporary_slot: bool) -> None:
     async with live_server(dsn, temporary_slot=temporary_slot,
                            resyncs=temporary_slot) as server:
         await asql(dsn, "INSERT INTO items (category, title, rank, body) "
@@ -105,10 +172,15 @@ async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
                         "FROM generate_series(1, 50) i")
         stop: list[bool] = []
         committed: list[int] = []
+        held_committed: list[int] = []
 
         async def write(n: int) -> None:
             committed.append(await trio.to_thread.run_sync(
                 writer, dsn, seed * 100 + n, transactions, stop))
+
+        async def write_held() -> None:
+            held_committed.append(await trio.to_thread.run_sync(
+                held_writer, dsn, seed * 100 + 99, transactions // 4, stop))
 
         async def kill_walsender() -> None:
             for _ in range(kills):
@@ -142,6 +214,7 @@ async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
             async with trio.open_nursery() as nursery:
                 for n in range(writers):
                     nursery.start_soon(write, n)
+                nursery.start_soon(write_held)
                 nursery.start_soon(kill_walsender)
                 await churn()
                 stop.append(True)  # writers finish their current transaction
@@ -158,12 +231,14 @@ async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
                 except AssertionError as exc:
                     raise AssertionError(f"client {i} (seed {seed}): {exc}") from None
         live = server.live
-        assert sum(committed) > 0
+        assert sum(committed) > 0 and held_committed[0] > 0
         assert live.stream is not None and live.stream.reconnects >= min(kills, 1)
-        print(f"oracle seed={seed}: {sum(committed)} transactions committed, "
+        print(f"oracle seed={seed}: {sum(committed)} transactions committed "
+              f"(and {held_committed[0]} held ones), "
               f"{live.transactions_applied} applied, {live.snapshot_queries} snapshot queries "
               f"in {live.snapshot_transactions} transactions, "
               f"{live.ring_replays} ring replays, {live.snapshot_retries} retries, "
+              f"{live.invisible_delivered_retries} snapshots retaken for an invisible commit, "
               f"{live.rows_fetched} rows fetched, {live.resyncs} resyncs, "
               f"{live.stream.reconnects} reconnects")
 
