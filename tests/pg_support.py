@@ -1,7 +1,12 @@
-"""Small synchronous SQL helper shared by tests."""
+"""Small synchronous SQL helpers shared by tests, and a way to hold a commit between its
+commit record and its visibility."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -15,3 +20,35 @@ def sql(dsn: str, *statements: str, params: Any = None) -> Any:
             cur = conn.execute(statement, params)
             result = cur.fetchall() if cur.description else None
         return result
+
+
+@contextmanager
+def standby_that_never_answers(dsn: str) -> Iterator[None]:
+    """While inside, a commit made with ``synchronous_commit = on`` waits for a synchronous
+    standby that does not exist: its commit record is written (and decoded by logical
+    replication), but it stays invisible to new snapshots until the wait is cancelled
+    (:func:`release_commit_wait`; the commit then stands, with a warning). Sessions with
+    ``synchronous_commit = local`` do not wait. Changes the cluster's configuration: one
+    test at a time."""
+    sql(dsn, "ALTER SYSTEM SET synchronous_standby_names = 'nobody_answers'",
+        "SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        sql(dsn, "ALTER SYSTEM RESET synchronous_standby_names", "SELECT pg_reload_conf()")
+
+
+def release_commit_wait(admin: psycopg.Connection[Any], pid: int, delay: float,
+                        done: threading.Event | None = None) -> bool:
+    """Once session ``pid`` waits for the standby, let it wait ``delay`` seconds more, then
+    cancel the wait. Gives up (False) when ``done`` is set first."""
+    while done is None or not done.is_set():
+        (waiting,) = admin.execute(
+            "SELECT coalesce(wait_event = 'SyncRep', false) FROM pg_stat_activity "
+            "WHERE pid = %s", (pid,)).fetchone()  # type: ignore[misc]
+        if waiting:
+            time.sleep(delay)
+            admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
+            return True
+        time.sleep(0.002)
+    return False

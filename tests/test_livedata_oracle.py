@@ -19,7 +19,6 @@ import os
 import random
 import secrets
 import threading
-import time
 from typing import Any
 
 import psycopg
@@ -35,6 +34,7 @@ from tests.livedata_support import (
     task_stacks,
     wait_store,
 )
+from tests.pg_support import release_commit_wait, standby_that_never_answers
 
 CATEGORIES = ["a", "b", "c", "d"]
 SEED = int(os.environ.get("CDCDDP_ORACLE_SEED", "7"))
@@ -78,7 +78,7 @@ def held_writer(dsn: str, seed: int, transactions: int, stop: list[bool]) -> int
             if stop:
                 break
             done = threading.Event()
-            releaser = threading.Thread(target=_release_commit,
+            releaser = threading.Thread(target=release_commit_wait,
                                         args=(admin, pid, rng.random() * 0.2, done))
             releaser.start()
             try:
@@ -92,20 +92,6 @@ def held_writer(dsn: str, seed: int, transactions: int, stop: list[bool]) -> int
                 done.set()
                 releaser.join()
     return committed
-
-
-def _release_commit(admin: psycopg.Connection[Any], pid: int, delay: float,
-                    done: threading.Event) -> None:
-    """Once ``pid`` waits for the standby, hold it ``delay`` seconds, then cancel the wait."""
-    while not done.is_set():
-        (waiting,) = admin.execute(  # type: ignore[misc]
-            "SELECT coalesce(wait_event = 'SyncRep', false) FROM pg_stat_activity "
-            "WHERE pid = %s", (pid,)).fetchone()
-        if waiting:
-            time.sleep(delay)
-            admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
-            return
-        time.sleep(0.002)
 
 
 def _random_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
@@ -147,18 +133,13 @@ async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
                      subscription_steps: int, clients: int, kills: int,
                      temporary_slot: bool) -> None:
     rng = random.Random(seed)
-    # Only the held writer's sessions wait for the standby nobody is.
+    # Only the held writer's sessions wait for the standby that never answers.
     await asql(dsn, f"ALTER DATABASE {psycopg.conninfo.conninfo_to_dict(dsn)['dbname']} "
                     "SET synchronous_commit = local")
-    await asql(dsn, "ALTER SYSTEM SET synchronous_standby_names = 'oracle_nobody'",
-               "SELECT pg_reload_conf()")
-    try:
+    with standby_that_never_answers(dsn):
         await _run_oracle(dsn, rng, seed=seed, transactions=transactions, writers=writers,
                           subscription_steps=subscription_steps, clients=clients,
                           kills=kills, temporary_slot=temporary_slot)
-    finally:
-        await asql(dsn, "ALTER SYSTEM RESET synchronous_standby_names",
-                   "SELECT pg_reload_conf()")
 
 
 async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: int,

@@ -31,6 +31,7 @@ from tests.livedata_support import (
     store,
     wait_store,
 )
+from tests.pg_support import standby_that_never_answers
 
 ALL = [("items.all", [])]
 
@@ -495,10 +496,8 @@ async def test_an_observer_resynced_mid_transaction_sees_that_transaction(
 
             observer.apply = fail_once  # type: ignore[method-assign]
             retries = live.invisible_delivered_retries
-            held = psycopg.connect(db_dsn, autocommit=True)
-            try:
-                await asql(db_dsn, "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
-                           "SELECT pg_reload_conf()")
+            with standby_that_never_answers(db_dsn), \
+                    psycopg.connect(db_dsn, autocommit=True) as held:
                 pid = held.info.backend_pid
                 with caplog.at_level(logging.CRITICAL):
                     async with trio.open_nursery() as nursery:
@@ -513,10 +512,6 @@ async def test_an_observer_resynced_mid_transaction_sees_that_transaction(
                             "rank": 0, "version": 0}}  # nothing of it flushed meanwhile
                         # Give up waiting for the standby: the commit becomes visible.
                         await asql(db_dsn, f"SELECT pg_cancel_backend({int(pid)})")
-            finally:
-                await asql(db_dsn, "ALTER SYSTEM RESET synchronous_standby_names",
-                           "SELECT pg_reload_conf()")
-                held.close()
             await wait_store(client, {"1": {"owner": None, "category": "a", "title": "y",
                                             "body": None, "rank": 0, "version": 1}})
             assert live.resync_reasons["observer_error"] == 1

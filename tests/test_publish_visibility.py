@@ -1,9 +1,15 @@
 """Snapshot visibility of stream xids, checked against what a real snapshot sees."""
 
+import logging
+import threading
+import time
+
 import psycopg
 import pytest
 
+from cdcddp.publish.snapshots import horizon_snapshot
 from cdcddp.publish.visibility import Snapshot
+from tests.pg_support import release_commit_wait, sql, standby_that_never_answers
 
 
 def test_parse_and_rules() -> None:
@@ -67,3 +73,47 @@ def test_matches_what_a_real_snapshot_sees(db_dsn: str) -> None:
     finally:
         for c in conns:
             c.close()
+
+
+def test_horizon_snapshot_waits_for_written_commits_to_become_visible(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A commit whose record is written but which is not visible yet (held by a synchronous
+    standby that never answers): the horizon snapshot waits for it to become visible, and,
+    past its timeout, goes on without it, saying so."""
+    sql(db_dsn, "CREATE TABLE held (n int)")
+    with standby_that_never_answers(db_dsn), \
+            psycopg.connect(db_dsn, autocommit=True) as admin, \
+            psycopg.connect(db_dsn, autocommit=True) as reader:
+        for patience, delay in ((0.3, 2.0), (10.0, 0.3)):
+            with psycopg.connect(db_dsn, autocommit=True) as held:
+                held.execute("SET synchronous_commit = on")
+                pid = held.info.backend_pid
+                held.execute("BEGIN")
+                xid = held.execute("INSERT INTO held VALUES (1) "
+                                   "RETURNING pg_current_xact_id()::text::bigint").fetchone()
+                writer = threading.Thread(target=held.execute, args=("COMMIT",))
+                writer.start()
+                releaser = threading.Thread(target=release_commit_wait,
+                                            args=(admin, pid, delay))
+                releaser.start()
+                try:
+                    while not sql(db_dsn, "SELECT wait_event = 'SyncRep' FROM "
+                                  "pg_stat_activity WHERE pid = %s", params=(pid,))[0][0]:
+                        time.sleep(0.005)
+                    started = time.monotonic()
+                    with caplog.at_level(logging.WARNING, "cdcddp.publish.snapshots"):
+                        snapshot = horizon_snapshot(reader, timeout=patience)
+                    waited = time.monotonic() - started
+                finally:
+                    releaser.join()
+                    writer.join()
+                assert xid is not None
+                if patience < delay:  # it gave up: the commit was still held
+                    assert not snapshot.is_visible(xid[0])
+                    assert 0.3 <= waited < 1.5, waited
+                    assert "still not visible after 0 s" in caplog.text
+                else:  # released while it waited
+                    assert snapshot.is_visible(xid[0])
+                    assert 0.25 <= waited < 5, waited
+                    assert "still not visible" not in caplog.text
+                caplog.clear()
