@@ -38,15 +38,19 @@ def standby_that_never_answers(dsn: str) -> Iterator[None]:
         sql(dsn, "ALTER SYSTEM RESET synchronous_standby_names", "SELECT pg_reload_conf()")
 
 
+def waits_for_standby(admin: psycopg.Connection[Any], pid: int) -> bool:
+    """Does session ``pid`` wait for a synchronous standby to confirm its commit?"""
+    found = admin.execute("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s "
+                          "AND wait_event = 'SyncRep')", (pid,)).fetchone()
+    return bool(found and found[0])
+
+
 def release_commit_wait(admin: psycopg.Connection[Any], pid: int, delay: float,
                         done: threading.Event | None = None) -> bool:
     """Once session ``pid`` waits for the standby, let it wait ``delay`` seconds more, then
     cancel the wait. Gives up (False) when ``done`` is set first."""
     while done is None or not done.is_set():
-        (waiting,) = admin.execute(
-            "SELECT coalesce(wait_event = 'SyncRep', false) FROM pg_stat_activity "
-            "WHERE pid = %s", (pid,)).fetchone()  # type: ignore[misc]
-        if waiting:
+        if waits_for_standby(admin, pid):
             time.sleep(delay)
             admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
             return True

@@ -31,7 +31,7 @@ from tests.livedata_support import (
     store,
     wait_store,
 )
-from tests.pg_support import standby_that_never_answers
+from tests.pg_support import release_commit_wait, standby_that_never_answers
 
 ALL = [("items.all", [])]
 
@@ -343,15 +343,28 @@ async def test_too_far_behind_skips_the_backlog_and_resyncs(db_dsn: str, tempora
                     (live.config.slot,)).fetchone()
             assert not call.updated_received.is_set()
 
-            live.config.resync_behind_bytes = 64 * 1024  # far less than the backlog
-            with trio.fail_after(20):
-                while stream.backlog_skips == 0:
-                    await trio.sleep(0.05)
-            live.config.resync_behind_bytes = None
-            assert live.behind_skips == 1
-            resyncs = live.resyncs
-            hold, live.hold = live.hold, None
-            hold.set()
+            # And a commit in the skipped range that is written but not visible yet (held by
+            # a synchronous standby that never answers, released 2 s after it starts to wait,
+            # whatever happens meanwhile): the resync must see it. (The gap's snapshot waits
+            # for it; a temporary slot's creation, for every running transaction.)
+            with standby_that_never_answers(db_dsn), \
+                    psycopg.connect(db_dsn, autocommit=True) as held, \
+                    psycopg.connect(db_dsn, autocommit=True) as admin:
+                held.execute("BEGIN")
+                held.execute("UPDATE items SET title = 'HELD' WHERE id = 5")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, held.execute, "COMMIT")
+                    nursery.start_soon(trio.to_thread.run_sync, release_commit_wait, admin,
+                                       held.info.backend_pid, 2.0)
+                    live.config.resync_behind_bytes = 64 * 1024  # far less than the backlog
+                    with trio.fail_after(20):
+                        while stream.backlog_skips == 0:
+                            await trio.sleep(0.05)
+                    live.config.resync_behind_bytes = None
+                    assert live.behind_skips == 1
+                    resyncs = live.resyncs
+                    hold, live.hold = live.hold, None
+                    hold.set()
 
             await writer.wait_for(lambda: call.updated_received.is_set(), 20)
             assert live.fences_settled_by_gap == 1  # never streamed: the gap's resync passed it

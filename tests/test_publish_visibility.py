@@ -9,7 +9,12 @@ import pytest
 
 from cdcddp.publish.snapshots import horizon_snapshot
 from cdcddp.publish.visibility import Snapshot
-from tests.pg_support import release_commit_wait, sql, standby_that_never_answers
+from tests.pg_support import (
+    release_commit_wait,
+    sql,
+    standby_that_never_answers,
+    waits_for_standby,
+)
 
 
 def test_parse_and_rules() -> None:
@@ -97,8 +102,7 @@ def test_horizon_snapshot_waits_for_written_commits_to_become_visible(
                                             args=(admin, pid, delay))
                 releaser.start()
                 try:
-                    while not sql(db_dsn, "SELECT wait_event = 'SyncRep' FROM "
-                                  "pg_stat_activity WHERE pid = %s", params=(pid,))[0][0]:
+                    while not waits_for_standby(admin, pid):
                         time.sleep(0.005)
                     started = time.monotonic()
                     with caplog.at_level(logging.WARNING, "cdcddp.publish.snapshots"):
