@@ -46,6 +46,29 @@ def test_missing_replication_privilege(db_dsn: str, pg_cluster: LocalCluster) ->
         pg_cluster.psql(f'DROP ROLE "{role}"')
 
 
+def test_sync_standby_waits_need_a_role_that_sees_them(db_dsn: str,
+                                                      pg_cluster: LocalCluster) -> None:
+    role = f"cdcddp_nostats_{next(_roles)}"
+    pg_cluster.psql(f'CREATE ROLE "{role}" LOGIN REPLICATION')
+    as_role = db_dsn.replace("user=postgres", f"user={role}")
+    try:
+        # No synchronous standbys: nothing to see.
+        assert by_code(run_preflight(as_role))["sync_standby"].severity == "ok"
+        pg_cluster.psql("ALTER SYSTEM SET synchronous_standby_names = 'standby1'")
+        pg_cluster.psql("SELECT pg_reload_conf()")
+        finding = by_code(run_preflight(as_role))["sync_standby_waits_unseen"]
+        assert finding.severity == "warning"
+        assert finding.message.endswith(f'run GRANT pg_read_all_stats TO "{role}".')
+        # (Not waiting for the standby that does not exist to confirm the GRANT.)
+        pg_cluster.psql(f'SET synchronous_commit = local; GRANT pg_read_all_stats TO "{role}"')
+        assert by_code(run_preflight(as_role))["sync_standby"].severity == "ok"
+        assert by_code(run_preflight(db_dsn))["sync_standby"].severity == "ok"  # superuser
+    finally:
+        pg_cluster.psql("ALTER SYSTEM RESET synchronous_standby_names")
+        pg_cluster.psql("SELECT pg_reload_conf()")
+        pg_cluster.psql(f'DROP ROLE "{role}"')
+
+
 def test_unreachable_server() -> None:
     (finding,) = run_preflight("host=127.0.0.1 port=1 dbname=x connect_timeout=2")
     assert finding.code == "connect" and finding.message.endswith("check --dsn.")

@@ -129,6 +129,28 @@ def check_wal_keep_size(conn: psycopg.Connection) -> Finding:
     return Finding("ok", "wal_keep", f"max_slot_wal_keep_size is {value}.")
 
 
+def check_sync_standby_waits(conn: psycopg.Connection) -> Finding:
+    """With synchronous standbys, a commit is streamed before it becomes visible (until a
+    standby confirms it); a stream gap's resync waits for such commits, which it sees only
+    in sessions it may inspect (its own role's, or all for superuser / pg_read_all_stats)."""
+    row = conn.execute(
+        "SELECT current_setting('synchronous_standby_names'), current_user, "
+        "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user) "
+        "OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER')").fetchone()
+    assert row is not None
+    names, user, sees_all = row
+    if not names.strip():
+        return Finding("ok", "sync_standby", "no synchronous standbys are configured.")
+    if not sees_all:
+        return Finding("warning", "sync_standby_waits_unseen",
+                       f"synchronous_standby_names is set and role {user!r} cannot see other "
+                       "roles' sessions waiting for a standby: after a stream gap, a commit a "
+                       "standby has not confirmed yet can reach clients only with its rows' "
+                       f'next change; run GRANT pg_read_all_stats TO "{user}".')
+    return Finding("ok", "sync_standby",
+                   f"role {user!r} sees commits waiting for a synchronous standby.")
+
+
 def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = (),
                   plugin: str = slots.PLUGIN) -> list[Finding]:
     try:
@@ -138,7 +160,7 @@ def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = 
                         f"cannot connect to PostgreSQL ({_first_line(exc)}): check --dsn.")]
     with conn:
         findings = [check_wal_level(conn), check_replication_privilege(conn),
-                    check_wal_keep_size(conn)]
+                    check_wal_keep_size(conn), check_sync_standby_waits(conn)]
         if not errors(findings):
             findings.append(check_plugin(conn, plugin))
         if slot:
