@@ -134,8 +134,8 @@ async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
                      temporary_slot: bool) -> None:
     rng = random.Random(seed)
     # Only the held writer's sessions wait for the standby that never answers.
-    await asql(dsn, f"ALTER DATABASE {psycopg.conninfo.conninfo_to_dict(dsn)['dbname']} "
-                    "SET synchronous_commit = local")
+    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    await asql(dsn, f'ALTER DATABASE "{name}" SET synchronous_commit = local')
     with standby_that_never_answers(dsn):
         await _run_oracle(dsn, rng, seed=seed, transactions=transactions, writers=writers,
                           subscription_steps=subscription_steps, clients=clients,
