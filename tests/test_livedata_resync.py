@@ -529,3 +529,19 @@ async def test_an_observer_resynced_mid_transaction_sees_that_transaction(
                                             "body": None, "rank": 0, "version": 1}})
             assert live.resync_reasons["observer_error"] == 1
             assert live.invisible_delivered_retries - retries >= 3  # it waited
+
+
+async def test_catch_up_marks_do_not_wait_for_a_synchronous_standby(db_dsn: str) -> None:
+    """A new observer's catch-up mark is a commit the stream decodes once it is written
+    locally: it does not wait for a synchronous standby to confirm it (with none answering,
+    every subscription would wait ``catch_up_timeout`` for ready)."""
+    async with live_server(db_dsn, catch_up_timeout=3.0) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        with standby_that_never_answers(db_dsn):
+            async with connect(server.ws_url) as client:
+                started = trio.current_time()
+                await client.subscribe("items.all")
+                assert trio.current_time() - started < 2.0
+                assert live.catch_up_timeouts == 0
+                assert len(store(client)) == 1

@@ -427,6 +427,9 @@ class LiveData:
         event = self._marks[token] = trio.Event()
 
         def emit(conn: psycopg.Connection[Any]) -> None:
+            # Decoded once written locally: no waiting for a synchronous standby to confirm
+            # it (a round trip per mark, and forever while none answers).
+            conn.execute("SET LOCAL synchronous_commit = local")
             conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (SYNC_PREFIX, token))
         try:
             await self.database.run(emit)
