@@ -14,6 +14,7 @@ from cdcddp.app import App
 from cdcddp.client import DDPClient, connect
 from cdcddp.methods import MethodContext, Methods
 from cdcddp.metrics import Metrics
+from cdcddp.publish import livedata
 from cdcddp.publish.definition import Cursor, Publication
 from cdcddp.wal.decode import Decoder
 from cdcddp.wal.events import Relation
@@ -545,3 +546,37 @@ async def test_catch_up_marks_do_not_wait_for_a_synchronous_standby(db_dsn: str)
                 assert trio.current_time() - started < 2.0
                 assert live.catch_up_timeouts == 0
                 assert len(store(client)) == 1
+
+
+async def test_a_subscription_waits_for_a_delivered_commit_to_become_visible(
+        db_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """A commit the stream delivered (and existing observers applied) but that is not visible
+    yet: a new subscription's snapshot lacks it and nothing would replay it, so the read is
+    retaken until it is visible, and says so when that takes long (a synchronous standby not
+    answering). Then the subscriber gets the row as the others have it."""
+    monkeypatch.setattr(livedata, "_INVISIBLE_WARN_AFTER", 0.3)
+    async with live_server(db_dsn) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        async with connect(server.ws_url) as first:
+            await first.subscribe("items.all")
+            with standby_that_never_answers(db_dsn), \
+                    psycopg.connect(db_dsn, autocommit=True) as held, \
+                    psycopg.connect(db_dsn, autocommit=True) as admin:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, held.execute,
+                                       "UPDATE items SET title = 'y' WHERE id = 1")
+                    nursery.start_soon(trio.to_thread.run_sync, release_commit_wait, admin,
+                                       held.info.backend_pid, 1.5)
+                    # The observer applied it at once: invisible is not unseen.
+                    await wait_store(first, {"1": {"owner": None, "category": "a",
+                                                   "title": "y", "body": None, "rank": 0,
+                                                   "version": 0}})
+                    async with connect(server.ws_url) as second:
+                        with caplog.at_level(logging.WARNING, "cdcddp.publish.livedata"):
+                            await second.subscribe("items.byCategory", {"category": "a"},
+                                                   timeout=20)
+                        assert store(second) == store(first)
+            assert "have waited 0 s for a transaction the stream delivered" in caplog.text
+            assert live.invisible_delivered_retries > 0

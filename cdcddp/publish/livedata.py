@@ -115,6 +115,9 @@ SYNC_PREFIX: Final = "cdcddp.sync"
 """``pg_logical_emit_message`` prefix of :meth:`LiveData.sync` markers."""
 
 _DELIVERED_KEPT: Final = 65_536  # recent xids remembered (far beyond the visibility lag)
+# A snapshot read retaken this long (seconds) for a delivered, still invisible transaction
+# says so: commits the stream has are normally visible within milliseconds.
+_INVISIBLE_WARN_AFTER = 5.0
 _TABLE_AND_KIND: Final = attrgetter("schema", "table", "__class__")  # change_counts keys
 # Below this many merge-box operations a delivery runs without pausing the collector: so few
 # allocations rarely start a collection, and pausing costs about 0.3 µs per change.
@@ -958,6 +961,7 @@ class LiveData:
         that fails gets its error."""
         delay = 0.001
         together = True  # reads of the same columns of a table in one statement
+        warn_at = time.monotonic() + _INVISIBLE_WARN_AFTER
         while True:
             pending = [read for read in reads if read.error is None]
             if not pending:
@@ -999,6 +1003,13 @@ class LiveData:
                     read.snapshot, read.lsn = snapshot, lsn
                 return
             self.invisible_delivered_retries += 1
+            if time.monotonic() > warn_at:
+                warn_at = float("inf")  # once per read
+                log.warning(
+                    "%d snapshot read(s) have waited %.0f s for a transaction the stream "
+                    "delivered to become visible (its commit waits for a synchronous "
+                    "standby?): the subscriptions and resyncs they are for wait with them",
+                    len(pending), _INVISIBLE_WARN_AFTER)
             await trio.sleep(delay)
             delay = min(delay * 2, 0.1)
 
