@@ -4,6 +4,7 @@ consumer that falls too far behind. Real PostgreSQL, the server with its slot, r
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 import psycopg
@@ -580,3 +581,34 @@ async def test_a_subscription_waits_for_a_delivered_commit_to_become_visible(
                         assert store(second) == store(first)
             assert "have waited 0 s for a transaction the stream delivered" in caplog.text
             assert live.invisible_delivered_retries > 0
+
+
+async def test_a_row_moving_in_waits_for_its_commit_to_become_visible(
+        db_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """An UPDATE moves a row into a subscription without its unchanged TOASTed value, so the
+    row is fetched by key, which needs the transaction visible: with its commit held by a
+    standby that does not answer, applying waits for it, says so, and then delivers the
+    whole row."""
+    monkeypatch.setattr(livedata, "_INVISIBLE_WARN_AFTER", 0.3)
+    body = secrets.token_urlsafe(6000)  # incompressible: stored out of line (TOASTed)
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title, body) VALUES ('a', 'x', %s)",
+                   params=(body,))
+        async with connect(server.ws_url) as client:
+            await client.subscribe("items.byCategory", {"category": "b"})
+            with standby_that_never_answers(db_dsn), \
+                    psycopg.connect(db_dsn, autocommit=True) as held, \
+                    psycopg.connect(db_dsn, autocommit=True) as admin:
+                with caplog.at_level(logging.WARNING, "cdcddp.publish.livedata"):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(trio.to_thread.run_sync, held.execute,
+                                           "UPDATE items SET category = 'b' WHERE id = 1")
+                        nursery.start_soon(trio.to_thread.run_sync, release_commit_wait,
+                                           admin, held.info.backend_pid, 1.0)
+            await wait_store(client, {"1": {"owner": None, "category": "b", "title": "x",
+                                            "body": body, "rank": 0, "version": 0}},
+                             collection="items")
+            assert "moved into a subscription without its unchanged TOASTed values" in (
+                caplog.text)
+            assert server.live.rows_fetched == 1

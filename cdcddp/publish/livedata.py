@@ -1189,12 +1189,20 @@ class LiveData:
         under a snapshot that has seen ``xid``; that snapshot then shields the row."""
         query = row_query(observer.bound)
         delay = 0.001
+        warn_at = time.monotonic() + _INVISIBLE_WARN_AFTER
         while True:
             row, snapshot, lsn = await self.database.run(
                 fetch_row, query, needs.key, observer.columns, snapshot=True)
             if snapshot.is_visible(xid):
                 break
             # The commit is decoded but not yet visible to new snapshots: a moment's wait.
+            if time.monotonic() > warn_at:
+                warn_at = float("inf")
+                log.warning(
+                    "applying the stream waits: a row of %s.%s moved into a subscription "
+                    "without its unchanged TOASTed values, and the transaction that moved it "
+                    "is still not visible after %.0f s (its commit waits for a synchronous "
+                    "standby?)", observer.schema, observer.table, _INVISIBLE_WARN_AFTER)
             await trio.sleep(delay)
             delay = min(delay * 2, 0.1)
         self.rows_fetched += 1
