@@ -100,6 +100,7 @@ class LiveFigures(Protocol):
     schema_changes: int
     behind_skips: int
     catch_up_timeouts: int
+    invisible_delivered_retries: int
     resync_reasons: Mapping[str, int]
     change_counts: Mapping[tuple[str, str, type], int] | None
 
@@ -286,6 +287,11 @@ class Metrics:
             "New observers that registered before the stream delivered everything their "
             "snapshot saw (catch_up_timeout passed: the consumer was held or far behind).",
             registry=r)
+        self.snapshot_retakes = Counter(
+            "cdcddp_snapshot_retakes_total",
+            "Snapshot reads retaken for lacking a transaction the stream already delivered "
+            "(not yet visible: normally for milliseconds; a steady rise means a commit waits "
+            "for a synchronous standby that does not answer).", registry=r)
         self.observers = Gauge(
             "cdcddp_observers", "Live observers (distinct publication queries).", registry=r)
         self.observer_documents = Gauge(
@@ -444,6 +450,8 @@ class Metrics:
         self.add_total("schema_changes", self.schema_changes, live.schema_changes)
         self.add_total("backlog_skips", self.backlog_skips, live.behind_skips)
         self.add_total("catch_up_timeouts", self.catch_up_timeouts, live.catch_up_timeouts)
+        self.add_total("snapshot_retakes", self.snapshot_retakes,
+                       live.invisible_delivered_retries)
         for reason, total in list(live.resync_reasons.items()):
             self.add_total(("resync", reason), self.resyncs.labels(reason=self._reason(reason)),
                            total)

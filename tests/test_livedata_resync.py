@@ -557,7 +557,8 @@ async def test_a_subscription_waits_for_a_delivered_commit_to_become_visible(
     retaken until it is visible, and says so when that takes long (a synchronous standby not
     answering). Then the subscriber gets the row as the others have it."""
     monkeypatch.setattr(livedata, "_INVISIBLE_WARN_AFTER", 0.3)
-    async with live_server(db_dsn) as server:
+    metrics = Metrics()
+    async with live_server(db_dsn, metrics=metrics) as server:
         live = server.live
         await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
         async with connect(server.ws_url) as first:
@@ -581,6 +582,8 @@ async def test_a_subscription_waits_for_a_delivered_commit_to_become_visible(
                         assert store(second) == store(first)
             assert "have waited 0 s for a transaction the stream delivered" in caplog.text
             assert live.invisible_delivered_retries > 0
+            assert scraped(metrics, "cdcddp_snapshot_retakes_total") == (
+                live.invisible_delivered_retries)
 
 
 async def test_a_row_moving_in_waits_for_its_commit_to_become_visible(

@@ -44,6 +44,7 @@ NOT_MOVED_HERE = {
     "cdcddp_schema_changes_total": "tests/test_livedata_resync.py (a type change)",
     "cdcddp_replication_backlog_skips_total": "tests/test_livedata_resync.py (behind)",
     "cdcddp_observer_catch_up_timeouts_total": "tests/test_livedata_handoff.py (held engine)",
+    "cdcddp_snapshot_retakes_total": "tests/test_livedata_resync.py (a commit held invisible)",
 }
 
 
