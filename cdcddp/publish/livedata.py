@@ -189,6 +189,25 @@ class _RetrySnapshot(Exception):
 # ---------------------------------------------------------------------------- the engine
 
 
+class _InvisibleWait:
+    """The pause before reading again what lacked a transaction the stream delivered (visible
+    moments later, normally): doubling from 1 ms to 100 ms, and one warning once the wait
+    passes ``_INVISIBLE_WARN_AFTER``."""
+
+    __slots__ = ("_delay", "_warn_at")
+
+    def __init__(self) -> None:
+        self._delay = 0.001
+        self._warn_at = time.monotonic() + _INVISIBLE_WARN_AFTER
+
+    async def pause(self, warning: str, *args: object) -> None:
+        if time.monotonic() > self._warn_at:
+            self._warn_at = float("inf")  # once
+            log.warning(warning, *args)
+        await trio.sleep(self._delay)
+        self._delay = min(self._delay * 2, 0.1)
+
+
 async def _next_batch(queue: trio.MemoryReceiveChannel[SnapshotRead]) -> list[SnapshotRead]:
     """The next queued snapshot read and all those waiting behind it, up to a batch."""
     batch = [await queue.receive()]
@@ -959,9 +978,8 @@ class LiveData:
         and ``seeing`` (0: none; the transaction being applied, delivered whole but not yet
         noted) — retaken, after a moment, while one is decoded but not yet visible; a read
         that fails gets its error."""
-        delay = 0.001
+        wait = _InvisibleWait()
         together = True  # reads of the same columns of a table in one statement
-        warn_at = time.monotonic() + _INVISIBLE_WARN_AFTER
         while True:
             pending = [read for read in reads if read.error is None]
             if not pending:
@@ -1003,15 +1021,11 @@ class LiveData:
                     read.snapshot, read.lsn = snapshot, lsn
                 return
             self.invisible_delivered_retries += 1
-            if time.monotonic() > warn_at:
-                warn_at = float("inf")  # once per read
-                log.warning(
-                    "%d snapshot read(s) have waited %.0f s for a transaction the stream "
-                    "delivered to become visible (its commit waits for a synchronous "
-                    "standby?): the subscriptions and resyncs they are for wait with them",
-                    len(pending), _INVISIBLE_WARN_AFTER)
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            await wait.pause(
+                "%d snapshot read(s) have waited %.0f s for a transaction the stream "
+                "delivered to become visible (its commit waits for a synchronous standby?): "
+                "the subscriptions and resyncs they are for wait with them",
+                len(pending), _INVISIBLE_WARN_AFTER)
 
     def _reach_mark(self, token: str) -> None:
         event = self._marks.get(token)
@@ -1188,23 +1202,18 @@ class LiveData:
         """Complete a row moving in without its unchanged TOASTed columns: fetch it by key
         under a snapshot that has seen ``xid``; that snapshot then shields the row."""
         query = row_query(observer.bound)
-        delay = 0.001
-        warn_at = time.monotonic() + _INVISIBLE_WARN_AFTER
+        wait = _InvisibleWait()
         while True:
             row, snapshot, lsn = await self.database.run(
                 fetch_row, query, needs.key, observer.columns, snapshot=True)
             if snapshot.is_visible(xid):
                 break
             # The commit is decoded but not yet visible to new snapshots: a moment's wait.
-            if time.monotonic() > warn_at:
-                warn_at = float("inf")
-                log.warning(
-                    "applying the stream waits: a row of %s.%s moved into a subscription "
-                    "without its unchanged TOASTed values, and the transaction that moved it "
-                    "is still not visible after %.0f s (its commit waits for a synchronous "
-                    "standby?)", observer.schema, observer.table, _INVISIBLE_WARN_AFTER)
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            await wait.pause(
+                "applying the stream waits: a row of %s.%s moved into a subscription without "
+                "its unchanged TOASTed values, and the transaction that moved it is still not "
+                "visible after %.0f s (its commit waits for a synchronous standby?)",
+                observer.schema, observer.table, _INVISIBLE_WARN_AFTER)
         self.rows_fetched += 1
         old_key = observer.key_or_none(change.identity) if type(change) is Update else None
         ops = observer.apply_fetched(old_key if old_key is not None else needs.key, row)
