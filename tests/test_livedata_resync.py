@@ -17,6 +17,7 @@ from cdcddp.methods import MethodContext, Methods
 from cdcddp.metrics import Metrics
 from cdcddp.publish import livedata
 from cdcddp.publish.definition import Cursor, Publication
+from cdcddp.publish.observer import Observer
 from cdcddp.wal.decode import Decoder
 from cdcddp.wal.events import Relation
 from cdcddp.wal.lsn import parse_lsn
@@ -61,6 +62,17 @@ def resync_app() -> App:
 async def wait_nosub(client: DDPClient, sub_id: str, timeout: float = 10.0) -> Any:
     await client.wait_for(lambda: sub_id in client.stopped_subs, timeout)
     return client.stopped_subs[sub_id]
+
+
+def fail_next_change(observer: Observer) -> None:
+    """The observer raises on the next change it is given (once): the engine resyncs it."""
+    apply = observer.apply
+
+    def fail_once(change: Any) -> Any:
+        observer.apply = apply  # type: ignore[method-assign]
+        raise RuntimeError("injected observer failure")
+
+    observer.apply = fail_once  # type: ignore[method-assign]
 
 
 # ---- the decoder's shapes (no database) ------------------------------------------------------
@@ -427,13 +439,7 @@ async def test_a_resync_snapshot_ahead_of_the_stream_never_sends_a_value_back(
             entry = next(e for e in live.observers() if "category" in e.bound.filter.columns)
             observer = entry.observer
             assert observer is not None
-            apply = observer.apply
-
-            def fail_once(change: Any) -> Any:
-                observer.apply = apply  # type: ignore[method-assign]
-                raise RuntimeError("injected observer failure")
-
-            observer.apply = fail_once  # type: ignore[method-assign]
+            fail_next_change(observer)
             hold = live.hold = StepHold()  # type: ignore[assignment]
             # X makes the observer fail (a resync); C commits before that resync's snapshot.
             await asql(db_dsn, "UPDATE items SET title = 'boom' WHERE id = 1",
@@ -466,16 +472,10 @@ async def test_a_resync_hold_ends_after_catch_up_timeout_without_a_mark(
             await client.subscribe("items.all")
             observer = live.observers()[0].observer
             assert observer is not None
-            apply = observer.apply
-
-            def fail_once(change: Any) -> Any:
-                observer.apply = apply  # type: ignore[method-assign]
-                raise RuntimeError("injected observer failure")
-
             async def cannot_write(timeout: float = 30.0) -> None:
                 raise psycopg.errors.ReadOnlySqlTransaction("read-only")
 
-            observer.apply = fail_once  # type: ignore[method-assign]
+            fail_next_change(observer)
             live.sync = cannot_write  # type: ignore[method-assign]
             with caplog.at_level(logging.CRITICAL):
                 started = trio.current_time()
@@ -503,13 +503,7 @@ async def test_an_observer_resynced_mid_transaction_sees_that_transaction(
             await client.subscribe("items.all")
             observer = live.observers()[0].observer
             assert observer is not None
-            apply = observer.apply
-
-            def fail_once(change: Any) -> Any:
-                observer.apply = apply  # type: ignore[method-assign]
-                raise RuntimeError("injected observer failure")
-
-            observer.apply = fail_once  # type: ignore[method-assign]
+            fail_next_change(observer)
             retries = live.invisible_delivered_retries
             with standby_that_never_answers(db_dsn), \
                     psycopg.connect(db_dsn, autocommit=True) as held:
