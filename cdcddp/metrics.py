@@ -480,10 +480,9 @@ class Metrics:
     def resync(self, reason: str) -> None:
         self.resyncs.labels(reason=self._reason(reason)).inc()
 
-    def set_observers(self, count: int, documents: int | None = None) -> None:
+    def set_observers(self, count: int, documents: int) -> None:
         self.observers.set(count)
-        if documents is not None:
-            self.observer_documents.set(documents)
+        self.observer_documents.set(documents)
 
     def subscription_started(self, publication: str) -> None:
         self.subscriptions.labels(publication=self._publication(publication)).inc()
