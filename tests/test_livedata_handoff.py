@@ -4,6 +4,7 @@ subscriptions racing continuous writers."""
 from __future__ import annotations
 
 import random
+import threading
 from typing import Any
 
 import psycopg
@@ -22,6 +23,7 @@ from tests.livedata_support import (
     store,
     wait_store,
 )
+from tests.pg_support import release_commit_wait, standby_that_never_answers, waits_for_standby
 
 
 async def test_transaction_delivered_between_snapshot_and_registration_is_replayed(
@@ -319,3 +321,68 @@ async def test_new_observer_is_not_ahead_of_the_stream(db_dsn: str) -> None:
             assert store(client)["1"]["version"] == 1
             check_message_log(client)
             assert live.catch_up_timeouts == 0
+
+
+def _commit_held_briefly(dsn: str, admin_dsn: str, row: int, hold: float,
+                         done: threading.Event) -> int:
+    """Until ``done``: update ``row``, each commit held ``hold`` seconds by the standby that
+    never answers (decoded at once, visible only once its wait is cancelled). Returns the
+    number of commits."""
+    commits = 0
+    with psycopg.connect(dsn, autocommit=True) as conn, \
+            psycopg.connect(admin_dsn, autocommit=True) as admin:
+        conn.execute("SET synchronous_commit = on")
+        pid = conn.info.backend_pid
+        while not done.is_set():
+            releaser = threading.Thread(target=release_commit_wait,
+                                        args=(admin, pid, hold, done))
+            releaser.start()
+            try:
+                conn.execute("UPDATE items SET version = version + 1 WHERE id = %s", (row,))
+            finally:
+                done_now = done.is_set()
+                releaser.join()
+            if done_now and waits_for_standby(admin, pid):
+                admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
+            commits += 1
+    return commits
+
+
+async def test_a_subscription_is_ready_while_every_commit_waits_for_a_standby(
+        db_dsn: str) -> None:
+    """Every commit is decoded a while before it becomes visible (a synchronous standby that
+    answers in 50 ms), and there is always one in that state. A snapshot must see what was
+    delivered before its subscription pinned the ring; what came after is replayed from the
+    ring. Asking it to see everything delivered before each new attempt would retake it for
+    as long as the writers go on."""
+    async with live_server(db_dsn) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) "
+                           "SELECT 'a', 'w' || i FROM generate_series(1, 3) i")
+        done = threading.Event()
+        async with connect(server.ws_url) as watcher, \
+                connect(server.ws_url, log_messages=True) as client:
+            await watcher.subscribe("items.all")  # the stream delivers and notes every commit
+            with standby_that_never_answers(db_dsn):
+                async with trio.open_nursery() as nursery:
+                    for row in (1, 2, 3):
+                        nursery.start_soon(trio.to_thread.run_sync, _commit_held_briefly,
+                                           db_dsn, db_dsn, row, 0.05, done)
+                    try:
+                        with trio.fail_after(10):
+                            while live.transactions_applied < 20:
+                                await trio.sleep(0.01)
+                        started = trio.current_time()
+                        await client.subscribe("items.byCategory", {"category": "a"},
+                                               timeout=20)
+                        waited = trio.current_time() - started
+                        await trio.sleep(0.3)  # more commits, now applied to it live
+                    finally:
+                        done.set()
+            assert live.invisible_delivered_retries > 0  # it did meet one not yet visible
+            assert waited < 2.0, f"ready after {waited:.1f} s"
+            await live.sync()
+            assert store(client) == expected_view(
+                db_dsn, [("items.byCategory", [{"category": "a"}])])
+            assert store(watcher) == store(client)
+            check_message_log(client)

@@ -6,7 +6,9 @@ subscription registers would otherwise be lost. So, before its query starts, a s
 *pins* the stream's current position; every transaction delivered after that position is kept
 here until the subscription registers and replays those of them that its snapshot did not see
 (``Snapshot.is_visible``). Transactions delivered before the pin committed before the snapshot
-was taken (delivery follows commit), so the snapshot saw them.
+was taken (delivery follows commit), so the snapshot sees them — once they are visible: a
+commit is decoded a moment before it is (longer while it waits for a synchronous standby), and
+a snapshot that lacks one is retaken.
 
 Memory is bounded: when the kept transactions exceed ``max_changes``, the oldest are dropped
 and every pin that still needed them is marked broken; its subscription retakes its snapshot.

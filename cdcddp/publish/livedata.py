@@ -488,6 +488,7 @@ class LiveData:
     async def _snapshot_and_register(self, entry: ObserverEntry) -> None:
         bound = entry.bound
         pin = self.ring.pin()
+        delivered_at_pin = self._commits_seen
         try:
             # Transactions delivered before the pin must be in the snapshot (they are not in
             # the ring); those delivered after it are in the ring.
@@ -507,7 +508,7 @@ class LiveData:
                 observer.fill(rows)
                 return observer
 
-            read = self._queue_snapshot(bound, build)
+            read = self._queue_snapshot(bound, build, delivered_at_pin)
             await read.finished.wait()
             if read.error is not None:
                 raise read.error
@@ -933,11 +934,12 @@ class LiveData:
         return missed
 
     def _queue_snapshot(self, bound: BoundCursor,
-                        take: Callable[[Iterable[Values], Snapshot, int], Any]) -> SnapshotRead:
+                        take: Callable[[Iterable[Values], Snapshot, int], Any],
+                        must_see: int) -> SnapshotRead:
         """A read of ``bound``'s rows, queued: done (read with the others queued meanwhile,
-        see :meth:`_snapshot_batches`, under a snapshot that sees every transaction delivered
-        so far) once its ``finished`` is set."""
-        read = SnapshotRead(bound, take)
+        see :meth:`_snapshot_batches`, under a snapshot that sees the first ``must_see``
+        transactions delivered) once its ``finished`` is set."""
+        read = SnapshotRead(bound, take, must_see)
         self._snapshot_queue.send_nowait(read)
         return read
 
@@ -974,10 +976,14 @@ class LiveData:
                 nursery.start_soon(read_batch, reads[start:start + _SNAPSHOT_BATCH_MAX])
 
     async def _read_snapshots(self, reads: list[SnapshotRead], seeing: int = 0) -> None:
-        """Each read's rows under one snapshot that sees every transaction delivered so far
-        and ``seeing`` (0: none; the transaction being applied, delivered whole but not yet
-        noted) — retaken, after a moment, while one is decoded but not yet visible; a read
-        that fails gets its error."""
+        """Each read's rows under one snapshot that sees the delivered transactions each read
+        must see (``SnapshotRead.must_see``) and ``seeing`` (0: none; the transaction being
+        applied, delivered whole but not yet noted) — retaken, after a moment, while one is
+        decoded but not yet visible; a read that fails gets its error.
+
+        What a retake must see stays where it was: with commits streaming in that each wait
+        a moment to become visible (a synchronous standby's round trip), "everything
+        delivered so far" would never be seen by any snapshot while the writers go on."""
         wait = _InvisibleWait()
         together = True  # reads of the same columns of a table in one statement
         while True:
@@ -1013,8 +1019,10 @@ class LiveData:
                 for read in pending:
                     if read.error is None:
                         self.metrics.snapshot_finished(elapsed, len(read.result))
+            must_see = max(delivered_before if read.must_see is None else read.must_see
+                           for read in pending)
             oldest = min(in_flight, default=delivered_before)
-            if not self._missed_delivered(snapshot, delivered_before,
+            if not self._missed_delivered(snapshot, must_see,
                                           prune=oldest >= delivered_before) and (
                     not seeing or snapshot.is_visible(seeing)):
                 for read in pending:

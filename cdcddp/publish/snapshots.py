@@ -209,10 +209,15 @@ def _read_together(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
 @dataclass(eq=False, slots=True)
 class SnapshotRead:
     """One cursor's rows to read under a snapshot shared with others read at the same time
-    (see :func:`snapshot_reads`): ``take(rows, snapshot, lsn)`` gives ``result``."""
+    (see :func:`snapshot_reads`): ``take(rows, snapshot, lsn)`` gives ``result``.
+
+    ``must_see``: how many of the stream's delivered transactions the snapshot must see (a new
+    observer's pin: those delivered after it are replayed from the ring); None: all those
+    delivered when the read starts (a resync: nothing replays anything to it)."""
 
     bound: BoundCursor
     take: Callable[[Iterable[Values], Snapshot, int], Any]
+    must_see: int | None = None
     result: Any = None
     snapshot: Snapshot | None = None
     lsn: int = 0
