@@ -6,7 +6,8 @@ from pydantic import BaseModel
 
 from cdcddp.publish.definition import Cursor, PublicationError, Publications
 from cdcddp.publish.filters import C
-from cdcddp.publish.lookup import SqlRowLookup
+from cdcddp.publish.lookup import RecentRowChanges, SqlRowLookup
+from cdcddp.publish.visibility import Snapshot
 
 
 class InList(BaseModel):
@@ -60,3 +61,36 @@ def test_lookup_names_tables_as_cursors_do(db_dsn: str) -> None:
             with pytest.raises(PublicationError, match="bad table name"):
                 lookup.row(bad, "a")
         assert lookup.dependencies == {("app", "lists", ("a",))}
+
+
+# ---- the row log behind the lookup guard (pure) ---------------------------------------------
+
+LISTS = ("public", "lists")
+
+
+def test_row_changes_tell_a_lookup_which_rows_its_snapshot_lacks() -> None:
+    log = RecentRowChanges()
+    log.follow(LISTS, 10)
+    log.record([("public", "lists", ("a",)), ("public", "lists", ("b",))], 11, 500)
+    log.record([("public", "lists", ("b",))], 12, 502)  # b's last change
+    sees_500 = Snapshot.parse("501:503:502")  # sees 500, not 502
+    assert log.covers([LISTS], 10)
+    assert not log.unseen([("public", "lists", ("a",))], sees_500)
+    assert log.unseen([("public", "lists", ("b",))], sees_500)
+    assert not log.unseen([("public", "lists", ("c",))], sees_500)  # never changed
+    assert not log.unseen([("public", "lists", ("b",))], Snapshot.parse("503:503:"))
+
+
+def test_row_changes_cover_only_what_they_logged() -> None:
+    log = RecentRowChanges(max_rows=2)
+    assert not log.covers([LISTS], 5)  # not followed
+    log.follow(LISTS, 5)
+    log.follow(LISTS, 9)  # already followed: from 5 on still
+    assert log.covers([LISTS], 5) and not log.covers([LISTS], 4)
+    assert not log.covers([LISTS, ("public", "users")], 5)
+    for number, key in enumerate("abc", start=6):
+        log.record([("public", "lists", (key,))], number, 600 + number)
+    # a (delivered as 6) was dropped for room: changes after 6 are all there
+    assert log.covers([LISTS], 6) and not log.covers([LISTS], 5)
+    log.restart(LISTS, 20)  # truncated
+    assert not log.covers([LISTS], 19) and log.covers([LISTS], 20)

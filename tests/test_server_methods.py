@@ -6,8 +6,10 @@ resume tokens close the connections that used them; `todos.inList` follows its l
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 
@@ -18,7 +20,9 @@ from cdcddp.examples.todos import app as todos_app
 from cdcddp.methods import MethodContext as TypedContext
 from cdcddp.methods import Methods
 from cdcddp.methods.schema import schema_sql
-from tests.livedata_support import live_server, store
+from cdcddp.publish.definition import Cursor, Publications
+from cdcddp.publish.lookup import RowLookup
+from tests.livedata_support import FIELDS, asql, build_live_app, live_server, store
 
 SCHEMA = schema_sql("accounts") + schema_sql("todos")
 
@@ -167,14 +171,19 @@ async def _rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
     return await trio.to_thread.run_sync(sql, dsn, query)
 
 
+@pytest.mark.parametrize("logged", [False, True], ids=["first lookup", "rows logged"])
 async def test_list_turning_private_while_a_subscriber_resolves_is_not_missed(
-        db_dsn: str) -> None:
+        db_dsn: str, logged: bool) -> None:
     """The list turns private after todos.inList read it but before the watch on its row is
-    registered (forced from inside the todos observer's snapshot): the lookup runs again."""
+    registered (forced from inside the todos observer's snapshot): the lookup runs again.
+    Either by table (the first lookup of ``lists``) or row by row (``lists`` rows are logged
+    once a lookup has read one)."""
     async with live_server(db_dsn, todos_app, schema=SCHEMA) as server, \
             connect(server.ws_url) as x, connect(server.ws_url) as y:
         await x.call("createUser", {"username": "xavier", "password": password("pw x")})
-        await x.call("lists.insert", {"name": "stays public"})
+        other = await x.call("lists.insert", {"name": "stays public"})
+        if logged:
+            await x.subscribe("todos.inList", {"listId": other})
         list_id = await x.call("lists.insert", {}, wait_updated=True)
         todo_id = await x.call("todos.insert", {"listId": list_id, "text": "milk"},
                                wait_updated=True)
@@ -191,3 +200,78 @@ async def test_list_turning_private_while_a_subscriber_resolves_is_not_missed(
         with trio.move_on_after(0.5):  # and it stays gone
             await y.wait_for(lambda: todo_id in store(y, "todos"))
         assert todo_id not in store(y, "todos")
+
+
+def _update_other_list(dsn: str, list_id: str, done: threading.Event) -> int:
+    count = 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while not done.is_set():
+            conn.execute("UPDATE lists SET incomplete_count = incomplete_count + 1 "
+                         "WHERE id = %s", (list_id,))
+            count += 1
+    return count
+
+
+async def test_a_lookup_is_not_rerun_for_changes_to_other_rows_of_its_table(
+        db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """todos.inList reads its list's row. Another list changing all the time (its count of
+    unchecked todos) is no reason to run the publication again: only a change to the row it
+    read is, or one the lookup's snapshot lacked."""
+    from cdcddp.publish.lookup import SqlRowLookup
+
+    reads = 0
+    row = SqlRowLookup.row
+
+    def counted(self: SqlRowLookup, *args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return row(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqlRowLookup, "row", counted)
+    async with live_server(db_dsn, todos_app, schema=SCHEMA) as server, \
+            connect(server.ws_url) as x, connect(server.ws_url) as y:
+        other = await x.call("lists.insert", {"name": "busy"}, wait_updated=True)
+        list_id = await x.call("lists.insert", {"name": "quiet"}, wait_updated=True)
+        await x.call("todos.insert", {"listId": list_id, "text": "milk"}, wait_updated=True)
+        done = threading.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, _update_other_list, db_dsn, other,
+                               done)
+            try:
+                await trio.sleep(0.2)
+                await y.subscribe("todos.inList", {"listId": list_id})
+                await trio.sleep(1.0)
+            finally:
+                done.set()
+        assert len(store(y, "todos")) == 1
+        # The first lookup of lists is judged by table (and may run once more); from then on
+        # row by row. It ran 242 times in this second when judged by table throughout.
+        assert reads <= 2
+
+
+def _noted_app() -> App:
+    """``items.whileNoted``: every item, while ``other`` has row 1 (read by a lookup)."""
+    app = build_live_app()
+    publications = Publications()
+
+    @publications.publication("items.whileNoted")
+    def while_noted(params: None, user_id: str | None, lookup: RowLookup) -> Cursor | None:
+        if lookup.row("other", 1, columns=["note"]) is None:
+            return None
+        return Cursor("items", fields=FIELDS)
+
+    app.include_publications(publications)
+    return app
+
+
+async def test_a_lookup_runs_again_when_its_table_is_truncated(db_dsn: str) -> None:
+    """TRUNCATE changes every row of the table without a change per row: the rows lookups
+    read from it are gone, and their publications run again."""
+    async with live_server(db_dsn, _noted_app()) as server, \
+            connect(server.ws_url) as client:
+        await asql(db_dsn, "INSERT INTO other (id, note) VALUES (1, 'open')",
+                   "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        await client.subscribe("items.whileNoted")
+        assert len(store(client)) == 1
+        await asql(db_dsn, "TRUNCATE other")
+        await client.wait_for(lambda: not store(client), timeout=5)

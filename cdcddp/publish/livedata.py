@@ -72,7 +72,7 @@ from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects, 
 from cdcddp.publish.clients import EncodeCache, FlushGate, LiveClient, SubKey
 from cdcddp.publish.definition import BoundCursor, TableName
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
-from cdcddp.publish.lookup import Dependency
+from cdcddp.publish.lookup import Dependency, RecentRowChanges
 from cdcddp.publish.observer import DocOp, NeedsRow, Observer, Row, Values
 from cdcddp.publish.routes import ObserverEntry, TableRoutes
 from cdcddp.publish.snapshots import (
@@ -276,7 +276,9 @@ class LiveData:
         # Rows publication functions read through a lookup (reactive dependencies): each
         # watched row's callbacks run with the xid of a committed transaction that changed it.
         self._row_watchers: dict[Dependency, set[Callable[[int], None]]] = {}
-        self._watched_tables: Counter[TableName] = Counter()
+        # The last change to each row of the tables lookups read (lookup guard, watchers).
+        self._row_changes = RecentRowChanges()
+        self._last_gap = 0  # delivery number a stream gap took (lookup guard)
         # Delivery number of the last transaction that changed each table (lookup guard).
         self._table_changed_at: dict[TableName, int] = {}
         self._nursery: trio.Nursery | None = None
@@ -638,22 +640,27 @@ class LiveData:
         txn: _OpenTransaction | None = None
         interest = self._interest
         chunk = self.config.max_transaction_buffer
-        watched = self._watched_tables
-        hits: set[Dependency] = set()
+        logged = self._row_changes.logs()
+        changed_rows: set[Dependency] = set()
+        truncated: set[TableName] = set()
         touched: set[TableName] = set()
         async for event in stream:
             kind = type(event)
             if kind is Insert or kind is Update or kind is Delete or kind is Truncate:
                 table = (event.schema, event.table)  # type: ignore[union-attr]
                 touched.add(table)
-                if watched and kind is not Truncate and table in watched:
-                    self._row_hits(event, hits)
+                if logged and table in logged:
+                    if kind is Truncate:
+                        truncated.add(table)
+                    else:
+                        self._rows_changed(event, changed_rows)
                 if txn is not None and table in interest:
                     txn.changes.append(event)  # type: ignore[arg-type]
                     if len(txn.changes) >= chunk:
                         await self._apply_chunk(txn)
             elif kind is Begin:
-                hits.clear()
+                changed_rows.clear()
+                truncated.clear()
                 touched.clear()
                 txn = self._open_txn = _OpenTransaction(
                     event.xid, event.end_lsn, self.ring.pins_taken)  # type: ignore[union-attr]
@@ -672,19 +679,23 @@ class LiveData:
                 if txn is not None:
                     await self._commit(txn, event)  # type: ignore[arg-type]
                 txn = self._open_txn = None
+                # Its delivery number and what it changed, in one step (lookup guards).
                 self._note_delivered(event.xid)  # type: ignore[union-attr]
-                if self._reshaped:
-                    await self._resync_reshaped()  # after a chunked one: it sees it whole
                 for table in touched:
                     self._table_changed_at[table] = self._commits_seen
                 touched.clear()
+                hits = None
+                if changed_rows or truncated:
+                    hits = self._log_row_changes(changed_rows, truncated,
+                                                 event.xid)  # type: ignore[union-attr]
+                if self._reshaped:
+                    await self._resync_reshaped()  # after a chunked one: it sees it whole
                 stream.acknowledge(event.end_lsn)  # type: ignore[union-attr]
                 self._open_commit_time = None
                 self.last_commit_time = event.timestamp  # type: ignore[union-attr]
                 self.last_applied_at = time.time()
                 if hits:
-                    fired, hits = hits, set()
-                    self._fire_row_watchers(fired, event.xid)  # type: ignore[union-attr]
+                    self._fire_row_watchers(hits, event.xid)  # type: ignore[union-attr]
             elif kind is Message:
                 if event.prefix == SYNC_PREFIX:  # type: ignore[union-attr]
                     if txn is not None and event.transactional:  # type: ignore[union-attr]
@@ -692,7 +703,8 @@ class LiveData:
                     else:
                         self._reach_mark(event.content)  # type: ignore[union-attr]
             elif kind is TransactionRestart:
-                hits.clear()
+                changed_rows.clear()
+                truncated.clear()
                 touched.clear()
                 if txn is not None and txn.chunked:
                     # Part of it reached observers (not clients): put them back on solid ground.
@@ -707,6 +719,8 @@ class LiveData:
                             event.reason)  # type: ignore[union-attr]
                 self._skip_pending = False
                 self.ring.break_pins()
+                self._commits_seen += 1  # a number of its own: lookups running now are stale
+                self._last_gap = self._commits_seen
                 # Taken first, so every resync snapshot sees what it sees: the transactions
                 # the stream skipped (committed before the gap's position) included.
                 horizon = await self._gap_snapshot()
@@ -818,11 +832,12 @@ class LiveData:
                    callback: Callable[[int], None]) -> Callable[[], None]:
         """Call ``callback(xid)`` after each committed transaction (applied, clients flushed)
         that inserted, updated or deleted one of ``dependencies`` (``(schema, table, key)``,
-        key: primary-key values). Returns the function that stops watching."""
+        key: primary-key values), or truncated its table. Returns the function that stops
+        watching."""
         deps = set(dependencies)
         for dep in deps:
             self._row_watchers.setdefault(dep, set()).add(callback)
-            self._watched_tables[(dep[0], dep[1])] += 1
+            self._row_changes.follow((dep[0], dep[1]), self._commits_seen)
 
         def unwatch() -> None:
             for dep in deps:
@@ -831,10 +846,6 @@ class LiveData:
                     watchers.discard(callback)
                     if not watchers:
                         del self._row_watchers[dep]
-                table = (dep[0], dep[1])
-                self._watched_tables[table] -= 1
-                if self._watched_tables[table] <= 0:
-                    del self._watched_tables[table]
             deps.clear()
         return unwatch
 
@@ -847,28 +858,56 @@ class LiveData:
                             snapshot: Snapshot) -> bool:
         """Could rows a lookup read (under ``snapshot``, started when ``delivered_before``
         transactions had been delivered) have changed without its watch seeing it? True when
-        a transaction delivered since then changed one of their tables (the watch was not yet
-        registered), or when the snapshot lacks a transaction delivered before it (decoded
-        before visible). The caller re-runs the lookup; this converges once writes pause."""
-        tables = {(schema, table) for schema, table, _ in dependencies}
-        if any(self._table_changed_at.get(t, 0) > delivered_before for t in tables):
-            return True
-        return self._missed_delivered(snapshot, delivered_before, prune=False)
+        one of them was changed by a transaction the snapshot lacks: delivered since (the
+        watch was not yet registered), or before it and not yet visible. The caller re-runs
+        the lookup.
 
-    def _row_hits(self, event: Any, hits: set[Dependency]) -> None:
+        Known row by row for tables whose changes are logged (:class:`RecentRowChanges`);
+        otherwise (a table's first lookup, a log overrun) by table: any change to one of the
+        tables since, or any delivered transaction the snapshot lacks."""
+        if self._last_gap > delivered_before:
+            return True  # the stream skipped transactions meanwhile
+        deps = set(dependencies)
+        tables = {(schema, table) for schema, table, _ in deps}
+        first_missed = self._missed_delivered(snapshot, delivered_before, prune=False)
+        after = delivered_before if first_missed is None else first_missed - 1
+        log = self._row_changes
+        if log.covers(tables, after):
+            return log.unseen(deps, snapshot)
+        for table in tables:  # from now on, row by row
+            log.follow(table, self._commits_seen)
+        return first_missed is not None or any(
+            self._table_changed_at.get(t, 0) > delivered_before for t in tables)
+
+    def _rows_changed(self, event: Any, rows: set[Dependency]) -> None:
+        """Add the rows (old and new keys) a change touches to ``rows``."""
         pk = event.pk
         if not pk:
             return
-        rows = (event.new,) if type(event) is Insert else (event.identity,) \
+        images = (event.new,) if type(event) is Insert else (event.identity,) \
             if type(event) is Delete else (event.identity, event.new)
-        for row in rows:
+        for image in images:
             try:
-                key = tuple(row[c] for c in pk)
+                key = tuple(image[c] for c in pk)
             except KeyError:
                 continue
-            dep = (event.schema, event.table, key)
-            if dep in self._row_watchers:
-                hits.add(dep)
+            rows.add((event.schema, event.table, key))
+
+    def _log_row_changes(self, rows: set[Dependency], truncated: set[TableName], xid: int
+                         ) -> set[Dependency]:
+        """Log what the transaction just delivered changed in logged tables; returns the
+        watched rows among them (and every watched row of a truncated table), and empties
+        both sets."""
+        watchers = self._row_watchers
+        delivered = self._commits_seen
+        self._row_changes.record(rows, delivered, xid)
+        hits = {row for row in rows if row in watchers}
+        for table in truncated:
+            self._row_changes.restart(table, delivered)
+            hits.update(d for d in watchers if (d[0], d[1]) == table)
+        rows.clear()
+        truncated.clear()
+        return hits
 
     def _fire_row_watchers(self, hits: set[Dependency], xid: int) -> None:
         callbacks: set[Callable[[int], None]] = set()
@@ -910,24 +949,25 @@ class LiveData:
             if len(recent) > _DELIVERED_KEPT:
                 recent.popitem(last=False)  # the oldest
 
-    def _missed_delivered(self, snapshot: Snapshot, upto: int, prune: bool) -> bool:
-        """Does ``snapshot`` lack a transaction the stream delivered (as number ``upto`` or
-        earlier)? Nobody would replay it to the observer.
+    def _missed_delivered(self, snapshot: Snapshot, upto: int, prune: bool) -> int | None:
+        """The delivery number of the first transaction the stream delivered (as number
+        ``upto`` or earlier) that ``snapshot`` lacks, or None. Nobody would replay it to the
+        observer.
 
         Such a transaction is still "running" for the snapshot: in ``xip``, or at or past its
         ``xmax``. Delivered xids a snapshot sees are visible to every later snapshot, so they
         are forgotten (``prune``: only when no earlier snapshot is still being checked).
         """
         delivered = self._delivered
-        missed = False
+        missed: int | None = None
         seen: list[int] = []
         for xid, seq in delivered.items():  # in delivery order
             if seq > upto:
                 break  # delivered after the query started: the ring has it (and the rest)
             if snapshot.is_visible(xid):
                 seen.append(xid)
-            else:
-                missed = True
+            elif missed is None:
+                missed = seq
         if prune:
             for xid in seen:
                 del delivered[xid]
@@ -1022,8 +1062,8 @@ class LiveData:
             must_see = max(delivered_before if read.must_see is None else read.must_see
                            for read in pending)
             oldest = min(in_flight, default=delivered_before)
-            if not self._missed_delivered(snapshot, must_see,
-                                          prune=oldest >= delivered_before) and (
+            if self._missed_delivered(snapshot, must_see,
+                                      prune=oldest >= delivered_before) is None and (
                     not seeing or snapshot.is_visible(seeing)):
                 for read in pending:
                     read.snapshot, read.lsn = snapshot, lsn

@@ -13,20 +13,23 @@ subscriber. Declared with a third parameter, the function receives a :class:`Row
 
 Every row read is recorded as a dependency ``(schema, table, key)``; the live-data engine
 re-runs the function when the stream changes one of those rows, and the subscription's
-documents follow the new cursors (only the difference reaches the client).
+documents follow the new cursors (only the difference reaches the client). The stream names
+changed rows by primary key, so ``key_columns`` must be the table's primary key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
 
 from cdcddp.db import execute_as_decoded
-from cdcddp.publish.definition import split_table
+from cdcddp.publish.definition import TableName, split_table
 from cdcddp.publish.filters import quoted
+from cdcddp.publish.visibility import Snapshot
 
 Dependency = tuple[str, str, tuple[Any, ...]]  # (schema, table, primary-key values)
 
@@ -65,3 +68,65 @@ class SqlRowLookup:
             return None
         names = [d.name for d in cursor.description or ()]
         return dict(zip(names, found, strict=True))
+
+
+class RecentRowChanges:
+    """The last delivered transaction that changed each row of the tables lookups read.
+
+    A lookup reads rows under its own snapshot; the watch on them is registered afterwards.
+    Was a row it read changed by a transaction its snapshot lacks (delivered while it ran, or
+    decoded before it and not yet visible)? Then the function must run again. Asking that of
+    the *table* re-ran it for as long as any other row of the table kept changing.
+
+    A row's last change is enough: a transaction that changes a row waits for the one that
+    changed it before to be visible (row locks outlive the synchronous-standby wait), so a
+    snapshot that sees the last change sees the earlier ones. Rows are logged for tables
+    lookups have read (:meth:`follow`), the ``max_rows`` most recently changed.
+    """
+
+    def __init__(self, max_rows: int = 16_384) -> None:
+        self.max_rows = max_rows
+        # row -> (delivery number, xid) of its last change, oldest first
+        self._last: OrderedDict[Dependency, tuple[int, int]] = OrderedDict()
+        # Logged tables -> the delivery number from which on their changes are all here.
+        self._tables: dict[TableName, int] = {}
+        self._trimmed = 0  # changes delivered up to this number may have been dropped
+
+    def logs(self) -> dict[TableName, int]:
+        """The logged tables (a dict: ``table in`` is the consumer's per-change test)."""
+        return self._tables
+
+    def follow(self, table: TableName, delivered: int) -> None:
+        """Log ``table``'s changes delivered after number ``delivered`` (if not yet)."""
+        self._tables.setdefault(table, delivered)
+
+    def restart(self, table: TableName, delivered: int) -> None:
+        """Every row of ``table`` changed at once (TRUNCATE): no row log covers what came
+        before delivery ``delivered``."""
+        self._tables[table] = delivered
+
+    def record(self, rows: Iterable[Dependency], delivered: int, xid: int) -> None:
+        last = self._last
+        for row in rows:
+            if row in last:
+                last.move_to_end(row)
+            last[row] = (delivered, xid)
+        while len(last) > self.max_rows:
+            _, (number, _) = last.popitem(last=False)
+            self._trimmed = number
+
+    def covers(self, tables: Iterable[TableName], after: int) -> bool:
+        """Is every change to ``tables`` delivered after number ``after`` logged?"""
+        if self._trimmed > after:
+            return False
+        logged = self._tables
+        return all(table in logged and logged[table] <= after for table in tables)
+
+    def unseen(self, rows: Iterable[Dependency], snapshot: Snapshot) -> bool:
+        """Is one of ``rows``' last changes not in ``snapshot``?"""
+        last = self._last
+        for row in rows:
+            change = last.get(row)
+            if change is not None and not snapshot.is_visible(change[1]):
+                return True
+        return False
