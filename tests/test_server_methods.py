@@ -275,3 +275,26 @@ async def test_a_lookup_runs_again_when_its_table_is_truncated(db_dsn: str) -> N
         assert len(store(client)) == 1
         await asql(db_dsn, "TRUNCATE other")
         await client.wait_for(lambda: not store(client), timeout=5)
+
+
+async def test_a_lookup_under_way_during_a_stream_gap_runs_again(db_dsn: str) -> None:
+    """A stream gap skips transactions nobody will deliver: a lookup that was under way (its
+    watch not yet registered, so the gap's re-run of every watcher misses it) is stale."""
+    from cdcddp.publish.visibility import Snapshot
+
+    async with live_server(db_dsn, _noted_app(), resyncs=True) as server, \
+            connect(server.ws_url) as client:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO other (id, note) VALUES (1, 'open')")
+        await client.subscribe("items.whileNoted")  # other's rows are logged from now on
+        read = [("public", "other", (1,))]
+        delivered_before = live.commits_seen
+        (text,), = await asql(db_dsn, "SELECT pg_current_snapshot()::text")
+        snapshot = Snapshot.parse(text)
+        assert not live.lookup_may_be_stale(read, delivered_before, snapshot)
+        await asql(db_dsn, "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                           "WHERE slot_name = %s", params=(live.config.slot,))
+        with trio.fail_after(10):  # a temporary slot: reconnecting makes a new one, a gap
+            while not live.resync_reasons["stream_gap"]:
+                await trio.sleep(0.02)
+        assert live.lookup_may_be_stale(read, delivered_before, snapshot)
