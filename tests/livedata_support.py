@@ -17,9 +17,10 @@ from pydantic import BaseModel
 from cdcddp.app import App, PublicationContext
 from cdcddp.client import DDPClient
 from cdcddp.metrics import Metrics
-from cdcddp.publish.definition import Cursor, Publication
+from cdcddp.publish.definition import Cursor, Publication, Publications
 from cdcddp.publish.filters import C, Param, UserId
 from cdcddp.publish.livedata import LiveData, LiveDataConfig
+from cdcddp.publish.lookup import RowLookup
 from cdcddp.server.config import ServerConfig
 from cdcddp.server.connection import Connection
 from cdcddp.server.server import Server
@@ -51,6 +52,23 @@ class RankParams(BaseModel):
     min_rank: int
 
 
+class GateParams(BaseModel):
+    gate: int
+
+
+gated_publications = Publications()
+
+
+@gated_publications.publication("items.gated", params=GateParams)
+def gated_items(params: GateParams, user_id: str | None, lookup: RowLookup) -> Cursor | None:
+    """The items of the category row ``gate`` of ``other`` names in its note (a reactive
+    lookup: the subscription follows the note)."""
+    found = lookup.row("other", params.gate, columns=["note"])
+    if found is None or found["note"] is None:
+        return None
+    return Cursor("items", fields=FIELDS, filter=C("category") == found["note"])
+
+
 def build_live_app() -> App:
     app = App("live-test")
     app.add_publication(Publication("items.all", Cursor("items", fields=FIELDS)))
@@ -69,6 +87,8 @@ def build_live_app() -> App:
         "items.titles", Cursor("items", fields=["title", "version"],
                                filter=C("category").in_(["a", "b"]))))
 
+    app.include_publications(gated_publications)
+
     @app.publish("handler.note")
     async def handler_note(ctx: PublicationContext, doc_id: str) -> None:
         ctx.added("items", doc_id, {"note": "from a handler"})
@@ -83,6 +103,8 @@ PUBLICATION_FILTERS: dict[str, tuple[str, Any]] = {
     "items.all": ("TRUE", lambda p: ()),
     "items.byCategory": ("category = %s", lambda p: (p[0]["category"],)),
     "items.ranked": ("rank >= %s", lambda p: (p[0],)),
+    "items.gated": ("category = (SELECT note FROM other WHERE id = %s)",
+                    lambda p: (p[0]["gate"],)),
 }
 
 

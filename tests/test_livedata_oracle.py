@@ -1,9 +1,11 @@
 """The correctness oracle: concurrent writers (inserts, updates moving rows in and out of
 filters, deletes, TOASTed values, truncates, rollbacks, multi-row transactions) while clients
-subscribe and unsubscribe with overlapping publications and parameters, and the walsender is
-killed mid-way. One more writer's commits are *held*: decoded and delivered by the stream, yet
-not visible to new snapshots for a while (a synchronous standby that never answers holds them,
-until the oracle gives up waiting for it), PostgreSQL's widest window between the two.
+subscribe and unsubscribe with overlapping publications and parameters (one of them a
+function whose cursor follows a row it looks up, which the writers move too), and the
+walsender is killed mid-way. One more writer's commits are *held*: decoded and delivered by
+the stream, yet not visible to new snapshots for a while (a synchronous standby that never
+answers holds them, until the oracle gives up waiting for it), PostgreSQL's widest window
+between the two.
 At quiescence each client's store equals what SQL returns for its subscriptions, and its
 message log keeps the merge-box promises (no duplicate ``added``, no ``changed``/``removed``
 of a document it does not hold, no ``version`` going back).
@@ -53,6 +55,8 @@ def writer(dsn: str, seed: int, transactions: int, stop: list[bool]) -> int:
                 with conn.transaction() as txn:
                     if rng.random() < 0.01:
                         conn.execute("TRUNCATE items")
+                    if rng.random() < 0.005:
+                        conn.execute("TRUNCATE other")  # every gate closes at once
                     for _ in range(rng.choice([1, 1, 1, 2, 3, 8])):
                         _random_change(conn, rng)
                     if roll_back:
@@ -94,7 +98,13 @@ def held_writer(dsn: str, seed: int, transactions: int, stop: list[bool]) -> int
     return committed
 
 
+GATES = [1, 2, 3]
+
+
 def _random_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
+    if rng.random() < 0.06:
+        _random_gate_change(conn, rng)
+        return
     (top,) = conn.execute("SELECT coalesce(max(id), 0) FROM items").fetchone()  # type: ignore[misc]
     item = rng.randint(max(1, top - 40), top + 2)
     action = rng.random()
@@ -129,6 +139,18 @@ def _random_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
         conn.execute("DELETE FROM items WHERE id = %s", (item,))
 
 
+def _random_gate_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
+    """Moves a gate (``items.gated``: its subscriptions follow by lookup) to another
+    category, closes it, or removes it."""
+    gate = rng.choice(GATES)
+    if rng.random() < 0.15:
+        conn.execute("DELETE FROM other WHERE id = %s", (gate,))
+        return
+    conn.execute("INSERT INTO other (id, note) VALUES (%s, %s) "
+                 "ON CONFLICT (id) DO UPDATE SET note = EXCLUDED.note",
+                 (gate, rng.choice([*CATEGORIES, "closed", None])))
+
+
 async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
                      subscription_steps: int, clients: int, kills: int,
                      temporary_slot: bool) -> None:
@@ -150,7 +172,8 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
         await asql(dsn, "INSERT INTO items (category, title, rank, body) "
                         "SELECT (ARRAY['a','b','c','d'])[1 + i % 4], 't' || i, i % 10, "
                         "CASE WHEN i % 5 = 0 THEN repeat(md5(i::text), 300) END "
-                        "FROM generate_series(1, 50) i")
+                        "FROM generate_series(1, 50) i",
+                   "INSERT INTO other (id, note) VALUES (1, 'a'), (2, 'b'), (3, NULL)")
         stop: list[bool] = []
         committed: list[int] = []
         held_committed: list[int] = []
@@ -234,8 +257,10 @@ async def _subscription_step(rng: random.Random, client: DDPClient,
     choice = rng.random()
     if choice < 0.45:
         name, params = "items.byCategory", [{"category": rng.choice(CATEGORIES)}]
-    elif choice < 0.85:
+    elif choice < 0.7:
         name, params = "items.ranked", [rng.randint(0, 9)]
+    elif choice < 0.85:
+        name, params = "items.gated", [{"gate": rng.choice(GATES)}]
     else:
         name, params = "items.all", []
     held[await client.subscribe(name, *params, timeout=60)] = (name, params)

@@ -63,6 +63,26 @@ def test_lookup_names_tables_as_cursors_do(db_dsn: str) -> None:
         assert lookup.dependencies == {("app", "lists", ("a",))}
 
 
+def test_lookup_keys_are_primary_keys(db_dsn: str) -> None:
+    """Changed rows reach the engine by primary key: a lookup by other columns could never be
+    re-run, so it is refused with a message saying so; a composite key given in another
+    order is recorded in the key's order."""
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE pages (site int, slug text, title text, "
+                     "PRIMARY KEY (site, slug), UNIQUE (title))")
+        conn.execute("CREATE TABLE notes (body text)")
+        conn.execute("INSERT INTO pages VALUES (1, 'home', 'Home')")
+        lookup = SqlRowLookup(conn)
+        found = lookup.row("pages", ("home", 1), columns=["title"], key_columns=["slug", "site"])
+        assert found == {"slug": "home", "site": 1, "title": "Home"}
+        assert lookup.dependencies == {("public", "pages", (1, "home"))}
+        with pytest.raises(PublicationError, match=r"\['title'\] are not the table's primary "
+                                                   r"key \['site', 'slug'\]"):
+            lookup.row("pages", "Home", key_columns=["title"])
+        with pytest.raises(PublicationError, match="has no primary key"):
+            lookup.row("notes", "x", key_columns=["body"])
+
+
 # ---- the row log behind the lookup guard (pure) ---------------------------------------------
 
 LISTS = ("public", "lists")

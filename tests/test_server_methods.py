@@ -298,3 +298,29 @@ async def test_a_lookup_under_way_during_a_stream_gap_runs_again(db_dsn: str) ->
             while not live.resync_reasons["stream_gap"]:
                 await trio.sleep(0.02)
         assert live.lookup_may_be_stale(read, delivered_before, snapshot)
+
+
+async def test_a_lookup_by_a_composite_key_follows_its_row(db_dsn: str) -> None:
+    """A composite primary key given in another order than the key's: the stream's changes
+    to that row still re-run the function."""
+    app = build_live_app()
+    publications = Publications()
+
+    @publications.publication("items.whilePageOpen")
+    def while_page_open(params: None, user_id: str | None, lookup: RowLookup
+                        ) -> Cursor | None:
+        page = lookup.row("pages", ("home", 1), columns=["state"], key_columns=["slug", "site"])
+        return Cursor("items", fields=FIELDS) if page and page["state"] == "open" else None
+
+    app.include_publications(publications)
+    async with live_server(db_dsn, app) as server, connect(server.ws_url) as client:
+        await asql(db_dsn, "CREATE TABLE pages (site int, slug text, state text, "
+                           "PRIMARY KEY (site, slug))",
+                   "INSERT INTO pages VALUES (1, 'home', 'closed')",
+                   "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        await client.subscribe("items.whilePageOpen")
+        assert not store(client)
+        await asql(db_dsn, "UPDATE pages SET state = 'open'")
+        await client.wait_for(lambda: len(store(client)) == 1, timeout=5)
+        await asql(db_dsn, "DELETE FROM pages")
+        await client.wait_for(lambda: not store(client), timeout=5)

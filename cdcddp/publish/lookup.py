@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 
 from cdcddp.db import execute_as_decoded
-from cdcddp.publish.definition import TableName, split_table
+from cdcddp.publish.definition import PublicationError, TableName, split_table
 from cdcddp.publish.filters import quoted
 from cdcddp.publish.visibility import Snapshot
 
@@ -40,12 +40,20 @@ class RowLookup(Protocol):
             key_columns: Sequence[str] = ("id",)) -> dict[str, Any] | None: ...
 
 
+_PRIMARY_KEY_SQL = (
+    "SELECT a.attname::text FROM pg_index i "
+    "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
+    "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+    "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY k.n")
+
+
 class SqlRowLookup:
     """Reads rows on a psycopg connection (in a worker thread) and records what it read."""
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
         self.dependencies: set[Dependency] = set()
+        self._primary_keys: dict[TableName, tuple[str, ...]] = {}
 
     def row(self, table: str | tuple[str, str], key: Any,
             columns: Sequence[str] | None = None,
@@ -54,7 +62,19 @@ class SqlRowLookup:
         key_values = tuple(key) if isinstance(key, tuple) else (key,)
         if len(key_values) != len(key_columns):
             raise ValueError(f"key {key!r} does not match key columns {list(key_columns)}")
-        self.dependencies.add((schema, name, key_values))
+        # The stream names a changed row by its primary key, in the key's column order.
+        pk = self._primary_key(schema, name)
+        if not pk:
+            raise PublicationError(
+                f"lookup.row({schema}.{name}): the table has no primary key; a lookup is "
+                f"re-run when its row changes, and changed rows are known by primary key")
+        if sorted(pk) != sorted(key_columns):
+            raise PublicationError(
+                f"lookup.row({schema}.{name}): key_columns {list(key_columns)} are not the "
+                f"table's primary key {list(pk)}; a lookup is re-run when its row changes, "
+                f"and changed rows are known by primary key")
+        by_column = dict(zip(key_columns, key_values, strict=True))
+        self.dependencies.add((schema, name, tuple(by_column[c] for c in pk)))
         selected = sql.SQL("*") if columns is None else sql.SQL(", ").join(
             map(quoted, dict.fromkeys([*key_columns, *columns])))
         where = sql.SQL(" AND ").join(
@@ -68,6 +88,15 @@ class SqlRowLookup:
             return None
         names = [d.name for d in cursor.description or ()]
         return dict(zip(names, found, strict=True))
+
+    def _primary_key(self, schema: str, name: str) -> tuple[str, ...]:
+        pk = self._primary_keys.get((schema, name))
+        if pk is None:
+            relation = sql.SQL("{}.{}").format(quoted(schema), quoted(name)).as_string(
+                self._conn)
+            pk = self._primary_keys[(schema, name)] = tuple(
+                r[0] for r in self._conn.execute(_PRIMARY_KEY_SQL, (relation,)))
+        return pk
 
 
 class RecentRowChanges:
