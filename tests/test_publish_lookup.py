@@ -6,7 +6,7 @@ from pydantic import BaseModel
 
 from cdcddp.publish.definition import Cursor, PublicationError, Publications
 from cdcddp.publish.filters import C
-from cdcddp.publish.lookup import RecentRowChanges, SqlRowLookup
+from cdcddp.publish.lookup import RecentRowChanges, SqlRowLookup, read_differs
 from cdcddp.publish.visibility import Snapshot
 
 
@@ -37,9 +37,11 @@ def test_lookup_decides_and_records_dependencies(db_dsn: str) -> None:
         assert pub.resolve([{"listId": "mine"}], None, lookup) == ()
         assert len(pub.resolve([{"listId": "mine"}], "u1", lookup)) == 1
         assert pub.resolve([{"listId": "gone"}], "u1", lookup) == ()
-        assert lookup.dependencies == {("public", "lists", ("pub",)),
-                                       ("public", "lists", ("mine",)),
-                                       ("public", "lists", ("gone",))}
+        # Each row read, with what was read of it (None: no such row).
+        assert lookup.dependencies == {
+            ("public", "lists", ("pub",)): {"id": "pub", "user_id": None},
+            ("public", "lists", ("mine",)): {"id": "mine", "user_id": "u1"},
+            ("public", "lists", ("gone",)): None}
         with pytest.raises(PublicationError):
             pub.resolve([{"listId": "pub"}], None)  # needs a lookup
         # Hostile keys are parameters, not SQL.
@@ -60,7 +62,7 @@ def test_lookup_names_tables_as_cursors_do(db_dsn: str) -> None:
         for bad in ("app.", ".lists", ""):
             with pytest.raises(PublicationError, match="bad table name"):
                 lookup.row(bad, "a")
-        assert lookup.dependencies == {("app", "lists", ("a",))}
+        assert lookup.dependencies == {("app", "lists", ("a",)): row}
 
 
 def test_lookup_keys_are_primary_keys(db_dsn: str) -> None:
@@ -75,12 +77,25 @@ def test_lookup_keys_are_primary_keys(db_dsn: str) -> None:
         lookup = SqlRowLookup(conn)
         found = lookup.row("pages", ("home", 1), columns=["title"], key_columns=["slug", "site"])
         assert found == {"slug": "home", "site": 1, "title": "Home"}
-        assert lookup.dependencies == {("public", "pages", (1, "home"))}
+        assert lookup.dependencies == {("public", "pages", (1, "home")): found}
+        # The same row read again, other columns: what the function saw of it, together.
+        lookup.row("pages", (1, "home"), columns=["slug"], key_columns=["site", "slug"])
+        assert lookup.dependencies == {("public", "pages", (1, "home")): found}
         with pytest.raises(PublicationError, match=r"\['title'\] are not the table's primary "
                                                    r"key \['site', 'slug'\]"):
             lookup.row("pages", "Home", key_columns=["title"])
         with pytest.raises(PublicationError, match="has no primary key"):
             lookup.row("notes", "x", key_columns=["body"])
+
+
+def test_a_change_concerns_a_lookup_only_where_it_read() -> None:
+    read = {"id": "l1", "user_id": None}
+    assert not read_differs(read, {"id": "l1", "user_id": None, "incomplete_count": 3})
+    assert read_differs(read, {"id": "l1", "user_id": "u1", "incomplete_count": 3})
+    assert not read_differs(read, {"id": "l1"})  # user_id left out: an unchanged TOAST value
+    assert read_differs(read, None)  # deleted
+    assert read_differs(None, {"id": "l1", "user_id": None})  # appeared
+    assert not read_differs(None, None)
 
 
 # ---- the row log behind the lookup guard (pure) ---------------------------------------------

@@ -72,7 +72,7 @@ from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects, 
 from cdcddp.publish.clients import EncodeCache, FlushGate, LiveClient, SubKey
 from cdcddp.publish.definition import BoundCursor, TableName
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
-from cdcddp.publish.lookup import Dependency, RecentRowChanges
+from cdcddp.publish.lookup import Dependency, ReadRows, RecentRowChanges, read_differs
 from cdcddp.publish.observer import DocOp, NeedsRow, Observer, Row, Values
 from cdcddp.publish.routes import ObserverEntry, TableRoutes
 from cdcddp.publish.snapshots import (
@@ -113,6 +113,8 @@ log = logging.getLogger(__name__)
 
 SYNC_PREFIX: Final = "cdcddp.sync"
 """``pg_logical_emit_message`` prefix of :meth:`LiveData.sync` markers."""
+
+RowWatcher = Callable[[int], None]  # called with the xid of a change to a watched row
 
 _DELIVERED_KEPT: Final = 65_536  # recent xids remembered (far beyond the visibility lag)
 # A snapshot read retaken this long (seconds) for a delivered, still invisible transaction
@@ -275,7 +277,8 @@ class LiveData:
         self._flusher_running = False
         # Rows publication functions read through a lookup (reactive dependencies): each
         # watched row's callbacks run with the xid of a committed transaction that changed it.
-        self._row_watchers: dict[Dependency, set[Callable[[int], None]]] = {}
+        # Watched row -> callback -> what that watch's lookup read of it.
+        self._row_watchers: dict[Dependency, dict[RowWatcher, dict[str, Any] | None]] = {}
         # The last change to each row of the tables lookups read (lookup guard, watchers).
         self._row_changes = RecentRowChanges()
         self._last_gap = 0  # delivery number a stream gap took (lookup guard)
@@ -641,7 +644,7 @@ class LiveData:
         interest = self._interest
         chunk = self.config.max_transaction_buffer
         logged = self._row_changes.logs()
-        changed_rows: set[Dependency] = set()
+        changed_rows: dict[Dependency, Row | None] = {}  # row -> its last image (None: gone)
         truncated: set[TableName] = set()
         touched: set[TableName] = set()
         async for event in stream:
@@ -684,18 +687,18 @@ class LiveData:
                 for table in touched:
                     self._table_changed_at[table] = self._commits_seen
                 touched.clear()
-                hits = None
+                due = None
                 if changed_rows or truncated:
-                    hits = self._log_row_changes(changed_rows, truncated,
-                                                 event.xid)  # type: ignore[union-attr]
+                    due = self._log_row_changes(changed_rows, truncated,
+                                                event.xid)  # type: ignore[union-attr]
                 if self._reshaped:
                     await self._resync_reshaped()  # after a chunked one: it sees it whole
                 stream.acknowledge(event.end_lsn)  # type: ignore[union-attr]
                 self._open_commit_time = None
                 self.last_commit_time = event.timestamp  # type: ignore[union-attr]
                 self.last_applied_at = time.time()
-                if hits:
-                    self._fire_row_watchers(hits, event.xid)  # type: ignore[union-attr]
+                if due:
+                    self._run_row_watchers(due, event.xid)  # type: ignore[union-attr]
             elif kind is Message:
                 if event.prefix == SYNC_PREFIX:  # type: ignore[union-attr]
                     if txn is not None and event.transactional:  # type: ignore[union-attr]
@@ -727,7 +730,8 @@ class LiveData:
                 self._reshaped.clear()  # every observer is resynced now
                 await self._with_gate_closed(self._resync(set(self.observers()), "stream_gap"))
                 self._settle_fences(horizon)
-                self._fire_row_watchers(set(self._row_watchers), 0)  # may have missed some
+                self._run_row_watchers(self._watchers_of(self._row_watchers), 0)  # may have
+                # missed some
 
     # ---- schema changes and falling behind (invariant 5) ----------------------------------
 
@@ -785,7 +789,8 @@ class LiveData:
         self.ring.break_pins()  # a snapshot being handed off may predate the change
         await self._with_gate_closed(self._resync(entries, "schema_change"))
         tables = {e.table for e in entries}
-        self._fire_row_watchers({d for d in self._row_watchers if (d[0], d[1]) in tables}, 0)
+        self._run_row_watchers(self._watchers_of(
+            d for d in self._row_watchers if (d[0], d[1]) in tables), 0)
 
     async def _gap_snapshot(self) -> Snapshot | None:
         try:
@@ -828,22 +833,21 @@ class LiveData:
                             "every observer", self.behind_bytes, limit)
                 stream.skip_backlog()
 
-    def watch_rows(self, dependencies: Iterable[Dependency],
-                   callback: Callable[[int], None]) -> Callable[[], None]:
+    def watch_rows(self, dependencies: ReadRows, callback: RowWatcher) -> Callable[[], None]:
         """Call ``callback(xid)`` after each committed transaction (applied, clients flushed)
-        that inserted, updated or deleted one of ``dependencies`` (``(schema, table, key)``,
-        key: primary-key values), or truncated its table. Returns the function that stops
-        watching."""
-        deps = set(dependencies)
-        for dep in deps:
-            self._row_watchers.setdefault(dep, set()).add(callback)
+        that changed one of ``dependencies`` (``(schema, table, key)``, key: primary-key
+        values) so that what was read of it (the values, or None: no such row) no longer
+        holds, or truncated its table. Returns the function that stops watching."""
+        deps = dict(dependencies)
+        for dep, read in deps.items():
+            self._row_watchers.setdefault(dep, {})[callback] = read
             self._row_changes.follow((dep[0], dep[1]), self._commits_seen)
 
         def unwatch() -> None:
             for dep in deps:
                 watchers = self._row_watchers.get(dep)
                 if watchers is not None:
-                    watchers.discard(callback)
+                    watchers.pop(callback, None)
                     if not watchers:
                         del self._row_watchers[dep]
             deps.clear()
@@ -879,40 +883,54 @@ class LiveData:
         return first_missed is not None or any(
             self._table_changed_at.get(t, 0) > delivered_before for t in tables)
 
-    def _rows_changed(self, event: Any, rows: set[Dependency]) -> None:
-        """Add the rows (old and new keys) a change touches to ``rows``."""
+    def _rows_changed(self, event: Any, rows: dict[Dependency, Row | None]) -> None:
+        """Note in ``rows`` each row a change touches, with its image after it (None: the
+        row is gone from that key)."""
         pk = event.pk
         if not pk:
             return
-        images = (event.new,) if type(event) is Insert else (event.identity,) \
-            if type(event) is Delete else (event.identity, event.new)
-        for image in images:
+        kind = type(event)
+        schema, table = event.schema, event.table
+        if kind is not Insert:  # the old key: gone, unless the new image has the same key
             try:
-                key = tuple(image[c] for c in pk)
+                rows[(schema, table, tuple(event.identity[c] for c in pk))] = None
             except KeyError:
-                continue
-            rows.add((event.schema, event.table, key))
+                pass
+        if kind is not Delete:
+            new = event.new
+            try:
+                rows[(schema, table, tuple(new[c] for c in pk))] = new
+            except KeyError:
+                pass
 
-    def _log_row_changes(self, rows: set[Dependency], truncated: set[TableName], xid: int
-                         ) -> set[Dependency]:
+    def _log_row_changes(self, rows: dict[Dependency, Row | None], truncated: set[TableName],
+                         xid: int) -> set[RowWatcher]:
         """Log what the transaction just delivered changed in logged tables; returns the
-        watched rows among them (and every watched row of a truncated table), and empties
-        both sets."""
+        watchers it concerns (what their lookup read changed; every watcher of a truncated
+        table's rows), and empties both collections."""
         watchers = self._row_watchers
         delivered = self._commits_seen
         self._row_changes.record(rows, delivered, xid)
-        hits = {row for row in rows if row in watchers}
+        due: set[RowWatcher] = set()
+        for row, image in rows.items():
+            watching = watchers.get(row)
+            if watching:
+                due.update(callback for callback, read in watching.items()
+                           if read_differs(read, image))
         for table in truncated:
             self._row_changes.restart(table, delivered)
-            hits.update(d for d in watchers if (d[0], d[1]) == table)
+            due |= self._watchers_of(d for d in watchers if (d[0], d[1]) == table)
         rows.clear()
         truncated.clear()
-        return hits
+        return due
 
-    def _fire_row_watchers(self, hits: set[Dependency], xid: int) -> None:
-        callbacks: set[Callable[[int], None]] = set()
-        for dep in hits:
-            callbacks |= self._row_watchers.get(dep, set())
+    def _watchers_of(self, rows: Iterable[Dependency]) -> set[RowWatcher]:
+        due: set[RowWatcher] = set()
+        for row in rows:
+            due.update(self._row_watchers.get(row, ()))
+        return due
+
+    def _run_row_watchers(self, callbacks: set[RowWatcher], xid: int) -> None:
         for callback in callbacks:
             try:
                 callback(xid)

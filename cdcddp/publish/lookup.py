@@ -30,8 +30,25 @@ from cdcddp.db import execute_as_decoded
 from cdcddp.publish.definition import PublicationError, TableName, split_table
 from cdcddp.publish.filters import quoted
 from cdcddp.publish.visibility import Snapshot
+from cdcddp.wal.events import Row
 
 Dependency = tuple[str, str, tuple[Any, ...]]  # (schema, table, primary-key values)
+# What a lookup read of each row: its columns' values, or None (no such row).
+ReadRows = dict[Dependency, dict[str, Any] | None]
+
+
+def read_differs(read: dict[str, Any] | None, now: Row | None) -> bool:
+    """Could a function that read ``read`` of a row decide otherwise now that the row is
+    ``now`` (None: gone)? Only if a column it read changed: a column missing from ``now``
+    is an unchanged TOASTed value, so unchanged."""
+    if read is None or now is None:
+        return read is not now
+    missing = _MISSING
+    return any(now.get(column, missing) not in (missing, value)
+               for column, value in read.items())
+
+
+_MISSING: Any = object()
 
 
 class RowLookup(Protocol):
@@ -52,7 +69,7 @@ class SqlRowLookup:
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
-        self.dependencies: set[Dependency] = set()
+        self.dependencies: ReadRows = {}
         self._primary_keys: dict[TableName, tuple[str, ...]] = {}
 
     def row(self, table: str | tuple[str, str], key: Any,
@@ -74,7 +91,7 @@ class SqlRowLookup:
                 f"table's primary key {list(pk)}; a lookup is re-run when its row changes, "
                 f"and changed rows are known by primary key")
         by_column = dict(zip(key_columns, key_values, strict=True))
-        self.dependencies.add((schema, name, tuple(by_column[c] for c in pk)))
+        dependency = (schema, name, tuple(by_column[c] for c in pk))
         selected = sql.SQL("*") if columns is None else sql.SQL(", ").join(
             map(quoted, dict.fromkeys([*key_columns, *columns])))
         where = sql.SQL(" AND ").join(
@@ -85,9 +102,12 @@ class SqlRowLookup:
         cursor = execute_as_decoded(self._conn, query, key_values)
         found = cursor.fetchone()
         if found is None:
+            self.dependencies.setdefault(dependency, None)
             return None
         names = [d.name for d in cursor.description or ()]
-        return dict(zip(names, found, strict=True))
+        row = dict(zip(names, found, strict=True))
+        self.dependencies[dependency] = {**(self.dependencies.get(dependency) or {}), **row}
+        return row
 
     def _primary_key(self, schema: str, name: str) -> tuple[str, ...]:
         pk = self._primary_keys.get((schema, name))

@@ -44,7 +44,7 @@ from cdcddp.publish.definition import (
 )
 from cdcddp.publish.filters import FilterError
 from cdcddp.publish.livedata import LiveData
-from cdcddp.publish.lookup import Dependency, SqlRowLookup
+from cdcddp.publish.lookup import ReadRows, SqlRowLookup
 from cdcddp.publish.routes import ObserverEntry
 from cdcddp.publish.snapshots import begin_snapshot_seeing, run_seeing
 from cdcddp.publish.visibility import Snapshot
@@ -544,7 +544,7 @@ class Connection:
             self._enqueue(functools.partial(self._run_live_subscription, sub))
 
     async def _resolve(self, sub: LiveSubscription, user_id: Any, after_xid: int = 0
-                       ) -> tuple[tuple[BoundCursor, ...], set[Dependency] | None]:
+                       ) -> tuple[tuple[BoundCursor, ...], ReadRows | None]:
         """The subscription's cursors for ``user_id``, and the rows its function read (None
         when it reads none). ``after_xid``: read rows under a snapshot that sees it."""
         publication = sub.publication
@@ -555,7 +555,7 @@ class Connection:
             delivered_before = self.live.commits_seen
 
             def resolve_with_lookup(conn: Any, insist: bool
-                                    ) -> tuple[tuple[BoundCursor, ...], set[Dependency]]:
+                                    ) -> tuple[tuple[BoundCursor, ...], ReadRows]:
                 snapshot = begin_snapshot_seeing(conn, after_xid, insist=insist)
                 sub.lookup_guard = (delivered_before, snapshot)
                 lookup = SqlRowLookup(conn)
@@ -563,7 +563,7 @@ class Connection:
             return await run_seeing(self.live.database, resolve_with_lookup)
         return publication.resolve(sub.params, user_id), None
 
-    def _watch(self, sub: LiveSubscription, dependencies: set[Dependency] | None) -> None:
+    def _watch(self, sub: LiveSubscription, dependencies: ReadRows | None) -> None:
         """Re-run ``sub``'s function when the stream changes a row it read."""
         if sub.unwatch is not None:
             sub.unwatch()
@@ -693,7 +693,7 @@ class Connection:
                      ) -> None:
         """Re-resolve ``subs`` for ``user_id`` and swap their observers; the client gets
         only the difference."""
-        plans: list[tuple[LiveSubscription, list[ObserverEntry], set[Dependency] | None]] = []
+        plans: list[tuple[LiveSubscription, list[ObserverEntry], ReadRows | None]] = []
         failures: list[tuple[LiveSubscription, MeteorError]] = []
         try:
             for sub in subs:
