@@ -33,9 +33,21 @@ def standby_that_never_answers(dsn: str) -> Iterator[None]:
     sql(dsn, "ALTER SYSTEM SET synchronous_standby_names = 'nobody_answers'",
         "SELECT pg_reload_conf()")
     try:
+        settled(dsn, "synchronous_standby_names", "nobody_answers")
         yield
     finally:
         sql(dsn, "ALTER SYSTEM RESET synchronous_standby_names", "SELECT pg_reload_conf()")
+        settled(dsn, "synchronous_standby_names", "")
+
+
+def settled(dsn: str, name: str, value: str, timeout: float = 10.0) -> None:
+    """Wait until new sessions see setting ``name`` at ``value`` (``pg_reload_conf`` only
+    signals the postmaster: a session started just after may still have the old value)."""
+    deadline = time.monotonic() + timeout
+    while sql(dsn, "SELECT current_setting(%s)", params=(name,))[0][0] != value:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} is not {value!r} after {timeout} s")
+        time.sleep(0.01)
 
 
 def waits_for_standby(admin: psycopg.Connection[Any], pid: int) -> bool:

@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 import psycopg
+import pytest
 import trio
 
 from cdcddp.client import connect
@@ -23,7 +24,11 @@ from tests.livedata_support import (
     store,
     wait_store,
 )
-from tests.pg_support import release_commit_wait, standby_that_never_answers, waits_for_standby
+from tests.pg_support import (
+    release_commit_wait,
+    settled,
+    standby_that_never_answers,
+)
 
 
 async def test_transaction_delivered_between_snapshot_and_registration_is_replayed(
@@ -195,6 +200,7 @@ class InvisibleCommit:
     async def start(self, nursery: trio.Nursery) -> None:
         await asql(self.admin_dsn, "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
                    "SELECT pg_reload_conf()")
+        await trio.to_thread.run_sync(settled, self.dsn, "synchronous_standby_names", "nobody")
         nursery.start_soon(trio.to_thread.run_sync, self._run)
         with trio.fail_after(10):
             while True:
@@ -207,6 +213,7 @@ class InvisibleCommit:
     async def release(self) -> None:
         await asql(self.admin_dsn, "ALTER SYSTEM RESET synchronous_standby_names",
                    "SELECT pg_reload_conf()")
+        await trio.to_thread.run_sync(settled, self.dsn, "synchronous_standby_names", "")
         if self.pid is not None:
             await asql(self.admin_dsn, "SELECT pg_cancel_backend(%s)", params=(self.pid,))
 
@@ -220,7 +227,9 @@ def local_commit(dsn: str, *statements: str) -> None:
 
 async def test_snapshot_is_retaken_while_a_delivered_commit_is_not_yet_visible(
         db_dsn: str, pg_cluster: Any) -> None:
-    async with live_server(db_dsn) as server, trio.open_nursery() as nursery:
+    # Nothing kept beyond the pins: the snapshot must wait for the commit to be visible.
+    async with live_server(db_dsn, ring_retain_changes=0) as server, \
+            trio.open_nursery() as nursery:
         await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
         async with connect(server.ws_url) as watcher, \
                 connect(server.ws_url, log_messages=True) as client:
@@ -324,8 +333,8 @@ async def test_new_observer_is_not_ahead_of_the_stream(db_dsn: str) -> None:
 
 
 def _commit_held_briefly(dsn: str, admin_dsn: str, row: int, hold: float,
-                         done: threading.Event) -> int:
-    """Until ``done``: update ``row``, each commit held ``hold`` seconds by the standby that
+                         stop: threading.Event) -> int:
+    """Until ``stop``: update ``row``, each commit held ``hold`` seconds by the standby that
     never answers (decoded at once, visible only once its wait is cancelled). Returns the
     number of commits."""
     commits = 0
@@ -333,29 +342,34 @@ def _commit_held_briefly(dsn: str, admin_dsn: str, row: int, hold: float,
             psycopg.connect(admin_dsn, autocommit=True) as admin:
         conn.execute("SET synchronous_commit = on")
         pid = conn.info.backend_pid
-        while not done.is_set():
+        while not stop.is_set():
+            # Each commit has its releaser until it returns (one told to stop early could
+            # miss the wait and leave the commit waiting for good).
+            finished = threading.Event()
             releaser = threading.Thread(target=release_commit_wait,
-                                        args=(admin, pid, hold, done))
+                                        args=(admin, pid, hold, finished))
             releaser.start()
             try:
                 conn.execute("UPDATE items SET version = version + 1 WHERE id = %s", (row,))
             finally:
-                done_now = done.is_set()
+                finished.set()
                 releaser.join()
-            if done_now and waits_for_standby(admin, pid):
-                admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
             commits += 1
     return commits
 
 
+@pytest.mark.parametrize("retain", [0, 2_000], ids=["retake", "replay"])
 async def test_a_subscription_is_ready_while_every_commit_waits_for_a_standby(
-        db_dsn: str) -> None:
+        db_dsn: str, retain: int) -> None:
     """Every commit is decoded a while before it becomes visible (a synchronous standby that
-    answers in 50 ms), and there is always one in that state. A snapshot must see what was
-    delivered before its subscription pinned the ring; what came after is replayed from the
-    ring. Asking it to see everything delivered before each new attempt would retake it for
-    as long as the writers go on."""
-    async with live_server(db_dsn) as server:
+    answers in 50 ms), and there is always one in that state.
+
+    With the ring keeping recent transactions (``replay``, the default), the subscription
+    replays those its snapshot lacks and waits for none. Without (``retake``), the snapshot
+    must see what was delivered before the subscription pinned the ring (what came after is
+    replayed from the ring): it is retaken until then. Asking it to see everything delivered
+    before each new attempt would retake it for as long as the writers go on."""
+    async with live_server(db_dsn, ring_retain_changes=retain) as server:
         live = server.live
         await asql(db_dsn, "INSERT INTO items (category, title) "
                            "SELECT 'a', 'w' || i FROM generate_series(1, 3) i")
@@ -372,6 +386,7 @@ async def test_a_subscription_is_ready_while_every_commit_waits_for_a_standby(
                         with trio.fail_after(10):
                             while live.transactions_applied < 20:
                                 await trio.sleep(0.01)
+                        replays = live.ring_replays
                         started = trio.current_time()
                         await client.subscribe("items.byCategory", {"category": "a"},
                                                timeout=20)
@@ -379,8 +394,13 @@ async def test_a_subscription_is_ready_while_every_commit_waits_for_a_standby(
                         await trio.sleep(0.3)  # more commits, now applied to it live
                     finally:
                         done.set()
-            assert live.invisible_delivered_retries > 0  # it did meet one not yet visible
-            assert waited < 2.0, f"ready after {waited:.1f} s"
+            if retain:
+                assert live.invisible_delivered_retries == 0
+                assert live.ring_replays > replays  # it did meet one not yet visible
+                assert waited < 0.5, f"ready after {waited:.1f} s"
+            else:
+                assert live.invisible_delivered_retries > 0  # it did meet one not yet visible
+                assert waited < 2.0, f"ready after {waited:.1f} s"
             await live.sync()
             assert store(client) == expected_view(
                 db_dsn, [("items.byCategory", [{"category": "a"}])])

@@ -552,7 +552,8 @@ async def test_a_subscription_waits_for_a_delivered_commit_to_become_visible(
     answering). Then the subscriber gets the row as the others have it."""
     monkeypatch.setattr(livedata, "_INVISIBLE_WARN_AFTER", 0.3)
     metrics = Metrics()
-    async with live_server(db_dsn, metrics=metrics) as server:
+    # Nothing kept beyond the pins (as when the commit is older than what the ring keeps).
+    async with live_server(db_dsn, metrics=metrics, ring_retain_changes=0) as server:
         live = server.live
         await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
         async with connect(server.ws_url) as first:
@@ -578,6 +579,47 @@ async def test_a_subscription_waits_for_a_delivered_commit_to_become_visible(
             assert live.invisible_delivered_retries > 0
             assert scraped(metrics, "cdcddp_snapshot_retakes_total") == (
                 live.invisible_delivered_retries)
+
+
+async def test_a_subscription_replays_a_delivered_commit_not_yet_visible(
+        db_dsn: str) -> None:
+    """The same held commit, with the ring keeping recent transactions (the default): the
+    new subscription's snapshot lacks it, and it is replayed from the ring instead of waited
+    for. Ready at once, holding the row as the first client has it, while the commit still
+    waits for the standby."""
+    async with live_server(db_dsn) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        async with connect(server.ws_url) as first, \
+                connect(server.ws_url, log_messages=True) as second:
+            await first.subscribe("items.all")
+            with standby_that_never_answers(db_dsn), \
+                    psycopg.connect(db_dsn, autocommit=True) as held, \
+                    psycopg.connect(db_dsn, autocommit=True) as admin:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, held.execute,
+                                       "UPDATE items SET title = 'y' WHERE id = 1")
+                    try:
+                        await wait_store(first, {"1": {"owner": None, "category": "a",
+                                                       "title": "y", "body": None, "rank": 0,
+                                                       "version": 0}})
+                        replays = live.ring_replays
+                        with trio.fail_after(1):
+                            await second.subscribe("items.byCategory", {"category": "a"})
+                        assert store(second) == store(first)
+                        assert live.ring_replays == replays + 1
+                        assert live.invisible_delivered_retries == 0
+                        (still_held,), = await asql(
+                            db_dsn, "SELECT count(*) FROM pg_stat_activity "
+                                    "WHERE wait_event = 'SyncRep'")
+                        assert still_held == 1  # replayed, not waited for
+                    finally:  # (the commit then stands)
+                        await trio.to_thread.run_sync(
+                            admin.execute, "SELECT pg_cancel_backend(%s)",
+                            (held.info.backend_pid,))
+            await live.sync()
+            assert store(second) == store(first)
+            check_message_log(second)
 
 
 async def test_a_row_moving_in_waits_for_its_commit_to_become_visible(

@@ -71,3 +71,38 @@ def test_thousands_of_pins_release_in_linear_time() -> None:
     for pin in pins:  # oldest first, as snapshots usually finish
         ring.release(pin)
     assert not ring.has_pins and len(ring) == 0
+
+
+def test_recent_transactions_are_retained_and_a_pin_can_reach_back_to_them() -> None:
+    ring = RecentTransactions(retain_changes=3)
+    for xid in (1, 2, 3, 4):
+        ring.delivered(txn(xid))
+    assert len(ring) == 3  # the last 3 changes' transactions, with no pin
+    whole = ring.pin(replayable_from=1)  # reaches back to the oldest kept (2)
+    assert [t.xid for t in ring.since(whole)] == [2, 3, 4]
+    assert ring.first_since(whole) is ring.since(whole)[0]
+    partial = ring.pin(replayable_from=4)  # the table is kept whole from the 4th on
+    assert [t.xid for t in ring.since(partial)] == [4]
+    now = ring.pin()
+    assert ring.since(now) == [] and ring.first_since(now) is None
+    for xid in (5, 6, 7):
+        ring.delivered(txn(xid))
+    # Beyond retain_changes while pinned: kept for the pin that reaches back furthest.
+    assert [t.xid for t in ring.since(whole)] == [2, 3, 4, 5, 6, 7]
+    assert [t.xid for t in ring.since(now)] == [5, 6, 7]
+    ring.release(now)
+    ring.release(whole)  # taken first, yet the one reaching back furthest
+    assert [t.xid for t in ring.since(partial)] == [4, 5, 6, 7]
+    ring.release(partial)
+    assert [t.xid for t in ring.since(ring.pin(replayable_from=1))] == [5, 6, 7]
+
+
+def test_a_pin_reaching_back_is_broken_when_what_it_needs_overflows() -> None:
+    ring = RecentTransactions(max_changes=4, retain_changes=2)
+    ring.delivered(txn(1))
+    ring.delivered(txn(2))
+    back = ring.pin(replayable_from=1)
+    ring.delivered(txn(3, n=3))  # 5 changes > 4: transaction 1 goes
+    with pytest.raises(LookupError):
+        ring.since(back)
+    assert ring.first_since(back) is None

@@ -3,12 +3,16 @@
 A new subscription runs its snapshot query while the stream keeps applying transactions. A
 transaction that commits after the snapshot was taken but is delivered by the stream before the
 subscription registers would otherwise be lost. So, before its query starts, a subscription
-*pins* the stream's current position; every transaction delivered after that position is kept
-here until the subscription registers and replays those of them that its snapshot did not see
-(``Snapshot.is_visible``). Transactions delivered before the pin committed before the snapshot
-was taken (delivery follows commit), so the snapshot sees them — once they are visible: a
-commit is decoded a moment before it is (longer while it waits for a synchronous standby), and
-a snapshot that lacks one is retaken.
+*pins* the ring; every transaction kept after the pin's position stays here until the
+subscription registers and replays those of them that its snapshot did not see
+(``Snapshot.is_visible``).
+
+Transactions delivered before that position committed before the snapshot was taken (delivery
+follows commit), so the snapshot sees them — once they are visible: a commit is decoded a
+moment before it is (longer while it waits for a synchronous standby), and a snapshot that lacks
+one is retaken. To spare most of those retakes the ring also keeps the last
+``retain_changes`` changes' transactions when nobody needs them, and a pin can reach back over
+them (``replayable_from``): a snapshot lacking one of those replays it instead of waiting.
 
 Memory is bounded: when the kept transactions exceed ``max_changes``, the oldest are dropped
 and every pin that still needed them is marked broken; its subscription retakes its snapshot.
@@ -16,6 +20,7 @@ and every pin that still needed them is marked broken; its subscription retakes 
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,36 +37,53 @@ class CommittedTransaction:
     # numbered from this on may lack its earlier changes to their table, so it cannot be
     # replayed for them (only skipped, if their snapshot saw it).
     incomplete_for_pins_from: int | None = None
+    delivery: int = 0  # the stream's delivery number of this transaction (0: unknown)
 
 
 @dataclass(eq=False, slots=True)
 class Pin:
-    """A subscription's claim on transactions delivered after ``after_seq``."""
+    """A subscription's claim on transactions kept after ``after_seq``."""
 
     after_seq: int
     broken: bool = False
     released: bool = field(default=False)
     number: int = 0  # pins taken before this one
 
+    def __lt__(self, other: Pin) -> bool:  # (the live pins' heap)
+        return self.after_seq < other.after_seq
+
 
 class RecentTransactions:
-    """Transactions delivered since the oldest live pin, in commit order."""
+    """Transactions delivered recently (and since the oldest live pin), in commit order."""
 
-    def __init__(self, max_changes: int = 100_000) -> None:
+    def __init__(self, max_changes: int = 100_000, retain_changes: int = 0) -> None:
         self.max_changes = max_changes
+        self.retain_changes = retain_changes
         self._kept: deque[tuple[int, CommittedTransaction]] = deque()
         self._kept_changes = 0
-        self._seq = 0  # number of transactions delivered so far
-        # Pins in the order taken (so by after_seq); released ones leave from the left, so the
-        # first is the oldest live pin: releasing costs O(1), not a pass over thousands.
-        self._pins: deque[Pin] = deque()
+        self._seq = 0  # number of transactions kept so far
+        # Live pins by after_seq (released ones leave when they reach the top): the first is
+        # the one that needs the oldest transactions.
+        self._pins: list[Pin] = []
+        self._live_pins = 0
         self.pins_taken = 0
 
-    def pin(self) -> Pin:
-        """Call before starting a snapshot query."""
-        p = Pin(after_seq=self._seq, number=self.pins_taken)
+    @property
+    def kept_count(self) -> int:
+        """How many transactions were ever kept (the next one is numbered this plus one)."""
+        return self._seq
+
+    def pin(self, replayable_from: int | None = None) -> Pin:
+        """Call before starting a snapshot query. ``replayable_from``: the caller can replay
+        the kept transactions numbered from this on (they hold all their changes to its
+        table); None: only those kept from now on."""
+        after = self._seq
+        if replayable_from is not None and self._kept:
+            after = min(after, max(replayable_from, self._kept[0][0]) - 1)
+        p = Pin(after_seq=after, number=self.pins_taken)
         self.pins_taken += 1
-        self._pins.append(p)
+        heapq.heappush(self._pins, p)
+        self._live_pins += 1
         return p
 
     def break_pins(self) -> None:
@@ -74,19 +96,22 @@ class RecentTransactions:
 
     @property
     def has_pins(self) -> bool:
-        return bool(self._pins)
+        return self._live_pins > 0
 
     def release(self, pin: Pin) -> None:
+        if pin.released:
+            return
         pin.released = True
+        self._live_pins -= 1
         pins = self._pins
         while pins and pins[0].released:
-            pins.popleft()
+            heapq.heappop(pins)
         self._trim()
 
     def delivered(self, txn: CommittedTransaction) -> None:
-        """Record a transaction the stream just applied (only kept while someone needs it)."""
+        """Record a transaction the stream just applied (kept while someone may need it)."""
         self._seq += 1
-        if not self._pins:
+        if not self._pins and not self.retain_changes:
             return
         self._kept.append((self._seq, txn))
         self._kept_changes += max(1, len(txn.changes))
@@ -96,9 +121,19 @@ class RecentTransactions:
             for p in self._pins:
                 if p.after_seq < seq:
                     p.broken = True
+        self._trim()
+
+    def first_since(self, pin: Pin) -> CommittedTransaction | None:
+        """The first kept transaction the pin covers, if any (kept transactions are numbered
+        without gaps: while anything is kept, every delivered one is)."""
+        kept = self._kept
+        if pin.broken or not kept:
+            return None
+        index = pin.after_seq + 1 - kept[0][0]
+        return kept[index][1] if 0 <= index < len(kept) else None
 
     def since(self, pin: Pin) -> list[CommittedTransaction]:
-        """Transactions delivered after ``pin`` was taken; raises if some were dropped.
+        """Transactions kept after ``pin``'s position; raises if some were dropped.
 
         Walks from the newest end: the ring keeps everything since the *oldest* pin, and with
         thousands of subscriptions starting at once a walk from the start cost each of them
@@ -114,9 +149,11 @@ class RecentTransactions:
         return newer
 
     def _trim(self) -> None:
+        """Drop what no pin needs, down to ``retain_changes`` changes."""
         oldest_needed = self._pins[0].after_seq if self._pins else self._seq
-        while self._kept and self._kept[0][0] <= oldest_needed:
-            _, dropped = self._kept.popleft()
+        kept = self._kept
+        while kept and kept[0][0] <= oldest_needed and self._kept_changes > self.retain_changes:
+            _, dropped = kept.popleft()
             self._kept_changes -= max(1, len(dropped.changes))
 
     def __len__(self) -> int:

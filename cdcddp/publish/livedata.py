@@ -141,6 +141,9 @@ class LiveDataConfig:
     max_transaction_buffer: int = 10_000
     # Changes kept for subscriptions being snapshotted; past it they retake their snapshot.
     ring_max_changes: int = 100_000
+    # Changes kept anyway (the latest transactions'), so a snapshot that lacks a commit the
+    # stream already delivered replays it instead of waiting for it to become visible.
+    ring_retain_changes: int = 2_000
     stream_options: dict[str, Any] = field(default_factory=dict)
     # More WAL than this (bytes) between the server's current position and the applied one:
     # skip the backlog and resync every observer (as for a stream gap). None: never.
@@ -235,13 +238,17 @@ class LiveData:
         self.metrics = metrics  # None: no per-table counts, no snapshot timings, no stamps
         self.dsn = dsn
         self.config = config or LiveDataConfig()
-        self.ring = RecentTransactions(self.config.ring_max_changes)
+        self.ring = RecentTransactions(self.config.ring_max_changes,
+                                       self.config.ring_retain_changes)
         self.gate = FlushGate()
         self.stream: ReplicationStream | None = None
         self._observers: dict[Any, ObserverEntry] = {}
         self._routes: dict[TableName, TableRoutes] = {}
         # Tables whose changes are kept: observed, or being snapshotted (pinned).
         self._interest: Counter[TableName] = Counter()
+        # For each of them, the first transaction the ring keeps whole for it (its number
+        # among those kept): a pin can reach back that far.
+        self._kept_whole_from: dict[TableName, int] = {}
         self._started = trio.Event()
         self._txn_done = trio.Event()
         self._marks: dict[str, trio.Event] = {}
@@ -469,8 +476,13 @@ class LiveData:
 
     async def _create(self, entry: ObserverEntry) -> None:
         table = entry.table
-        if table not in self._interest and self._open_txn is not None:
-            self._open_txn.interest_grew = True  # its earlier changes to `table` were not kept
+        if table not in self._interest:
+            # Kept whole from the next transaction on; or the one after, if one is being
+            # received: its earlier changes to `table` were not kept.
+            receiving = self._open_txn
+            if receiving is not None:
+                receiving.interest_grew = True
+            self._kept_whole_from[table] = self.ring.kept_count + (1 if receiving is None else 2)
         self._interest[table] += 1  # from the pin on, the ring keeps this table's changes
         try:
             while True:
@@ -492,11 +504,12 @@ class LiveData:
 
     async def _snapshot_and_register(self, entry: ObserverEntry) -> None:
         bound = entry.bound
-        pin = self.ring.pin()
-        delivered_at_pin = self._commits_seen
+        pin = self.ring.pin(self._kept_whole_from.get(entry.table))
+        first = self.ring.first_since(pin)
+        must_see = self._commits_seen if first is None else first.delivery - 1
         try:
-            # Transactions delivered before the pin must be in the snapshot (they are not in
-            # the ring); those delivered after it are in the ring.
+            # Transactions delivered before the pin's reach must be in the snapshot (they are
+            # not in the ring); those after it are in the ring, replayed if it lacks them.
             caught_up: list[trio.Event] = []  # for the last snapshot taken
             token = trio.lowlevel.current_trio_token()
 
@@ -513,7 +526,7 @@ class LiveData:
                 observer.fill(rows)
                 return observer
 
-            read = self._queue_snapshot(bound, build, delivered_at_pin)
+            read = self._queue_snapshot(bound, build, must_see)
             await read.finished.wait()
             if read.error is not None:
                 raise read.error
@@ -636,6 +649,7 @@ class LiveData:
         self._interest[table] -= 1
         if self._interest[table] <= 0:
             del self._interest[table]
+            self._kept_whole_from.pop(table, None)
 
     # ---- the stream consumer -------------------------------------------------------------
 
@@ -1188,10 +1202,11 @@ class LiveData:
                 _stamp_commit(touched, _epoch(commit.timestamp))
             if txn.chunked:
                 self.ring.break_pins()  # the ring never held it whole
-            elif self.ring.has_pins:
+            else:
                 self.ring.delivered(CommittedTransaction(
                     txn.xid, commit.end_lsn, tuple(txn.changes),
-                    txn.pins_before_begin if txn.interest_grew else None))
+                    txn.pins_before_begin if txn.interest_grew else None,
+                    self._commits_seen + 1))  # (noted as delivered right after this)
             self.transactions_applied += 1
         finally:
             self._open_gate(touched)
