@@ -358,11 +358,15 @@ def horizon_snapshot(conn: psycopg.Connection[Any], timeout: float = 5.0) -> Sna
     warning: a commit stays invisible as long as its synchronous standby does not answer).
     Blocking: run it in a worker thread."""
     deadline = time.monotonic() + timeout
+    # Every transaction once seen waiting: released, its session stops waiting a moment
+    # before the transaction becomes visible, and a poll in between would miss it.
+    written: set[int] = set()
     while True:
         found = conn.execute(_HORIZON_SQL).fetchone()
         assert found is not None
         snapshot = Snapshot.parse(found[0])
-        if not found[1] and all(snapshot.is_visible(xid) for xid in found[2]):
+        written.update(found[2])
+        if not found[1] and all(snapshot.is_visible(xid) for xid in written):
             return snapshot
         if time.monotonic() > deadline:
             log.warning(
