@@ -744,8 +744,8 @@ class LiveData:
                 self._reshaped.clear()  # every observer is resynced now
                 await self._with_gate_closed(self._resync(set(self.observers()), "stream_gap"))
                 self._settle_fences(horizon)
-                self._run_row_watchers(self._watchers_of(self._row_watchers), 0)  # may have
-                # missed some
+                # Their rows may have changed in what was skipped.
+                self._run_row_watchers(self._watchers_of(self._row_watchers), 0)
 
     # ---- schema changes and falling behind (invariant 5) ----------------------------------
 
@@ -869,7 +869,8 @@ class LiveData:
 
     @property
     def commits_seen(self) -> int:
-        """How many transactions the stream has delivered so far (a position for guards)."""
+        """How many transactions the stream has delivered so far, plus one per stream gap
+        (a position for guards)."""
         return self._commits_seen
 
     def lookup_may_be_stale(self, dependencies: Iterable[Dependency], delivered_before: int,
@@ -983,8 +984,7 @@ class LiveData:
 
     def _missed_delivered(self, snapshot: Snapshot, upto: int, prune: bool) -> int | None:
         """The delivery number of the first transaction the stream delivered (as number
-        ``upto`` or earlier) that ``snapshot`` lacks, or None. Nobody would replay it to the
-        observer.
+        ``upto`` or earlier) that ``snapshot`` lacks, or None.
 
         Such a transaction is still "running" for the snapshot: in ``xip``, or at or past its
         ``xmax``. Delivered xids a snapshot sees are visible to every later snapshot, so they

@@ -37,18 +37,20 @@ Dependency = tuple[str, str, tuple[Any, ...]]  # (schema, table, primary-key val
 ReadRows = dict[Dependency, dict[str, Any] | None]
 
 
+_MISSING: Any = object()
+
+
 def read_differs(read: dict[str, Any] | None, now: Row | None) -> bool:
     """Could a function that read ``read`` of a row decide otherwise now that the row is
     ``now`` (None: gone)? Only if a column it read changed: a column missing from ``now``
     is an unchanged TOASTed value, so unchanged."""
     if read is None or now is None:
         return read is not now
-    missing = _MISSING
-    return any(now.get(column, missing) not in (missing, value)
-               for column, value in read.items())
-
-
-_MISSING: Any = object()
+    for column, value in read.items():
+        current = now.get(column, _MISSING)
+        if current is not _MISSING and current != value:
+            return True
+    return False
 
 
 class RowLookup(Protocol):
@@ -57,6 +59,8 @@ class RowLookup(Protocol):
             key_columns: Sequence[str] = ("id",)) -> dict[str, Any] | None: ...
 
 
+_WHY_PRIMARY_KEY = ("a lookup is re-run when its row changes, and changed rows are known by "
+                    "primary key")
 _PRIMARY_KEY_SQL = (
     "SELECT a.attname::text FROM pg_index i "
     "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
@@ -82,14 +86,12 @@ class SqlRowLookup:
         # The stream names a changed row by its primary key, in the key's column order.
         pk = self._primary_key(schema, name)
         if not pk:
-            raise PublicationError(
-                f"lookup.row({schema}.{name}): the table has no primary key; a lookup is "
-                f"re-run when its row changes, and changed rows are known by primary key")
+            raise PublicationError(f"lookup.row({schema}.{name}): the table has no primary "
+                                   f"key; {_WHY_PRIMARY_KEY}")
         if sorted(pk) != sorted(key_columns):
             raise PublicationError(
                 f"lookup.row({schema}.{name}): key_columns {list(key_columns)} are not the "
-                f"table's primary key {list(pk)}; a lookup is re-run when its row changes, "
-                f"and changed rows are known by primary key")
+                f"table's primary key {list(pk)}; {_WHY_PRIMARY_KEY}")
         by_column = dict(zip(key_columns, key_values, strict=True))
         dependency = (schema, name, tuple(by_column[c] for c in pk))
         selected = sql.SQL("*") if columns is None else sql.SQL(", ").join(
