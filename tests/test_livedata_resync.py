@@ -34,7 +34,7 @@ from tests.livedata_support import (
     store,
     wait_store,
 )
-from tests.pg_support import release_commit_wait, standby_that_never_answers
+from tests.pg_support import release_commit_wait, standby_that_never_answers, waits_for_standby
 
 ALL = [("items.all", [])]
 
@@ -622,14 +622,12 @@ async def test_a_subscription_replays_a_delivered_commit_not_yet_visible(
             check_message_log(second)
 
 
-async def test_a_row_moving_in_waits_for_its_commit_to_become_visible(
-        db_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-        ) -> None:
-    """An UPDATE moves a row into a subscription without its unchanged TOASTed value, so the
-    row is fetched by key, which needs the transaction visible: with its commit held by a
-    standby that does not answer, applying waits for it, says so, and then delivers the
-    whole row."""
-    monkeypatch.setattr(livedata, "_INVISIBLE_WARN_AFTER", 0.3)
+async def test_a_row_moving_in_is_completed_from_the_version_before_its_commit(
+        db_dsn: str) -> None:
+    """An UPDATE moves a row into a subscription without its unchanged TOASTed value, and
+    its commit waits for a standby that does not answer. A snapshot without that commit has
+    the row as it was just before it: the value the change left out is that version's. The
+    whole row arrives while the commit still waits."""
     body = secrets.token_urlsafe(6000)  # incompressible: stored out of line (TOASTed)
     async with live_server(db_dsn) as server:
         await asql(db_dsn, "INSERT INTO items (category, title, body) VALUES ('a', 'x', %s)",
@@ -639,15 +637,50 @@ async def test_a_row_moving_in_waits_for_its_commit_to_become_visible(
             with standby_that_never_answers(db_dsn), \
                     psycopg.connect(db_dsn, autocommit=True) as held, \
                     psycopg.connect(db_dsn, autocommit=True) as admin:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, held.execute,
+                                       "UPDATE items SET category = 'b' WHERE id = 1")
+                    try:
+                        await wait_store(client, {"1": {
+                            "owner": None, "category": "b", "title": "x", "body": body,
+                            "rank": 0, "version": 0}}, collection="items")
+                        assert waits_for_standby(admin, held.info.backend_pid)
+                    finally:  # (the commit then stands)
+                        await trio.to_thread.run_sync(
+                            admin.execute, "SELECT pg_cancel_backend(%s)",
+                            (held.info.backend_pid,))
+            assert server.live.rows_fetched == 1
+
+
+async def test_a_row_moving_in_waits_for_its_commit_when_it_changed_earlier(
+        db_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """The same, but the transaction changed the TOASTed value before the UPDATE that moves
+    the row in: the version before the commit has the old value. So applying waits for the
+    commit to become visible (saying so when that takes long), and then delivers the new
+    value, never the old one."""
+    monkeypatch.setattr(livedata, "_INVISIBLE_WARN_AFTER", 0.3)
+    old_body, new_body = secrets.token_urlsafe(6000), secrets.token_urlsafe(6000)
+    async with live_server(db_dsn) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title, body) VALUES ('a', 'x', %s)",
+                   params=(old_body,))
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.byCategory", {"category": "b"})
+            with standby_that_never_answers(db_dsn), \
+                    psycopg.connect(db_dsn, autocommit=True) as held, \
+                    psycopg.connect(db_dsn, autocommit=True) as admin:
+                held.execute("BEGIN")
+                held.execute("UPDATE items SET body = %s WHERE id = 1", (new_body,))
+                held.execute("UPDATE items SET category = 'b' WHERE id = 1")
                 with caplog.at_level(logging.WARNING, "cdcddp.publish.livedata"):
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(trio.to_thread.run_sync, held.execute,
-                                           "UPDATE items SET category = 'b' WHERE id = 1")
+                        nursery.start_soon(trio.to_thread.run_sync, held.execute, "COMMIT")
                         nursery.start_soon(trio.to_thread.run_sync, release_commit_wait,
                                            admin, held.info.backend_pid, 1.0)
             await wait_store(client, {"1": {"owner": None, "category": "b", "title": "x",
-                                            "body": body, "rank": 0, "version": 0}},
+                                            "body": new_body, "rank": 0, "version": 0}},
                              collection="items")
             assert "moved into a subscription without its unchanged TOASTed values" in (
                 caplog.text)
+            assert old_body not in str(client.messages)
             assert server.live.rows_fetched == 1

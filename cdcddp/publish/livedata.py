@@ -162,6 +162,17 @@ class LiveDataConfig:
     flush_coalesce_delay_max: float = 0.5
 
 
+def _first_of_its_table(change: RowChange, changes: Sequence[RowChange | Truncate]) -> bool:
+    """Is ``change`` the first of ``changes`` (its transaction's) to its table?"""
+    table = (change.schema, change.table)
+    for earlier in changes:
+        if earlier is change:
+            return True
+        if (earlier.schema, earlier.table) == table:
+            return False
+    return False  # not among them: assume the worst
+
+
 def _epoch(timestamp: dt.datetime) -> float:
     if timestamp.tzinfo is None:  # wal2json timestamps are UTC
         timestamp = timestamp.replace(tzinfo=dt.UTC)
@@ -616,7 +627,8 @@ class LiveData:
                 continue
             result = observer.apply(change)  # type: ignore[arg-type]
             if isinstance(result, NeedsRow):
-                await self._fetch_into(observer, change, result, txn.xid)  # type: ignore[arg-type]
+                await self._fetch_into(observer, change, result, txn.xid,  # type: ignore[arg-type]
+                                       txn.changes)
 
     async def _between_transactions(self) -> None:
         while self.gate.closed:
@@ -1184,10 +1196,12 @@ class LiveData:
         # Too big to hold: apply now, keep the gate closed (clients see it at the commit).
         if self._reshaped and not txn.chunked:
             await self._resync_reshaped()  # before any of it is applied
-        txn.chunked = True
         self.gate.closed = True
         changes, txn.changes = txn.changes, []
-        self._held_clients |= await self._apply(txn.xid, txn.end_lsn, changes, txn.touched)
+        continued = txn.chunked
+        txn.chunked = True
+        self._held_clients |= await self._apply(txn.xid, txn.end_lsn, changes, txn.touched,
+                                                continued)
 
     async def _commit(self, txn: _OpenTransaction, commit: Commit) -> None:
         if not txn.changes and not txn.chunked:
@@ -1197,7 +1211,8 @@ class LiveData:
         self.gate.closed = True
         touched: set[LiveClient] = set()
         try:
-            touched = await self._apply(txn.xid, txn.end_lsn, txn.changes, txn.touched)
+            touched = await self._apply(txn.xid, txn.end_lsn, txn.changes, txn.touched,
+                                        txn.chunked)
             if self.metrics is not None and commit.timestamp is not None:
                 _stamp_commit(touched, _epoch(commit.timestamp))
             if txn.chunked:
@@ -1214,9 +1229,11 @@ class LiveData:
             self._reach_mark(token)
 
     async def _apply(self, xid: int, end_lsn: int, changes: Sequence[RowChange | Truncate],
-                     touched_entries: set[ObserverEntry]) -> set[LiveClient]:
+                     touched_entries: set[ObserverEntry], continued: bool = False
+                     ) -> set[LiveClient]:
         """Apply changes of transaction ``xid`` to the observers they concern; returns the
-        clients whose boxes changed."""
+        clients whose boxes changed. ``continued``: earlier changes of it were applied
+        already (in chunks)."""
         clients: set[LiveClient] = set()
         wanted: dict[ObserverEntry, bool] = {}
         failed: set[ObserverEntry] = set()
@@ -1262,7 +1279,8 @@ class LiveData:
                 try:
                     result = observer.apply(change)  # type: ignore[arg-type]
                     if isinstance(result, NeedsRow):
-                        result = await self._fetch_into(observer, change, result, xid)  # type: ignore[arg-type]
+                        result = await self._fetch_into(  # type: ignore[arg-type]
+                            observer, change, result, xid, None if continued else changes)
                         if not entry.live:
                             continue  # dropped while fetching
                 except Exception as exc:
@@ -1279,16 +1297,29 @@ class LiveData:
         return clients
 
     async def _fetch_into(self, observer: Observer, change: Update, needs: NeedsRow,
-                          xid: int) -> list[DocOp]:
+                          xid: int, changes: Sequence[RowChange | Truncate] | None
+                          ) -> list[DocOp]:
         """Complete a row moving in without its unchanged TOASTed columns: fetch it by key
-        under a snapshot that has seen ``xid``; that snapshot then shields the row."""
+        under a snapshot that has seen ``xid``; that snapshot then shields the row.
+
+        Its commit may be delivered before it is visible (it waits for a synchronous
+        standby). A snapshot without it then has the row as it was just before it, so the
+        values the change left out (unchanged) are that version's, provided no earlier change
+        of the transaction (``changes``, all of it; None: not all known) touched the table:
+        no wait. Otherwise it waits for the transaction to become visible."""
         query = row_query(observer.bound)
         wait = _InvisibleWait()
+        before_it = changes is not None and _first_of_its_table(change, changes)
+        old_key = observer.key_or_none(change.identity) if type(change) is Update else None
         while True:
             row, snapshot, lsn = await self.database.run(
                 fetch_row, query, needs.key, observer.columns, snapshot=True)
             if snapshot.is_visible(xid):
                 break
+            if before_it and row is not None:
+                self.rows_fetched += 1
+                return observer.apply_fetched(old_key if old_key is not None else needs.key,
+                                              {**row, **change.new})
             # The commit is decoded but not yet visible to new snapshots: a moment's wait.
             await wait.pause(
                 "applying the stream waits: a row of %s.%s moved into a subscription without "
@@ -1296,7 +1327,6 @@ class LiveData:
                 "visible after %.0f s (its commit waits for a synchronous standby?)",
                 observer.schema, observer.table, _INVISIBLE_WARN_AFTER)
         self.rows_fetched += 1
-        old_key = observer.key_or_none(change.identity) if type(change) is Update else None
         ops = observer.apply_fetched(old_key if old_key is not None else needs.key, row)
         observer.note_fetched(needs.key, snapshot, lsn)
         return ops
