@@ -1198,10 +1198,10 @@ class LiveData:
             await self._resync_reshaped()  # before any of it is applied
         self.gate.closed = True
         changes, txn.changes = txn.changes, []
-        continued = txn.chunked
+        partial = txn.chunked or txn.interest_grew
         txn.chunked = True
         self._held_clients |= await self._apply(txn.xid, txn.end_lsn, changes, txn.touched,
-                                                continued)
+                                                partial)
 
     async def _commit(self, txn: _OpenTransaction, commit: Commit) -> None:
         if not txn.changes and not txn.chunked:
@@ -1212,7 +1212,7 @@ class LiveData:
         touched: set[LiveClient] = set()
         try:
             touched = await self._apply(txn.xid, txn.end_lsn, txn.changes, txn.touched,
-                                        txn.chunked)
+                                        txn.chunked or txn.interest_grew)
             if self.metrics is not None and commit.timestamp is not None:
                 _stamp_commit(touched, _epoch(commit.timestamp))
             if txn.chunked:
@@ -1229,11 +1229,11 @@ class LiveData:
             self._reach_mark(token)
 
     async def _apply(self, xid: int, end_lsn: int, changes: Sequence[RowChange | Truncate],
-                     touched_entries: set[ObserverEntry], continued: bool = False
+                     touched_entries: set[ObserverEntry], partial: bool = False
                      ) -> set[LiveClient]:
         """Apply changes of transaction ``xid`` to the observers they concern; returns the
-        clients whose boxes changed. ``continued``: earlier changes of it were applied
-        already (in chunks)."""
+        clients whose boxes changed. ``partial``: ``changes`` may lack earlier changes of
+        it (applied in chunks, or not kept: a table became of interest while it arrived)."""
         clients: set[LiveClient] = set()
         wanted: dict[ObserverEntry, bool] = {}
         failed: set[ObserverEntry] = set()
@@ -1280,7 +1280,7 @@ class LiveData:
                     result = observer.apply(change)  # type: ignore[arg-type]
                     if isinstance(result, NeedsRow):
                         result = await self._fetch_into(  # type: ignore[arg-type]
-                            observer, change, result, xid, None if continued else changes)
+                            observer, change, result, xid, None if partial else changes)
                         if not entry.live:
                             continue  # dropped while fetching
                 except Exception as exc:
