@@ -406,3 +406,45 @@ async def test_a_subscription_is_ready_while_every_commit_waits_for_a_standby(
                 db_dsn, [("items.byCategory", [{"category": "a"}])])
             assert store(watcher) == store(client)
             check_message_log(client)
+
+
+async def test_a_table_observed_first_while_a_held_commit_arrives_misses_nothing(
+        db_dsn: str) -> None:
+    """The stream is receiving a transaction on a table nobody observes (its changes are not
+    kept) when the table's first subscription starts. That commit waits for a standby, so the
+    subscription's snapshot lacks it too, and the catch-up times out while the consumer is
+    held. The observer must not register as if it had that transaction: it takes its
+    snapshot again once the transaction is in, and sees it."""
+    async with live_server(db_dsn, catch_up_timeout=0.3) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        async with connect(server.ws_url, log_messages=True) as client:
+            with standby_that_never_answers(db_dsn), \
+                    psycopg.connect(db_dsn, autocommit=True) as held, \
+                    psycopg.connect(db_dsn, autocommit=True) as admin:
+                seen = live.last_commit_end_lsn
+                live.hold = trio.Event()  # the consumer stops at the next commit it receives
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, held.execute,
+                                       "UPDATE items SET title = 'y' WHERE id = 1")
+                    with trio.fail_after(10):  # received, not applied; not visible either
+                        while live.last_commit_end_lsn == seen:
+                            await trio.sleep(0.01)
+
+                    async def release() -> None:
+                        await trio.sleep(1.0)  # past the catch-up timeout
+                        hold, live.hold = live.hold, None
+                        assert hold is not None
+                        hold.set()
+                        await trio.sleep(1.0)
+                        await trio.to_thread.run_sync(
+                            admin.execute, "SELECT pg_cancel_backend(%s)",
+                            (held.info.backend_pid,))
+                    nursery.start_soon(release)
+                    await client.subscribe("items.all", timeout=20)
+                    assert live.catch_up_timeouts >= 1
+                    assert live.snapshot_retries >= 1  # the incomplete transaction: retaken
+            await live.sync()
+            assert store(client) == expected_view(db_dsn, [("items.all", [])])
+            assert store(client)["1"]["title"] == "y"
+            check_message_log(client)

@@ -608,15 +608,17 @@ class LiveData:
 
     async def _replay(self, observer: Observer, txn: CommittedTransaction, pin: Pin) -> None:
         table = (observer.schema, observer.table)
+        incomplete_from = txn.incomplete_for_pins_from
+        if incomplete_from is not None and pin.number >= incomplete_from:
+            # Begun before our pin, when our table was not yet of interest: its changes to
+            # it were not (all) kept, maybe none, so it cannot be replayed; only skipped.
+            if observer.wants_transaction(txn.xid, txn.end_lsn):
+                raise _RetrySnapshot
+            return
         if not any((c.schema, c.table) == table for c in txn.changes):
             return
         if not observer.wants_transaction(txn.xid, txn.end_lsn):
             return
-        incomplete_from = txn.incomplete_for_pins_from
-        if incomplete_from is not None and pin.number >= incomplete_from:
-            # Begun before our pin, when our table was not yet of interest: its earlier
-            # changes to it were not kept, so it cannot be replayed.
-            raise _RetrySnapshot
         self.ring_replays += 1
         observer.begin_transaction(txn.xid, txn.end_lsn)
         for change in txn.changes:
@@ -631,8 +633,15 @@ class LiveData:
                                        txn.changes)
 
     async def _between_transactions(self) -> None:
-        while self.gate.closed:
+        """Wait until no transaction is being applied, nor being received while a table
+        became of interest (it would reach a new observer without the changes received
+        before: it goes through the ring, which knows it is incomplete)."""
+        while self.gate.closed or (self._open_txn is not None and self._open_txn.interest_grew):
             await self._txn_done.wait()
+
+    def _transaction_over(self) -> None:
+        self._txn_done.set()
+        self._txn_done = trio.Event()
 
     def _register(self, entry: ObserverEntry) -> None:
         self._interest[entry.table] += 1
@@ -741,6 +750,7 @@ class LiveData:
                                                               "transaction_restart"))
                 txn = self._open_txn = None
                 self._open_commit_time = None
+                self._transaction_over()
             elif kind is Relation:
                 self._on_relation(event)  # type: ignore[arg-type]
             elif kind is StreamGap:
@@ -1148,8 +1158,7 @@ class LiveData:
             else:
                 self._flush_clients()
         self._held_clients = set()
-        self._txn_done.set()
-        self._txn_done = trio.Event()
+        self._transaction_over()
 
     def _flush_clients(self) -> None:
         clients, self._flush_due = self._flush_due, set()
@@ -1204,7 +1213,7 @@ class LiveData:
                                                 partial)
 
     async def _commit(self, txn: _OpenTransaction, commit: Commit) -> None:
-        if not txn.changes and not txn.chunked:
+        if not txn.changes and not txn.chunked and not txn.interest_grew:
             for token in txn.marks:
                 self._reach_mark(token)
             return
