@@ -418,6 +418,7 @@ async def test_a_table_observed_first_while_a_held_commit_arrives_misses_nothing
     async with live_server(db_dsn, catch_up_timeout=0.3) as server:
         live = server.live
         await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        await live.sync()  # delivered: the next commit the consumer receives is the held one
         async with connect(server.ws_url, log_messages=True) as client:
             with standby_that_never_answers(db_dsn), \
                     psycopg.connect(db_dsn, autocommit=True) as held, \
@@ -427,23 +428,29 @@ async def test_a_table_observed_first_while_a_held_commit_arrives_misses_nothing
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(trio.to_thread.run_sync, held.execute,
                                        "UPDATE items SET title = 'y' WHERE id = 1")
-                    with trio.fail_after(10):  # received, not applied; not visible either
-                        while live.last_commit_end_lsn == seen:
-                            await trio.sleep(0.01)
+                    try:
+                        with trio.fail_after(10):  # received, not applied; not visible either
+                            while live.last_commit_end_lsn == seen:
+                                await trio.sleep(0.01)
 
-                    async def release() -> None:
-                        await trio.sleep(1.0)  # past the catch-up timeout
-                        hold, live.hold = live.hold, None
-                        assert hold is not None
-                        hold.set()
-                        await trio.sleep(1.0)
-                        await trio.to_thread.run_sync(
-                            admin.execute, "SELECT pg_cancel_backend(%s)",
-                            (held.info.backend_pid,))
-                    nursery.start_soon(release)
-                    await client.subscribe("items.all", timeout=20)
-                    assert live.catch_up_timeouts >= 1
-                    assert live.snapshot_retries >= 1  # the incomplete transaction: retaken
+                        async def release() -> None:
+                            await trio.sleep(1.0)  # past the catch-up timeout
+                            hold, live.hold = live.hold, None
+                            if hold is not None:
+                                hold.set()
+                            await trio.sleep(1.0)
+                            await trio.to_thread.run_sync(
+                                admin.execute, "SELECT pg_cancel_backend(%s)",
+                                (held.info.backend_pid,))
+                        nursery.start_soon(release)
+                        await client.subscribe("items.all", timeout=20)
+                    finally:  # whatever happened, the held commit ends (else the thread hangs)
+                        if live.hold is not None:
+                            live.hold.set()
+                            live.hold = None
+                        admin.execute("SELECT pg_cancel_backend(%s)", (held.info.backend_pid,))
+            assert live.catch_up_timeouts >= 1
+            assert live.snapshot_retries >= 1  # the incomplete transaction: retaken
             await live.sync()
             assert store(client) == expected_view(db_dsn, [("items.all", [])])
             assert store(client)["1"]["title"] == "y"
