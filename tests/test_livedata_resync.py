@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -17,6 +19,7 @@ from cdcddp.methods import MethodContext, Methods
 from cdcddp.metrics import Metrics
 from cdcddp.publish import livedata
 from cdcddp.publish.definition import Cursor, Publication
+from cdcddp.publish.livedata import LiveData
 from cdcddp.publish.observer import Observer
 from cdcddp.wal.decode import Decoder
 from cdcddp.wal.events import Relation
@@ -73,6 +76,22 @@ def fail_next_change(observer: Observer) -> None:
         raise RuntimeError("injected observer failure")
 
     observer.apply = fail_once  # type: ignore[method-assign]
+
+
+@asynccontextmanager
+async def one_failing_observer(db_dsn: str) -> AsyncIterator[tuple[LiveData, DDPClient]]:
+    """A server (``catch_up_timeout`` 0.3 s) with one row ('x') and a client subscribed to
+    items.all, whose observer raises on the next change (the one observer failure the test
+    expects)."""
+    async with live_server(db_dsn, catch_up_timeout=0.3, observer_errors=1) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        async with connect(server.ws_url) as client:
+            await client.subscribe("items.all")
+            observer = live.observers()[0].observer
+            assert observer is not None
+            fail_next_change(observer)
+            yield live, client
 
 
 # ---- the decoder's shapes (no database) ------------------------------------------------------
@@ -465,26 +484,19 @@ async def test_a_resync_hold_ends_after_catch_up_timeout_without_a_mark(
         db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     """Where no catch-up mark can be written (a standby), clients wait for a resync's hold
     no longer than ``catch_up_timeout``."""
-    async with live_server(db_dsn, catch_up_timeout=0.3, observer_errors=1) as server:
-        live = server.live
-        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
-        async with connect(server.ws_url) as client:
-            await client.subscribe("items.all")
-            observer = live.observers()[0].observer
-            assert observer is not None
-            async def cannot_write(timeout: float = 30.0) -> None:
-                raise psycopg.errors.ReadOnlySqlTransaction("read-only")
+    async with one_failing_observer(db_dsn) as (live, client):
+        async def cannot_write(timeout: float = 30.0) -> None:
+            raise psycopg.errors.ReadOnlySqlTransaction("read-only")
 
-            fail_next_change(observer)
-            live.sync = cannot_write  # type: ignore[method-assign]
-            with caplog.at_level(logging.CRITICAL):
-                started = trio.current_time()
-                await asql(db_dsn, "UPDATE items SET title = 'y', version = 1 WHERE id = 1")
-                await wait_store(client, {"1": {"owner": None, "category": "a", "title": "y",
-                                                "body": None, "rank": 0, "version": 1}})
-            assert live.resync_reasons["observer_error"] == 1
-            assert trio.current_time() - started >= 0.3  # held, then let go
-            assert not live.gate.held
+        live.sync = cannot_write  # type: ignore[method-assign]
+        with caplog.at_level(logging.CRITICAL):
+            started = trio.current_time()
+            await asql(db_dsn, "UPDATE items SET title = 'y', version = 1 WHERE id = 1")
+            await wait_store(client, {"1": {"owner": None, "category": "a", "title": "y",
+                                            "body": None, "rank": 0, "version": 1}})
+        assert live.resync_reasons["observer_error"] == 1
+        assert trio.current_time() - started >= 0.3  # held, then let go
+        assert not live.gate.held
 
 
 async def test_an_observer_resynced_mid_transaction_sees_that_transaction(
@@ -496,35 +508,28 @@ async def test_an_observer_resynced_mid_transaction_sees_that_transaction(
     The window is held open the way a synchronous standby that never answers holds it: the
     commit record is written and decoded, and the committing session waits for the standby
     before it leaves the running transactions."""
-    async with live_server(db_dsn, catch_up_timeout=0.3, observer_errors=1) as server:
-        live = server.live
-        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
-        async with connect(server.ws_url) as client:
-            await client.subscribe("items.all")
-            observer = live.observers()[0].observer
-            assert observer is not None
-            fail_next_change(observer)
-            retries = live.invisible_delivered_retries
-            with standby_that_never_answers(db_dsn), \
-                    psycopg.connect(db_dsn, autocommit=True) as held:
-                pid = held.info.backend_pid
-                with caplog.at_level(logging.CRITICAL):
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(trio.to_thread.run_sync, lambda: held.execute(
-                            "UPDATE items SET title = 'y', version = 1 WHERE id = 1"))
-                        # The stream delivers the commit; the resync must wait for it.
-                        with trio.move_on_after(3):
-                            while live.invisible_delivered_retries - retries < 3:
-                                await trio.sleep(0.01)
-                        assert store(client) == {"1": {
-                            "owner": None, "category": "a", "title": "x", "body": None,
-                            "rank": 0, "version": 0}}  # nothing of it flushed meanwhile
-                        # Give up waiting for the standby: the commit becomes visible.
-                        await asql(db_dsn, f"SELECT pg_cancel_backend({int(pid)})")
-            await wait_store(client, {"1": {"owner": None, "category": "a", "title": "y",
-                                            "body": None, "rank": 0, "version": 1}})
-            assert live.resync_reasons["observer_error"] == 1
-            assert live.invisible_delivered_retries - retries >= 3  # it waited
+    async with one_failing_observer(db_dsn) as (live, client):
+        retries = live.invisible_delivered_retries
+        with standby_that_never_answers(db_dsn), \
+                psycopg.connect(db_dsn, autocommit=True) as held:
+            pid = held.info.backend_pid
+            with caplog.at_level(logging.CRITICAL):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, lambda: held.execute(
+                        "UPDATE items SET title = 'y', version = 1 WHERE id = 1"))
+                    # The stream delivers the commit; the resync must wait for it.
+                    with trio.move_on_after(3):
+                        while live.invisible_delivered_retries - retries < 3:
+                            await trio.sleep(0.01)
+                    assert store(client) == {"1": {
+                        "owner": None, "category": "a", "title": "x", "body": None,
+                        "rank": 0, "version": 0}}  # nothing of it flushed meanwhile
+                    # Give up waiting for the standby: the commit becomes visible.
+                    await asql(db_dsn, f"SELECT pg_cancel_backend({int(pid)})")
+        await wait_store(client, {"1": {"owner": None, "category": "a", "title": "y",
+                                        "body": None, "rank": 0, "version": 1}})
+        assert live.resync_reasons["observer_error"] == 1
+        assert live.invisible_delivered_retries - retries >= 3  # it waited
 
 
 async def test_catch_up_marks_do_not_wait_for_a_synchronous_standby(db_dsn: str) -> None:

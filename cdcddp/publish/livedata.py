@@ -197,6 +197,12 @@ class _OpenTransaction:
     touched: set[ObserverEntry] = field(default_factory=set)
     marks: list[str] = field(default_factory=list)
 
+    @property
+    def partial(self) -> bool:
+        """Its changes at hand may lack earlier ones: applied in chunks, or not kept (a
+        table became of interest while it arrived)."""
+        return self.chunked or self.interest_grew
+
 
 class _RetrySnapshot(Exception):
     """The handoff cannot be completed from the ring: take the snapshot again."""
@@ -1207,7 +1213,7 @@ class LiveData:
             await self._resync_reshaped()  # before any of it is applied
         self.gate.closed = True
         changes, txn.changes = txn.changes, []
-        partial = txn.chunked or txn.interest_grew
+        partial = txn.partial  # (read before this chunk marks it chunked)
         txn.chunked = True
         self._held_clients |= await self._apply(txn.xid, txn.end_lsn, changes, txn.touched,
                                                 partial)
@@ -1221,7 +1227,7 @@ class LiveData:
         touched: set[LiveClient] = set()
         try:
             touched = await self._apply(txn.xid, txn.end_lsn, txn.changes, txn.touched,
-                                        txn.chunked or txn.interest_grew)
+                                        txn.partial)
             if self.metrics is not None and commit.timestamp is not None:
                 _stamp_commit(touched, _epoch(commit.timestamp))
             if txn.chunked:
@@ -1241,8 +1247,7 @@ class LiveData:
                      touched_entries: set[ObserverEntry], partial: bool = False
                      ) -> set[LiveClient]:
         """Apply changes of transaction ``xid`` to the observers they concern; returns the
-        clients whose boxes changed. ``partial``: ``changes`` may lack earlier changes of
-        it (applied in chunks, or not kept: a table became of interest while it arrived)."""
+        clients whose boxes changed. ``partial``: see :attr:`_OpenTransaction.partial`."""
         clients: set[LiveClient] = set()
         wanted: dict[ObserverEntry, bool] = {}
         failed: set[ObserverEntry] = set()
