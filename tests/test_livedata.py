@@ -4,11 +4,13 @@ real WebSocket clients (cdcddp.client)."""
 from __future__ import annotations
 
 import gc
+import logging
 import secrets
 import weakref
 from collections import Counter
 
 import psycopg
+import pytest
 import trio
 
 from cdcddp.client import MeteorError, connect
@@ -223,6 +225,52 @@ async def test_requires_user_params_errors_and_unsub(db_dsn: str) -> None:
             assert got[-1] == {"msg": "nosub", "id": mine}  # after the removals
             assert store(client) == {}
             check_message_log(client)
+
+
+async def test_a_publication_that_fails_for_the_new_user_stops_with_its_error(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Logging in re-runs the connection's subscriptions; one whose function now fails
+    stops: its documents are removed, ``nosub`` carries the error (a MeteorError as raised,
+    anything else a bare 500), and the other subscriptions follow the new user."""
+    from cdcddp.ddp.messages import MeteorError as ServerMeteorError
+    from cdcddp.publish.definition import Cursor, Publication
+    from tests.livedata_support import build_live_app
+
+    def for_user(params: None, user_id: str | None) -> Cursor:
+        if user_id == "mallory":
+            raise ServerMeteorError(403, "not for you")
+        if user_id == "bug":
+            raise ZeroDivisionError("internal detail")
+        return Cursor("items", fields=FIELDS)
+
+    app = build_live_app()
+    app.add_publication(Publication("items.picky", for_user))
+    async with live_server(db_dsn, app) as server:
+        await asql(db_dsn, "INSERT INTO items (owner, category, title) VALUES "
+                           "('mallory', 'a', 'hers'), ('bug', 'b', 'his')")
+        for user, error, message in (("mallory", 403, "not for you"),
+                                     ("bug", 500, "Internal server error")):
+            async with connect(server.ws_url, log_messages=True) as client:
+                picky = await client.subscribe("items.picky")
+                mine = await client.subscribe("items.mine")
+                assert len(store(client)) == 2
+                with caplog.at_level(logging.CRITICAL):
+                    await server.connection_of(client).set_user(user)
+                await client.wait_for(lambda: picky in client.stopped_subs, 5)  # noqa: B023
+                stopped = client.stopped_subs[picky]
+                assert stopped is not None
+                assert (stopped.error, stopped.reason) == (error, message)
+                assert "internal detail" not in str(client.messages)
+                owned = "1" if user == "mallory" else "2"
+                # Only what items.mine still publishes is left.
+                await client.wait_for(lambda: list(store(client)) == [owned], 5)  # noqa: B023
+                await asql(db_dsn, "UPDATE items SET version = version + 1")
+                await server.live.sync()
+                await client.wait_for(
+                    lambda: store(client)[owned]["version"] >= 1, 5)  # noqa: B023
+                assert mine in client.ready_subs
+                check_message_log(client)
+            await asql(db_dsn, "UPDATE items SET version = 0")
 
 
 async def test_handler_and_declarative_publications_share_the_merge_box(db_dsn: str) -> None:
@@ -492,6 +540,50 @@ async def test_an_observer_is_freed_when_its_last_subscription_ends(db_dsn: str)
                     await trio.sleep(0.01)
             gc.collect()
             assert observer() is None
+
+
+async def test_unsubscribing_while_the_snapshot_runs_leaves_nothing(db_dsn: str) -> None:
+    """An ``unsub`` that arrives before its subscription's snapshot ran, or while it runs,
+    gets its ``nosub``; no document of it reaches the client and its observer is dropped.
+    A later subscription to the same data is served whole."""
+    async with live_server(db_dsn) as server:
+        live = server.live
+        assert live is not None
+        await asql(db_dsn, "INSERT INTO items (category, title) "
+                           "SELECT 'a', 't' || g FROM generate_series(1, 200) g")
+        acquire = live.acquire
+        entered, go_on = trio.Event(), trio.Event()
+
+        async def acquire_after_go(bound):  # type: ignore[no-untyped-def]
+            entered.set()
+            await go_on.wait()
+            return await acquire(bound)
+
+        async with connect(server.ws_url, log_messages=True) as client:
+            # Before its snapshot started: the unsub right behind the sub.
+            await client.send({"msg": "sub", "id": "early", "name": "items.byCategory",
+                               "params": [{"category": "a"}]})
+            await client.unsubscribe("early")
+            # While its snapshot runs (held at the start of the observer's acquisition).
+            live.acquire = acquire_after_go  # type: ignore[method-assign]
+            await client.send({"msg": "sub", "id": "during", "name": "items.byCategory",
+                               "params": [{"category": "a"}]})
+            with trio.fail_after(5):
+                await entered.wait()
+            await client.send({"msg": "unsub", "id": "during"})
+            live.acquire = acquire  # type: ignore[method-assign]
+            go_on.set()
+            await client.wait_for(lambda: "during" in client.stopped_subs, 5)
+            with trio.fail_after(5):
+                while live.observer_count:
+                    await trio.sleep(0.01)
+            await client.ping()
+            assert store(client) == {}
+            assert "early" not in client.ready_subs and "during" not in client.ready_subs
+            assert client.stopped_subs["early"] is None and client.stopped_subs["during"] is None
+            assert not data_messages(client)
+            await client.subscribe("items.byCategory", {"category": "a"})
+            assert len(store(client)) == 200
 
 
 async def test_subscription_churn_leaves_nothing_behind(db_dsn: str) -> None:

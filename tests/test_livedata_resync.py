@@ -689,3 +689,51 @@ async def test_a_row_moving_in_waits_for_its_commit_when_it_changed_earlier(
                 caplog.text)
             assert old_body not in str(client.messages)
             assert server.live.rows_fetched == 1
+
+
+async def test_a_chunked_transaction_cut_by_a_walsender_drop_reaches_clients_once_whole(
+        db_dsn: str) -> None:
+    """A transaction too big to buffer is applied to observers in chunks while it streams
+    (clients see none of it before its commit). When the replication connection drops in the
+    middle of it, the stream reconnects and delivers it again from its start: the observers
+    it touched are resynced from a snapshot that sees it whole, and every client gets it
+    once and whole, never a state from inside it."""
+    async with live_server(db_dsn, temporary_slot=False, max_transaction_buffer=50,
+                           resyncs=True) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x'), ('c', 'z')")
+        async with connect(server.ws_url, log_messages=True) as client, \
+                connect(server.ws_url, log_messages=True) as untouched:
+            await client.subscribe("items.byCategory", {"category": "a"})
+            await untouched.subscribe("items.byCategory", {"category": "c"})
+            mark = len(client.messages or [])
+            await live.sync()
+            live.hold = trio.Event()  # the consumer stops at the next commit
+            await asql(db_dsn, "INSERT INTO other (note) VALUES ('before')")
+            # Far bigger than the stream's buffers, the socket's and libpq's together: while
+            # the consumer is held, the walsender stops in the middle of it.
+            await asql(db_dsn, "BEGIN", "UPDATE items SET title = 'inside' WHERE id = 1",
+                       "INSERT INTO items (category, title) "
+                       "SELECT 'b', 'bulk ' || i FROM generate_series(1, 60000) i",
+                       "UPDATE items SET title = 'y', version = 1 WHERE id = 1", "COMMIT")
+            await trio.sleep(1.0)  # the walsender fills the buffers, then waits
+            killed = await asql(db_dsn, "SELECT pg_terminate_backend(active_pid) "
+                                        "FROM pg_replication_slots WHERE slot_name = %s "
+                                        "AND active_pid IS NOT NULL",
+                                params=(live.config.slot,))
+            assert killed == [(True,)]
+            live.hold.set()
+            live.hold = None
+            await wait_store(client, {"1": {"owner": None, "category": "a", "title": "y",
+                                            "body": None, "rank": 0, "version": 1}},
+                             timeout=30)
+            await live.sync(timeout=30)
+            assert live.resync_reasons["transaction_restart"] == 1
+            # Once, whole: one `changed` with the final values, nothing from inside.
+            changed = [m for m in data_messages(client, mark) if m["msg"] != "ready"]
+            assert changed == [{"msg": "changed", "collection": "items", "id": "1",
+                                "fields": {"title": "y", "version": 1}}]
+            check_message_log(client)
+            assert store(untouched) == {"2": {"owner": None, "category": "c", "title": "z",
+                                              "body": None, "rank": 0, "version": 0}}
+            assert not data_messages(untouched, len(untouched.messages or []))
