@@ -27,6 +27,7 @@ from cdcddp.wal.lsn import parse_lsn
 from cdcddp.wal.stream import open_stream
 from tests.livedata_support import (
     FIELDS,
+    LiveServer,
     asql,
     build_live_app,
     check_message_log,
@@ -627,55 +628,99 @@ async def test_a_subscription_replays_a_delivered_commit_not_yet_visible(
             check_message_log(second)
 
 
-async def test_a_row_moving_in_is_completed_from_the_version_before_its_commit(
-        db_dsn: str) -> None:
-    """An UPDATE moves a row into a subscription without its unchanged TOASTed value, and
-    its commit waits for a standby that does not answer. A snapshot without that commit has
-    the row as it was just before it: the value the change left out is that version's. The
-    whole row arrives while the commit still waits."""
-    body = secrets.token_urlsafe(6000)  # incompressible: stored out of line (TOASTed)
-    async with live_server(db_dsn) as server:
-        await asql(db_dsn, "INSERT INTO items (category, title, body) VALUES ('a', 'x', %s)",
-                   params=(body,))
-        async with connect(server.ws_url) as client:
-            await client.subscribe("items.byCategory", {"category": "b"})
-            with standby_that_never_answers(db_dsn), \
-                    psycopg.connect(db_dsn, autocommit=True) as held, \
-                    psycopg.connect(db_dsn, autocommit=True) as admin:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(trio.to_thread.run_sync, held.execute,
-                                       "UPDATE items SET category = 'b' WHERE id = 1")
-                    try:
-                        await wait_store(client, {"1": {
-                            "owner": None, "category": "b", "title": "x", "body": body,
-                            "rank": 0, "version": 0}}, collection="items")
-                        assert waits_for_standby(admin, held.info.backend_pid)
-                    finally:  # (the commit then stands)
-                        await trio.to_thread.run_sync(
-                            admin.execute, "SELECT pg_cancel_backend(%s)",
-                            (held.info.backend_pid,))
-            assert server.live.rows_fetched == 1
-
-
-async def test_a_row_moving_in_waits_for_its_commit_when_it_changed_earlier(
-        db_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-        ) -> None:
-    """The same, but the transaction changed the TOASTed value before the UPDATE that moves
-    the row in: the version before the commit has the old value. So applying waits for the
-    commit to become visible (saying so when that takes long), and then delivers the new
-    value, never the old one."""
-    monkeypatch.setattr(livedata, "_INVISIBLE_WARN_AFTER", 0.3)
-    old_body, new_body = secrets.token_urlsafe(6000), secrets.token_urlsafe(6000)
-    async with live_server(db_dsn) as server:
-        await asql(db_dsn, "INSERT INTO items (category, title, body) VALUES ('a', 'x', %s)",
-                   params=(old_body,))
+async def _move_in_held(db_dsn: str, statements: list[tuple[str, tuple[Any, ...]]],
+                        expected: dict[str, Any], **live_options: Any) -> LiveServer:
+    """Run ``statements`` in one transaction whose commit waits for a standby that never
+    answers; the client subscribed to category 'b' must get ``expected`` (row 1) while it
+    still waits. The commit is released (and stands) at the end."""
+    async with live_server(db_dsn, **live_options) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title, body) VALUES ('a', 'x', %s), "
+                           "('a', 'y', 'short')", params=(OLD_BODY,))
         async with connect(server.ws_url, log_messages=True) as client:
             await client.subscribe("items.byCategory", {"category": "b"})
             with standby_that_never_answers(db_dsn), \
                     psycopg.connect(db_dsn, autocommit=True) as held, \
                     psycopg.connect(db_dsn, autocommit=True) as admin:
                 held.execute("BEGIN")
-                held.execute("UPDATE items SET body = %s WHERE id = 1", (new_body,))
+                for statement, params in statements:
+                    held.execute(statement, params)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, held.execute, "COMMIT")
+                    try:
+                        await wait_store(client, {"1": expected}, collection="items")
+                        assert waits_for_standby(admin, held.info.backend_pid)
+                    finally:  # (the commit then stands)
+                        await trio.to_thread.run_sync(
+                            admin.execute, "SELECT pg_cancel_backend(%s)",
+                            (held.info.backend_pid,))
+            check_message_log(client)
+            if expected["body"] != OLD_BODY:
+                assert OLD_BODY not in str(client.messages)
+        return server
+
+
+OLD_BODY, NEW_BODY = secrets.token_urlsafe(6000), secrets.token_urlsafe(6000)  # TOASTed
+
+
+async def test_a_row_moving_in_is_completed_from_the_version_before_its_commit(
+        db_dsn: str) -> None:
+    """An UPDATE moves a row into a subscription without its unchanged TOASTed value, and
+    its commit waits for a standby that does not answer. A snapshot without that commit has
+    the row as it was just before it: the value the change left out is that version's. The
+    whole row arrives while the commit still waits."""
+    server = await _move_in_held(
+        db_dsn, [("UPDATE items SET category = 'b' WHERE id = 1", ())],
+        {"owner": None, "category": "b", "title": "x", "body": OLD_BODY, "rank": 0,
+         "version": 0})
+    assert server.live is not None and server.live.rows_fetched == 1
+
+
+async def test_a_row_moving_in_takes_left_out_values_from_its_earlier_changes(
+        db_dsn: str) -> None:
+    """The same, but the transaction set the TOASTed value before the UPDATE that moves the
+    row in (which then leaves it out): that earlier change has it. No fetch, no wait, and the
+    old value is never sent."""
+    server = await _move_in_held(
+        db_dsn, [("UPDATE items SET body = %s WHERE id = 1", (NEW_BODY,)),
+                 ("UPDATE items SET category = 'b' WHERE id = 1", ())],
+        {"owner": None, "category": "b", "title": "x", "body": NEW_BODY, "rank": 0,
+         "version": 0})
+    assert server.live is not None and server.live.rows_fetched == 0
+
+
+async def test_a_row_moving_in_after_other_changes_is_completed_from_before_its_commit(
+        db_dsn: str) -> None:
+    """The transaction changed another row of the table, and other columns of this row, and
+    none of those changes has the TOASTed value: it is the version's before the transaction,
+    read at once while the commit waits."""
+    server = await _move_in_held(
+        db_dsn, [("UPDATE items SET title = 'y2' WHERE id = 2", ()),
+                 ("UPDATE items SET title = 'x2' WHERE id = 1", ()),
+                 ("UPDATE items SET category = 'b', version = 1 WHERE id = 1", ())],
+        {"owner": None, "category": "b", "title": "x2", "body": OLD_BODY, "rank": 0,
+         "version": 1})
+    assert server.live is not None and server.live.rows_fetched == 1
+
+
+async def test_a_row_moving_in_waits_for_its_commit_when_its_transaction_was_chunked(
+        db_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """A transaction applied in chunks is not held whole, so the earlier changes of the row
+    are not all known: applying waits for the commit to become visible (saying so when that
+    takes long), and then delivers the new value, never the old one."""
+    monkeypatch.setattr(livedata, "_INVISIBLE_WARN_AFTER", 0.3)
+    async with live_server(db_dsn, max_transaction_buffer=5) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title, body) VALUES ('a', 'x', %s)",
+                   params=(OLD_BODY,))
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.byCategory", {"category": "b"})
+            with standby_that_never_answers(db_dsn), \
+                    psycopg.connect(db_dsn, autocommit=True) as held, \
+                    psycopg.connect(db_dsn, autocommit=True) as admin:
+                held.execute("BEGIN")
+                held.execute("UPDATE items SET body = %s WHERE id = 1", (NEW_BODY,))
+                held.execute("INSERT INTO items (category, title) "
+                             "SELECT 'c', 'filler' FROM generate_series(1, 20)")
                 held.execute("UPDATE items SET category = 'b' WHERE id = 1")
                 with caplog.at_level(logging.WARNING, "cdcddp.publish.livedata"):
                     async with trio.open_nursery() as nursery:
@@ -683,11 +728,11 @@ async def test_a_row_moving_in_waits_for_its_commit_when_it_changed_earlier(
                         nursery.start_soon(trio.to_thread.run_sync, release_commit_wait,
                                            admin, held.info.backend_pid, 1.0)
             await wait_store(client, {"1": {"owner": None, "category": "b", "title": "x",
-                                            "body": new_body, "rank": 0, "version": 0}},
+                                            "body": NEW_BODY, "rank": 0, "version": 0}},
                              collection="items")
             assert "moved into a subscription without its unchanged TOASTed values" in (
                 caplog.text)
-            assert old_body not in str(client.messages)
+            assert OLD_BODY not in str(client.messages)
             assert server.live.rows_fetched == 1
 
 

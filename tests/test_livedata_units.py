@@ -227,3 +227,47 @@ def test_delivered_xids_stay_in_delivery_order_when_delivered_again() -> None:
     assert list(live._delivered) == [101, 102, 100]
     assert not live._missed_delivered(Snapshot.parse("103:103:"), upto=4, prune=True)
     assert not live._delivered  # all seen: forgotten
+
+
+def _u(key: int, new: dict[str, Any], old_key: int | None = None, table: str = "t") -> Update:
+    return Update(1, 0, "public", table, {"id": key, **new},
+                  {"id": key if old_key is None else old_key}, ("id",))
+
+
+def test_left_out_values_are_taken_from_the_rows_earlier_changes() -> None:
+    """A change that left out unchanged TOASTed values: the earlier changes of its
+    transaction to that row give them, newest first, and what none gave is the row as it
+    was before the transaction (True) — unless that row's history in the transaction cannot
+    be followed by key (None)."""
+    from cdcddp.publish.livedata import _left_out_earlier
+    from cdcddp.wal.events import Truncate
+
+    moving = _u(1, {"cat": "b"})
+    other_row = _u(2, {"body": "not this", "note": "nor this"})
+    other_table = _u(1, {"body": "nor this"}, table="u")
+    # Nothing earlier in the transaction: all from the version before it.
+    assert _left_out_earlier(moving, [moving], ["body"]) == ({}, True)
+    # Other rows and tables do not count.
+    assert _left_out_earlier(moving, [other_row, other_table, moving],
+                             ["body", "note"]) == ({}, True)
+    # The newest earlier change of the row that has the value gives it.
+    set_body = _u(1, {"body": "new", "cat": "a"})
+    set_note = _u(1, {"note": "n2", "cat": "a"})
+    assert _left_out_earlier(moving, [_u(1, {"body": "old"}), set_body, set_note, moving],
+                             ["body", "note"]) == ({"body": "new", "note": "n2"}, False)
+    assert _left_out_earlier(moving, [set_note, moving], ["body", "note"]) == (
+        {"note": "n2"}, True)
+    inserted = Insert(1, 0, "public", "t", {"id": 1, "body": "fresh", "note": None}, ("id",))
+    assert _left_out_earlier(moving, [inserted, moving], ["body"]) == ({"body": "fresh"}, False)
+    # Followed through the row's earlier key, when the history stays on one key only.
+    assert _left_out_earlier(moving, [_u(1, {"cat": "c"}, old_key=3), moving], ["body"]) is None
+    assert _left_out_earlier(_u(1, {"cat": "b"}, old_key=3), [moving], ["body"]) is None
+    deleted = Delete(1, 0, "public", "t", {"id": 1}, ("id",))
+    assert _left_out_earlier(moving, [deleted, moving], ["body"]) is None
+    assert _left_out_earlier(moving, [Truncate(1, 0, "public", "t"), moving], ["body"]) is None
+    assert _left_out_earlier(moving, [_u(1, {"x": 1}, old_key=1, table="t"), _u(5, {}, 1),
+                                      moving], ["body"]) is None  # id 1 moved to 5
+    # Not among the changes, or no primary key: it cannot tell.
+    assert _left_out_earlier(moving, [], ["body"]) is None
+    keyless = Update(1, 0, "public", "t", {"cat": "b"}, {}, ())
+    assert _left_out_earlier(keyless, [keyless], ["body"]) is None

@@ -162,15 +162,58 @@ class LiveDataConfig:
     flush_coalesce_delay_max: float = 0.5
 
 
-def _first_of_its_table(change: RowChange, changes: Sequence[RowChange | Truncate]) -> bool:
-    """Is ``change`` the first of ``changes`` (its transaction's) to its table?"""
+def _row_key(row: Row, pk: tuple[str, ...]) -> tuple[Any, ...] | None:
+    try:
+        return tuple([row[c] for c in pk])
+    except KeyError:
+        return None
+
+
+def _left_out_earlier(change: Update, changes: Sequence[RowChange | Truncate],
+                      missing: Iterable[str]) -> tuple[dict[str, Any], bool] | None:
+    """The values ``change`` left out (``missing``: its unchanged TOASTed columns) as the
+    earlier changes of its transaction (``changes``, all of it) set them, and whether some are
+    left for the row as it was before the transaction. Walks back over that row's earlier
+    changes, by primary key; None when it cannot tell (no key, its key changed, a TRUNCATE):
+    then only a snapshot that sees the transaction has them."""
+    pk = change.pk
+    if not pk:
+        return None
+    key = _row_key(change.identity, pk) or _row_key(change.new, pk)
+    if key is None or _row_key(change.new, pk) != key:
+        return None
+    position = next((i for i, c in enumerate(changes) if c is change), None)
+    if position is None:
+        return None
     table = (change.schema, change.table)
-    for earlier in changes:
-        if earlier is change:
-            return True
-        if (earlier.schema, earlier.table) == table:
-            return False
-    return False  # not among them: assume the worst
+    wanted = set(missing)
+    found: dict[str, Any] = {}
+    for i in range(position - 1, -1, -1):
+        earlier = changes[i]
+        if (earlier.schema, earlier.table) != table:
+            continue
+        kind = type(earlier)
+        if kind is Truncate:
+            return None
+        if kind is Delete:
+            if _row_key(earlier.identity, pk) == key:  # type: ignore[union-attr]
+                return None  # deleted, then updated: not a history this walk follows
+            continue
+        if _row_key(earlier.new, pk) != key:  # type: ignore[union-attr]
+            if kind is Update and _row_key(earlier.identity, pk) == key:  # type: ignore[union-attr]
+                return None  # the row moved to another key
+            continue
+        new = earlier.new  # type: ignore[union-attr]
+        for column in [c for c in wanted if c in new]:
+            found[column] = new[column]
+            wanted.discard(column)
+        if not wanted:
+            return found, False
+        if kind is Insert:
+            return None  # an INSERT has every column: not a row this walk understands
+        if _row_key(earlier.identity, pk) not in (key, None):  # type: ignore[union-attr]
+            return None  # its key changed in this transaction
+    return found, True
 
 
 def _epoch(timestamp: dt.datetime) -> float:
@@ -1316,24 +1359,30 @@ class LiveData:
         """Complete a row moving in without its unchanged TOASTed columns: fetch it by key
         under a snapshot that has seen ``xid``; that snapshot then shields the row.
 
-        Its commit may be delivered before it is visible (it waits for a synchronous
-        standby). A snapshot without it then has the row as it was just before it, so the
-        values the change left out (unchanged) are that version's, provided no earlier change
-        of the transaction (``changes``, all of it; None: not all known) touched the table:
-        no wait. Otherwise it waits for the transaction to become visible."""
+        Values an earlier change of the transaction set (``changes``, all of it; None: not
+        all known) need no fetch. Its commit may be delivered before it is visible (it waits
+        for a synchronous standby). A snapshot without it then has the row as it was just
+        before it, so the values left out since are that version's: no wait, provided the
+        row's earlier changes in the transaction can be followed (:func:`_left_out_earlier`).
+        Otherwise it waits for the transaction to become visible."""
+        old_key = observer.key_or_none(change.identity)
+        replaced = old_key if old_key is not None else needs.key
+        earlier = None
+        if changes is not None and set(change.pk) == set(observer.key_columns):
+            earlier = _left_out_earlier(change, changes, needs.missing)
+        if earlier is not None and not earlier[1]:
+            # Every value it left out was set by an earlier change of its transaction.
+            return observer.apply_fetched(replaced, {**earlier[0], **change.new})
         query = row_query(observer.bound)
         wait = _InvisibleWait()
-        before_it = changes is not None and _first_of_its_table(change, changes)
-        old_key = observer.key_or_none(change.identity) if type(change) is Update else None
         while True:
             row, snapshot, lsn = await self.database.run(
                 fetch_row, query, needs.key, observer.columns, snapshot=True)
             if snapshot.is_visible(xid):
                 break
-            if before_it and row is not None:
+            if earlier is not None and row is not None:
                 self.rows_fetched += 1
-                return observer.apply_fetched(old_key if old_key is not None else needs.key,
-                                              {**row, **change.new})
+                return observer.apply_fetched(replaced, {**row, **earlier[0], **change.new})
             # The commit is decoded but not yet visible to new snapshots: a moment's wait.
             await wait.pause(
                 "applying the stream waits: a row of %s.%s moved into a subscription without "
