@@ -255,10 +255,12 @@ async def _subscription_step(rng: random.Random, client: DDPClient,
         await client.unsubscribe(sub_id)
         return
     choice = rng.random()
-    if choice < 0.45:
+    if choice < 0.4:
         name, params = "items.byCategory", [{"category": rng.choice(CATEGORIES)}]
-    elif choice < 0.7:
+    elif choice < 0.58:
         name, params = "items.ranked", [rng.randint(0, 9)]
+    elif choice < 0.7:
+        name, params = "items.top", [{"category": rng.choice(CATEGORIES)}]
     elif choice < 0.85:
         name, params = "items.gated", [{"gate": rng.choice(GATES)}]
     else:

@@ -43,6 +43,7 @@ from psycopg import sql
 
 from cdcddp.publish.filters import TRUE, BoundFilter, Condition, Row, quoted
 from cdcddp.publish.ids import pk_to_doc_id
+from cdcddp.publish.ordering import order_by
 
 UserIdValue: TypeAlias = Any  # the accounts layer's user id (str, int or UUID); None = anonymous
 Fields: TypeAlias = dict[str, Any]
@@ -53,6 +54,35 @@ DEFAULT_SCHEMA: Final = "public"
 
 class PublicationError(ValueError):
     """A publication or cursor is declared wrongly (a programming error, found early)."""
+
+
+_DIRECTIONS: Final = {"asc": False, "desc": True, 1: False, -1: True}
+
+
+def _sort_order(sort: Sequence[str | tuple[str, str | int]], limit: int | None
+                ) -> tuple[tuple[str, bool], ...]:
+    """``Cursor.order`` from its ``sort`` and ``limit`` (checked)."""
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise PublicationError(f"limit must be a positive integer, not {limit!r}")
+    if isinstance(sort, str | Mapping):
+        raise PublicationError("sort must be a list of columns or (column, direction) pairs")
+    order: list[tuple[str, bool]] = []
+    for entry in sort:
+        pair = (entry, "asc") if isinstance(entry, str) else entry
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise PublicationError(f"bad sort entry {entry!r}: a column or (column, direction)")
+        column, direction = pair
+        if not isinstance(column, str) or not column:
+            raise PublicationError(f"bad sort column {column!r}")
+        if isinstance(direction, str):
+            direction = direction.lower()
+        if type(direction) not in (str, int) or direction not in _DIRECTIONS:
+            raise PublicationError(
+                f"sort direction of {column!r} must be 'asc', 'desc', 1 or -1, not "
+                f"{direction!r}")
+        if column not in dict(order):
+            order.append((column, _DIRECTIONS[direction]))
+    return tuple(order) if limit is not None else ()
 
 
 class PublicationParamsError(ValueError):
@@ -111,12 +141,18 @@ class Cursor:
     primary_key: Sequence[str] = ("id",)
     filter: Condition | None = None
     camel_case: bool = False
+    # The first ``limit`` rows in ``sort`` order (see cdcddp.publish.ordering): columns, or
+    # (column, "asc" | "desc" | 1 | -1) pairs. Without a limit the order changes nothing
+    # (DDP documents are unordered: the client sorts).
+    sort: Sequence[str | tuple[str, str | int]] = ()
+    limit: int | None = None
     # Derived in __post_init__:
     schema_name: str = field(init=False)
     table_name: str = field(init=False)
     collection_name: str = field(init=False)
     field_map: tuple[tuple[str, str], ...] = field(init=False)  # (column, field name)
     key_columns: tuple[str, ...] = field(init=False)
+    order: tuple[tuple[str, bool], ...] = field(init=False)  # (column, descending); () unlimited
 
     def __post_init__(self) -> None:
         schema, name = split_table(self.table)
@@ -141,9 +177,10 @@ class Cursor:
         if self.filter is not None and not isinstance(self.filter, Condition):
             raise PublicationError(f"filter must be a filter condition, not {self.filter!r}")
         collection = self.collection or name
+        order = _sort_order(self.sort, self.limit)
         for attr, value in (("schema_name", schema), ("table_name", name),
                             ("collection_name", collection), ("field_map", tuple(pairs)),
-                            ("key_columns", key)):
+                            ("key_columns", key), ("order", order)):
             object.__setattr__(self, attr, value)
 
     @property
@@ -157,7 +194,7 @@ class Cursor:
         values wal2json left out before re-evaluating the filter.
         """
         ordered = [*self.key_columns, *(c for c, _ in self.field_map),
-                   *sorted(bound_filter.columns)]
+                   *sorted(bound_filter.columns), *(c for c, _ in self.order)]
         return tuple(dict.fromkeys(ordered))
 
     def bind(self, params: Mapping[str, Any] | None = None,
@@ -195,15 +232,19 @@ class BoundCursor:
         observer (the user only matters if the filter used it)."""
         c = self.cursor
         return (c.schema_name, c.table_name, c.collection_name, c.field_map, c.key_columns,
-                self.filter)
+                self.filter, c.order, c.limit)
 
     @cached_property
     def columns(self) -> tuple[str, ...]:
         return self.cursor.columns_for(self.filter)
 
-    def snapshot_query(self, tag: int | None = None) -> tuple[sql.Composed, list[Any]]:
+    def snapshot_query(self, tag: int | None = None,
+                       shape: dict[str, tuple[int, bool]] | None = None
+                       ) -> tuple[sql.Composed, list[Any]]:
         """``SELECT <columns> FROM <schema>.<table> WHERE <filter>`` and its parameters; with a
-        ``tag``, each row starts with that number (reads combined in one statement)."""
+        ``tag``, each row starts with that number (reads combined in one statement). A limited
+        cursor adds ``ORDER BY ... LIMIT``, for which it needs the table's ``shape`` (column ->
+        (type oid, varlena)): text sorts by code point."""
         where, params = self.filter.where()
         cursor = self.cursor
         columns = sql.SQL(", ").join(map(quoted, self.columns))
@@ -211,6 +252,10 @@ class BoundCursor:
             columns = sql.SQL("{}, {}").format(sql.Literal(tag), columns)
         query = sql.SQL("SELECT {} FROM {}.{} WHERE {}").format(
             columns, quoted(cursor.schema_name), quoted(cursor.table_name), where)
+        if cursor.limit is not None:
+            query = sql.SQL("{} {} LIMIT {}").format(
+                query, order_by(cursor.order, cursor.key_columns, shape),
+                sql.Literal(cursor.limit))
         return query, params
 
     @property

@@ -73,7 +73,7 @@ from cdcddp.publish.clients import EncodeCache, FlushGate, LiveClient, SubKey
 from cdcddp.publish.definition import BoundCursor, TableName
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
 from cdcddp.publish.lookup import Dependency, ReadRows, RecentRowChanges, read_differs
-from cdcddp.publish.observer import DocOp, NeedsRow, Observer, Row, Values
+from cdcddp.publish.observer import DocOp, NeedsRow, Observer, Row, Values, make_observer
 from cdcddp.publish.routes import ObserverEntry, TableRoutes
 from cdcddp.publish.snapshots import (
     ReadsInterrupted,
@@ -582,7 +582,7 @@ class LiveData:
                 # thread's result, it has run when the read is finished; a retaken snapshot
                 # asks again, and the last request counts.
                 token.run_sync_soon(request_catch_up)
-                observer = Observer(bound, snapshot, lsn)
+                observer = make_observer(bound, snapshot, lsn)
                 observer.fill(rows)
                 return observer
 
@@ -680,6 +680,8 @@ class LiveData:
             if isinstance(result, NeedsRow):
                 await self._fetch_into(observer, change, result, txn.xid,  # type: ignore[arg-type]
                                        txn.changes)
+            if observer.needs_requery:
+                raise _RetrySnapshot  # a limited cursor's rows: a later snapshot has them
 
     async def _between_transactions(self) -> None:
         """Wait until no transaction is being applied, nor being received while a table
@@ -1293,7 +1295,8 @@ class LiveData:
         clients whose boxes changed. ``partial``: see :attr:`_OpenTransaction.partial`."""
         clients: set[LiveClient] = set()
         wanted: dict[ObserverEntry, bool] = {}
-        failed: set[ObserverEntry] = set()
+        failed: set[ObserverEntry] = set()  # and limited ones to read again (skipped alike)
+        requery: set[ObserverEntry] = set()
         if self.change_counts is not None:  # metrics: one C-speed count per transaction
             self.change_counts.update(map(_TABLE_AND_KIND, changes))
         routes_by_table = self._routes
@@ -1346,11 +1349,21 @@ class LiveData:
                     failed.add(entry)
                     continue
                 routes.follow_keys(entry, observer.keys)
+                if observer.limited:
+                    for key in observer.evicted:
+                        routes.follow_keys(entry, (key, None))
+                    if observer.needs_requery:
+                        requery.add(entry)
+                        failed.add(entry)
                 if result:
                     self._deliver(entry, result, clients)
         if failed:
             # From a snapshot that sees this transaction: it is not applied to them again.
-            clients |= await self._resync(failed, seeing=xid)
+            failed -= requery
+            if failed:
+                clients |= await self._resync(failed, seeing=xid)
+            if requery:
+                clients |= await self._resync(requery, "limit_requery", seeing=xid)
         return clients
 
     async def _fetch_into(self, observer: Observer, change: Update, needs: NeedsRow,

@@ -19,6 +19,7 @@ TOASTed value of a row moving *into* the result), :meth:`Observer.apply` answers
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -29,6 +30,7 @@ from cdcddp.ddp.mergebox import diff_visible
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor, Fields
 from cdcddp.publish.ids import pk_to_wire_id
+from cdcddp.publish.ordering import Rank, rank_getter
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Delete, Insert, RowChange, Update
 
@@ -198,6 +200,12 @@ def _row_helpers(key_columns: tuple[str, ...], field_map: tuple[tuple[str, str],
 
 class Observer:
     """The result set of one bound cursor."""
+
+    # A limited cursor's observer (:class:`LimitedObserver`) says after each change which
+    # rows it let go to keep its limit, and whether it must be read again.
+    limited = False
+    evicted: tuple[Key, ...] = ()
+    needs_requery = False
 
     def __init__(self, bound: BoundCursor, snapshot: Snapshot | None = None,
                  snapshot_lsn: int | None = None) -> None:
@@ -434,3 +442,105 @@ class Observer:
 
     def holds(self, key: Key) -> bool:
         return key in self.rows
+
+
+class LimitedObserver(Observer):
+    """The first ``limit`` rows of a sorted cursor (see :mod:`cdcddp.publish.ordering`).
+
+    It holds only those rows, so it knows every matching row (``complete``) only while fewer
+    than ``limit`` match. Otherwise every matching row it does not hold ranks after all it
+    holds; a change keeps that true (a row that ranks before the last one comes in, and the
+    last one goes) unless a held row leaves, or moves to the end past rows it may not know
+    of. Then ``needs_requery``: the caller reads its rows again, from a snapshot that sees the
+    transaction, and skips it for the rest of that transaction.
+    """
+
+    limited = True
+
+    def __init__(self, bound: BoundCursor, snapshot: Snapshot | None = None,
+                 snapshot_lsn: int | None = None) -> None:
+        super().__init__(bound, snapshot, snapshot_lsn)
+        limit = bound.cursor.limit
+        assert limit is not None
+        self.limit = limit
+        self._rank = rank_getter(bound.cursor.order, self.key_columns, self.columns)
+        self._key_length = len(self.key_columns)
+        self._ranks: list[Rank] = []  # the held rows' ranks, in order
+        self.complete = True
+
+    def fill(self, rows: Iterable[Values]) -> None:
+        super().fill(rows)
+        self._ranked()
+
+    def load(self, rows: Iterable[Row | Values]) -> list[DocOp]:
+        ops = super().load(rows)
+        self._ranked()
+        return ops
+
+    def _ranked(self) -> None:
+        """After a (re)load: the rows a query gave, at most ``limit``."""
+        self._ranks = sorted(map(self._rank, self.rows.values()))
+        self.complete = len(self._ranks) < self.limit
+        self.evicted = ()
+        self.needs_requery = False
+
+    def apply(self, change: RowChange) -> list[DocOp] | NeedsRow:
+        kind = type(change)
+        old_key = None if kind is Insert else replaced_key(
+            self._key_of, change.identity,  # type: ignore[union-attr]
+            change.new if kind is Update else None)  # type: ignore[union-attr]
+        old_rank = self._held_rank(old_key)
+        result = super().apply(change)
+        if type(result) is NeedsRow:
+            self.evicted, self.needs_requery = (), False
+            return result
+        return self._within_limit(result, old_rank)  # type: ignore[arg-type]
+
+    def apply_fetched(self, old_key: Key | None, row: Row | None) -> list[DocOp]:
+        old_rank = self._held_rank(old_key)
+        return self._within_limit(super().apply_fetched(old_key, row), old_rank)
+
+    def _held_rank(self, key: Key | None) -> Rank | None:
+        values = self.rows.get(key) if key is not None else None
+        return None if values is None else self._rank(values)
+
+    def _within_limit(self, ops: list[DocOp], old_rank: Rank | None) -> list[DocOp]:
+        """Re-rank the row the change wrote (``keys``; ``old_rank``: its rank before, if it
+        was held), then keep the limit; says what was let go and whether to read again."""
+        self.evicted, self.needs_requery = (), False
+        ranks = self._ranks
+        if old_rank is not None:
+            del ranks[bisect_left(ranks, old_rank)]
+        new_key = self.keys[1]
+        new_values = self.rows.get(new_key) if new_key is not None else None
+        new_rank = None
+        if new_values is not None:
+            new_rank = self._rank(new_values)
+            insort(ranks, new_rank)
+        if len(ranks) > self.limit:
+            self.complete = False
+            last = ranks.pop()
+            key = last[-self._key_length:]
+            doc_id = _wire_id_of_key(key)
+            del self.rows[key], self.docs[doc_id]
+            if last == new_rank and old_rank is None:
+                # It came in after the last row: it never enters.
+                ops = [op for op in ops if op.doc_id != doc_id or op.kind == "removed"]
+            else:
+                ops.append(DocOp("removed", self.collection, doc_id))
+            self.evicted = (key,)
+        elif not self.complete and (
+                len(ranks) < self.limit or (
+                    new_rank is not None and old_rank is not None and new_rank > old_rank
+                    and ranks[-1] == new_rank)):
+            # A held row left, or moved to the end: rows it does not know may come first.
+            self.needs_requery = True
+        return ops
+
+
+def make_observer(bound: BoundCursor, snapshot: Snapshot | None = None,
+                  snapshot_lsn: int | None = None) -> Observer:
+    """The observer for ``bound``: limited if its cursor has a limit."""
+    if bound.cursor.limit is not None:
+        return LimitedObserver(bound, snapshot, snapshot_lsn)
+    return Observer(bound, snapshot, snapshot_lsn)

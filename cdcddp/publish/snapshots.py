@@ -173,7 +173,7 @@ def _read_rows(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableSh
     transaction under way (whose snapshot, WAL position and table shape are given).
     ``take`` gets the rows as they arrive."""
     cursor = _result_cursor(conn, bound, shape)
-    query, params = bound.snapshot_query()
+    query, params = bound.snapshot_query(shape=shape)
     with _result_rows(cursor, query, params) as rows, gc_paused():  # (see cdcddp.gcpause)
         return take(rows, snapshot, lsn)
 
@@ -188,7 +188,7 @@ def _read_together(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
     queries = []
     params: list[Any] = []
     for tag, read in enumerate(reads):
-        query, read_params = read.bound.snapshot_query(tag)
+        query, read_params = read.bound.snapshot_query(tag, shape)
         queries.append(sql.SQL("({})").format(query))
         params += read_params
     rows_of: list[list[Values]] = [[] for _ in reads]

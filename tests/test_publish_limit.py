@@ -1,0 +1,210 @@
+"""Sorted, limited cursors: PostgreSQL's ORDER BY ... LIMIT and the observer's ranking agree
+(a property test on real PostgreSQL), and live subscriptions to them stay exact."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cdcddp.client import MeteorError, connect
+from cdcddp.publish.definition import Cursor, Publication, PublicationError
+from cdcddp.publish.filters import C
+from cdcddp.publish.observer import LimitedObserver, make_observer
+from cdcddp.publish.ordering import SortError, rank_getter
+from cdcddp.wal.events import Delete, Insert, Update
+from tests.livedata_support import (
+    FIELDS,
+    asql,
+    build_live_app,
+    check_message_log,
+    expected_view,
+    live_server,
+    store,
+    wait_store,
+)
+from tests.test_publish_filters import COLUMN_VALUES, COLUMNS, TABLE_DDL, nullable
+
+# The oids of the property test table's columns (see TABLE_DDL).
+SHAPE = {"id": (23, False), "i": (23, False), "big": (20, False), "n": (1700, True),
+         "f": (701, False), "s": (25, True), "b": (16, False), "ts": (1184, False)}
+
+
+@pytest.fixture
+def conn(db_dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(db_dsn, autocommit=True) as connection:
+        connection.execute(TABLE_DDL)
+        yield connection
+
+
+sort_specs = st.lists(st.tuples(st.sampled_from(COLUMNS), st.sampled_from(["asc", "desc"])),
+                      min_size=1, max_size=3, unique_by=lambda e: e[0])
+table_rows = st.lists(
+    st.fixed_dictionaries({c: nullable(s) for c, s in COLUMN_VALUES.items()}), max_size=14)
+
+
+def test_sql_order_and_python_ranks_agree(conn: psycopg.Connection[Any]) -> None:
+    """Random rows (NULLs, NaN, ±Infinity, -0.0, text that a linguistic collation orders
+    otherwise, ties) and random sort orders: the rows PostgreSQL returns for a limited
+    cursor's query, in order, are the first rows by the observer's ranking."""
+
+    @settings(max_examples=120, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(rows=table_rows, sort=sort_specs, limit=st.integers(1, 16))
+    def agree(rows: list[dict[str, Any]], sort: list[tuple[str, str]], limit: int) -> None:
+        conn.execute("DELETE FROM t")
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO t (id, i, big, n, f, s, b, ts) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                [(n, *(r.get(c) for c in COLUMNS)) for n, r in enumerate(rows)])
+        bound = Cursor("t", fields=list(COLUMNS), sort=sort, limit=limit).bind()
+        query, params = bound.snapshot_query(shape=SHAPE)
+        got = conn.execute(query, params).fetchall()
+        rank = rank_getter(bound.cursor.order, ("id",), bound.columns)
+        everything = conn.execute(
+            f"SELECT {', '.join(bound.columns)} FROM t").fetchall()
+        expected = sorted(everything, key=rank)[:limit]
+        assert [r[0] for r in got] == [r[0] for r in expected], (sort, limit, everything)
+
+    agree()
+
+
+def test_cursor_sort_and_limit_are_checked() -> None:
+    for bad in (0, -1, 1.5, True, "3"):
+        with pytest.raises(PublicationError, match="limit"):
+            Cursor("t", fields=["a"], limit=bad)  # type: ignore[arg-type]
+    for sort in ("a", [("a", "up")], [("a", 2)], [("a", "asc", 1)], [3]):
+        with pytest.raises(PublicationError):
+            Cursor("t", fields=["a"], sort=sort, limit=1)  # type: ignore[arg-type]
+    cursor = Cursor("t", fields=["a"], sort=["a", ("b", -1), ("c", "DESC"), ("a", "desc")],
+                    limit=5)
+    assert cursor.order == (("a", False), ("b", True), ("c", True))
+    assert cursor.bind().columns == ("id", "a", "b", "c")  # sort columns are kept to rank rows
+    # Without a limit the order changes nothing: such cursors share one observer.
+    assert Cursor("t", fields=["a"], sort=["a"]).bind().key == Cursor("t", fields=["a"]).bind().key
+    assert Cursor("t", fields=["a"], limit=2).bind().key != Cursor("t", fields=["a"]).bind().key
+    with pytest.raises(SortError, match=r"'a'.*oid 114"):
+        cursor.bind().snapshot_query(shape={"id": (23, False), "a": (114, True),
+                                            "b": (23, False), "c": (23, False)})
+
+
+def _observer(limit: int, rows: list[tuple[int, str, int]]) -> LimitedObserver:
+    bound = Cursor("items", fields=["category", "rank"], filter=C("category") == "a",
+                   sort=[("rank", "desc")], limit=limit).bind()
+    observer = make_observer(bound)
+    assert isinstance(observer, LimitedObserver)
+    observer.fill(rows)
+    return observer
+
+
+def _ins(key: int, category: str, rank: int) -> Insert:
+    return Insert(1, 0, "public", "items", {"id": key, "category": category, "rank": rank},
+                  ("id",))
+
+
+def _upd(key: int, category: str, rank: int) -> Update:
+    return Update(1, 0, "public", "items", {"id": key, "category": category, "rank": rank},
+                  {"id": key}, ("id",))
+
+
+def _ops(result: Any) -> list[tuple[str, str]]:
+    return [(op.kind, op.doc_id) for op in result]
+
+
+def test_a_limited_observer_keeps_its_first_rows_and_says_when_to_read_again() -> None:
+    full = _observer(2, [(1, "a", 9), (2, "a", 5)])  # two rows: maybe more in the table
+    assert not full.complete
+    # A row ranking after the last one never enters; one ranking before it pushes it out.
+    assert _ops(full.apply(_ins(3, "a", 1))) == [] and not full.needs_requery
+    assert _ops(full.apply(_ins(4, "a", 7))) == [("added", "4"), ("removed", "2")]
+    assert full.evicted == ((2,),) and set(full.rows) == {(1,), (4,)}
+    # A held row moving up, or down but not to the end, keeps it exact.
+    assert _ops(full.apply(_upd(4, "a", 10))) == [("changed", "4")]
+    assert not full.needs_requery
+    # To the end: rows it does not hold may rank before it now.
+    assert _ops(full.apply(_upd(4, "a", 0))) == [("changed", "4")] and full.needs_requery
+    full.load([(1, "a", 9), (2, "a", 5)])
+    # A held row leaving (deleted, or out of the filter) leaves a place to fill.
+    assert _ops(full.apply(_upd(2, "b", 5))) == [("removed", "2")] and full.needs_requery
+    full.load([(1, "a", 9), (2, "a", 5)])
+    delete = Delete(1, 0, "public", "items", {"id": 1}, ("id",))
+    assert _ops(full.apply(delete)) == [("removed", "1")] and full.needs_requery
+
+    short = _observer(3, [(1, "a", 9)])  # fewer rows than the limit: it holds every match
+    assert short.complete
+    assert _ops(short.apply(_ins(2, "a", 1))) == [("added", "2")]
+    assert _ops(short.apply(_upd(1, "a", 0))) == [("changed", "1")]
+    assert _ops(short.apply(delete)) == [("removed", "1")] and not short.needs_requery
+    assert _ops(short.apply(_ins(3, "a", 5))) == [("added", "3")]
+    assert _ops(short.apply(_ins(4, "a", 4))) == [("added", "4")]
+    assert _ops(short.apply(_ins(5, "a", 0))) == []  # the 4th ranks last: full from now on
+    assert not short.complete and not short.needs_requery
+    assert set(short.rows) == {(2,), (3,), (4,)}
+
+
+def top_view(dsn: str, category: str) -> dict[str, dict[str, Any]]:
+    return expected_view(dsn, [("items.top", [{"category": category}])])
+
+
+async def test_a_limited_subscription_follows_the_first_rows(db_dsn: str) -> None:
+    """Rows coming in before the last one push it out; rows after it send nothing; a held
+    row that leaves or sinks to the end makes the observer read its rows again (only the
+    difference reaches the client)."""
+    async with live_server(db_dsn) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title, rank) VALUES "
+                           "('a', 'w', 5), ('a', 'x', 4), ('a', 'y', 3), ('a', 'z', 2), "
+                           "('b', 'other', 9)")
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.top", {"category": "a"})
+            assert store(client) == top_view(db_dsn, "a") and set(store(client)) == {"1", "2", "3"}
+            steps = [
+                ("INSERT INTO items (category, title, rank) VALUES ('a', 'v', 1)", 0),
+                ("INSERT INTO items (category, title, rank) VALUES ('a', 'u', 4)", 0),
+                ("UPDATE items SET rank = 9 WHERE id = 4", 0),  # from outside to the top
+                ("UPDATE items SET title = 'w2' WHERE id = 1", 0),
+                ("DELETE FROM items WHERE id = 4", 1),  # a place to fill: read again
+                ("UPDATE items SET category = 'b' WHERE id = 1", 1),
+                ("UPDATE items SET rank = 0 WHERE id = 2", 1),  # sinks past rows not held
+                ("UPDATE items SET category = 'a', rank = 8 WHERE id = 5", 0),
+                ("UPDATE items SET rank = 6 WHERE id = 5", 0),  # down, but still first
+            ]
+            for statement, requeries in steps:
+                before = live.resync_reasons["limit_requery"]
+                await asql(db_dsn, statement)
+                await live.sync()
+                await wait_store(client, top_view(db_dsn, "a"))
+                assert live.resync_reasons["limit_requery"] - before == requeries, statement
+            check_message_log(client)
+            # A transaction that empties it below the limit, then refills it: one read.
+            await asql(db_dsn, "BEGIN", "DELETE FROM items WHERE category = 'a'",
+                       "INSERT INTO items (category, title, rank) "
+                       "SELECT 'a', 'n' || g, g FROM generate_series(1, 5) g", "COMMIT")
+            await live.sync()
+            await wait_store(client, top_view(db_dsn, "a"))
+            check_message_log(client)
+            await asql(db_dsn, "TRUNCATE items")
+            await live.sync()
+            await wait_store(client, {})
+        assert live.resync_reasons["observer_error"] == 0
+
+
+async def test_a_cursor_sorting_by_an_unordered_type_fails_with_its_reason(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    app = build_live_app()
+    app.add_publication(Publication("items.byJson", Cursor(
+        "items", fields=FIELDS, sort=["doc"], limit=2)))
+    async with live_server(db_dsn, app, schema="") as server:
+        await asql(db_dsn, "CREATE TABLE items (id serial PRIMARY KEY, owner text, "
+                           "category text, title text, body text, rank int, version int, "
+                           "doc jsonb)")
+        async with connect(server.ws_url) as client:
+            with pytest.raises(MeteorError) as failed:
+                await client.subscribe("items.byJson")
+            assert failed.value.error == 500  # the reason is the developer's, in the log
+        assert "cannot sort by column 'doc'" in caplog.text
