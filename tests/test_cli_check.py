@@ -57,3 +57,22 @@ def test_unreachable_database_and_bad_app_get_one_line(db_dsn: str) -> None:
     assert wrong_app.returncode == 1
     assert wrong_app.stderr.startswith("cdcddp: cannot import 'no.such'")
     assert "Traceback" not in wrong_app.stderr
+
+
+def test_a_limited_cursors_sort_columns_are_checked(db_dsn: str) -> None:
+    from cdcddp.publish.check import check_cursor
+    from cdcddp.publish.definition import Cursor
+
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE posts (id int PRIMARY KEY, title text, doc jsonb, "
+                     "at timestamptz)")
+        good = check_cursor(conn, "p", Cursor("posts", fields=["title"],
+                                              sort=[("at", "desc"), "title"], limit=5))
+        assert [f.severity for f in good] == ["ok"]
+        bad = check_cursor(conn, "p", Cursor("posts", fields=["title"],
+                                             sort=["doc", "nope"], limit=5))
+        assert [f.message for f in bad if f.severity == "error"] == [
+            "publication 'p': sort column(s) nope do not exist in public.posts: fix the cursor "
+            "or add the column(s).",
+            "publication 'p': cannot sort by doc (jsonb): sort by numbers, text, varchar, bool, "
+            "bytea, date, time, timestamp, timestamptz or uuid columns."]

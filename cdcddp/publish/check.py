@@ -1,9 +1,10 @@
 """Preflight of declared publications against a real database (``cdcddp check``).
 
 For each cursor of a publication with fixed cursors: the table exists and streams its UPDATEs
-and DELETEs (primary key or replica identity), and the key, published and filtered columns
-exist. Publication functions produce their cursors per subscription, so only their presence is
-reported; their cursors are checked when they are resolved.
+and DELETEs (primary key or replica identity), the key, published, filtered and sort columns
+exist, and a limited cursor's sort columns have a type it can sort by. Publication functions
+produce their cursors per subscription, so only their presence is reported; their cursors are
+checked when they are resolved.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from collections.abc import Iterable
 import psycopg
 
 from cdcddp.publish.definition import Cursor, Publication
+from cdcddp.publish.ordering import SORTABLE_TYPE_OIDS
 from cdcddp.wal.preflight import Finding, check_table
 
 
-def _columns(conn: psycopg.Connection, schema: str, table: str) -> set[str]:
+def _columns(conn: psycopg.Connection, schema: str, table: str) -> dict[str, tuple[int, str]]:
+    """The table's columns: name -> (type oid, type name)."""
     rows = conn.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = "
-        "(quote_ident(%s) || '.' || quote_ident(%s))::regclass AND attnum > 0 "
+        "SELECT attname, atttypid::int, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass AND attnum > 0 "
         "AND NOT attisdropped", (schema, table)).fetchall()
-    return {name for (name,) in rows}
+    return {name: (oid, type_name) for name, oid, type_name in rows}
 
 
 def check_cursor(conn: psycopg.Connection, publication: str, cursor: Cursor) -> list[Finding]:
@@ -35,6 +38,7 @@ def check_cursor(conn: psycopg.Connection, publication: str, cursor: Cursor) -> 
         "primary key": list(cursor.key_columns),
         "published": [column for column, _ in cursor.field_map],
         "filter": sorted(cursor.condition.column_names),
+        "sort": [column for column, _ in cursor.order],
     }
     findings = []
     for role, columns in wanted.items():
@@ -44,6 +48,15 @@ def check_cursor(conn: psycopg.Connection, publication: str, cursor: Cursor) -> 
                 "error", "column_missing",
                 f"publication {publication!r}: {role} column(s) {', '.join(missing)} do not exist "
                 f"in {qualified}: fix the cursor or add the column(s)."))
+    if cursor.limit is not None:
+        unsortable = [f"{c} ({existing[c][1]})" for c in (*wanted["sort"], *cursor.key_columns)
+                      if c in existing and existing[c][0] not in SORTABLE_TYPE_OIDS]
+        if unsortable:
+            findings.append(Finding(
+                "error", "sort_type",
+                f"publication {publication!r}: cannot sort by {', '.join(unsortable)}: sort "
+                f"by numbers, text, varchar, bool, bytea, date, time, timestamp, timestamptz "
+                f"or uuid columns."))
     if not findings:
         findings.append(Finding("ok", "publication",
                                 f"publication {publication!r}: {qualified} is publishable."))
