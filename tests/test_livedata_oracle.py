@@ -1,7 +1,8 @@
 """The correctness oracle: concurrent writers (inserts, updates moving rows in and out of
 filters, deletes, TOASTed values, truncates, rollbacks, multi-row transactions) while clients
 subscribe and unsubscribe with overlapping publications and parameters (one of them a
-function whose cursor follows a row it looks up, which the writers move too), and the
+function whose cursor follows a row it looks up, which the writers move too; one a sorted
+cursor limited to its first rows, which the writers' rank changes reorder), and the
 walsender is killed mid-way. One more writer's commits are *held*: decoded and delivered by
 the stream, yet not visible to new snapshots for a while (a synchronous standby that never
 answers holds them, until the oracle gives up waiting for it), PostgreSQL's widest window
