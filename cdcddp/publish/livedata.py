@@ -248,7 +248,13 @@ class _OpenTransaction:
 
 
 class _RetrySnapshot(Exception):
-    """The handoff cannot be completed from the ring: take the snapshot again."""
+    """The handoff cannot be completed from the ring: take the snapshot again, one that sees
+    the first ``must_see`` delivered transactions (the one that could not be replayed: a
+    snapshot without it would fail the same way, over and over while its commit waits)."""
+
+    def __init__(self, must_see: int = 0) -> None:
+        super().__init__()
+        self.must_see = must_see
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -545,12 +551,14 @@ class LiveData:
             self._kept_whole_from[table] = self.ring.kept_count + (1 if receiving is None else 2)
         self._interest[table] += 1  # from the pin on, the ring keeps this table's changes
         try:
+            must_see = 0
             while True:
                 try:
-                    await self._snapshot_and_register(entry)
+                    await self._snapshot_and_register(entry, must_see)
                     break
-                except _RetrySnapshot:
+                except _RetrySnapshot as retry:
                     self.snapshot_retries += 1
+                    must_see = max(must_see, retry.must_see)
         except Exception as exc:
             log.error("observer for %s.%s failed to start", *table, exc_info=exc)
             entry.error = exc
@@ -562,11 +570,11 @@ class LiveData:
         if entry.error is None and entry.leases <= 0:
             self._drop(entry)
 
-    async def _snapshot_and_register(self, entry: ObserverEntry) -> None:
+    async def _snapshot_and_register(self, entry: ObserverEntry, at_least: int = 0) -> None:
         bound = entry.bound
         pin = self.ring.pin(self._kept_whole_from.get(entry.table))
         first = self.ring.first_since(pin)
-        must_see = self._commits_seen if first is None else first.delivery - 1
+        must_see = max(at_least, self._commits_seen if first is None else first.delivery - 1)
         try:
             # Transactions delivered before the pin's reach must be in the snapshot (they are
             # not in the ring); those after it are in the ring, replayed if it lacks them.
@@ -662,7 +670,7 @@ class LiveData:
             # Begun before our pin, when our table was not yet of interest: its changes to
             # it were not (all) kept, maybe none, so it cannot be replayed; only skipped.
             if observer.wants_transaction(txn.xid, txn.end_lsn):
-                raise _RetrySnapshot
+                raise _RetrySnapshot(txn.delivery)
             return
         if not any((c.schema, c.table) == table for c in txn.changes):
             return
@@ -681,7 +689,7 @@ class LiveData:
                 await self._fetch_into(observer, change, result, txn.xid,  # type: ignore[arg-type]
                                        txn.changes)
             if observer.needs_requery:
-                raise _RetrySnapshot  # a limited cursor's rows: a later snapshot has them
+                raise _RetrySnapshot(txn.delivery)  # a limited cursor's rows: read with it
 
     async def _between_transactions(self) -> None:
         """Wait until no transaction is being applied, nor being received while a table
