@@ -16,7 +16,7 @@ from cdcddp.client import MeteorError, connect
 from cdcddp.publish.definition import Cursor, Publication, PublicationError
 from cdcddp.publish.filters import C
 from cdcddp.publish.observer import LimitedObserver, make_observer
-from cdcddp.publish.ordering import SortError, rank_getter
+from cdcddp.publish.ordering import SortError, rank_getter, read_limit
 from cdcddp.wal.events import Delete, Insert, Update
 from tests.livedata_support import (
     FIELDS,
@@ -70,7 +70,7 @@ def test_sql_order_and_python_ranks_agree(conn: psycopg.Connection[Any]) -> None
         rank = rank_getter(bound.cursor.order, ("id",), bound.columns)
         everything = conn.execute(
             f"SELECT {', '.join(bound.columns)} FROM t").fetchall()
-        expected = sorted(everything, key=rank)[:limit]
+        expected = sorted(everything, key=rank)[:read_limit(limit)]
         assert [r[0] for r in got] == [r[0] for r in expected], (sort, limit, everything)
 
     agree()
@@ -114,39 +114,46 @@ def _upd(key: int, category: str, rank: int) -> Update:
                   {"id": key}, ("id",))
 
 
-def _ops(result: Any) -> list[tuple[str, str]]:
-    return [(op.kind, op.doc_id) for op in result]
+def _ops(result: Any) -> set[tuple[str, str]]:
+    ops = [(op.kind, op.doc_id) for op in result]
+    assert len(set(ops)) == len(ops)
+    return set(ops)
 
 
-def test_a_limited_observer_keeps_its_first_rows_and_says_when_to_read_again() -> None:
-    full = _observer(2, [(1, "a", 9), (2, "a", 5)])  # two rows: maybe more in the table
-    assert not full.complete
-    # A row ranking after the last one never enters; one ranking before it pushes it out.
-    assert _ops(full.apply(_ins(3, "a", 1))) == [] and not full.needs_requery
-    assert _ops(full.apply(_ins(4, "a", 7))) == [("added", "4"), ("removed", "2")]
-    assert full.evicted == ((2,),) and set(full.rows) == {(1,), (4,)}
-    # A held row moving up, or down but not to the end, keeps it exact.
-    assert _ops(full.apply(_upd(4, "a", 10))) == [("changed", "4")]
-    assert not full.needs_requery
-    # To the end: rows it does not hold may rank before it now.
-    assert _ops(full.apply(_upd(4, "a", 0))) == [("changed", "4")] and full.needs_requery
-    full.load([(1, "a", 9), (2, "a", 5)])
-    # A held row leaving (deleted, or out of the filter) leaves a place to fill.
-    assert _ops(full.apply(_upd(2, "b", 5))) == [("removed", "2")] and full.needs_requery
-    full.load([(1, "a", 9), (2, "a", 5)])
+def test_a_limited_observer_publishes_its_first_rows_and_reads_again_only_when_short() -> None:
+    """Limit 2: the query gives 4 rows, 2 published and 2 held in reserve."""
+    full = _observer(2, [(1, "a", 9), (2, "a", 7), (3, "a", 5), (4, "a", 3)])
+    assert not full.complete and set(full.docs) == {"1", "2"} and len(full.rows) == 4
+    # A row ranking after every held one stays out; one ranking before pushes the last out.
+    assert _ops(full.apply(_ins(5, "a", 1))) == set() and full.evicted == ((5,),)
+    assert _ops(full.apply(_ins(6, "a", 8))) == {("added", "6"), ("removed", "2")}
+    assert full.evicted == ((4,),) and set(full.rows) == {(1,), (6,), (2,), (3,)}
+    # A published row leaving: the next held one takes its place, no query.
     delete = Delete(1, 0, "public", "items", {"id": 1}, ("id",))
-    assert _ops(full.apply(delete)) == [("removed", "1")] and full.needs_requery
+    assert _ops(full.apply(delete)) == {("removed", "1"), ("added", "2")}
+    assert not full.needs_requery
+    # Sinking to the end, past rows it does not hold: let go, and the next one comes up.
+    assert _ops(full.apply(_upd(6, "a", 0))) == {("removed", "6"), ("added", "3")}
+    assert full.evicted == ((6,),) and not full.needs_requery
+    # Moving within what it holds keeps it exact.
+    assert _ops(full.apply(_upd(3, "a", 8))) == {("changed", "3")}
+    # Out of the filter, leaving fewer rows than it publishes: read again.
+    assert _ops(full.apply(_upd(2, "b", 7))) == {("removed", "2")} and full.needs_requery
 
-    short = _observer(3, [(1, "a", 9)])  # fewer rows than the limit: it holds every match
+    short = _observer(3, [(1, "a", 9)])  # fewer rows than asked for: it holds every match
     assert short.complete
-    assert _ops(short.apply(_ins(2, "a", 1))) == [("added", "2")]
-    assert _ops(short.apply(_upd(1, "a", 0))) == [("changed", "1")]
-    assert _ops(short.apply(delete)) == [("removed", "1")] and not short.needs_requery
-    assert _ops(short.apply(_ins(3, "a", 5))) == [("added", "3")]
-    assert _ops(short.apply(_ins(4, "a", 4))) == [("added", "4")]
-    assert _ops(short.apply(_ins(5, "a", 0))) == []  # the 4th ranks last: full from now on
-    assert not short.complete and not short.needs_requery
-    assert set(short.rows) == {(2,), (3,), (4,)}
+    assert _ops(short.apply(_ins(2, "a", 1))) == {("added", "2")}
+    assert _ops(short.apply(_upd(1, "a", 0))) == {("changed", "1")}
+    assert _ops(short.apply(delete)) == {("removed", "1")} and not short.needs_requery
+    assert _ops(short.apply(_ins(3, "a", 5))) == {("added", "3")}
+    assert _ops(short.apply(_ins(4, "a", 4))) == {("added", "4")}
+    assert _ops(short.apply(_ins(5, "a", 0))) == set()  # the 4th: held, not published
+    assert _ops(short.apply(_ins(6, "a", 9))) == {("added", "6"), ("removed", "2")}
+    assert short.complete
+    assert _ops(short.apply(_ins(7, "a", -1))) == set()
+    assert _ops(short.apply(_ins(8, "a", -2))) == set()  # a 7th: more than it holds
+    assert not short.complete and short.evicted == ((8,),) and len(short.rows) == 6
+    assert set(short.docs) == {"6", "3", "4"}
 
 
 def top_view(dsn: str, category: str) -> dict[str, dict[str, Any]]:
@@ -154,27 +161,28 @@ def top_view(dsn: str, category: str) -> dict[str, dict[str, Any]]:
 
 
 async def test_a_limited_subscription_follows_the_first_rows(db_dsn: str) -> None:
-    """Rows coming in before the last one push it out; rows after it send nothing; a held
-    row that leaves or sinks to the end makes the observer read its rows again (only the
-    difference reaches the client)."""
+    """items.top publishes 3 rows and holds 3 more in reserve. Rows coming in before the last
+    held one push it out; rows after it send nothing; a published row that leaves is replaced
+    from the reserve; only when fewer than 3 are left does the observer read its rows again
+    (only the difference reaches the client)."""
     async with live_server(db_dsn) as server:
         live = server.live
-        await asql(db_dsn, "INSERT INTO items (category, title, rank) VALUES "
-                           "('a', 'w', 5), ('a', 'x', 4), ('a', 'y', 3), ('a', 'z', 2), "
-                           "('b', 'other', 9)")
+        await asql(db_dsn, "INSERT INTO items (category, title, rank) "
+                           "SELECT 'a', 't' || g, 10 - g FROM generate_series(1, 8) g")
         async with connect(server.ws_url, log_messages=True) as client:
             await client.subscribe("items.top", {"category": "a"})
             assert store(client) == top_view(db_dsn, "a") and set(store(client)) == {"1", "2", "3"}
-            steps = [
-                ("INSERT INTO items (category, title, rank) VALUES ('a', 'v', 1)", 0),
-                ("INSERT INTO items (category, title, rank) VALUES ('a', 'u', 4)", 0),
-                ("UPDATE items SET rank = 9 WHERE id = 4", 0),  # from outside to the top
-                ("UPDATE items SET title = 'w2' WHERE id = 1", 0),
-                ("DELETE FROM items WHERE id = 4", 1),  # a place to fill: read again
-                ("UPDATE items SET category = 'b' WHERE id = 1", 1),
-                ("UPDATE items SET rank = 0 WHERE id = 2", 1),  # sinks past rows not held
-                ("UPDATE items SET category = 'a', rank = 8 WHERE id = 5", 0),
-                ("UPDATE items SET rank = 6 WHERE id = 5", 0),  # down, but still first
+            steps = [  # holding 1-6, of 8
+                ("INSERT INTO items (category, title, rank) VALUES ('a', 'u', 1)", 0),  # 9
+                ("INSERT INTO items (category, title, rank) VALUES ('a', 'v', 10)", 0),  # 10
+                ("DELETE FROM items WHERE id = 10", 0),
+                ("DELETE FROM items WHERE id = 1", 0),
+                ("UPDATE items SET category = 'b' WHERE id = 2", 0),
+                ("UPDATE items SET title = 'x' WHERE id = 4", 0),
+                ("DELETE FROM items WHERE id = 3", 1),  # two left: read again (4-9)
+                ("UPDATE items SET rank = 0 WHERE id = 4", 0),  # sinks past rows not held
+                ("UPDATE items SET category = 'a', rank = 8 WHERE id = 2", 0),
+                ("UPDATE items SET rank = 4 WHERE id = 2", 0),  # down, among the first
             ]
             for statement, requeries in steps:
                 before = live.resync_reasons["limit_requery"]
@@ -183,7 +191,7 @@ async def test_a_limited_subscription_follows_the_first_rows(db_dsn: str) -> Non
                 await wait_store(client, top_view(db_dsn, "a"))
                 assert live.resync_reasons["limit_requery"] - before == requeries, statement
             check_message_log(client)
-            # A transaction that empties it below the limit, then refills it: one read.
+            # A transaction that empties it, then refills it: one read, seeing all of it.
             await asql(db_dsn, "BEGIN", "DELETE FROM items WHERE category = 'a'",
                        "INSERT INTO items (category, title, rank) "
                        "SELECT 'a', 'n' || g, g FROM generate_series(1, 5) g", "COMMIT")
@@ -215,23 +223,24 @@ async def test_a_cursor_sorting_by_an_unordered_type_fails_with_its_reason(
 async def test_a_limited_subscription_waits_for_a_held_commit_it_cannot_replay(
         db_dsn: str) -> None:
     """A new limited subscription's snapshot lacks a delivered commit (held by a standby that
-    does not answer) that took one of its first rows: replaying it would leave a place to
-    fill, so the snapshot is taken again, and that one waits until it sees the commit, rather
-    than being retaken over and over while the commit waits."""
+    does not answer) that took more of its rows than it holds in reserve: replaying it would
+    leave places to fill, so the snapshot is taken again, and that one waits until it sees the
+    commit, rather than being retaken over and over while the commit waits."""
     async with live_server(db_dsn) as server:
         live = server.live
-        await asql(db_dsn, "INSERT INTO items (category, title, rank) VALUES "
-                           "('a', 'w', 5), ('a', 'x', 4), ('a', 'y', 3), ('a', 'z', 2)")
+        await asql(db_dsn, "INSERT INTO items (category, title, rank) "
+                           "SELECT 'a', 't' || g, 10 - g FROM generate_series(1, 7) g")
         async with connect(server.ws_url) as first, connect(server.ws_url) as second:
             await first.subscribe("items.all")  # the ring keeps the table's transactions
             with standby_that_never_answers(db_dsn), \
                     psycopg.connect(db_dsn, autocommit=True) as held, \
                     psycopg.connect(db_dsn, autocommit=True) as admin:
                 async with trio.open_nursery() as nursery:
+                    # It takes 4 of the 6 rows the new observer's snapshot gives it.
                     nursery.start_soon(trio.to_thread.run_sync, held.execute,
-                                       "DELETE FROM items WHERE id = 1")
+                                       "DELETE FROM items WHERE id <= 4")
                     try:
-                        await first.wait_for(lambda: "1" not in store(first), 5)
+                        await first.wait_for(lambda: "4" not in store(first), 5)
                         retries = live.snapshot_retries
                         ready = trio.Event()
 
@@ -249,4 +258,4 @@ async def test_a_limited_subscription_waits_for_a_held_commit_it_cannot_replay(
                             (held.info.backend_pid,))
                     with trio.fail_after(10):
                         await ready.wait()
-            assert store(second) == top_view(db_dsn, "a") and set(store(second)) == {"2", "3", "4"}
+            assert store(second) == top_view(db_dsn, "a") and set(store(second)) == {"5", "6", "7"}

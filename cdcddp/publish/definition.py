@@ -43,7 +43,7 @@ from psycopg import sql
 
 from cdcddp.publish.filters import TRUE, BoundFilter, Condition, Row, quoted
 from cdcddp.publish.ids import pk_to_doc_id
-from cdcddp.publish.ordering import order_by
+from cdcddp.publish.ordering import order_by, read_limit
 
 UserIdValue: TypeAlias = Any  # the accounts layer's user id (str, int or UUID); None = anonymous
 Fields: TypeAlias = dict[str, Any]
@@ -255,7 +255,7 @@ class BoundCursor:
         if cursor.limit is not None:
             query = sql.SQL("{} {} LIMIT {}").format(
                 query, order_by(cursor.order, cursor.key_columns, shape),
-                sql.Literal(cursor.limit))
+                sql.Literal(read_limit(cursor.limit)))
         return query, params
 
     @property

@@ -30,7 +30,7 @@ from cdcddp.ddp.mergebox import diff_visible
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor, Fields
 from cdcddp.publish.ids import pk_to_wire_id
-from cdcddp.publish.ordering import Rank, rank_getter
+from cdcddp.publish.ordering import Rank, rank_getter, read_limit
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Delete, Insert, RowChange, Update
 
@@ -447,12 +447,16 @@ class Observer:
 class LimitedObserver(Observer):
     """The first ``limit`` rows of a sorted cursor (see :mod:`cdcddp.publish.ordering`).
 
-    It holds only those rows, so it knows every matching row (``complete``) only while fewer
-    than ``limit`` match. Otherwise every matching row it does not hold ranks after all it
-    holds; a change keeps that true (a row that ranks before the last one comes in, and the
-    last one goes) unless a held row leaves, or moves to the end past rows it may not know
-    of. Then ``needs_requery``: the caller reads its rows again, from a snapshot that sees the
-    transaction, and skips it for the rest of that transaction.
+    It holds the rows its query returned: the first ``limit`` ones, published (``docs``), and
+    as many again as a buffer (in ``rows`` only, like Meteor's oplog driver), so that a row
+    leaving is replaced from the buffer without a query. It knows every matching row
+    (``complete``) only while its query returned fewer than it asked for. Otherwise every
+    matching row it does not hold ranks after all it holds, and each change keeps that true:
+    a row ranking before the last held one comes in and the last one goes; one ranking after
+    it stays out; a held row that sinks to the end goes too (rows it does not hold may rank
+    before it now). Only when fewer than ``limit`` rows are left is it ``needs_requery``: the
+    caller reads its rows again, from a snapshot that sees the transaction, and skips it for
+    the rest of that transaction.
     """
 
     limited = True
@@ -463,78 +467,111 @@ class LimitedObserver(Observer):
         limit = bound.cursor.limit
         assert limit is not None
         self.limit = limit
+        self.capacity = read_limit(limit)
         self._rank = rank_getter(bound.cursor.order, self.key_columns, self.columns)
         self._key_length = len(self.key_columns)
-        self._ranks: list[Rank] = []  # the held rows' ranks, in order
+        self._ranks: list[Rank] = []  # every held row's rank, in order
         self.complete = True
 
     def fill(self, rows: Iterable[Values]) -> None:
-        super().fill(rows)
-        self._ranked()
+        self.load(rows)
 
     def load(self, rows: Iterable[Row | Values]) -> list[DocOp]:
-        ops = super().load(rows)
-        self._ranked()
-        return ops
-
-    def _ranked(self) -> None:
-        """After a (re)load: the rows a query gave, at most ``limit``."""
+        """The rows a query gave (at most ``capacity``): the first ``limit`` are published."""
+        ranked = sorted(map(self.values_of, rows), key=self._rank)
+        ops = super().load(ranked[:self.limit])
+        key_of = self._values_key_of
+        for values in ranked[self.limit:]:
+            self.rows[key_of(values)] = values
         self._ranks = sorted(map(self._rank, self.rows.values()))
-        self.complete = len(self._ranks) < self.limit
+        self.complete = len(ranked) < self.capacity
         self.evicted = ()
         self.needs_requery = False
+        return ops
 
     def apply(self, change: RowChange) -> list[DocOp] | NeedsRow:
         kind = type(change)
         old_key = None if kind is Insert else replaced_key(
             self._key_of, change.identity,  # type: ignore[union-attr]
             change.new if kind is Update else None)  # type: ignore[union-attr]
-        old_rank = self._held_rank(old_key)
+        old_rank, published = self._before(old_key)
         result = super().apply(change)
         if type(result) is NeedsRow:
             self.evicted, self.needs_requery = (), False
             return result
-        return self._within_limit(result, old_rank)  # type: ignore[arg-type]
+        return self._settle(result, old_rank, published)  # type: ignore[arg-type]
 
     def apply_fetched(self, old_key: Key | None, row: Row | None) -> list[DocOp]:
-        old_rank = self._held_rank(old_key)
-        return self._within_limit(super().apply_fetched(old_key, row), old_rank)
+        old_rank, published = self._before(old_key)
+        return self._settle(super().apply_fetched(old_key, row), old_rank, published)
 
-    def _held_rank(self, key: Key | None) -> Rank | None:
+    def _before(self, key: Key | None) -> tuple[Rank | None, bool]:
+        """The rank of the row ``key`` before the change (None: not held), and whether it
+        was published."""
         values = self.rows.get(key) if key is not None else None
-        return None if values is None else self._rank(values)
+        if values is None:
+            return None, False
+        return self._rank(values), _wire_id_of_key(key) in self.docs  # type: ignore[arg-type]
 
-    def _within_limit(self, ops: list[DocOp], old_rank: Rank | None) -> list[DocOp]:
-        """Re-rank the row the change wrote (``keys``; ``old_rank``: its rank before, if it
-        was held), then keep the limit; says what was let go and whether to read again."""
+    def _remove(self, key: Key) -> list[DocOp]:
+        if self.rows.pop(key, None) is None:
+            return []
+        doc_id = _wire_id_of_key(key)
+        if self.docs.pop(doc_id, None) is None:
+            return []  # a buffered row: never published
+        return [DocOp("removed", self.collection, doc_id)]
+
+    def _settle(self, ops: list[DocOp], old_rank: Rank | None, was_published: bool
+                ) -> list[DocOp]:
+        """After the base class applied a change as if every held row were published: re-rank
+        the row it wrote (``keys``; ``old_rank``: its rank before, if it was held), keep the
+        capacity, then publish exactly the first ``limit`` held rows."""
         self.evicted, self.needs_requery = (), False
-        ranks = self._ranks
+        ranks, rows = self._ranks, self.rows
+        old_key, new_key = self.keys
         if old_rank is not None:
             del ranks[bisect_left(ranks, old_rank)]
-        new_key = self.keys[1]
-        new_values = self.rows.get(new_key) if new_key is not None else None
+        new_values = rows.get(new_key) if new_key is not None else None
         new_rank = None
         if new_values is not None:
             new_rank = self._rank(new_values)
             insort(ranks, new_rank)
-        if len(ranks) > self.limit:
+        let_go = None
+        if not self.complete and new_rank is not None and old_rank is not None and (
+                new_rank > old_rank and ranks[-1] == new_rank):
+            let_go = ranks.pop()  # sank to the end: rows it does not hold may come first
+        elif len(ranks) > self.capacity:
+            let_go = ranks.pop()
             self.complete = False
-            last = ranks.pop()
-            key = last[-self._key_length:]
-            doc_id = _wire_id_of_key(key)
-            del self.rows[key], self.docs[doc_id]
-            if last == new_rank and old_rank is None:
-                # It came in after the last row: it never enters.
-                ops = [op for op in ops if op.doc_id != doc_id or op.kind == "removed"]
-            else:
-                ops.append(DocOp("removed", self.collection, doc_id))
+        touched = {old_key, new_key}
+        if let_go is not None:
+            key = let_go[-self._key_length:]
+            del rows[key]
             self.evicted = (key,)
-        elif not self.complete and (
-                len(ranks) < self.limit or (
-                    new_rank is not None and old_rank is not None and new_rank > old_rank
-                    and ranks[-1] == new_rank)):
-            # A held row left, or moved to the end: rows it does not know may come first.
-            self.needs_requery = True
+            touched.add(key)
+        limit = self.limit
+        for index in (limit - 1, limit):  # the rows either side of the published boundary
+            if index < len(ranks):
+                touched.add(ranks[index][-self._key_length:])
+        for key in touched:
+            if key is None:
+                continue
+            doc_id = _wire_id_of_key(key)
+            values = rows.get(key)
+            publish = values is not None and bisect_left(ranks, self._rank(values)) < limit
+            if publish and doc_id not in self.docs:
+                fields = self._render_values(values)[1]  # type: ignore[arg-type]
+                self.docs[doc_id] = fields
+                ops.append(DocOp("added", self.collection, doc_id, fields))
+            elif not publish and doc_id in self.docs:
+                del self.docs[doc_id]
+                # Published before this change (not just now by the base class): removed.
+                before = was_published if key == old_key else key != new_key
+                ops = [op for op in ops if op.doc_id != doc_id]
+                if before:
+                    ops.append(DocOp("removed", self.collection, doc_id))
+        if not self.complete and len(ranks) < limit:
+            self.needs_requery = True  # fewer than it publishes: rows it does not hold belong
         return ops
 
 

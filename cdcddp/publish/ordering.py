@@ -87,8 +87,11 @@ def rank_getter(order: Sequence[tuple[str, bool]], key_columns: Sequence[str],
     return rank
 
 
-def key_of_rank(rank: Rank, key_length: int) -> tuple[Any, ...]:
-    return rank[-key_length:]
+def read_limit(limit: int) -> int:
+    """The rows a limited cursor's query asks for: its ``limit``, and as many again, which
+    its observer holds unpublished to replace rows that leave (Meteor's oplog driver keeps
+    such a buffer too)."""
+    return 2 * limit
 
 
 def order_by(order: Sequence[tuple[str, bool]], key_columns: Sequence[str],
