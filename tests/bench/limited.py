@@ -4,20 +4,21 @@
                                             [--changes 200]
 
 A table of --rows posts in one room (index on (room, at)). DDP clients (in this process, with
-the server) subscribe to the whole room (an unlimited cursor) and, in phase 2, to the room's
---limit latest posts (``sort=[("at", "desc")]``). Each change is one transaction, timed from
-before its commit to the moment each client holds its result:
+the server) subscribe to the whole room (an unlimited cursor) and, from phase 2 on, to the
+room's --limit latest posts (``sort=[("at", "desc")]``; its observer holds as many more in
+reserve). Each change is one transaction, timed from before its commit until every client
+holds its result:
 
-- ``push``: a new latest post. The limited view takes it and lets its last post go (added +
-  removed); the unlimited one adds it.
-- ``take``: the latest post is deleted. The limited view has a place to fill: its observer
-  reads its rows again (``limit_requery``), and until the stream has caught up with that
-  read no client is flushed (see ``LiveData._hold_until_caught_up``); the unlimited view
-  removes it.
+- ``push``: a new latest post. The limited view takes it and lets its last post go;
+- ``take``: the latest post is deleted. The limited view takes the next one from its reserve;
+  once the reserve is used up, its observer reads its rows again (``limit_requery``), and
+  until the stream has caught up with that read no client is flushed
+  (``LiveData._hold_until_caught_up``).
 
-Phase 1, the baseline: only the unlimited view. Phase 2: both. Prints p50/p99 per view and
-kind, and the re-reads counted; last line ``limit_requery_p50_ms=`` (``take`` on the limited
-view).
+Phase 1, the baseline: the unlimited view alone, pushes and takes alternating. Phase 2, a
+feed: the same with both views. Phase 3, a drain: takes only, with both views (a re-read
+every --limit + 1 takes). Prints p50/p99 per phase, view and kind, and the re-reads counted;
+last line ``limited_drain_take_p99_ms=``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ async def run(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
     server = Server(bench_app(args.limit), ServerConfig(), dsn=dsn,
                     live_config=LiveDataConfig(slot="limited_bench", temporary_slot=True))
     samples: dict[str, list[float]] = {}
+    requeries: dict[str, int] = {}
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve, "127.0.0.1", 0)
         url = f"ws://127.0.0.1:{port}/websocket"
@@ -81,23 +83,27 @@ async def run(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
         with psycopg.connect(dsn, autocommit=True) as conn:
             async with connect(url) as everything:
                 await everything.subscribe("room.all")
-                await changes(conn, {"unlimited (alone)": everything}, args.changes, samples)
+                await changes(conn, {"1 unlimited (alone)": everything}, args.changes,
+                              ("push", "take"), samples)
                 async with connect(url) as latest:
                     await latest.subscribe("room.latest")
-                    requeries = live.resync_reasons["limit_requery"]
-                    await changes(conn, {"limited": latest, "unlimited (beside it)": everything},
-                                  args.changes, samples)
-                    requeries = live.resync_reasons["limit_requery"] - requeries
+                    both = {"limited": latest, "unlimited (beside it)": everything}
+                    for phase, kinds in (("2 feed", ("push", "take")), ("3 drain", ("take",))):
+                        before = live.resync_reasons["limit_requery"]
+                        await changes(conn, {f"{phase}, {view}": client
+                                             for view, client in both.items()},
+                                      args.changes, kinds, samples)
+                        requeries[phase] = live.resync_reasons["limit_requery"] - before
                     assert len(_docs(latest)) == args.limit
         nursery.cancel_scope.cancel()
     return {"samples": samples, "requeries": requeries}
 
 
 async def changes(conn: psycopg.Connection[Any], clients: dict[str, DDPClient], count: int,
-                  samples: dict[str, list[float]]) -> None:
-    """``count`` pushes and takes, alternating; each timed until every client has it."""
+                  kinds: tuple[str, ...], samples: dict[str, list[float]]) -> None:
+    """``count`` rounds of ``kinds``; each change timed until every client has it."""
     for n in range(count):
-        for kind in ("push", "take"):
+        for kind in kinds:
             started = time.perf_counter()
             if kind == "push":
                 (doc,), = conn.execute(
@@ -133,7 +139,7 @@ def main() -> None:
         dsn = args.dsn or stack.enter_context(throwaway_cluster("cdcddp-bench-")).dsn()
         setup(dsn, args.rows)
         print(f"{args.rows:,} posts, the latest {args.limit} against all of them; "
-              f"{args.changes} pushes and {args.changes} takes, one transaction each",
+              f"{args.changes} changes of each kind per phase, one transaction each",
               flush=True)
         result = trio.run(run, dsn, args)
     samples = result["samples"]
@@ -141,9 +147,11 @@ def main() -> None:
         ordered = sorted(values)
         print(f"{name}: p50 {statistics.median(ordered) * 1000:.2f} ms, "
               f"p99 {ddpbench.percentile(ordered, 0.99) * 1000:.2f} ms")
-    print(f"re-reads of the limited view: {result['requeries']} for {args.changes} takes")
-    take = statistics.median(samples["limited take"]) * 1000
-    print(f"limit_requery_p50_ms={take:.2f}")
+    for phase, count in result["requeries"].items():
+        print(f"phase {phase}: the limited view read its rows again {count} times in "
+              f"{args.changes} takes")
+    drain = sorted(samples["3 drain, limited take"])
+    print(f"limited_drain_take_p99_ms={ddpbench.percentile(drain, 0.99) * 1000:.2f}")
 
 
 if __name__ == "__main__":
