@@ -40,9 +40,13 @@
   ``resync_behind_bytes`` behind makes the stream skip its backlog (slot advanced) and yield a
   ``StreamGap``; the gap's first snapshot (every skipped commit visible in it) settles the
   write fences of transactions the stream will never deliver.
-* **TOAST** (invariant 4). Columns wal2json leaves out come from the observer's copy; a row
-  moving *in* without them is fetched by key in a REPEATABLE READ transaction whose snapshot
-  then shields that row from the changes it already reflects.
+* **TOAST** (invariant 4). Columns wal2json leaves out come from the observer's copy, or from
+  the row's earlier changes in the same transaction; a row moving *in* without them is
+  fetched by key in a REPEATABLE READ transaction whose snapshot then shields that row from
+  the changes it already reflects.
+* **Limited cursors** (``LimitedObserver``). An observer of the first N rows holds N more in
+  reserve; when fewer than N are left it is read again from a snapshot that sees the
+  transaction (like a failed observer), and skips the rest of that transaction.
 
 The engine never awaits a client: a client whose socket is busy keeps its changes as merge-box
 dirty state (bounded by its view) and its connection flushes when the socket frees up.
