@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import trio
 
 
 def sql(dsn: str, *statements: str, params: Any = None) -> Any:
@@ -68,3 +70,32 @@ def release_commit_wait(admin: psycopg.Connection[Any], pid: int, delay: float,
             return True
         time.sleep(0.002)
     return False
+
+
+@dataclass
+class HeldCommit:
+    pid: int  # the session whose commit waits
+    admin: psycopg.Connection[Any]  # another session, to look at it
+
+    def waits(self) -> bool:
+        return waits_for_standby(self.admin, self.pid)
+
+
+@asynccontextmanager
+async def held_commit(dsn: str, *statements: str | tuple[str, tuple[Any, ...]]
+                      ) -> AsyncIterator[HeldCommit]:
+    """Run ``statements`` in one transaction whose COMMIT waits for a standby that never
+    answers (see :func:`standby_that_never_answers`): decoded and delivered by the stream,
+    not visible to new snapshots. On leaving, the wait is cancelled: the commit stands."""
+    with standby_that_never_answers(dsn), psycopg.connect(dsn, autocommit=True) as held, \
+            psycopg.connect(dsn, autocommit=True) as admin:
+        held.execute("BEGIN")
+        for statement in statements:
+            held.execute(*((statement,) if isinstance(statement, str) else statement))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, held.execute, "COMMIT")
+            try:
+                yield HeldCommit(held.info.backend_pid, admin)
+            finally:
+                await trio.to_thread.run_sync(
+                    admin.execute, "SELECT pg_cancel_backend(%s)", (held.info.backend_pid,))

@@ -38,7 +38,11 @@ from tests.livedata_support import (
     store,
     wait_store,
 )
-from tests.pg_support import release_commit_wait, standby_that_never_answers, waits_for_standby
+from tests.pg_support import (
+    held_commit,
+    release_commit_wait,
+    standby_that_never_answers,
+)
 
 ALL = [("items.all", [])]
 
@@ -599,30 +603,16 @@ async def test_a_subscription_replays_a_delivered_commit_not_yet_visible(
         async with connect(server.ws_url) as first, \
                 connect(server.ws_url, log_messages=True) as second:
             await first.subscribe("items.all")
-            with standby_that_never_answers(db_dsn), \
-                    psycopg.connect(db_dsn, autocommit=True) as held, \
-                    psycopg.connect(db_dsn, autocommit=True) as admin:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(trio.to_thread.run_sync, held.execute,
-                                       "UPDATE items SET title = 'y' WHERE id = 1")
-                    try:
-                        await wait_store(first, {"1": {"owner": None, "category": "a",
-                                                       "title": "y", "body": None, "rank": 0,
-                                                       "version": 0}})
-                        replays = live.ring_replays
-                        with trio.fail_after(1):
-                            await second.subscribe("items.byCategory", {"category": "a"})
-                        assert store(second) == store(first)
-                        assert live.ring_replays == replays + 1
-                        assert live.invisible_delivered_retries == 0
-                        (still_held,), = await asql(
-                            db_dsn, "SELECT count(*) FROM pg_stat_activity "
-                                    "WHERE wait_event = 'SyncRep'")
-                        assert still_held == 1  # replayed, not waited for
-                    finally:  # (the commit then stands)
-                        await trio.to_thread.run_sync(
-                            admin.execute, "SELECT pg_cancel_backend(%s)",
-                            (held.info.backend_pid,))
+            async with held_commit(db_dsn, "UPDATE items SET title = 'y' WHERE id = 1") as held:
+                await wait_store(first, {"1": {"owner": None, "category": "a", "title": "y",
+                                               "body": None, "rank": 0, "version": 0}})
+                replays = live.ring_replays
+                with trio.fail_after(1):
+                    await second.subscribe("items.byCategory", {"category": "a"})
+                assert store(second) == store(first)
+                assert live.ring_replays == replays + 1
+                assert live.invisible_delivered_retries == 0
+                assert held.waits()  # replayed, not waited for
             await live.sync()
             assert store(second) == store(first)
             check_message_log(second)
@@ -638,21 +628,9 @@ async def _move_in_held(db_dsn: str, statements: list[tuple[str, tuple[Any, ...]
                            "('a', 'y', 'short')", params=(OLD_BODY,))
         async with connect(server.ws_url, log_messages=True) as client:
             await client.subscribe("items.byCategory", {"category": "b"})
-            with standby_that_never_answers(db_dsn), \
-                    psycopg.connect(db_dsn, autocommit=True) as held, \
-                    psycopg.connect(db_dsn, autocommit=True) as admin:
-                held.execute("BEGIN")
-                for statement, params in statements:
-                    held.execute(statement, params)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(trio.to_thread.run_sync, held.execute, "COMMIT")
-                    try:
-                        await wait_store(client, {"1": expected}, collection="items")
-                        assert waits_for_standby(admin, held.info.backend_pid)
-                    finally:  # (the commit then stands)
-                        await trio.to_thread.run_sync(
-                            admin.execute, "SELECT pg_cancel_backend(%s)",
-                            (held.info.backend_pid,))
+            async with held_commit(db_dsn, *statements) as held:
+                await wait_store(client, {"1": expected}, collection="items")
+                assert held.waits()
             check_message_log(client)
             if expected["body"] != OLD_BODY:
                 assert OLD_BODY not in str(client.messages)

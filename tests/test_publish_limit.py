@@ -28,7 +28,7 @@ from tests.livedata_support import (
     store,
     wait_store,
 )
-from tests.pg_support import standby_that_never_answers
+from tests.pg_support import held_commit
 from tests.test_publish_filters import COLUMN_VALUES, COLUMNS, TABLE_DDL, nullable
 
 # The oids of the property test table's columns (see TABLE_DDL).
@@ -232,30 +232,21 @@ async def test_a_limited_subscription_waits_for_a_held_commit_it_cannot_replay(
                            "SELECT 'a', 't' || g, 10 - g FROM generate_series(1, 7) g")
         async with connect(server.ws_url) as first, connect(server.ws_url) as second:
             await first.subscribe("items.all")  # the ring keeps the table's transactions
-            with standby_that_never_answers(db_dsn), \
-                    psycopg.connect(db_dsn, autocommit=True) as held, \
-                    psycopg.connect(db_dsn, autocommit=True) as admin:
-                async with trio.open_nursery() as nursery:
-                    # It takes 4 of the 6 rows the new observer's snapshot gives it.
-                    nursery.start_soon(trio.to_thread.run_sync, held.execute,
-                                       "DELETE FROM items WHERE id <= 4")
-                    try:
-                        await first.wait_for(lambda: "4" not in store(first), 5)
-                        retries = live.snapshot_retries
-                        ready = trio.Event()
+            ready = trio.Event()
+            async with trio.open_nursery() as nursery:
+                # It takes 4 of the 6 rows the new observer's snapshot gives it.
+                async with held_commit(db_dsn, "DELETE FROM items WHERE id <= 4"):
+                    await first.wait_for(lambda: "4" not in store(first), 5)
+                    retries = live.snapshot_retries
 
-                        async def subscribe() -> None:
-                            await second.subscribe("items.top", {"category": "a"})
-                            ready.set()
-                        nursery.start_soon(subscribe)
-                        await trio.sleep(1.0)
-                        assert not ready.is_set()  # it waits for the commit...
-                        assert live.snapshot_retries - retries == 1  # ... in one retake
-                        assert live.invisible_delivered_retries > 0
-                    finally:  # (the commit then stands)
-                        await trio.to_thread.run_sync(
-                            admin.execute, "SELECT pg_cancel_backend(%s)",
-                            (held.info.backend_pid,))
-                    with trio.fail_after(10):
-                        await ready.wait()
+                    async def subscribe() -> None:
+                        await second.subscribe("items.top", {"category": "a"})
+                        ready.set()
+                    nursery.start_soon(subscribe)
+                    await trio.sleep(1.0)
+                    assert not ready.is_set()  # it waits for the commit...
+                    assert live.snapshot_retries - retries == 1  # ... in one retake
+                    assert live.invisible_delivered_retries > 0
+                with trio.fail_after(10):
+                    await ready.wait()
             assert store(second) == top_view(db_dsn, "a") and set(store(second)) == {"5", "6", "7"}
