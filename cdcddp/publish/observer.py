@@ -452,11 +452,11 @@ class LimitedObserver(Observer):
     leaving is replaced from the buffer without a query. It knows every matching row
     (``complete``) only while its query returned fewer than it asked for. Otherwise every
     matching row it does not hold ranks after all it holds, and each change keeps that true:
-    a row ranking before the last held one comes in and the last one goes; one ranking after
-    it stays out; a held row that sinks to the end goes too (rows it does not hold may rank
-    before it now). Only when fewer than ``limit`` rows are left is it ``needs_requery``: the
-    caller reads its rows again, from a snapshot that sees the transaction, and skips it for
-    the rest of that transaction.
+    a row ranking before the last held one comes in (and the last one goes when it holds too
+    many); one ranking after it stays out; a held row that sinks to the end goes too (rows it
+    does not hold may rank before it now). Only when fewer than ``limit`` rows are left is it
+    ``needs_requery``: the caller reads its rows again, from a snapshot that sees the
+    transaction, and skips it for the rest of that transaction.
     """
 
     limited = True
@@ -537,9 +537,10 @@ class LimitedObserver(Observer):
             new_rank = self._rank(new_values)
             insort(ranks, new_rank)
         let_go = None
-        if not self.complete and new_rank is not None and old_rank is not None and (
-                new_rank > old_rank and ranks[-1] == new_rank):
-            let_go = ranks.pop()  # sank to the end: rows it does not hold may come first
+        if not self.complete and new_rank is not None and ranks[-1] == new_rank and (
+                old_rank is None or new_rank > old_rank):
+            # Came in, or sank, after every held row: rows it does not hold may come first.
+            let_go = ranks.pop()
         elif len(ranks) > self.capacity:
             let_go = ranks.pop()
             self.complete = False
