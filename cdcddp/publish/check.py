@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import psycopg
 
 from cdcddp.publish.definition import Cursor, Publication
-from cdcddp.publish.ordering import SORTABLE_TYPE_OIDS
+from cdcddp.publish.ordering import SORTABLE_TYPE_OIDS, SORTABLE_TYPES
 from cdcddp.wal.preflight import Finding, check_table
 
 
@@ -55,8 +55,7 @@ def check_cursor(conn: psycopg.Connection, publication: str, cursor: Cursor) -> 
             findings.append(Finding(
                 "error", "sort_type",
                 f"publication {publication!r}: cannot sort by {', '.join(unsortable)}: sort "
-                f"by numbers, text, varchar, bool, bytea, date, time, timestamp, timestamptz "
-                f"or uuid columns."))
+                f"by {SORTABLE_TYPES} columns."))
     if not findings:
         findings.append(Finding("ok", "publication",
                                 f"publication {publication!r}: {qualified} is publishable."))

@@ -30,6 +30,8 @@ Rank = tuple[Any, ...]
 SORTABLE_TYPE_OIDS: Final = frozenset({16, 17, 20, 21, 23, 25, 700, 701, 1043, 1082, 1083, 1114,
                                        1184, 1700, 2950})
 _COLLATED_TYPE_OIDS: Final = frozenset({25, 1043})  # text, varchar: ordered by code point
+SORTABLE_TYPES: Final = ("numbers, text, varchar, bool, bytea, date, time, timestamp, "
+                         "timestamptz or uuid")  # (for messages)
 
 
 class SortError(ValueError):
@@ -108,10 +110,8 @@ def order_by(order: Sequence[tuple[str, bool]], key_columns: Sequence[str],
         if oid is None:
             raise SortError(f"cannot sort by column {column!r}: the table has no such column")
         if oid not in SORTABLE_TYPE_OIDS:
-            raise SortError(
-                f"cannot sort by column {column!r}: its type (oid {oid}) is not one whose "
-                f"order is known (numbers, text, varchar, bool, bytea, date, time, timestamp, "
-                f"timestamptz, uuid)")
+            raise SortError(f"cannot sort by column {column!r}: its type (oid {oid}) is not "
+                            f"one whose order is known ({SORTABLE_TYPES})")
         term = sql.Identifier(column)
         if oid in _COLLATED_TYPE_OIDS:
             term = sql.SQL('{} COLLATE "C"').format(term)
