@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cdcddp.client import MeteorError, connect
+from cdcddp.db import execute_as_decoded
 from cdcddp.publish.definition import Cursor, Publication, PublicationError
 from cdcddp.publish.filters import C
 from cdcddp.publish.observer import LimitedObserver, make_observer
@@ -57,6 +60,13 @@ def test_sql_order_and_python_ranks_agree(conn: psycopg.Connection[Any]) -> None
     @settings(max_examples=120, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(rows=table_rows, sort=sort_specs, limit=st.integers(1, 16))
+    # Collation against code point order; NaN after the numbers; NULL last ascending.
+    @example(rows=[{**dict.fromkeys(COLUMN_VALUES), "s": v} for v in ("a", "B", "b")],
+             sort=[("s", "asc")], limit=1)
+    @example(rows=[{**dict.fromkeys(COLUMN_VALUES), "f": v} for v in (math.nan, 1.0, None)],
+             sort=[("f", "asc")], limit=1)
+    @example(rows=[{**dict.fromkeys(COLUMN_VALUES), "f": v} for v in (math.nan, 1.0, None)],
+             sort=[("f", "desc")], limit=1)
     def agree(rows: list[dict[str, Any]], sort: list[tuple[str, str]], limit: int) -> None:
         conn.execute("DELETE FROM t")
         with conn.cursor() as cur:
@@ -70,6 +80,62 @@ def test_sql_order_and_python_ranks_agree(conn: psycopg.Connection[Any]) -> None
         rank = rank_getter(bound.cursor.order, ("id",), bound.columns)
         everything = conn.execute(
             f"SELECT {', '.join(bound.columns)} FROM t").fetchall()
+        expected = sorted(everything, key=rank)[:read_limit(limit)]
+        assert [r[0] for r in got] == [r[0] for r in expected], (sort, limit, everything)
+
+    agree()
+
+
+OTHER_DDL = """
+CREATE TABLE o (
+    id int PRIMARY KEY, small int2, real float4, v varchar(8) COLLATE "und-x-icu",
+    raw bytea, u uuid, d date, t time, ts timestamp
+)"""
+OTHER_SHAPE = {"id": (23, False), "small": (21, False), "real": (700, False),
+               "v": (1043, True), "raw": (17, True), "u": (2950, False), "d": (1082, False),
+               "t": (1083, False), "ts": (1114, False)}
+OTHER_VALUES = {
+    "small": st.integers(-3, 3),
+    "real": st.sampled_from([0.0, -0.0, 0.5, 1e30, -1.5, math.inf, -math.inf, math.nan]),
+    "v": st.sampled_from(["", "a", "B", "b", "é", "Z", "ab", "a b"]),
+    "raw": st.binary(max_size=3),
+    "u": st.uuids(),
+    "d": st.dates(dt.date(1990, 1, 1), dt.date(2030, 1, 1)),
+    "t": st.times(),
+    "ts": st.datetimes(dt.datetime(1990, 1, 1), dt.datetime(2030, 1, 1)),
+}
+
+
+def test_sql_order_and_python_ranks_agree_on_the_other_sortable_types(
+        conn: psycopg.Connection[Any]) -> None:
+    """The same for int2, float4, varchar (under a linguistic collation), bytea, uuid,
+    date, time and timestamp, as the snapshot loads them."""
+    conn.execute(OTHER_DDL)
+    columns = list(OTHER_VALUES)
+
+    @settings(max_examples=80, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(rows=st.lists(st.fixed_dictionaries(
+               {c: nullable(v) for c, v in OTHER_VALUES.items()}), max_size=12),
+           sort=st.lists(st.tuples(st.sampled_from(columns), st.sampled_from(["asc", "desc"])),
+                         min_size=1, max_size=3, unique_by=lambda e: e[0]),
+           limit=st.integers(1, 8))
+    # The collation would put 'a' first; code point order puts 'B' first.
+    @example(rows=[{**dict.fromkeys(OTHER_VALUES), "v": v} for v in ("a", "B", "b")],
+             sort=[("v", "asc")], limit=1)
+    def agree(rows: list[dict[str, Any]], sort: list[tuple[str, str]], limit: int) -> None:
+        conn.execute("DELETE FROM o")
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO o (id, {', '.join(columns)}) "
+                f"VALUES (%s{', %s' * len(columns)})",
+                [(n, *(r[c] for c in columns)) for n, r in enumerate(rows)])
+        bound = Cursor("o", fields=columns, sort=sort, limit=limit).bind()
+        query, params = bound.snapshot_query(shape=OTHER_SHAPE)
+        got = execute_as_decoded(conn, query, params).fetchall()
+        everything = execute_as_decoded(
+            conn, f"SELECT {', '.join(bound.columns)} FROM o").fetchall()
+        rank = rank_getter(bound.cursor.order, ("id",), bound.columns)
         expected = sorted(everything, key=rank)[:read_limit(limit)]
         assert [r[0] for r in got] == [r[0] for r in expected], (sort, limit, everything)
 
