@@ -3,6 +3,7 @@ subscriptions racing continuous writers."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 from typing import Any
@@ -90,10 +91,13 @@ async def test_subscriptions_racing_continuous_writers_end_equal_to_sql(db_dsn: 
                            "SELECT (ARRAY['a','b','c'])[1 + i % 3], 't' || i, i % 10 "
                            "FROM generate_series(1, 60) i")
         writing = True
+        written = [threading.Event() for _ in range(3)]
 
         def write_loop(seed: int) -> None:
             local = random.Random(seed)
-            with psycopg.connect(db_dsn, autocommit=True) as conn:
+            with contextlib.ExitStack() as stack:
+                stack.callback(written[seed].set)
+                conn = stack.enter_context(psycopg.connect(db_dsn, autocommit=True))
                 while writing:
                     with conn.transaction():
                         for _ in range(local.randint(1, 4)):
@@ -139,7 +143,9 @@ async def test_subscriptions_racing_continuous_writers_end_equal_to_sql(db_dsn: 
                             "items.ranked", params)
                     await trio.sleep(rng.random() * 0.02)
                 writing = False
-                await trio.sleep(0.1)
+                # Every writer's last transaction is over (under load one can take long).
+                assert await trio.to_thread.run_sync(
+                    lambda: all(done.wait(30) for done in written))
                 await server.live.sync()
                 for i, client in enumerate(clients):
                     await wait_store(client, expected_view(db_dsn, list(subscriptions[i].values())))
