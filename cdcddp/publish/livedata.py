@@ -1415,7 +1415,7 @@ class LiveData:
                 "visible after %.0f s (its commit waits for a synchronous standby?)",
                 observer.schema, observer.table, _INVISIBLE_WARN_AFTER)
         self.rows_fetched += 1
-        ops = observer.apply_fetched(old_key if old_key is not None else needs.key, row)
+        ops = observer.apply_fetched(replaced, row)
         observer.note_fetched(needs.key, snapshot, lsn)
         return ops
 
