@@ -167,6 +167,7 @@ class LiveDataConfig:
 
 
 def _row_key(row: Row, pk: tuple[str, ...]) -> tuple[Any, ...] | None:
+    """The row's primary-key values (None: the row lacks one of them)."""
     try:
         return tuple([row[c] for c in pk])
     except KeyError:
@@ -992,16 +993,14 @@ class LiveData:
         kind = type(event)
         schema, table = event.schema, event.table
         if kind is not Insert:  # the old key: gone, unless the new image has the same key
-            try:
-                rows[(schema, table, tuple(event.identity[c] for c in pk))] = None
-            except KeyError:
-                pass
+            old_key = _row_key(event.identity, pk)
+            if old_key is not None:
+                rows[(schema, table, old_key)] = None
         if kind is not Delete:
             new = event.new
-            try:
-                rows[(schema, table, tuple(new[c] for c in pk))] = new
-            except KeyError:
-                pass
+            new_key = _row_key(new, pk)
+            if new_key is not None:
+                rows[(schema, table, new_key)] = new
 
     def _log_row_changes(self, rows: dict[Dependency, Row | None], truncated: set[TableName],
                          xid: int) -> set[RowWatcher]:
