@@ -1,8 +1,11 @@
 """The recent-transactions ring used by the snapshot/stream handoff (pure)."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cdcddp.publish.handoff import CommittedTransaction, RecentTransactions
+from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Insert
 
 
@@ -10,6 +13,10 @@ def txn(xid: int, n: int = 1) -> CommittedTransaction:
     rows = [Insert(xid=xid, lsn=xid * 10 + i, schema="public", table="t", new={"id": i},
                    pk=("id",)) for i in range(n)]
     return CommittedTransaction(xid=xid, end_lsn=xid * 10 + 9, changes=rows)
+
+
+def xids(kept: list[tuple[int, CommittedTransaction]]) -> list[int]:
+    return [t.xid for _, t in kept]
 
 
 def test_nothing_is_kept_without_pins() -> None:
@@ -24,13 +31,13 @@ def test_pin_sees_exactly_what_came_after_it() -> None:
     pin = ring.pin()
     ring.delivered(txn(2))
     ring.delivered(txn(3))
-    assert [t.xid for t in ring.since(pin)] == [2, 3]
+    assert xids(ring.since(pin)) == [2, 3]
     late = ring.pin()
     ring.delivered(txn(4))
-    assert [t.xid for t in ring.since(pin)] == [2, 3, 4]
-    assert [t.xid for t in ring.since(late)] == [4]
+    assert xids(ring.since(pin)) == [2, 3, 4]
+    assert xids(ring.since(late)) == [4]
     ring.release(pin)
-    assert [t.xid for t in ring.since(late)] == [4]
+    assert xids(ring.since(late)) == [4]
     assert len(ring) == 1  # 2 and 3 are no longer needed by anyone
     ring.release(late)
     assert len(ring) == 0
@@ -45,7 +52,7 @@ def test_overflow_breaks_the_pins_that_needed_dropped_transactions() -> None:
     ring.delivered(txn(3, n=1))  # 6 changes > 5: transaction 1 is dropped
     with pytest.raises(LookupError):
         list(ring.since(old))
-    assert [t.xid for t in ring.since(young)] == [2, 3]
+    assert xids(ring.since(young)) == [2, 3]
 
 
 def test_a_younger_pin_released_first_keeps_what_the_older_one_needs() -> None:
@@ -55,7 +62,7 @@ def test_a_younger_pin_released_first_keeps_what_the_older_one_needs() -> None:
     young = ring.pin()
     ring.delivered(txn(2))
     ring.release(young)
-    assert ring.has_pins and [t.xid for t in ring.since(old)] == [1, 2]
+    assert ring.has_pins and xids(ring.since(old)) == [1, 2]
     ring.release(old)
     assert not ring.has_pins and len(ring) == 0
     ring.delivered(txn(3))
@@ -79,22 +86,22 @@ def test_recent_transactions_are_retained_and_a_pin_can_reach_back_to_them() -> 
         ring.delivered(txn(xid))
     assert len(ring) == 3  # the last 3 changes' transactions, with no pin
     whole = ring.pin(replayable_from=1)  # reaches back to the oldest kept (2)
-    assert [t.xid for t in ring.since(whole)] == [2, 3, 4]
-    assert ring.first_since(whole) is ring.since(whole)[0]
+    assert xids(ring.since(whole)) == [2, 3, 4]
+    assert ring.first_since(whole) is ring.since(whole)[0][1]
     partial = ring.pin(replayable_from=4)  # the table is kept whole from the 4th on
-    assert [t.xid for t in ring.since(partial)] == [4]
+    assert xids(ring.since(partial)) == [4]
     now = ring.pin()
     assert ring.since(now) == [] and ring.first_since(now) is None
     for xid in (5, 6, 7):
         ring.delivered(txn(xid))
     # Beyond retain_changes while pinned: kept for the pin that reaches back furthest.
-    assert [t.xid for t in ring.since(whole)] == [2, 3, 4, 5, 6, 7]
-    assert [t.xid for t in ring.since(now)] == [5, 6, 7]
+    assert xids(ring.since(whole)) == [2, 3, 4, 5, 6, 7]
+    assert xids(ring.since(now)) == [5, 6, 7]
     ring.release(now)
     ring.release(whole)  # taken first, yet the one reaching back furthest
-    assert [t.xid for t in ring.since(partial)] == [4, 5, 6, 7]
+    assert xids(ring.since(partial)) == [4, 5, 6, 7]
     ring.release(partial)
-    assert [t.xid for t in ring.since(ring.pin(replayable_from=1))] == [5, 6, 7]
+    assert xids(ring.since(ring.pin(replayable_from=1))) == [5, 6, 7]
 
 
 def test_a_pin_reaching_back_is_broken_when_what_it_needs_overflows() -> None:
@@ -106,3 +113,53 @@ def test_a_pin_reaching_back_is_broken_when_what_it_needs_overflows() -> None:
     with pytest.raises(LookupError):
         ring.since(back)
     assert ring.first_since(back) is None
+
+
+def snapshot(xmin: int, xmax: int, *xip: int) -> Snapshot:
+    return Snapshot(xmin, xmax, frozenset(xip))
+
+
+def test_the_leading_transactions_a_snapshot_surely_saw_are_skipped() -> None:
+    ring = RecentTransactions(retain_changes=100)
+    for xid in (10, 12, 11, 15, 13, 20):  # commit order is not xid order
+        ring.delivered(txn(xid))
+    pin = ring.pin(replayable_from=1)
+    seen = snapshot(14, 21, 15)
+    # 10, 12 and 11 are below xmin, and so is every xid before them; 13 is too, but comes
+    # after 15: it is left to the caller's visibility test.
+    kept = ring.since(pin, seen_by=seen)
+    assert xids(kept) == [15, 13, 20]
+    assert xids(ring.since(pin, kept[0][0], seen)) == [13, 20]
+    assert xids(ring.since(pin, kept[-1][0], seen)) == []
+    assert xids(ring.since(pin)) == [10, 12, 11, 15, 13, 20]
+    assert ring.since(pin, seen_by=snapshot(21, 21)) == []
+    assert xids(ring.since(pin, seen_by=snapshot(5, 9))) == [10, 12, 11, 15, 13, 20]
+
+
+def test_skipping_what_a_snapshot_saw_holds_across_xid_wraparound() -> None:
+    ring = RecentTransactions(retain_changes=100)
+    for xid in (0xFFFF_FFF0, 0xFFFF_FFFE, 3, 5):
+        ring.delivered(txn(xid))
+    pin = ring.pin(replayable_from=1)
+    epoch1 = 1 << 32  # the snapshot's 64-bit xids are in the next epoch
+    assert xids(ring.since(pin, seen_by=snapshot(epoch1 + 4, epoch1 + 9))) == [5]
+    assert xids(ring.since(pin, seen_by=snapshot(0xFFFF_FFF5, epoch1 + 9))) == [
+        0xFFFF_FFFE, 3, 5]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=30, unique=True),
+       st.integers(0, 45), st.integers(0, 10), st.sets(st.integers(0, 45)))
+def test_what_a_snapshot_lacks_is_never_skipped(order: list[int], xmin: int, width: int,
+                                                  xip: set[int]) -> None:
+    base = 0xFFFF_FFE0  # across the wraparound
+    ring = RecentTransactions(retain_changes=100)
+    for offset in order:
+        ring.delivered(txn((base + offset) & 0xFFFF_FFFF))
+    pin = ring.pin(replayable_from=1)
+    seen = snapshot(base + xmin, base + xmin + width,
+                    *(base + x for x in xip if xmin <= x < xmin + width))
+    kept = xids(ring.since(pin, seen_by=seen))
+    every = xids(ring.since(pin))
+    assert kept == every[len(every) - len(kept):]  # a tail: only leading ones are skipped
+    assert all(seen.is_visible(xid) for xid in every[:len(every) - len(kept)])

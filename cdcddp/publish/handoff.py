@@ -20,12 +20,18 @@ and every pin that still needed them is marked broken; its subscription retakes 
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
+from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import RowChange, Truncate
+
+_XID_MASK = 0xFFFFFFFF
+_XID_HALF = 1 << 31
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +65,13 @@ class RecentTransactions:
     def __init__(self, max_changes: int = 100_000, retain_changes: int = 0) -> None:
         self.max_changes = max_changes
         self.retain_changes = retain_changes
-        self._kept: deque[tuple[int, CommittedTransaction]] = deque()
+        # (number, transaction, the newest xid delivered up to it): that last one only grows
+        # along the ring, so the run of transactions a snapshot surely saw (every xid so far
+        # below its xmin) is found by bisection instead of a visibility test each.
+        self._kept: deque[tuple[int, CommittedTransaction, int]] = deque()
         self._kept_changes = 0
         self._seq = 0  # number of transactions kept so far
+        self._newest_xid: int | None = None  # 32-bit, compared modulo 2^32
         # Live pins by after_seq (released ones leave when they reach the top): the first is
         # the one that needs the oldest transactions.
         self._pins: list[Pin] = []
@@ -111,12 +121,15 @@ class RecentTransactions:
     def delivered(self, txn: CommittedTransaction) -> None:
         """Record a transaction the stream just applied (kept while someone may need it)."""
         self._seq += 1
+        newest = self._newest_xid
+        if newest is None or (txn.xid - newest) & _XID_MASK < _XID_HALF:
+            newest = self._newest_xid = txn.xid
         if not self._pins and not self.retain_changes:
             return
-        self._kept.append((self._seq, txn))
+        self._kept.append((self._seq, txn, newest))
         self._kept_changes += max(1, len(txn.changes))
         while self._kept_changes > self.max_changes and self._kept:
-            seq, dropped = self._kept.popleft()
+            seq, dropped, _ = self._kept.popleft()
             self._kept_changes -= max(1, len(dropped.changes))
             for p in self._pins:
                 if p.after_seq < seq:
@@ -132,28 +145,36 @@ class RecentTransactions:
         index = pin.after_seq + 1 - kept[0][0]
         return kept[index][1] if 0 <= index < len(kept) else None
 
-    def since(self, pin: Pin) -> list[CommittedTransaction]:
-        """Transactions kept after ``pin``'s position; raises if some were dropped.
+    def since(self, pin: Pin, after: int = 0, seen_by: Snapshot | None = None
+              ) -> list[tuple[int, CommittedTransaction]]:
+        """(number, transaction) of those kept after ``pin``'s position and after number
+        ``after``, less the leading ones ``seen_by`` surely saw; raises if some were dropped.
 
-        Walks from the newest end: the ring keeps everything since the *oldest* pin, and with
-        thousands of subscriptions starting at once a walk from the start cost each of them
-        the whole ring."""
+        Located by number, not walked: the ring keeps everything since the *oldest* pin
+        (and the last ``retain_changes`` changes), and thousands of subscriptions starting at
+        once each needed only its end. The transactions a snapshot saw are skipped the same
+        way: a subscription's snapshot usually saw the whole retained ring, and testing each
+        transaction's visibility cost every new subscription milliseconds."""
         if pin.broken:
             raise LookupError("transactions needed by this handoff were dropped")
-        newer: list[CommittedTransaction] = []
-        for seq, txn in reversed(self._kept):
-            if seq <= pin.after_seq:
-                break
-            newer.append(txn)
-        newer.reverse()
-        return newer
+        kept = self._kept
+        if not kept:
+            return []
+        start = max(pin.after_seq, after) + 1 - kept[0][0]
+        if start >= len(kept):
+            return []
+        if seen_by is not None:
+            xmin, widen = seen_by.xmin, seen_by.widen
+            start = bisect.bisect_left(kept, True, lo=start,
+                                       key=lambda entry: widen(entry[2]) >= xmin)
+        return [(seq, txn) for seq, txn, _ in islice(kept, start, None)]
 
     def _trim(self) -> None:
         """Drop what no pin needs, down to ``retain_changes`` changes."""
         oldest_needed = self._pins[0].after_seq if self._pins else self._seq
         kept = self._kept
         while kept and kept[0][0] <= oldest_needed and self._kept_changes > self.retain_changes:
-            _, dropped = kept.popleft()
+            _, dropped, _ = kept.popleft()
             self._kept_changes -= max(1, len(dropped.changes))
 
     def __len__(self) -> int:

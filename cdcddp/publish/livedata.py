@@ -609,18 +609,18 @@ class LiveData:
             if self.after_snapshot is not None:
                 await self.after_snapshot(entry)
             await self._catch_up(caught_up[-1])
-            replayed = 0
+            replayed = 0  # the ring's number of the last transaction replayed or skipped
             while True:
                 await self._between_transactions()
                 try:
-                    pending = self.ring.since(pin)[replayed:]
+                    pending = self.ring.since(pin, replayed, observer.snapshot)
                 except LookupError:
                     raise _RetrySnapshot from None
                 if not pending:
                     break  # caught up, between two transactions: register now, no await
-                for txn in pending:
+                for _, txn in pending:
                     await self._replay(observer, txn, pin)
-                replayed += len(pending)
+                replayed = pending[-1][0]
             entry.observer = observer
             self._register(entry)
         finally:

@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/bench/filtered.py [--dsn DSN] [--clients 1000] [--subs-per-client 10]
                                              [--changes 100000] [--repeat 5]
+                                             [--rows-per-transaction 10]
 
 Without --dsn it starts a throwaway cluster. Table ``items`` holds 2 rows per owner for
 ``clients x subs-per-client`` owners (N owners); publication ``items.byOwner`` (positional
@@ -11,12 +12,13 @@ process; the clients run in another child (raw-socket swarm, see ddpbench.py), e
 
 How one backlog is measured (a "run"): ``VACUUM items``; a fresh logical slot is created for
 ``pg_recvlogical``; the server process is stopped (SIGSTOP); a backlog of --changes row updates
-(10 per transaction) is written; the server resumes (SIGCONT) and catches up. cdcddp's time is
-from the resume to the later of "the engine applied every change" (reported by the server
-child) and "the last resulting DDP message reached a client" (the swarm drains until idle for
-1 s and reports, keeping its connections: ``Swarm.report``). Then ``pg_recvlogical`` (wal2json,
-output to /dev/null) drains exactly the same WAL from its slot, timed from start to exit, and
-the slot is dropped. Both rates are --changes / seconds. Phases:
+(--rows-per-transaction per transaction, 10 by default) is written; the server resumes
+(SIGCONT) and catches up. cdcddp's time is from the resume to the later of "the engine applied
+every change" (reported by the server child) and "the last resulting DDP message reached a
+client" (the swarm drains until idle for 1 s and reports, keeping its connections:
+``Swarm.report``). Then ``pg_recvlogical`` (wal2json, output to /dev/null) drains exactly the
+same WAL from its slot, timed from start to exit, and the slot is dropped. Both rates are
+--changes / seconds. Phases:
 
 Two client swarms: ``small``, 10 clients x 10 subscriptions (owners 0..99), connected
 throughout; ``rest``, the other clients (owners 100..N-1), connected only for phases 2 and 3.
@@ -24,7 +26,9 @@ Phases 1 and 2 alternate, one run each per round, so that the machine's drift ov
 falls on both alike:
 
 1. ``100 subs``: only ``small`` is connected; the backlog updates rows of owners 0..99.
-2. ``all subs``: ``rest`` connects and subscribes (timed: "ready in"), then the same backlog as
+2. ``all subs``: ``rest`` connects and subscribes (timed: "ready in"; each subscription hands
+   off across the transactions the server retains, the last 2,000 changes': with one row per
+   transaction, 2,000 of them), then the same backlog as
    phase 1 (owners 0..99, identical row sequence), so the delivered work is that of phase 1
    and only the number of idle subscriptions grows; ``rest`` then disconnects. The drop from
    phase 1 to 2 is what N subscriptions cost a change that matches few.
@@ -62,23 +66,22 @@ from ingest import run_recvlogical
 from cdcddp.devcluster import find_bindir, throwaway_cluster
 
 ROWS_PER_OWNER = 2
-PER_TX = 10
 PUBLICATION = "items.byOwner"
 
 LOAD_PROCEDURE = f"""
-CREATE OR REPLACE PROCEDURE filtered_load(changes int, owners int, seed int)
+CREATE OR REPLACE PROCEDURE filtered_load(changes int, owners int, seed int, per_tx int)
 LANGUAGE plpgsql AS $$
 DECLARE
     done int := 0;
     n int := owners * {ROWS_PER_OWNER};
 BEGIN
     WHILE done < changes LOOP
-        -- 10 rows per transaction, spread over the owners' rows by a stride coprime to n
+        -- per_tx rows per transaction, spread over the owners' rows by a stride coprime to n
         UPDATE items SET v = v + 1
             WHERE id IN (SELECT ((seed + done + g)::bigint * 7919) % n
-                         FROM generate_series(0, {PER_TX} - 1) g);
+                         FROM generate_series(0, per_tx - 1) g);
         COMMIT;
-        done := done + {PER_TX};
+        done := done + per_tx;
     END LOOP;
 END $$
 """
@@ -186,7 +189,8 @@ def prepare(dsn: str, owners: int) -> None:
 
 
 def run_phase(name: str, dsn: str, server: ServerChild, swarms: list[ddpbench.Swarm],
-              changes: int, owners: int, seed: int, slot: str) -> tuple[float, float]:
+              changes: int, owners: int, seed: int, slot: str, per_tx: int
+              ) -> tuple[float, float]:
     """One backlog; returns (pg_recvlogical rows/s, cdcddp rows/s). The swarms stay
     connected."""
     before = int(server.ask("count", "COUNT"))
@@ -203,7 +207,8 @@ def run_phase(name: str, dsn: str, server: ServerChild, swarms: list[ddpbench.Sw
             os.kill(server.proc.pid, signal.SIGSTOP)
             try:
                 t0 = time.perf_counter()
-                conn.execute("CALL filtered_load(%s, %s, %s)", (changes, owners, seed))
+                conn.execute("CALL filtered_load(%s, %s, %s, %s)",
+                             (changes, owners, seed, per_tx))
                 written = time.perf_counter() - t0
                 (endpos,) = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()  # type: ignore[misc]
                 for swarm in swarms:
@@ -287,6 +292,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--subs-per-client", type=int, default=10)
     parser.add_argument("--changes", type=int, default=100_000)
+    parser.add_argument("--rows-per-transaction", type=int, default=10,
+                        help="rows each backlog transaction updates")
     parser.add_argument("--repeat", type=int, default=5,
                         help="runs of each phase (medians are reported)")
     parser.add_argument("--profile", metavar="FILE",
@@ -311,7 +318,8 @@ def run(args: argparse.Namespace, dsn: str) -> None:
     owners = args.clients * per
     small_clients = max(1, 100 // per)
     small = small_clients * per
-    changes = args.changes - args.changes % PER_TX
+    per_tx = args.rows_per_transaction
+    changes = args.changes - args.changes % per_tx
     repeat = args.repeat
     prepare(dsn, owners)
     server = ServerChild(dsn, args.profile)
@@ -340,11 +348,11 @@ def run(args: argparse.Namespace, dsn: str) -> None:
             # seed 1 in phases 1 and 2: every run of both phases writes the same row sequence
             phase1.add(run_phase(f"{phase1.label}, run {i + 1}/{repeat}", dsn, server,
                                  [small_swarm], changes, small, seed=1,
-                                 slot=f"bench_filtered_recv_1_{i}"))
+                                 slot=f"bench_filtered_recv_1_{i}", per_tx=per_tx))
             rest = connect_rest()
             phase2.add(run_phase(f"{phase2.label}, run {i + 1}/{repeat}", dsn, server,
                                  [small_swarm, rest], changes, small, seed=1,
-                                 slot=f"bench_filtered_recv_2_{i}"))
+                                 slot=f"bench_filtered_recv_2_{i}", per_tx=per_tx))
             if i < repeat - 1:
                 rest.stop()
                 rest = None
@@ -354,7 +362,7 @@ def run(args: argparse.Namespace, dsn: str) -> None:
         for i in range(repeat):
             phase3.add(run_phase(f"{phase3.label}, run {i + 1}/{repeat}", dsn, server,
                                  [small_swarm, rest], changes, owners, seed=3,
-                                 slot=f"bench_filtered_recv_3_{i}"))
+                                 slot=f"bench_filtered_recv_3_{i}", per_tx=per_tx))
         rest.stop()
         small_swarm.stop()
     finally:
