@@ -19,6 +19,7 @@ from cdcddp.client import DDPClient
 from cdcddp.metrics import Metrics
 from cdcddp.publish.definition import Cursor, Publication, Publications
 from cdcddp.publish.filters import C, Param, UserId
+from cdcddp.publish.ids import pk_to_wire_id
 from cdcddp.publish.livedata import LiveData, LiveDataConfig
 from cdcddp.publish.lookup import RowLookup
 from cdcddp.server.config import ServerConfig
@@ -131,7 +132,7 @@ def expected_view(dsn: str, subscriptions: list[tuple[str, list[Any]]]
             where, make_args = PUBLICATION_FILTERS[name]
             for row in conn.execute(f"SELECT {COLUMNS} FROM items WHERE {where}",
                                     make_args(params)):
-                view[str(row[0])] = dict(zip(FIELDS, row[1:], strict=True))
+                view[pk_to_wire_id(row[:1])] = dict(zip(FIELDS, row[1:], strict=True))
     return view
 
 

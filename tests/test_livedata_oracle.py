@@ -1,12 +1,11 @@
-"""The correctness oracle: concurrent writers (inserts, updates moving rows in and out of
-filters, deletes, TOASTed values, truncates, rollbacks, multi-row transactions) while clients
-subscribe and unsubscribe with overlapping publications and parameters (one of them a
-function whose cursor follows a row it looks up, which the writers move too; one a sorted
-cursor limited to its first rows, which the writers' rank changes reorder), and the
-walsender is killed mid-way. One more writer's commits are *held*: decoded and delivered by
-the stream, yet not visible to new snapshots for a while (a synchronous standby that never
-answers holds them, until the oracle gives up waiting for it), PostgreSQL's widest window
-between the two.
+"""The correctness oracle: concurrent writers (inserts, updates moving rows in and out of filters,
+primary key changes, deletes, TOASTed values, truncates, rollbacks, multi-row transactions)
+while clients subscribe and unsubscribe with overlapping publications and parameters (one of
+them a function whose cursor follows a row it looks up, which the writers move too; one a sorted
+cursor limited to its first rows, which the writers' rank changes reorder), and the walsender is
+killed mid-way. One more writer's commits are *held*: decoded and delivered by the stream, yet
+not visible to new snapshots for a while (a synchronous standby that never answers holds them,
+until the oracle gives up waiting for it), PostgreSQL's widest window between the two.
 At quiescence each client's store equals what SQL returns for its subscriptions, and its
 message log keeps the merge-box promises (no duplicate ``added``, no ``changed``/``removed``
 of a document it does not hold, no ``version`` going back).
@@ -115,7 +114,7 @@ def _random_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
                      "VALUES (%s, %s, %s, %s, %s)",
                      (rng.choice(["ann", "bob", None]), rng.choice(CATEGORIES),
                       f"t{rng.randint(0, 99)}", body, rng.randint(0, 9)))
-    elif action < 0.85:
+    elif action < 0.8:
         assignments = ["version = version + 1"]
         params: list[Any] = []
         if rng.random() < 0.6:
@@ -136,6 +135,11 @@ def _random_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
         # otherwise the body stays: wal2json leaves an unchanged TOASTed value out
         conn.execute(f"UPDATE items SET {', '.join(assignments)} WHERE id = %s",
                      (*params, item))
+    elif action < 0.86:
+        # A new primary key (its document is another one), its TOASTed body left unchanged:
+        # the row's old key is in the change's identity, and a new id starts with "-".
+        conn.execute("UPDATE items SET id = -id, version = version + 1 WHERE id = %s",
+                     (rng.choice([item, -item]),))
     else:
         conn.execute("DELETE FROM items WHERE id = %s", (item,))
 
@@ -237,6 +241,7 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
                     raise AssertionError(f"client {i} (seed {seed}): {exc}") from None
         live = server.live
         assert sum(committed) > 0 and held_committed[0] > 0
+        ((rekeyed,),) = await asql(dsn, "SELECT count(*) FROM items WHERE id < 0")
         assert live.stream is not None and live.stream.reconnects >= min(kills, 1)
         print(f"oracle seed={seed}: {sum(committed)} transactions committed "
               f"(and {held_committed[0]} held ones), "
@@ -245,6 +250,7 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
               f"{live.ring_replays} ring replays, {live.snapshot_retries} retries, "
               f"{live.invisible_delivered_retries} snapshots retaken for an invisible commit, "
               f"{live.rows_fetched} rows fetched, {live.resyncs} resyncs, "
+              f"{rekeyed} rows under a changed key at the end, "
               f"{live.stream.reconnects} reconnects")
 
 
