@@ -105,7 +105,7 @@ def _random_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
     if rng.random() < 0.06:
         _random_gate_change(conn, rng)
         return
-    (top,) = conn.execute("SELECT coalesce(max(id), 0) FROM items").fetchone()  # type: ignore[misc]
+    (top,) = conn.execute("SELECT coalesce(max(abs(id)), 0) FROM items").fetchone()  # type: ignore[misc]
     item = rng.randint(max(1, top - 40), top + 2)
     action = rng.random()
     if action < 0.3:
