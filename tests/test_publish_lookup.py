@@ -1,13 +1,19 @@
 """Publication functions that read rows (reactive look-ups), against a real database."""
 
+from typing import Any
+
 import psycopg
 import pytest
+import trio
+import trio.testing
 from pydantic import BaseModel
 
+from cdcddp.db import Database
 from cdcddp.publish.definition import Cursor, PublicationError, Publications
 from cdcddp.publish.filters import C
-from cdcddp.publish.lookup import RecentRowChanges, SqlRowLookup, read_differs
+from cdcddp.publish.lookup import BatchedLookups, RecentRowChanges, SqlRowLookup, read_differs
 from cdcddp.publish.visibility import Snapshot
+from tests.pg_support import sql
 
 
 class InList(BaseModel):
@@ -129,3 +135,113 @@ def test_row_changes_cover_only_what_they_logged() -> None:
     assert log.covers([LISTS], 6) and not log.covers([LISTS], 5)
     log.restart(LISTS, 20)  # truncated
     assert not log.covers([LISTS], 19) and log.covers([LISTS], 20)
+
+
+# ---- batches: functions waiting at once run under one snapshot ---------------------------
+
+
+async def _run_batch_of(database: Database, resolvers: list[Any], *, delivered: int = 0,
+                        cancel: frozenset[int] = frozenset()
+                        ) -> tuple[BatchedLookups, list[Any]]:
+    """Queue every resolver before the batch runner starts (so they form one batch); the
+    outcome of each: its LookupResult, or the exception it raised (None: cancelled)."""
+    lookups = BatchedLookups(database, lambda: delivered)
+    outcomes: list[Any] = [None] * len(resolvers)
+
+    async def one(index: int, resolve: Any, task_status: Any = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            try:
+                outcomes[index] = await lookups.run(resolve)
+            except Exception as exc:
+                outcomes[index] = exc
+
+    async with trio.open_nursery() as waiters:
+        scopes = [await waiters.start(one, i, r) for i, r in enumerate(resolvers)]
+        await trio.testing.wait_all_tasks_blocked()
+        for index in cancel:
+            scopes[index].cancel()
+        async with trio.open_nursery() as runner:
+            runner.start_soon(lookups.serve)
+            await trio.testing.wait_all_tasks_blocked()
+            while any(o is None for i, o in enumerate(outcomes) if i not in cancel):
+                await trio.sleep(0.01)
+            runner.cancel_scope.cancel()
+    return lookups, outcomes
+
+
+async def test_functions_waiting_at_once_share_one_snapshot_and_each_row_read(
+        db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fifty subscriptions' functions reading the same list: one transaction, one read of
+    the row; each function still gets its own copy and records its own dependencies."""
+    await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE lists (id text primary key, "
+                                  "user_id text)", "INSERT INTO lists VALUES ('l', 'u1')")
+    reads = [0]
+    read = SqlRowLookup._read
+
+    def counted(self: SqlRowLookup, *args: Any) -> Any:
+        reads[0] += 1
+        return read(self, *args)
+    monkeypatch.setattr(SqlRowLookup, "_read", counted)
+
+    def resolve(user_id: str) -> Any:
+        def run(lookup: SqlRowLookup) -> Any:
+            row = lookup.row("lists", "l", columns=["user_id"])
+            assert row is not None
+            mine = row["user_id"] == user_id
+            row["user_id"] = "scribbled"  # the function's own copy
+            return mine
+        return run
+
+    database = Database(db_dsn, size=2)
+    try:
+        lookups, outcomes = await _run_batch_of(
+            database, [resolve("u1" if i % 2 else "u2") for i in range(50)], delivered=7)
+    finally:
+        database.close()
+    assert lookups.batches == 1 and reads[0] == 1
+    assert [o.value for o in outcomes] == [bool(i % 2) for i in range(50)]
+    for outcome in outcomes:
+        assert outcome.dependencies == {("public", "lists", ("l",)): {"id": "l",
+                                                                      "user_id": "u1"}}
+        assert outcome.guard[0] == 7 and outcome.guard[1] is outcomes[0].guard[1]
+
+
+async def test_a_failing_function_fails_alone(db_dsn: str) -> None:
+    """A function that raises gets its own error; one whose SQL fails also ends the
+    transaction, so the functions after it run in a new one; a cancelled waiter's function
+    does not run at all."""
+    await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE lists (id text primary key, "
+                                  "user_id text)", "INSERT INTO lists VALUES ('l', 'u1')")
+    ran: list[str] = []
+
+    def reads(name: str) -> Any:
+        def run(lookup: SqlRowLookup) -> Any:
+            ran.append(name)
+            return lookup.row("lists", "l", columns=["user_id"])
+        return run
+
+    def raises(lookup: SqlRowLookup) -> Any:
+        ran.append("raises")
+        raise ValueError("a bug in a publication")
+
+    def bad_sql(lookup: SqlRowLookup) -> Any:
+        ran.append("bad_sql")
+        return lookup.row("lists", "l", columns=["no_such_column"])
+
+    database = Database(db_dsn, size=2)
+    try:
+        lookups, outcomes = await _run_batch_of(
+            database, [reads("first"), raises, reads("second"), bad_sql, reads("third"),
+                       reads("cancelled")], cancel=frozenset({5}))
+    finally:
+        database.close()
+    assert ran == ["first", "raises", "second", "bad_sql", "third"]
+    assert lookups.batches == 2  # the third ran in a transaction of its own
+    row = {"id": "l", "user_id": "u1"}
+    assert outcomes[0].value == row and outcomes[2].value == row and outcomes[4].value == row
+    assert isinstance(outcomes[1], ValueError)
+    assert isinstance(outcomes[3], psycopg.errors.UndefinedColumn)
+    assert outcomes[5] is None
+    assert outcomes[4].guard[1] is not outcomes[0].guard[1]  # another snapshot

@@ -5,6 +5,7 @@ resume tokens close the connections that used them; `todos.inList` follows its l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from typing import Any
@@ -351,3 +352,37 @@ async def test_a_lookup_by_a_composite_key_follows_its_row(db_dsn: str) -> None:
         await client.wait_for(lambda: len(store(client)) == 1, timeout=5)
         await asql(db_dsn, "DELETE FROM pages")
         await client.wait_for(lambda: not store(client), timeout=5)
+
+
+async def test_many_subscriptions_reading_one_row_follow_it_together(
+        db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forty clients subscribe to items.gated for the same gate. When the gate moves, every
+    function runs again; those re-runs wait together and share one snapshot, so the gate's
+    row is read once per batch, not once per subscription, and every client follows."""
+    from cdcddp.publish.lookup import SqlRowLookup
+
+    reads = [0]
+    read = SqlRowLookup._read
+
+    def counted(self: SqlRowLookup, *args: Any) -> Any:
+        reads[0] += 1
+        return read(self, *args)
+
+    monkeypatch.setattr(SqlRowLookup, "_read", counted)
+    async with live_server(db_dsn) as server, contextlib.AsyncExitStack() as stack:
+        await asql(db_dsn, "INSERT INTO other (id, note) VALUES (1, 'a')",
+                   "INSERT INTO items (category, title) "
+                   "SELECT (ARRAY['a', 'b'])[1 + i % 2], 't' || i FROM generate_series(1, 6) i")
+        clients = [await stack.enter_async_context(connect(server.ws_url)) for _ in range(40)]
+        async with trio.open_nursery() as nursery:
+            for client in clients:
+                nursery.start_soon(client.subscribe, "items.gated", {"gate": 1})
+        assert all({d["category"] for d in store(c).values()} == {"a"} for c in clients)
+        reads[0] = 0
+        batches = server.live.lookups.batches
+        await asql(db_dsn, "UPDATE other SET note = 'b' WHERE id = 1")
+        for client in clients:
+            await client.wait_for(lambda c=client: len(store(c)) == 3 and {
+                d["category"] for d in store(c).values()} == {"b"}, timeout=10)
+        reruns = server.live.lookups.batches - batches
+        assert reads[0] <= reruns < 20, (reads[0], reruns)

@@ -76,7 +76,13 @@ from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects, 
 from cdcddp.publish.clients import EncodeCache, FlushGate, LiveClient, SubKey
 from cdcddp.publish.definition import BoundCursor, TableName
 from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
-from cdcddp.publish.lookup import Dependency, ReadRows, RecentRowChanges, read_differs
+from cdcddp.publish.lookup import (
+    BatchedLookups,
+    Dependency,
+    ReadRows,
+    RecentRowChanges,
+    read_differs,
+)
 from cdcddp.publish.observer import DocOp, NeedsRow, Observer, Row, Values, make_observer
 from cdcddp.publish.routes import ObserverEntry, TableRoutes
 from cdcddp.publish.snapshots import (
@@ -359,6 +365,10 @@ class LiveData:
         self._row_watchers: dict[Dependency, dict[RowWatcher, dict[str, Any] | None]] = {}
         # The last change to each row of the tables lookups read (lookup guard, watchers).
         self._row_changes = RecentRowChanges()
+        # Publication functions that read rows, run in batches by a quarter of the pool's
+        # threads at most (see BatchedLookups).
+        self.lookups = BatchedLookups(database, lambda: self._commits_seen)
+        self._lookup_runners = max(1, database.size // 4)
         self._last_gap = 0  # delivery number a stream gap took (lookup guard)
         # Delivery number of the last transaction that changed each table (lookup guard).
         self._table_changed_at: dict[TableName, int] = {}
@@ -423,6 +433,8 @@ class LiveData:
                 nursery.start_soon(self._catch_up_rounds)
                 for _ in range(self._snapshot_readers):
                     nursery.start_soon(self._snapshot_batches, self._snapshot_batched)
+                for _ in range(self._lookup_runners):
+                    nursery.start_soon(self.lookups.serve)
                 self._started.set()
                 task_status.started()
                 nursery.start_soon(self._watch_behind, stream)

@@ -44,9 +44,8 @@ from cdcddp.publish.definition import (
 )
 from cdcddp.publish.filters import FilterError
 from cdcddp.publish.livedata import LiveData
-from cdcddp.publish.lookup import ReadRows, SqlRowLookup
+from cdcddp.publish.lookup import ReadRows
 from cdcddp.publish.routes import ObserverEntry
-from cdcddp.publish.snapshots import begin_snapshot_seeing, run_seeing
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.server.config import ServerConfig
 from cdcddp.server.sockjs import HEARTBEAT_FRAME, SockJSFramingError
@@ -552,15 +551,10 @@ class Connection:
             if self.live is None:
                 raise RuntimeError("this publication reads rows: the server needs a database")
 
-            delivered_before = self.live.commits_seen
-
-            def resolve_with_lookup(conn: Any, insist: bool
-                                    ) -> tuple[tuple[BoundCursor, ...], ReadRows]:
-                snapshot = begin_snapshot_seeing(conn, after_xid, insist=insist)
-                sub.lookup_guard = (delivered_before, snapshot)
-                lookup = SqlRowLookup(conn)
-                return publication.resolve(sub.params, user_id, lookup), lookup.dependencies
-            return await run_seeing(self.live.database, resolve_with_lookup)
+            result = await self.live.lookups.run(
+                lambda lookup: publication.resolve(sub.params, user_id, lookup), after_xid)
+            sub.lookup_guard = result.guard
+            return result.value, result.dependencies
         return publication.resolve(sub.params, user_id), None
 
     def _watch(self, sub: LiveSubscription, dependencies: ReadRows | None) -> None:
