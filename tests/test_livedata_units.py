@@ -212,20 +212,26 @@ async def test_run_seeing_retries_in_a_new_transaction_until_the_snapshot_sees()
 
 
 def test_delivered_xids_stay_in_delivery_order_when_delivered_again() -> None:
+    from cdcddp.publish.handoff import DeliveredXids
     from cdcddp.publish.livedata import LiveData
     from cdcddp.publish.visibility import Snapshot
 
     live = LiveData.__new__(LiveData)  # only the bookkeeping under test
-    live._delivered, live._applied, live._xid_waiters = OrderedDict(), OrderedDict(), {}
+    live._delivered, live._applied, live._xid_waiters = DeliveredXids(), OrderedDict(), {}
     live._commits_seen = 0
     for xid in (100, 101, 102):
         live._note_delivered(xid)
     live._note_delivered(100)  # a reconnect delivers 100 again, as number 4
     # A snapshot taken after delivery 3 that does not see 101 missed it, whatever came later.
     lacking_101 = Snapshot.parse("100:103:101")
-    assert live._missed_delivered(lacking_101, upto=3, prune=False)
-    assert list(live._delivered) == [101, 102, 100]
-    assert not live._missed_delivered(Snapshot.parse("103:103:"), upto=4, prune=True)
+    assert live._delivered.first_missed(lacking_101, upto=3, prune=False) == 2
+    assert list(live._delivered) == [101, 102, 100] and list(live._applied) == [101, 102, 100]
+    # 100's first delivery does not count: it was delivered again, after number 3.
+    assert live._delivered.first_missed(Snapshot.parse("100:103:100"), upto=3,
+                                        prune=False) is None
+    assert live._delivered.first_missed(Snapshot.parse("100:103:100"), upto=4,
+                                        prune=False) == 4
+    assert not live._delivered.first_missed(Snapshot.parse("103:103:"), upto=4, prune=True)
     assert not live._delivered  # all seen: forgotten
 
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdcddp.publish.handoff import CommittedTransaction, RecentTransactions
+from cdcddp.publish.handoff import CommittedTransaction, DeliveredXids, RecentTransactions
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Insert
 
@@ -163,3 +163,45 @@ def test_what_a_snapshot_lacks_is_never_skipped(order: list[int], xmin: int, wid
     every = xids(ring.since(pin))
     assert kept == every[len(every) - len(kept):]  # a tail: only leading ones are skipped
     assert all(seen.is_visible(xid) for xid in every[:len(every) - len(kept)])
+
+
+def test_the_delivered_xids_a_snapshot_surely_saw_are_not_tested_one_by_one() -> None:
+    delivered = DeliveredXids(max_kept=5)
+    for number, xid in enumerate((10, 12, 11, 15, 13, 20), start=1):
+        delivered.note(xid, number)
+    assert list(delivered) == [12, 11, 15, 13, 20]  # five kept: 10 went first
+    lacking_15 = snapshot(14, 21, 15)
+    assert delivered.first_missed(lacking_15, upto=6, prune=False) == 4
+    assert delivered.first_missed(lacking_15, upto=3, prune=False) is None
+    # Pruned: the leading run it saw (12, 11), not 13 (after 15, which it lacks).
+    assert delivered.first_missed(lacking_15, upto=6, prune=True) == 4
+    assert list(delivered) == [15, 13, 20]
+    assert delivered.first_missed(snapshot(21, 21), upto=6, prune=True) is None
+    assert not delivered and list(delivered) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=30),
+       st.integers(0, 45), st.integers(0, 10), st.sets(st.integers(0, 45)),
+       st.integers(0, 30), st.booleans())
+def test_the_first_delivered_xid_a_snapshot_lacks_is_found(
+        order: list[int], xmin: int, width: int, xip: set[int], upto: int,
+        prune: bool) -> None:
+    """Against the definition: the earliest delivery number up to ``upto``, at an xid's
+    latest delivery, whose xid the snapshot does not see (across the xid wraparound, with
+    xids delivered again)."""
+    base = 0xFFFF_FFE0
+    delivered = DeliveredXids()
+    latest: dict[int, int] = {}
+    for number, offset in enumerate(order, start=1):
+        xid = (base + offset) & 0xFFFF_FFFF
+        delivered.note(xid, number)
+        latest[xid] = number
+    seen = snapshot(base + xmin, base + xmin + width,
+                    *(base + x for x in xip if xmin <= x < xmin + width))
+    expected = min((number for xid, number in latest.items()
+                    if number <= upto and not seen.is_visible(xid)), default=None)
+    assert delivered.first_missed(seen, upto, prune) == expected
+    kept = list(delivered)
+    assert delivered.first_missed(seen, upto, prune) == expected  # pruning changes nothing
+    assert set(kept) >= {xid for xid, number in latest.items() if not seen.is_visible(xid)}

@@ -23,15 +23,12 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 
-from cdcddp.publish.visibility import Snapshot
+from cdcddp.publish.visibility import Snapshot, later_xid
 from cdcddp.wal.events import RowChange, Truncate
-
-_XID_MASK = 0xFFFFFFFF
-_XID_HALF = 1 << 31
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +118,7 @@ class RecentTransactions:
     def delivered(self, txn: CommittedTransaction) -> None:
         """Record a transaction the stream just applied (kept while someone may need it)."""
         self._seq += 1
-        newest = self._newest_xid
-        if newest is None or (txn.xid - newest) & _XID_MASK < _XID_HALF:
-            newest = self._newest_xid = txn.xid
+        newest = self._newest_xid = later_xid(self._newest_xid, txn.xid)
         if not self._pins and not self.retain_changes:
             return
         self._kept.append((self._seq, txn, newest))
@@ -164,9 +159,9 @@ class RecentTransactions:
         if start >= len(kept):
             return []
         if seen_by is not None:
-            xmin, widen = seen_by.xmin, seen_by.widen
+            saw_all_up_to = seen_by.saw_all_up_to
             start = bisect.bisect_left(kept, True, lo=start,
-                                       key=lambda entry: widen(entry[2]) >= xmin)
+                                       key=lambda entry: not saw_all_up_to(entry[2]))
         return [(seq, txn) for seq, txn, _ in islice(kept, start, None)]
 
     def _trim(self) -> None:
@@ -179,3 +174,68 @@ class RecentTransactions:
 
     def __len__(self) -> int:
         return len(self._kept)
+
+
+class DeliveredXids:
+    """The xids the stream delivered, in delivery order with their delivery numbers, until
+    snapshots see them: which delivered transaction does a snapshot lack?
+
+    A commit is decoded (and may be delivered) before it is visible to new snapshots; a
+    snapshot that still has such a transaction running must be retaken, and a lookup that
+    read under it may be stale. Each entry also records the newest xid delivered up to it,
+    so the leading run a snapshot surely saw is skipped by bisection: a walk over all kept
+    xids (65,536 after as many commits without a new observer) cost each lookup 17 ms.
+    """
+
+    def __init__(self, max_kept: int = 65_536) -> None:
+        self.max_kept = max_kept
+        # (delivery number, xid, newest xid delivered up to it)
+        self._entries: deque[tuple[int, int, int]] = deque()
+        # xid -> its latest delivery number: an entry with another number is stale (the
+        # transaction was delivered again, after a reconnect; judged at its later number).
+        self._latest: dict[int, int] = {}
+        self._newest: int | None = None
+
+    def note(self, xid: int, number: int) -> None:
+        self._newest = later_xid(self._newest, xid)
+        self._entries.append((number, xid, self._newest))
+        self._latest[xid] = number
+        if len(self._entries) > self.max_kept:
+            self._drop_first(1)
+
+    def first_missed(self, snapshot: Snapshot, upto: int, prune: bool) -> int | None:
+        """The delivery number of the first transaction delivered as number ``upto`` or
+        earlier that ``snapshot`` lacks (still running for it: in ``xip``, or at or past its
+        ``xmax``), or None.
+
+        Xids a snapshot sees are visible to every later snapshot: with ``prune`` (only when
+        no earlier snapshot is still being checked), the leading run it sees is forgotten."""
+        entries, latest = self._entries, self._latest
+        saw_all_up_to = snapshot.saw_all_up_to
+        seen = bisect.bisect_left(entries, True, key=lambda entry: not saw_all_up_to(entry[2]))
+        missed: int | None = None
+        for number, xid, _ in islice(entries, seen, None):
+            if number > upto:
+                break  # delivered after the query started: the ring has it (and the rest)
+            if latest[xid] == number and not snapshot.is_visible(xid):
+                missed = number
+                break
+            seen += 1
+        if prune:
+            self._drop_first(seen)
+        return missed
+
+    def _drop_first(self, count: int) -> None:
+        entries, latest = self._entries, self._latest
+        for _ in range(count):
+            number, xid, _ = entries.popleft()
+            if latest[xid] == number:
+                del latest[xid]
+
+    def __iter__(self) -> Iterator[int]:
+        """The xids kept, in delivery order (at their latest delivery)."""
+        latest = self._latest
+        return (xid for number, xid, _ in self._entries if latest[xid] == number)
+
+    def __len__(self) -> int:
+        return len(self._latest)

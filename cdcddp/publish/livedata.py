@@ -75,7 +75,12 @@ from cdcddp.ddp.mergebox import MergeBoxError
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects, storm_promotion
 from cdcddp.publish.clients import EncodeCache, FlushGate, LiveClient, SubKey
 from cdcddp.publish.definition import BoundCursor, TableName
-from cdcddp.publish.handoff import CommittedTransaction, Pin, RecentTransactions
+from cdcddp.publish.handoff import (
+    CommittedTransaction,
+    DeliveredXids,
+    Pin,
+    RecentTransactions,
+)
 from cdcddp.publish.lookup import (
     BatchedLookups,
     Dependency,
@@ -336,14 +341,14 @@ class LiveData:
         self.flush_rounds = 0  # rounds of client writes (one per commit while keeping up)
         self.catch_up_timeouts = 0
         self._open_txn: _OpenTransaction | None = None
-        # Delivered xids (32-bit) → delivery number, until a snapshot sees them. A commit is
-        # decoded (and may be delivered) before it is visible to new snapshots; a snapshot
-        # that still has such a transaction running must be retaken (see _missed_delivered).
+        # Delivered xids until a snapshot sees them (a snapshot that lacks one must be
+        # retaken, a lookup that read under it may be stale).
         self._commits_seen = 0
-        # OrderedDicts: dropping the oldest is O(1) (a dict's first live entry is found by
-        # scanning past every deleted one: once these are full, that cost grew per commit).
-        self._delivered: OrderedDict[int, int] = OrderedDict()
-        self._applied: OrderedDict[int, int] = OrderedDict()  # recent xids, for wait_applied
+        self._delivered = DeliveredXids(_DELIVERED_KEPT)
+        # Recent xids, for wait_applied. An OrderedDict: dropping the oldest is O(1) (a dict's
+        # first live entry is found by scanning past every deleted one: once full, that cost
+        # grew per commit).
+        self._applied: OrderedDict[int, int] = OrderedDict()
         # Delivery number each snapshot query under way started at -> how many: a count per
         # number, not an entry per query (10,000 subscribing at once made a list's min()
         # quadratic); the numbers in flight at once are few.
@@ -986,7 +991,7 @@ class LiveData:
             return True  # the stream skipped transactions meanwhile
         deps = set(dependencies)
         tables = {(schema, table) for schema, table, _ in deps}
-        first_missed = self._missed_delivered(snapshot, delivered_before, prune=False)
+        first_missed = self._delivered.first_missed(snapshot, delivered_before, prune=False)
         after = delivered_before if first_missed is None else first_missed - 1
         log = self._row_changes
         if log.covers(tables, after):
@@ -1071,35 +1076,13 @@ class LiveData:
         if waiter is not None:
             waiter.set()
         self._commits_seen += 1
-        for recent in (self._delivered, self._applied):
-            if xid in recent:  # delivered again (after a reconnect): keep delivery order
-                recent.move_to_end(xid)
-            recent[xid] = self._commits_seen
-            if len(recent) > _DELIVERED_KEPT:
-                recent.popitem(last=False)  # the oldest
-
-    def _missed_delivered(self, snapshot: Snapshot, upto: int, prune: bool) -> int | None:
-        """The delivery number of the first transaction the stream delivered (as number
-        ``upto`` or earlier) that ``snapshot`` lacks, or None.
-
-        Such a transaction is still "running" for the snapshot: in ``xip``, or at or past its
-        ``xmax``. Delivered xids a snapshot sees are visible to every later snapshot, so they
-        are forgotten (``prune``: only when no earlier snapshot is still being checked).
-        """
-        delivered = self._delivered
-        missed: int | None = None
-        seen: list[int] = []
-        for xid, seq in delivered.items():  # in delivery order
-            if seq > upto:
-                break  # delivered after the query started: the ring has it (and the rest)
-            if snapshot.is_visible(xid):
-                seen.append(xid)
-            elif missed is None:
-                missed = seq
-        if prune:
-            for xid in seen:
-                del delivered[xid]
-        return missed
+        self._delivered.note(xid, self._commits_seen)
+        applied = self._applied
+        if xid in applied:  # delivered again (after a reconnect): keep delivery order
+            applied.move_to_end(xid)
+        applied[xid] = self._commits_seen
+        if len(applied) > _DELIVERED_KEPT:
+            applied.popitem(last=False)  # the oldest
 
     def _queue_snapshot(self, bound: BoundCursor,
                         take: Callable[[Iterable[Values], Snapshot, int], Any],
@@ -1190,7 +1173,7 @@ class LiveData:
             must_see = max(delivered_before if read.must_see is None else read.must_see
                            for read in pending)
             oldest = min(in_flight, default=delivered_before)
-            if self._missed_delivered(snapshot, must_see,
+            if self._delivered.first_missed(snapshot, must_see,
                                       prune=oldest >= delivered_before) is None and (
                     not seeing or snapshot.is_visible(seeing)):
                 for read in pending:

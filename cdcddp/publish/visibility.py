@@ -16,6 +16,16 @@ from dataclasses import dataclass
 
 _XID_SPACE = 1 << 32
 _HALF = 1 << 31
+_MASK = _XID_SPACE - 1
+
+
+def later_xid(newest: int | None, xid: int) -> int:
+    """The later of two 32-bit xids (``newest`` None: ``xid``), compared modulo 2^32 as
+    PostgreSQL compares them: a log of delivered transactions records the newest xid so far
+    with each, which only grows along the log (see :meth:`Snapshot.saw_all_up_to`)."""
+    if newest is None or (xid - newest) & _MASK < _HALF:
+        return xid
+    return newest
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +57,13 @@ class Snapshot:
         elif self.xmax - full > _HALF:
             full += _XID_SPACE
         return full
+
+    def saw_all_up_to(self, newest_xid32: int) -> bool:
+        """True when every xid up to ``newest_xid32`` is below this snapshot's xmin: each of
+        those transactions that committed is in its data. Along a log that records the
+        newest xid so far with each transaction, this is true of a leading run, found by
+        bisection instead of a visibility test each."""
+        return self.widen(newest_xid32) < self.xmin
 
     def is_visible(self, xid32: int) -> bool:
         """True when the committed transaction ``xid32`` is already in this snapshot's data."""
