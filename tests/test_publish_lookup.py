@@ -13,7 +13,7 @@ from cdcddp.publish.definition import Cursor, PublicationError, Publications
 from cdcddp.publish.filters import C
 from cdcddp.publish.lookup import BatchedLookups, RecentRowChanges, SqlRowLookup, read_differs
 from cdcddp.publish.visibility import Snapshot
-from tests.pg_support import sql
+from tests.pg_support import held_commit, sql
 
 
 class InList(BaseModel):
@@ -245,3 +245,45 @@ async def test_a_failing_function_fails_alone(db_dsn: str) -> None:
     assert isinstance(outcomes[3], psycopg.errors.UndefinedColumn)
     assert outcomes[5] is None
     assert outcomes[4].guard[1] is not outcomes[0].guard[1]  # another snapshot
+
+
+async def test_a_function_waiting_for_a_commit_holds_up_no_other(db_dsn: str) -> None:
+    """A re-run must see the transaction that changed its row. While that commit waits for a
+    synchronous standby (decoded, not yet visible), the function waits, queued again a
+    moment later; functions batched with it meanwhile run at once."""
+    await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE lists (id text primary key, "
+                                  "user_id text)", "INSERT INTO lists VALUES ('l', 'u1')")
+
+    def owner(lookup: SqlRowLookup) -> Any:
+        row = lookup.row("lists", "l", columns=["user_id"])
+        return row and row["user_id"]
+
+    database = Database(db_dsn, size=2)
+    lookups = BatchedLookups(database, lambda: 0)
+    outcomes: dict[str, Any] = {}
+
+    async def run(name: str, after_xid: int) -> None:
+        outcomes[name] = (await lookups.run(owner, after_xid)).value
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookups.serve)
+            async with held_commit(db_dsn, "UPDATE lists SET user_id = 'u2'") as held:
+                while not held.waits():
+                    await trio.sleep(0.01)
+                (xid,), = await trio.to_thread.run_sync(lambda: sql(
+                    db_dsn, "SELECT backend_xid::text::bigint FROM pg_stat_activity "
+                            "WHERE pid = %s", params=(held.pid,)))
+                nursery.start_soon(run, "after the commit", xid)
+                while lookups.batches < 3:  # tried, and queued again
+                    await trio.sleep(0.01)
+                with trio.fail_after(5):
+                    await run("any snapshot", 0)
+                assert outcomes == {"any snapshot": "u1"}
+            with trio.fail_after(5):
+                while "after the commit" not in outcomes:
+                    await trio.sleep(0.01)
+            assert outcomes["after the commit"] == "u2"
+            nursery.cancel_scope.cancel()
+    finally:
+        database.close()

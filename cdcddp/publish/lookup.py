@@ -19,7 +19,6 @@ changed rows by primary key, so ``key_columns`` must be the table's primary key.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -33,7 +32,7 @@ from psycopg import sql
 from cdcddp.db import Database, execute_as_decoded
 from cdcddp.publish.definition import PublicationError, TableName, split_table
 from cdcddp.publish.filters import quoted
-from cdcddp.publish.snapshots import SnapshotTooEarly, begin_snapshot_seeing, run_seeing
+from cdcddp.publish.snapshots import begin_snapshot_seeing
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Row
 
@@ -230,9 +229,11 @@ class LookupResult(Generic[T]):
 @dataclass(eq=False, slots=True)
 class _LookupRun:
     resolve: Callable[[SqlRowLookup], Any]
-    after_xid: int  # its snapshot must see this transaction (0: any)
+    after_xid: int  # its snapshot must see this transaction (0: any) ...
+    insist: bool  # ... or, once the caller gave up waiting for that, any snapshot
     done: trio.Event = field(default_factory=trio.Event)
     abandoned: bool = False  # its caller stopped waiting (cancelled)
+    too_early: bool = False  # not run: the batch's snapshot lacked after_xid
     result: LookupResult[Any] | None = None
     error: BaseException | None = None
 
@@ -265,16 +266,28 @@ class BatchedLookups:
         self._send, self._receive = trio.open_memory_channel[_LookupRun](math.inf)
         self.batches = 0  # transactions run (figures, tests)
 
-    async def run(self, resolve: Callable[[SqlRowLookup], T], after_xid: int = 0
-                  ) -> LookupResult[T]:
+    async def run(self, resolve: Callable[[SqlRowLookup], T], after_xid: int = 0,
+                  timeout: float = 10.0) -> LookupResult[T]:
         """``resolve(lookup)`` in a worker thread, under a snapshot that sees ``after_xid``
-        (32-bit; 0: any), with the rows it read; raises what it raised."""
-        run = _LookupRun(resolve, after_xid)
-        self._send.send_nowait(run)
-        try:
-            await run.done.wait()
-        finally:
-            run.abandoned = not run.done.is_set()
+        (32-bit; 0: any), with the rows it read; raises what it raised.
+
+        A commit is decoded a moment before it is visible (longer while it waits for a
+        synchronous standby): while a batch's snapshot lacks ``after_xid``, it is queued
+        again a moment later (by this caller, not holding up the batch), and after
+        ``timeout`` seconds any snapshot will do."""
+        deadline = trio.current_time() + timeout
+        delay = 0.001
+        while True:
+            run = _LookupRun(resolve, after_xid, insist=trio.current_time() < deadline)
+            self._send.send_nowait(run)
+            try:
+                await run.done.wait()
+            finally:
+                run.abandoned = not run.done.is_set()
+            if not run.too_early:
+                break
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
         if run.error is not None:
             raise run.error
         assert run.result is not None
@@ -296,8 +309,8 @@ class BatchedLookups:
                 while pending:
                     self.batches += 1
                     try:
-                        await run_seeing(self._database, functools.partial(
-                            _run_batch, runs=pending, delivered_before=self._delivered()))
+                        await self._database.run(_run_batch, pending, self._delivered(),
+                                                 snapshot=True)
                         pending = []
                     except _Interrupted as interrupted:
                         pending = interrupted.rest
@@ -311,18 +324,18 @@ class BatchedLookups:
                     run.done.set()
 
 
-def _run_batch(conn: psycopg.Connection[Any], insist: bool, *, runs: list[_LookupRun],
+def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
                delivered_before: int) -> None:
     """(In a worker thread.) Each run's function under one snapshot; results and errors
-    go to the runs."""
+    go to the runs (``too_early`` to those whose transaction the snapshot lacks)."""
     snapshot = begin_snapshot_seeing(conn, 0)
-    if insist and any(run.after_xid and not snapshot.is_visible(run.after_xid)
-                      for run in runs):
-        raise SnapshotTooEarly
     reads: dict[_ReadKey, dict[str, Any] | None] = {}
     primary_keys: dict[TableName, tuple[str, ...]] = {}
     guard = (delivered_before, snapshot)
     for index, run in enumerate(runs):
+        if run.insist and run.after_xid and not snapshot.is_visible(run.after_xid):
+            run.too_early = True
+            continue
         lookup = SqlRowLookup(conn, reads, primary_keys)
         try:
             run.result = LookupResult(run.resolve(lookup), lookup.dependencies, guard)
