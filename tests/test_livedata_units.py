@@ -12,7 +12,6 @@ from cdcddp.publish.definition import Cursor
 from cdcddp.publish.filters import C
 from cdcddp.publish.observer import Observer
 from cdcddp.publish.routes import ObserverEntry, TableRoutes
-from cdcddp.publish.snapshots import SnapshotTooEarly, run_seeing
 from cdcddp.wal.events import Delete, Insert, Update
 
 
@@ -181,34 +180,6 @@ def test_observer_fill_is_load_without_ops() -> None:
     assert filled.observer.rows == loaded.rows
     # Wire ids as Meteor stringifies them (a sign, or 24 hex-like digits, gets escaped).
     assert list(filled.observer.docs) == ["1", "--2", "-" + str(10**23)]
-
-
-async def test_run_seeing_retries_in_a_new_transaction_until_the_snapshot_sees() -> None:
-    calls: list[bool] = []
-
-    class FakeDatabase:
-        async def run(self, fn: Any, *args: Any, snapshot: bool = False) -> Any:
-            assert snapshot  # a REPEATABLE READ transaction: one snapshot for every read
-            return fn(None, *args)  # a new transaction each time
-
-    def attempt(conn: object, insist: bool) -> str:
-        calls.append(insist)
-        if insist and len(calls) < 3:
-            raise SnapshotTooEarly
-        return "seen"
-
-    assert await run_seeing(FakeDatabase(), attempt) == "seen"  # type: ignore[arg-type]
-    assert calls == [True, True, True]
-    calls.clear()
-
-    def never(conn: object, insist: bool) -> str:
-        calls.append(insist)
-        if insist:
-            raise SnapshotTooEarly
-        return "any snapshot"
-
-    assert await run_seeing(FakeDatabase(), never, timeout=0.02) == "any snapshot"  # type: ignore[arg-type]
-    assert calls[-1] is False and calls[0] is True
 
 
 def test_delivered_xids_stay_in_delivery_order_when_delivered_again() -> None:

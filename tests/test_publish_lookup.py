@@ -250,7 +250,7 @@ async def test_a_failing_function_fails_alone(db_dsn: str) -> None:
 async def test_a_function_waiting_for_a_commit_holds_up_no_other(db_dsn: str) -> None:
     """A re-run must see the transaction that changed its row. While that commit waits for a
     synchronous standby (decoded, not yet visible), the function waits, queued again a
-    moment later; functions batched with it meanwhile run at once."""
+    moment later (until its timeout); functions batched with it meanwhile run at once."""
     await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE lists (id text primary key, "
                                   "user_id text)", "INSERT INTO lists VALUES ('l', 'u1')")
 
@@ -262,8 +262,8 @@ async def test_a_function_waiting_for_a_commit_holds_up_no_other(db_dsn: str) ->
     lookups = BatchedLookups(database, lambda: 0)
     outcomes: dict[str, Any] = {}
 
-    async def run(name: str, after_xid: int) -> None:
-        outcomes[name] = (await lookups.run(owner, after_xid)).value
+    async def run(name: str, after_xid: int, timeout: float = 10.0) -> None:
+        outcomes[name] = (await lookups.run(owner, after_xid, timeout)).value
 
     try:
         async with trio.open_nursery() as nursery:
@@ -279,7 +279,9 @@ async def test_a_function_waiting_for_a_commit_holds_up_no_other(db_dsn: str) ->
                     await trio.sleep(0.01)
                 with trio.fail_after(5):
                     await run("any snapshot", 0)
-                assert outcomes == {"any snapshot": "u1"}
+                    # Past its timeout, a function waits no more: any snapshot will do.
+                    await run("gave up waiting", xid, timeout=0.05)
+                assert outcomes == {"any snapshot": "u1", "gave up waiting": "u1"}
             with trio.fail_after(5):
                 while "after the commit" not in outcomes:
                     await trio.sleep(0.01)

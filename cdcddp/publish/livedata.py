@@ -1174,7 +1174,7 @@ class LiveData:
                            for read in pending)
             oldest = min(in_flight, default=delivered_before)
             if self._delivered.first_missed(snapshot, must_see,
-                                      prune=oldest >= delivered_before) is None and (
+                                            prune=oldest >= delivered_before) is None and (
                     not seeing or snapshot.is_visible(seeing)):
                 for read in pending:
                     read.snapshot, read.lsn = snapshot, lsn

@@ -32,7 +32,7 @@ from psycopg import sql
 from cdcddp.db import Database, execute_as_decoded
 from cdcddp.publish.definition import PublicationError, TableName, split_table
 from cdcddp.publish.filters import quoted
-from cdcddp.publish.snapshots import begin_snapshot_seeing
+from cdcddp.publish.snapshots import begin_snapshot
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Row
 
@@ -328,7 +328,7 @@ def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
                delivered_before: int) -> None:
     """(In a worker thread.) Each run's function under one snapshot; results and errors
     go to the runs (``too_early`` to those whose transaction the snapshot lacks)."""
-    snapshot = begin_snapshot_seeing(conn, 0)
+    snapshot = begin_snapshot(conn)
     reads: dict[_ReadKey, dict[str, Any] | None] = {}
     primary_keys: dict[TableName, tuple[str, ...]] = {}
     guard = (delivered_before, snapshot)

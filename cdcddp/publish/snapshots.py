@@ -16,7 +16,7 @@ import psycopg
 import trio
 from psycopg import sql
 
-from cdcddp.db import Database, ensure_types, execute_as_decoded
+from cdcddp.db import ensure_types, execute_as_decoded
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor, TableName
 from cdcddp.publish.filters import quoted
@@ -29,16 +29,14 @@ from cdcddp.wal.pgtypes import BINARY_LOADS_AS_DECODED
 __all__ = [
     "ReadsInterrupted",
     "SnapshotRead",
-    "SnapshotTooEarly",
     "TableShape",
-    "begin_snapshot_seeing",
+    "begin_snapshot",
     "current_wal_lsn",
     "describe_shape_change",
     "fetch_row",
     "horizon_snapshot",
     "row_list",
     "row_query",
-    "run_seeing",
     "shape_differs",
     "snapshot_reads",
     "table_columns",
@@ -69,39 +67,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-class SnapshotTooEarly(Exception):
-    """The snapshot does not see a transaction the stream already delivered (a commit is
-    decoded slightly before it is visible to new snapshots): retry in a new transaction."""
-
-
-def begin_snapshot_seeing(conn: psycopg.Connection[Any], xid: int, *, insist: bool = True
-                          ) -> Snapshot:
-    """Begin a REPEATABLE READ transaction on ``conn`` (this must be its first statement)
-    whose snapshot sees the committed transaction ``xid`` (32-bit; 0: any snapshot).
-
-    Raises :class:`SnapshotTooEarly` when it does not yet (unless ``insist`` is False): the
-    transaction cannot be restarted from in here (``Database.run`` holds it), so the caller
-    runs it again a moment later (:func:`run_seeing`).
-    """
-    snapshot, _ = _begin_snapshot(conn)
-    if insist and xid and not snapshot.is_visible(xid):
-        raise SnapshotTooEarly
-    return snapshot
-
-
-async def run_seeing(database: Database, fn: Callable[[psycopg.Connection[Any], bool], T],
-                     timeout: float = 10.0) -> T:
-    """``database.run(fn, insist)``, again while ``fn`` raises :class:`SnapshotTooEarly`
-    (``insist`` turns False after ``timeout`` seconds: then any snapshot will do)."""
-    deadline = trio.current_time() + timeout
-    delay = 0.001
-    while True:
-        insist = trio.current_time() < deadline
-        try:
-            return await database.run(fn, insist, snapshot=True)
-        except SnapshotTooEarly:
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+def begin_snapshot(conn: psycopg.Connection[Any]) -> Snapshot:
+    """Begin a REPEATABLE READ transaction on ``conn`` (this must be its first statement);
+    returns its snapshot."""
+    return _begin_snapshot(conn)[0]
 
 
 # A table's columns: (name, type oid, varlena) triples, NULL when the table is gone.
