@@ -280,6 +280,9 @@ def run_swarm(port: int, n: int, subs: list[list[Any]], subs_per_conn: int) -> N
         elif kind == "removed":
             if counting:
                 removed += 1
+                if not first_at:
+                    first_at = t
+                last_at = t
         elif kind == "nosub" or kind == "error":
             sys.exit(f"subscription failed: {payload[:300]!r}")
         else:
