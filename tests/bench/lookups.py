@@ -1,18 +1,22 @@
 """Lookup benchmark: clients of a publication whose function reads a row, against the same
 clients on a plain filter.
 
-    .venv/bin/python tests/bench/lookups.py [--dsn DSN] [--clients 1000] [--todos 20]
-                                            [--rounds 3] [--repeat 2]
+    .venv/bin/python tests/bench/lookups.py [--dsn DSN] [--clients 1000] [--lists 1]
+                                            [--todos 20] [--rounds 3] [--repeat 2]
 
-Tables ``lists (id, open)`` and ``todos (id, list_id, text)``. Two publications of list 1's
-todos: ``todos.inOpenList``, a function that reads the list's row with a lookup and publishes
-nothing while the list is closed, and the baseline ``todos.inList``, a plain ``list_id = 1``
-filter. The server runs in a child process; --clients raw-socket clients (ddpbench swarm, in
-another process) subscribe to one of the two (timed: "ready in"). Then --rounds rounds of a
-change that takes every todo out of every client's view, and one that brings them back:
+Tables ``lists (id, open)`` and ``todos (id, list_id, text)``: --lists lists of --todos todos
+each. Two publications of a list's todos: ``todos.inOpenList``, a function that reads the
+list's row with a lookup and publishes nothing while the list is closed, and the baseline
+``todos.inList``, a plain ``list_id = k`` filter. The clients are dealt over the lists: with
+one list (the default) every function reads the same row; with as many lists as clients, each
+reads its own. The server runs in a child process; --clients raw-socket clients (ddpbench
+swarm, in another process) subscribe to one of the two (timed: "ready in"). Then --rounds
+rounds of a change that takes every todo out of every client's view, and one that brings them
+back:
 
-* lookup: closing the list, and opening it again: every client's function runs again;
-* baseline: moving the todos to list 2, and back: the observer's rows move out and in.
+* lookup: closing the lists, and opening them again: every client's function runs again;
+* baseline: moving the todos to the lists' negated ids, and back: the observers' rows move out
+  and in.
 
 Each change is timed from just before its commit to the last message it caused at a client (the
 swarm drains until no message came for 3 s), and the swarm's counts are checked (--todos
@@ -46,10 +50,8 @@ LOOKUP = "todos.inOpenList"
 PLAIN = "todos.inList"
 # The change that empties every client's view and the one that fills it again, per publication.
 CHANGES = {
-    LOOKUP: ("UPDATE lists SET open = false WHERE id = 1",
-             "UPDATE lists SET open = true WHERE id = 1"),
-    PLAIN: ("UPDATE todos SET list_id = 2 WHERE list_id = 1",
-            "UPDATE todos SET list_id = 1 WHERE list_id = 2"),
+    LOOKUP: ("UPDATE lists SET open = false", "UPDATE lists SET open = true"),
+    PLAIN: ("UPDATE todos SET list_id = -list_id", "UPDATE todos SET list_id = -list_id"),
 }
 
 
@@ -80,15 +82,15 @@ def bench_app():  # type: ignore[no-untyped-def]
     return app
 
 
-def prepare(dsn: str, todos: int) -> None:
+def prepare(dsn: str, lists: int, todos: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS todos, lists")
         conn.execute("CREATE TABLE lists (id int PRIMARY KEY, open bool NOT NULL)")
         conn.execute("CREATE TABLE todos (id int PRIMARY KEY, list_id int NOT NULL, text text)")
         conn.execute("CREATE INDEX ON todos (list_id)")
-        conn.execute("INSERT INTO lists VALUES (1, true), (2, true)")
-        conn.execute("INSERT INTO todos SELECT g, 1, 'todo ' || g FROM generate_series(1, %s) g",
-                     (todos,))
+        conn.execute("INSERT INTO lists SELECT g, true FROM generate_series(1, %s) g", (lists,))
+        conn.execute("INSERT INTO todos SELECT g, 1 + g %% %s, 'todo ' || g "
+                     "FROM generate_series(1, %s) g", (lists, lists * todos))
         conn.execute("VACUUM ANALYZE lists, todos")
 
 
@@ -108,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn")
     parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--lists", type=int, default=1)
     parser.add_argument("--todos", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2)
@@ -119,7 +122,9 @@ def main() -> None:
     ddpbench.raise_fd_limit(args.clients + 1024)
     with contextlib.ExitStack() as stack:
         dsn = args.dsn or stack.enter_context(throwaway_cluster("cdcddp-bench-")).dsn()
-        prepare(dsn, args.todos)
+        if not 1 <= args.lists <= args.clients:
+            parser.error("--lists must be between 1 and --clients")
+        prepare(dsn, args.lists, args.todos)
         run(args, dsn)
 
 
@@ -132,8 +137,8 @@ def run(args: argparse.Namespace, dsn: str) -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             for i in range(args.repeat):
                 for name in (LOOKUP, PLAIN):
-                    swarm = ddpbench.Swarm(port, args.clients, [[name, [{"listId": 1}]]],
-                                           idle=_DRAIN_IDLE)
+                    subs = [[name, [{"listId": k}]] for k in range(1, args.lists + 1)]
+                    swarm = ddpbench.Swarm(port, args.clients, subs, idle=_DRAIN_IDLE)
                     try:
                         ready[name].append(swarm.wait_ready()["seconds"])
                         empty, fill = CHANGES[name]
@@ -155,7 +160,7 @@ def run(args: argparse.Namespace, dsn: str) -> None:
         print(f"{name}: ready in {statistics.median(ready[name]):.2f} s (median); a change "
               f"followed in {statistics.median(follows[name]) * 1000:.0f} ms (median of "
               f"{len(follows[name])}: {args.todos} messages to each of {args.clients:,} "
-              f"clients)")
+              f"clients, on {args.lists:,} list(s))")
     ratio = statistics.median(follows[LOOKUP]) / statistics.median(follows[PLAIN])
     print(f"lookup_follow_ratio={ratio:.2f}")
 
