@@ -26,6 +26,7 @@ from tests.livedata_support import (
     wait_store,
 )
 from tests.pg_support import (
+    held_commit,
     release_commit_wait,
     settled,
     standby_that_never_answers,
@@ -461,3 +462,26 @@ async def test_a_table_observed_first_while_a_held_commit_arrives_misses_nothing
             assert store(client) == expected_view(db_dsn, [("items.all", [])])
             assert store(client)["1"]["title"] == "y"
             check_message_log(client)
+
+
+async def test_a_held_commit_to_another_table_holds_up_no_new_subscription(
+        db_dsn: str) -> None:
+    """A commit delivered but held by a standby, which changed only ``other``: a new
+    subscription to ``items`` need not see it, and is ready at once (its snapshot was
+    retaken until every delivered commit was visible, whatever table it changed). One whose
+    function reads the held row gets the row as visible now, then follows the commit."""
+    async with live_server(db_dsn, ring_retain_changes=0) as server, \
+            connect(server.ws_url) as client, connect(server.ws_url) as reader:
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')",
+                   "INSERT INTO other (id, note) VALUES (1, 'a')")
+        async with held_commit(db_dsn, "UPDATE other SET note = 'b' WHERE id = 1") as held:
+            while not held.waits():
+                await trio.sleep(0.01)
+            await server.live.sync()  # delivered
+            with trio.fail_after(2):
+                await client.subscribe("items.byCategory", {"category": "a"})
+                await reader.subscribe("items.gated", {"gate": 1})
+            assert len(store(client)) == 1 and len(store(reader)) == 1
+            assert server.live.invisible_delivered_retries == 0
+        await reader.wait_for(lambda: not store(reader), timeout=10)  # gate 1 names 'b' now
+        assert len(store(client)) == 1

@@ -195,13 +195,13 @@ def test_delivered_xids_stay_in_delivery_order_when_delivered_again() -> None:
     live._note_delivered(100)  # a reconnect delivers 100 again, as number 4
     # A snapshot taken after delivery 3 that does not see 101 missed it, whatever came later.
     lacking_101 = Snapshot.parse("100:103:101")
-    assert live._delivered.first_missed(lacking_101, upto=3, prune=False) == 2
+    assert live._delivered.first_missed(lacking_101, upto=3, prune=False) == (2, 101)
     assert list(live._delivered) == [101, 102, 100] and list(live._applied) == [101, 102, 100]
     # 100's first delivery does not count: it was delivered again, after number 3.
     assert live._delivered.first_missed(Snapshot.parse("100:103:100"), upto=3,
                                         prune=False) is None
     assert live._delivered.first_missed(Snapshot.parse("100:103:100"), upto=4,
-                                        prune=False) == 4
+                                        prune=False) == (4, 100)
     assert not live._delivered.first_missed(Snapshot.parse("103:103:"), upto=4, prune=True)
     assert not live._delivered  # all seen: forgotten
 

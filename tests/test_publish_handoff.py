@@ -165,43 +165,70 @@ def test_what_a_snapshot_lacks_is_never_skipped(order: list[int], xmin: int, wid
     assert all(seen.is_visible(xid) for xid in every[:len(every) - len(kept)])
 
 
+T = ("public", "t")
+U = ("public", "u")
+
+
 def test_the_delivered_xids_a_snapshot_surely_saw_are_not_tested_one_by_one() -> None:
     delivered = DeliveredXids(max_kept=5)
     for number, xid in enumerate((10, 12, 11, 15, 13, 20), start=1):
-        delivered.note(xid, number)
+        delivered.note(xid, number, {T})
     assert list(delivered) == [12, 11, 15, 13, 20]  # five kept: 10 went first
     lacking_15 = snapshot(14, 21, 15)
-    assert delivered.first_missed(lacking_15, upto=6, prune=False) == 4
+    assert delivered.first_missed(lacking_15, upto=6, prune=False) == (4, 15)
     assert delivered.first_missed(lacking_15, upto=3, prune=False) is None
     # Pruned: the leading run it saw (12, 11), not 13 (after 15, which it lacks).
-    assert delivered.first_missed(lacking_15, upto=6, prune=True) == 4
+    assert delivered.first_missed(lacking_15, upto=6, prune=True) == (4, 15)
     assert list(delivered) == [15, 13, 20]
     assert delivered.first_missed(snapshot(21, 21), upto=6, prune=True) is None
     assert not delivered and list(delivered) == []
 
 
+def test_a_transaction_that_changed_none_of_the_tables_read_is_not_missed() -> None:
+    """A read of table t need not see a transaction that changed only u (a commit to u held
+    by a synchronous standby must not hold up t's new subscriptions); nor is that
+    transaction forgotten while some snapshot lacks it: a read of u still needs it."""
+    delivered = DeliveredXids()
+    delivered.note(10, 1, {T})
+    delivered.note(11, 2, {U})  # held: not visible below
+    delivered.note(12, 3, {T, U})
+    lacking_11 = snapshot(11, 13, 11)
+    assert delivered.first_missed(lacking_11, upto=3, prune=True, tables={T}) is None
+    assert list(delivered) == [11, 12]  # 10 is forgotten; 11 is kept for readers of u
+    assert delivered.first_missed(lacking_11, upto=3, prune=True, tables={U}) == (2, 11)
+    assert delivered.first_missed(lacking_11, upto=3, prune=False) == (2, 11)
+    assert delivered.first_missed(snapshot(13, 13), upto=3, prune=True, tables={U}) is None
+    assert not delivered
+
+
+TABLE_SETS = st.sampled_from([frozenset(), frozenset({T}), frozenset({U}), frozenset({T, U})])
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 40), min_size=1, max_size=30),
+@given(st.lists(st.tuples(st.integers(0, 40), TABLE_SETS), min_size=1, max_size=30),
        st.integers(0, 45), st.integers(0, 10), st.sets(st.integers(0, 45)),
-       st.integers(0, 30), st.booleans())
+       st.integers(0, 30), st.booleans(), st.one_of(st.none(), TABLE_SETS))
 def test_the_first_delivered_xid_a_snapshot_lacks_is_found(
-        order: list[int], xmin: int, width: int, xip: set[int], upto: int,
-        prune: bool) -> None:
+        order: list[tuple[int, frozenset[tuple[str, str]]]], xmin: int, width: int,
+        xip: set[int], upto: int, prune: bool,
+        tables: frozenset[tuple[str, str]] | None) -> None:
     """Against the definition: the earliest delivery number up to ``upto``, at an xid's
-    latest delivery, whose xid the snapshot does not see (across the xid wraparound, with
-    xids delivered again)."""
+    latest delivery, whose xid the snapshot does not see and whose transaction changed one
+    of ``tables`` (across the xid wraparound, with xids delivered again)."""
     base = 0xFFFF_FFE0
     delivered = DeliveredXids()
-    latest: dict[int, int] = {}
-    for number, offset in enumerate(order, start=1):
+    latest: dict[int, tuple[int, frozenset[tuple[str, str]]]] = {}
+    for number, (offset, changed) in enumerate(order, start=1):
         xid = (base + offset) & 0xFFFF_FFFF
-        delivered.note(xid, number)
-        latest[xid] = number
+        delivered.note(xid, number, changed)
+        latest[xid] = number, changed
     seen = snapshot(base + xmin, base + xmin + width,
                     *(base + x for x in xip if xmin <= x < xmin + width))
-    expected = min((number for xid, number in latest.items()
-                    if number <= upto and not seen.is_visible(xid)), default=None)
-    assert delivered.first_missed(seen, upto, prune) == expected
+    expected = min(((number, xid) for xid, (number, changed) in latest.items()
+                    if number <= upto and not seen.is_visible(xid)
+                    and (tables is None or tables & changed)), default=None)
+    assert delivered.first_missed(seen, upto, prune, tables) == expected
     kept = list(delivered)
-    assert delivered.first_missed(seen, upto, prune) == expected  # pruning changes nothing
-    assert set(kept) >= {xid for xid, number in latest.items() if not seen.is_visible(xid)}
+    # Pruning changes nothing, and forgets no transaction the snapshot lacks.
+    assert delivered.first_missed(seen, upto, prune, tables) == expected
+    assert set(kept) >= {xid for xid in latest if not seen.is_visible(xid)}

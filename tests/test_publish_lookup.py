@@ -116,10 +116,10 @@ def test_row_changes_tell_a_lookup_which_rows_its_snapshot_lacks() -> None:
     log.record([("public", "lists", ("b",))], 12, 502)  # b's last change
     sees_500 = Snapshot.parse("501:503:502")  # sees 500, not 502
     assert log.covers([LISTS], 10)
-    assert not log.unseen([("public", "lists", ("a",))], sees_500)
-    assert log.unseen([("public", "lists", ("b",))], sees_500)
-    assert not log.unseen([("public", "lists", ("c",))], sees_500)  # never changed
-    assert not log.unseen([("public", "lists", ("b",))], Snapshot.parse("503:503:"))
+    assert log.unseen([("public", "lists", ("a",))], sees_500) is None
+    assert log.unseen([("public", "lists", ("b",))], sees_500) == 502  # its xid: to wait for
+    assert log.unseen([("public", "lists", ("c",))], sees_500) is None  # never changed
+    assert log.unseen([("public", "lists", ("b",))], Snapshot.parse("503:503:")) is None
 
 
 def test_row_changes_cover_only_what_they_logged() -> None:

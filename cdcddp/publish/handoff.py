@@ -23,10 +23,11 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass, field
 from itertools import islice
 
+from cdcddp.publish.definition import TableName
 from cdcddp.publish.visibility import Snapshot, later_xid
 from cdcddp.wal.events import RowChange, Truncate
 
@@ -182,45 +183,53 @@ class DeliveredXids:
 
     A commit is decoded (and may be delivered) before it is visible to new snapshots; a
     snapshot that still has such a transaction running must be retaken, and a lookup that
-    read under it may be stale. Each entry also records the newest xid delivered up to it,
-    so the leading run a snapshot surely saw is skipped by bisection: a walk over all kept
-    xids (65,536 after as many commits without a new observer) cost each lookup 17 ms.
+    read under it may be stale; but only if that transaction changed a table it reads, so
+    each entry records the tables its transaction changed (a commit to another table, held
+    by a standby, held up every new subscription). Each entry also records the newest xid
+    delivered up to it, so the leading run a snapshot surely saw is skipped by bisection: a
+    walk over all kept xids (65,536 after as many commits without a new observer) cost each
+    lookup 17 ms.
     """
 
     def __init__(self, max_kept: int = 65_536) -> None:
         self.max_kept = max_kept
-        # (delivery number, xid, newest xid delivered up to it)
-        self._entries: deque[tuple[int, int, int]] = deque()
+        # (delivery number, xid, newest xid delivered up to it, tables it changed)
+        self._entries: deque[tuple[int, int, int, Set[TableName]]] = deque()
         # xid -> its latest delivery number: an entry with another number is stale (the
         # transaction was delivered again, after a reconnect; judged at its later number).
         self._latest: dict[int, int] = {}
         self._newest: int | None = None
 
-    def note(self, xid: int, number: int) -> None:
+    def note(self, xid: int, number: int, tables: Set[TableName]) -> None:
         self._newest = later_xid(self._newest, xid)
-        self._entries.append((number, xid, self._newest))
+        self._entries.append((number, xid, self._newest, tables))
         self._latest[xid] = number
         if len(self._entries) > self.max_kept:
             self._drop_first(1)
 
-    def first_missed(self, snapshot: Snapshot, upto: int, prune: bool) -> int | None:
-        """The delivery number of the first transaction delivered as number ``upto`` or
+    def first_missed(self, snapshot: Snapshot, upto: int, prune: bool,
+                     tables: Set[TableName] | None = None) -> tuple[int, int] | None:
+        """(delivery number, xid) of the first transaction delivered as number ``upto`` or
         earlier that ``snapshot`` lacks (still running for it: in ``xip``, or at or past its
-        ``xmax``), or None.
+        ``xmax``) and that changed one of ``tables`` (None: any), or None.
 
         Xids a snapshot sees are visible to every later snapshot: with ``prune`` (only when
         no earlier snapshot is still being checked), the leading run it sees is forgotten."""
         entries, latest = self._entries, self._latest
         saw_all_up_to = snapshot.saw_all_up_to
         seen = bisect.bisect_left(entries, True, key=lambda entry: not saw_all_up_to(entry[2]))
-        missed: int | None = None
-        for number, xid, _ in islice(entries, seen, None):
+        missed: tuple[int, int] | None = None
+        leading = True  # the entries so far are all seen (or stale): forgettable
+        for number, xid, _, changed in islice(entries, seen, None):
             if number > upto:
                 break  # delivered after the query started: the ring has it (and the rest)
             if latest[xid] == number and not snapshot.is_visible(xid):
-                missed = number
-                break
-            seen += 1
+                if tables is None or not tables.isdisjoint(changed):
+                    missed = number, xid
+                    break
+                leading = False  # lacked, but no matter here: kept for other readers
+            elif leading:
+                seen += 1
         if prune:
             self._drop_first(seen)
         return missed
@@ -228,14 +237,14 @@ class DeliveredXids:
     def _drop_first(self, count: int) -> None:
         entries, latest = self._entries, self._latest
         for _ in range(count):
-            number, xid, _ = entries.popleft()
+            number, xid, _, _ = entries.popleft()
             if latest[xid] == number:
                 del latest[xid]
 
     def __iter__(self) -> Iterator[int]:
         """The xids kept, in delivery order (at their latest delivery)."""
         latest = self._latest
-        return (xid for number, xid, _ in self._entries if latest[xid] == number)
+        return (xid for number, xid, _, _ in self._entries if latest[xid] == number)
 
     def __len__(self) -> int:
         return len(self._latest)

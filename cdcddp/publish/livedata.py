@@ -62,6 +62,7 @@ import secrets
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final
@@ -799,10 +800,10 @@ class LiveData:
                     await self._commit(txn, event)  # type: ignore[arg-type]
                 txn = self._open_txn = None
                 # Its delivery number and what it changed, in one step (lookup guards).
-                self._note_delivered(event.xid)  # type: ignore[union-attr]
+                self._note_delivered(event.xid, touched)  # type: ignore[union-attr]
                 for table in touched:
                     self._table_changed_at[table] = self._commits_seen
-                touched.clear()
+                touched = set()  # (the delivered log keeps this one)
                 due = None
                 if changed_rows or truncated:
                     due = self._log_row_changes(changed_rows, truncated,
@@ -976,30 +977,37 @@ class LiveData:
         (a position for guards)."""
         return self._commits_seen
 
-    def lookup_may_be_stale(self, dependencies: Iterable[Dependency], delivered_before: int,
-                            snapshot: Snapshot) -> bool:
+    def lookup_stale(self, dependencies: Iterable[Dependency], delivered_before: int,
+                     snapshot: Snapshot) -> int | None:
         """Could rows a lookup read (under ``snapshot``, started when ``delivered_before``
-        transactions had been delivered) have changed without its watch seeing it? True when
+        transactions had been delivered) have changed without its watch seeing it? Yes when
         one of them was changed by a transaction the snapshot lacks: delivered since (the
         watch was not yet registered), or before it and not yet visible. The caller re-runs
-        the lookup.
+        the lookup under a snapshot that sees the returned xid (0: any snapshot); None: no.
+
+        (Not 0 for a transaction delivered before it and not yet visible, a commit waiting
+        for a synchronous standby: a run under any snapshot would lack it again, and again.)
 
         Known row by row for tables whose changes are logged (:class:`RecentRowChanges`);
         otherwise (a table's first lookup, a log overrun) by table: any change to one of the
         tables since, or any delivered transaction the snapshot lacks."""
         if self._last_gap > delivered_before:
-            return True  # the stream skipped transactions meanwhile
+            return 0  # the stream skipped transactions meanwhile
         deps = set(dependencies)
         tables = {(schema, table) for schema, table, _ in deps}
-        first_missed = self._delivered.first_missed(snapshot, delivered_before, prune=False)
-        after = delivered_before if first_missed is None else first_missed - 1
+        missed = self._delivered.first_missed(snapshot, delivered_before, prune=False,
+                                              tables=tables)
+        after = delivered_before if missed is None else missed[0] - 1
         log = self._row_changes
         if log.covers(tables, after):
             return log.unseen(deps, snapshot)
         for table in tables:  # from now on, row by row
             log.follow(table, self._commits_seen)
-        return first_missed is not None or any(
-            self._table_changed_at.get(t, 0) > delivered_before for t in tables)
+        if missed is not None:
+            return missed[1]
+        if any(self._table_changed_at.get(t, 0) > delivered_before for t in tables):
+            return 0
+        return None
 
     def _rows_changed(self, event: Any, rows: dict[Dependency, Row | None]) -> None:
         """Note in ``rows`` each row a change touches, with its image after it (None: the
@@ -1071,12 +1079,14 @@ class LiveData:
             event = self._xid_waiters[xid] = trio.Event()
         await event.wait()
 
-    def _note_delivered(self, xid: int) -> None:
+    def _note_delivered(self, xid: int, tables: AbstractSet[TableName] = frozenset()
+                        ) -> None:
+        """Transaction ``xid``, which changed ``tables``, was delivered (and applied)."""
         waiter = self._xid_waiters.pop(xid, None)
         if waiter is not None:
             waiter.set()
         self._commits_seen += 1
-        self._delivered.note(xid, self._commits_seen)
+        self._delivered.note(xid, self._commits_seen, tables)
         applied = self._applied
         if xid in applied:  # delivered again (after a reconnect): keep delivery order
             applied.move_to_end(xid)
@@ -1173,8 +1183,8 @@ class LiveData:
             must_see = max(delivered_before if read.must_see is None else read.must_see
                            for read in pending)
             oldest = min(in_flight, default=delivered_before)
-            if self._delivered.first_missed(snapshot, must_see,
-                                            prune=oldest >= delivered_before) is None and (
+            if self._delivered.first_missed(snapshot, must_see, oldest >= delivered_before,
+                                            {read.bound.table for read in pending}) is None and (
                     not seeing or snapshot.is_visible(seeing)):
                 for read in pending:
                     read.snapshot, read.lsn = snapshot, lsn

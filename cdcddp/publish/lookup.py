@@ -202,14 +202,14 @@ class RecentRowChanges:
         logged = self._tables
         return all(table in logged and logged[table] <= after for table in tables)
 
-    def unseen(self, rows: Iterable[Dependency], snapshot: Snapshot) -> bool:
-        """Is one of ``rows``' last changes not in ``snapshot``?"""
+    def unseen(self, rows: Iterable[Dependency], snapshot: Snapshot) -> int | None:
+        """The xid of one of ``rows``' last changes that ``snapshot`` lacks, or None."""
         last = self._last
         for row in rows:
             change = last.get(row)
             if change is not None and not snapshot.is_visible(change[1]):
-                return True
-        return False
+                return change[1]
+        return None
 
 
 T = TypeVar("T")
@@ -222,7 +222,7 @@ class LookupResult(Generic[T]):
     value: T  # what the function returned
     dependencies: ReadRows  # the rows it read
     # (transactions delivered before its snapshot was taken, that snapshot): for
-    # ``LiveData.lookup_may_be_stale`` once the watch on those rows exists
+    # ``LiveData.lookup_stale`` once the watch on those rows exists
     guard: tuple[int, Snapshot]
 
 

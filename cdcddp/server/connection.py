@@ -568,8 +568,9 @@ class Connection:
             # A change committed between the lookup's read and this watch went unseen: if one
             # may have, run the lookup again.
             guard, sub.lookup_guard = sub.lookup_guard, None
-            if guard is not None and self.live.lookup_may_be_stale(dependencies, *guard):
-                self._dependency_changed(sub, 0)
+            stale = None if guard is None else self.live.lookup_stale(dependencies, *guard)
+            if stale is not None:
+                self._dependency_changed(sub, stale)
 
     def _dependency_changed(self, sub: LiveSubscription, xid: int) -> None:
         if sub.stopped or sub.rerun_pending:
