@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import pytest
 import trio
 from pydantic import BaseModel
 
@@ -247,6 +248,22 @@ def check_message_log(client: DDPClient, collection: str = "items") -> None:
                 raise AssertionError(f"version went back ({seen} seen before): {message}; "
                                      f"this document's messages: {history}")
             versions[doc_id] = version
+
+
+def count_row_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts (in [0]) the rows lookups read from the database from now on (a row several
+    functions read under one snapshot is read once)."""
+    from cdcddp.publish.lookup import SqlRowLookup
+
+    reads = [0]
+    read = SqlRowLookup._read
+
+    def counted(self: SqlRowLookup, *args: Any) -> Any:
+        reads[0] += 1
+        return read(self, *args)
+
+    monkeypatch.setattr(SqlRowLookup, "_read", counted)
+    return reads
 
 
 def task_stacks() -> str:

@@ -13,6 +13,7 @@ from cdcddp.publish.definition import Cursor, PublicationError, Publications
 from cdcddp.publish.filters import C
 from cdcddp.publish.lookup import BatchedLookups, RecentRowChanges, SqlRowLookup, read_differs
 from cdcddp.publish.visibility import Snapshot
+from tests.livedata_support import count_row_reads
 from tests.pg_support import held_commit, sql
 
 
@@ -177,13 +178,7 @@ async def test_functions_waiting_at_once_share_one_snapshot_and_each_row_read(
     the row; each function still gets its own copy and records its own dependencies."""
     await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE lists (id text primary key, "
                                   "user_id text)", "INSERT INTO lists VALUES ('l', 'u1')")
-    reads = [0]
-    read = SqlRowLookup._read
-
-    def counted(self: SqlRowLookup, *args: Any) -> Any:
-        reads[0] += 1
-        return read(self, *args)
-    monkeypatch.setattr(SqlRowLookup, "_read", counted)
+    reads = count_row_reads(monkeypatch)
 
     def resolve(user_id: str) -> Any:
         def run(lookup: SqlRowLookup) -> Any:

@@ -110,7 +110,7 @@ def test_absent_column_of_a_row_moving_in_needs_a_fetch() -> None:
     o = obs()
     partial = {"id": 7, "list_id": 1, "checked": False}
     need = o.apply(upd(partial))
-    assert need == NeedsRow((7,), ("text",))
+    assert need == NeedsRow((7,), ("text",), replaces=(7,))
     # ...unless the row cannot match whatever the missing value is.
     assert o.apply(upd({"id": 8, "list_id": 3, "checked": False})) == []
     ops = o.apply_fetched((7,), row(7, text="fetched"))
@@ -225,3 +225,47 @@ def test_the_diff_agrees_with_values_equal(old: dict[str, Any], new: dict[str, A
                              if k not in old or not values_equal(old[k], v)]
     assert all(changed[k] is new[k] for k in changed)
     assert cleared == tuple(k for k in old if k not in new)
+
+
+def test_a_fetch_by_the_old_key_does_not_hide_where_the_row_went() -> None:
+    """A row fetched by key under a snapshot that already saw its key change is gone from
+    that key; the key change is still applied where the row went (it was skipped whole, and
+    the row was lost under its new key: the oracle's primary key changes found it)."""
+    sees_10 = Snapshot.parse("11:11:")
+    o = obs()
+    o.load([row(1)])
+    o.note_fetched((7,), sees_10)  # fetched: no row 7 any more (transaction 10 moved it)
+    moved = Update(xid=10, lsn=1, schema="public", table="todos", new=row(-7),
+                   identity={"id": 7}, pk=("id",))
+    assert o.apply(moved) == [DocOp("added", "todos", "--7",
+                                    {"listId": 1, "text": "t", "checked": False})]
+    assert o.keys == (None, (-7,))
+    # Moving in without its TOASTed text: fetched by its new key, replacing the old one.
+    o = obs()
+    o.note_fetched((7,), sees_10)
+    left_out = {k: v for k, v in row(-7).items() if k != "text"}
+    needs = o.apply(Update(xid=10, lsn=1, schema="public", table="todos", new=left_out,
+                           identity={"id": 7}, pk=("id",)))
+    assert needs == NeedsRow((-7,), ("text",))  # it replaces nothing at key 7: see below
+    # Key 7 was fetched after a new row took that key: the fetched row for -7 leaves it be.
+    o = obs()
+    o.load([row(7, text="a new row 7")])
+    o.note_fetched((7,), sees_10)
+    needs = o.apply(Update(xid=10, lsn=1, schema="public", table="todos", new=left_out,
+                           identity={"id": 7}, pk=("id",)))
+    assert needs == NeedsRow((-7,), ("text",), replaces=None)
+    assert o.apply_fetched((-7,), row(-7)) == [
+        DocOp("added", "todos", "--7", {"listId": 1, "text": "t", "checked": False})]
+    assert o.holds((7,)) and o.holds((-7,))
+    # The other way round: the new key was fetched, showing the row there; the old key
+    # still has to let go of it.
+    o = obs()
+    o.load([row(7)])
+    o.note_fetched((-7,), sees_10)
+    assert o.apply(moved) == [DocOp("removed", "todos", "7")]
+    assert o.keys == ((7,), (-7,)) and not o.holds((7,))
+    # Both keys shown (or an unchanged key): nothing left to apply.
+    o.note_fetched((7,), sees_10)
+    assert o.apply(moved) == []
+    assert o.apply(Update(xid=10, lsn=1, schema="public", table="todos", new=row(-7),
+                          identity={"id": -7}, pk=("id",))) == []

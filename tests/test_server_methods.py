@@ -23,7 +23,14 @@ from cdcddp.methods import Methods
 from cdcddp.methods.schema import schema_sql
 from cdcddp.publish.definition import Cursor, Publications
 from cdcddp.publish.lookup import RowLookup
-from tests.livedata_support import FIELDS, asql, build_live_app, live_server, store
+from tests.livedata_support import (
+    FIELDS,
+    asql,
+    build_live_app,
+    count_row_reads,
+    live_server,
+    store,
+)
 from tests.pg_support import held_commit
 
 SCHEMA = schema_sql("accounts") + schema_sql("todos")
@@ -360,16 +367,7 @@ async def test_many_subscriptions_reading_one_row_follow_it_together(
     """Forty clients subscribe to items.gated for the same gate. When the gate moves, every
     function runs again; those re-runs wait together and share one snapshot, so the gate's
     row is read once per batch, not once per subscription, and every client follows."""
-    from cdcddp.publish.lookup import SqlRowLookup
-
-    reads = [0]
-    read = SqlRowLookup._read
-
-    def counted(self: SqlRowLookup, *args: Any) -> Any:
-        reads[0] += 1
-        return read(self, *args)
-
-    monkeypatch.setattr(SqlRowLookup, "_read", counted)
+    reads = count_row_reads(monkeypatch)
     async with live_server(db_dsn) as server, contextlib.AsyncExitStack() as stack:
         await asql(db_dsn, "INSERT INTO other (id, note) VALUES (1, 'a')",
                    "INSERT INTO items (category, title) "
@@ -430,16 +428,7 @@ async def test_a_lookup_lacking_a_held_commit_waits_for_it_instead_of_running_ag
     in a loop (each run saw the old row and ran again at once: 526 runs in half a second while
     the commit waited, and for good with a dead standby). Judged row by row (an earlier
     lookup of the table logs its rows' changes) or, for the table's first lookup, by table."""
-    from cdcddp.publish.lookup import SqlRowLookup
-
-    reads = [0]
-    read = SqlRowLookup._read
-
-    def counted(self: SqlRowLookup, *args: Any) -> Any:
-        reads[0] += 1
-        return read(self, *args)
-
-    monkeypatch.setattr(SqlRowLookup, "_read", counted)
+    reads = count_row_reads(monkeypatch)
     async with live_server(db_dsn) as server, connect(server.ws_url) as watcher, \
             connect(server.ws_url) as client:
         await asql(db_dsn, "INSERT INTO other (id, note) VALUES (1, 'a')",

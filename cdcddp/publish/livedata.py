@@ -98,6 +98,7 @@ from cdcddp.publish.snapshots import (
     describe_shape_change,
     fetch_row,
     horizon_snapshot,
+    next_batch,
     row_list,
     row_query,
     shape_differs,
@@ -294,17 +295,6 @@ class _InvisibleWait:
             log.warning(warning, *args)
         await trio.sleep(self._delay)
         self._delay = min(self._delay * 2, 0.1)
-
-
-async def _next_batch(queue: trio.MemoryReceiveChannel[SnapshotRead]) -> list[SnapshotRead]:
-    """The next queued snapshot read and all those waiting behind it, up to a batch."""
-    batch = [await queue.receive()]
-    while len(batch) < _SNAPSHOT_BATCH_MAX:
-        try:
-            batch.append(queue.receive_nowait())
-        except trio.WouldBlock:
-            break
-    return batch
 
 
 class LiveData:
@@ -1112,7 +1102,7 @@ class LiveData:
                 # No local here keeps a batch between reads: its results are their waiters'
                 # once read (held until the next batch, a dropped observer's rows stayed in
                 # memory, to be freed on that batch's critical path).
-                await self._read_batch(await _next_batch(queue))
+                await self._read_batch(await next_batch(queue, _SNAPSHOT_BATCH_MAX))
 
     async def _read_batch(self, batch: list[SnapshotRead]) -> None:
         try:
@@ -1394,8 +1384,7 @@ class LiveData:
         before it, so the values left out since are that version's: no wait, provided the
         row's earlier changes in the transaction can be followed (:func:`_left_out_earlier`).
         Otherwise it waits for the transaction to become visible."""
-        old_key = observer.key_or_none(change.identity)
-        replaced = old_key if old_key is not None else needs.key
+        replaced = needs.replaces if needs.replaces is not None else needs.key
         earlier = None
         if changes is not None and set(change.pk) == set(observer.key_columns):
             earlier = _left_out_earlier(change, changes, needs.missing)

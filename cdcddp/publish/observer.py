@@ -55,10 +55,12 @@ class DocOp:
 
 @dataclass(frozen=True, slots=True)
 class NeedsRow:
-    """The change cannot be applied without the current row for ``key`` (see module doc)."""
+    """The change cannot be applied without the current row for ``key`` (see module doc);
+    the row fetched replaces the one the observer had at ``replaces`` (None: at ``key``)."""
 
     key: Key
     missing: tuple[str, ...]
+    replaces: Key | None = None
 
 
 def key_getter(columns: tuple[Any, ...]) -> Callable[[Any], Key]:
@@ -347,10 +349,20 @@ class Observer:
         if type(change) is Update:
             old_key = replaced_key(self._key_of, change.identity, change.new)
             if self.fetched:
+                # A key fetched under a snapshot that saw this change already shows it there.
+                # When the key changed, the other key may not: a fetch by the old key found
+                # the row gone (moved), not where it went.
                 new_key = self.key_or_none(change.new)
-                if self._already_fetched(change.xid, old_key, new_key):
+                old_shown = self._already_fetched(change.xid, old_key)
+                new_shown = old_shown if new_key == old_key else self._already_fetched(
+                    change.xid, new_key)
+                if new_shown:
                     self.keys = (old_key, new_key)
-                    return []
+                    if old_shown or old_key is None:
+                        return []
+                    return self._remove(old_key)  # only its leaving the old key is left
+                if old_shown:
+                    return self._upsert(None, change.new, change.identity)  # moves in here
             return self._upsert(old_key, change.new, change.identity)
         if type(change) is Delete:
             key = replaced_key(self._key_of, change.identity, None)
@@ -383,7 +395,7 @@ class Observer:
         try:
             values = self._values_from_row(new)
         except KeyError:  # unchanged TOASTed values left out: complete the row first
-            completed = self._complete(kept, new, identity)
+            completed = self._complete(kept, new, identity, old_key)
             if type(completed) is not dict:
                 self.keys = (old_key, self.key_or_none(new))
                 return completed  # type: ignore[return-value]
@@ -410,8 +422,8 @@ class Observer:
             ops.append(DocOp("changed", self.collection, doc_id, changed, cleared, fields))
         return ops
 
-    def _complete(self, kept: Values | None, new: Row, identity: Row | None
-                  ) -> Row | list[DocOp] | NeedsRow:
+    def _complete(self, kept: Values | None, new: Row, identity: Row | None,
+                  old_key: Key | None = None) -> Row | list[DocOp] | NeedsRow:
         """A stream row lacking columns (unchanged TOASTed values), completed from our copy,
         else from a FULL identity; else [] (it cannot match anyway) or a fetch by key."""
         row = {c: new[c] for c in self.columns if c in new}
@@ -428,7 +440,7 @@ class Observer:
             return []
         missing = tuple(c for c in self.columns if c not in row)
         key = tuple(new.get(c, (identity or {}).get(c)) for c in self.key_columns)
-        return NeedsRow(key, missing)
+        return NeedsRow(key, missing, old_key)
 
     def _remove(self, key: Key) -> list[DocOp]:
         if self.rows.pop(key, None) is None:

@@ -35,6 +35,7 @@ __all__ = [
     "describe_shape_change",
     "fetch_row",
     "horizon_snapshot",
+    "next_batch",
     "row_list",
     "row_query",
     "shape_differs",
@@ -65,6 +66,18 @@ def _begin_snapshot(conn: psycopg.Connection[Any]) -> tuple[Snapshot, int]:
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+async def next_batch(queue: trio.MemoryReceiveChannel[T], most: int) -> list[T]:
+    """The next queued item and all those already waiting behind it, up to ``most``: work
+    queued while a batch ran goes together in the next one (one transaction for many)."""
+    batch = [await queue.receive()]
+    while len(batch) < most:
+        try:
+            batch.append(queue.receive_nowait())
+        except trio.WouldBlock:
+            break
+    return batch
 
 
 def begin_snapshot(conn: psycopg.Connection[Any]) -> Snapshot:

@@ -119,11 +119,11 @@ def main() -> None:
     if args.serve:
         ddpbench.serve_live(bench_app(), args.dsn, "bench_lookups")
         return
+    if not 1 <= args.lists <= args.clients:
+        parser.error("--lists must be between 1 and --clients")
     ddpbench.raise_fd_limit(args.clients + 1024)
     with contextlib.ExitStack() as stack:
         dsn = args.dsn or stack.enter_context(throwaway_cluster("cdcddp-bench-")).dsn()
-        if not 1 <= args.lists <= args.clients:
-            parser.error("--lists must be between 1 and --clients")
         prepare(dsn, args.lists, args.todos)
         run(args, dsn)
 
