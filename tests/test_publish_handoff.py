@@ -201,6 +201,17 @@ def test_a_transaction_that_changed_none_of_the_tables_read_is_not_missed() -> N
     assert not delivered
 
 
+def test_past_so_many_combinations_of_tables_a_transaction_counts_for_every_table() -> None:
+    delivered = DeliveredXids(max_table_sets=1)
+    delivered.note(10, 1, {T})
+    delivered.note(11, 2, {U})  # a second combination: counts for any table
+    delivered.note(12, 3, {T})
+    assert delivered.first_missed(snapshot(10, 13, 10, 11), upto=3, prune=False,
+                                  tables={T}) == (1, 10)
+    assert delivered.first_missed(snapshot(11, 13, 11), upto=3, prune=False,
+                                  tables={T}) == (2, 11)  # (it may not have changed t)
+
+
 TABLE_SETS = st.sampled_from([frozenset(), frozenset({T}), frozenset({U}), frozenset({T, U})])
 
 

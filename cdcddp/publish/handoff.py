@@ -189,12 +189,19 @@ class DeliveredXids:
     delivered up to it, so the leading run a snapshot surely saw is skipped by bisection: a
     walk over all kept xids (65,536 after as many commits without a new observer) cost each
     lookup 17 ms.
+
+    Entries hold only ints (the tables as the number of an interned set: a set per entry,
+    65,536 of them alive, were objects for the garbage collector to walk).
     """
 
-    def __init__(self, max_kept: int = 65_536) -> None:
+    def __init__(self, max_kept: int = 65_536, max_table_sets: int = 4096) -> None:
         self.max_kept = max_kept
-        # (delivery number, xid, newest xid delivered up to it, tables it changed)
-        self._entries: deque[tuple[int, int, int, Set[TableName]]] = deque()
+        # (delivery number, xid, newest xid delivered up to it, number of the set of tables
+        # it changed: -1 for "any", once more distinct sets than max_table_sets were seen)
+        self._entries: deque[tuple[int, int, int, int]] = deque()
+        self._table_sets: list[frozenset[TableName]] = []
+        self._table_set_numbers: dict[frozenset[TableName], int] = {}
+        self.max_table_sets = max_table_sets
         # xid -> its latest delivery number: an entry with another number is stale (the
         # transaction was delivered again, after a reconnect; judged at its later number).
         self._latest: dict[int, int] = {}
@@ -202,7 +209,7 @@ class DeliveredXids:
 
     def note(self, xid: int, number: int, tables: Set[TableName]) -> None:
         self._newest = later_xid(self._newest, xid)
-        self._entries.append((number, xid, self._newest, tables))
+        self._entries.append((number, xid, self._newest, self._table_set_number(tables)))
         self._latest[xid] = number
         if len(self._entries) > self.max_kept:
             self._drop_first(1)
@@ -215,7 +222,7 @@ class DeliveredXids:
 
         Xids a snapshot sees are visible to every later snapshot: with ``prune`` (only when
         no earlier snapshot is still being checked), the leading run it sees is forgotten."""
-        entries, latest = self._entries, self._latest
+        entries, latest, table_sets = self._entries, self._latest, self._table_sets
         saw_all_up_to = snapshot.saw_all_up_to
         seen = bisect.bisect_left(entries, True, key=lambda entry: not saw_all_up_to(entry[2]))
         missed: tuple[int, int] | None = None
@@ -224,7 +231,7 @@ class DeliveredXids:
             if number > upto:
                 break  # delivered after the query started: the ring has it (and the rest)
             if latest[xid] == number and not snapshot.is_visible(xid):
-                if tables is None or not tables.isdisjoint(changed):
+                if tables is None or changed < 0 or not tables.isdisjoint(table_sets[changed]):
                     missed = number, xid
                     break
                 leading = False  # lacked, but no matter here: kept for other readers
@@ -233,6 +240,16 @@ class DeliveredXids:
         if prune:
             self._drop_first(seen)
         return missed
+
+    def _table_set_number(self, tables: Set[TableName]) -> int:
+        key = frozenset(tables)
+        number = self._table_set_numbers.get(key)
+        if number is None:
+            if len(self._table_sets) >= self.max_table_sets:
+                return -1  # so many combinations: this one counts for every table
+            number = self._table_set_numbers[key] = len(self._table_sets)
+            self._table_sets.append(key)
+        return number
 
     def _drop_first(self, count: int) -> None:
         entries, latest = self._entries, self._latest

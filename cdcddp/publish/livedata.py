@@ -793,7 +793,7 @@ class LiveData:
                 self._note_delivered(event.xid, touched)  # type: ignore[union-attr]
                 for table in touched:
                     self._table_changed_at[table] = self._commits_seen
-                touched = set()  # (the delivered log keeps this one)
+                touched.clear()
                 due = None
                 if changed_rows or truncated:
                     due = self._log_row_changes(changed_rows, truncated,
