@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any
 
 from cdcddp.publish.definition import TableName
 from cdcddp.publish.visibility import Snapshot, later_xid
@@ -160,9 +161,7 @@ class RecentTransactions:
         if start >= len(kept):
             return []
         if seen_by is not None:
-            saw_all_up_to = seen_by.saw_all_up_to
-            start = bisect.bisect_left(kept, True, lo=start,
-                                       key=lambda entry: not saw_all_up_to(entry[2]))
+            start = _past_surely_seen(kept, seen_by, start)
         return [(seq, txn) for seq, txn, _ in islice(kept, start, None)]
 
     def _trim(self) -> None:
@@ -175,6 +174,16 @@ class RecentTransactions:
 
     def __len__(self) -> int:
         return len(self._kept)
+
+
+def _past_surely_seen(log: Sequence[tuple[Any, ...]], snapshot: Snapshot, start: int = 0
+                      ) -> int:
+    """The index, from ``start`` on, of the first entry of ``log`` (in delivery order, the
+    newest xid delivered so far at index 2) that ``snapshot`` may lack: those before it are
+    surely in it, found by bisection instead of a visibility test each."""
+    saw_all_up_to = snapshot.saw_all_up_to
+    return bisect.bisect_left(log, True, lo=start,
+                              key=lambda entry: not saw_all_up_to(entry[2]))
 
 
 class DeliveredXids:
@@ -223,8 +232,7 @@ class DeliveredXids:
         Xids a snapshot sees are visible to every later snapshot: with ``prune`` (only when
         no earlier snapshot is still being checked), the leading run it sees is forgotten."""
         entries, latest, table_sets = self._entries, self._latest, self._table_sets
-        saw_all_up_to = snapshot.saw_all_up_to
-        seen = bisect.bisect_left(entries, True, key=lambda entry: not saw_all_up_to(entry[2]))
+        seen = _past_surely_seen(entries, snapshot)
         missed: tuple[int, int] | None = None
         leading = True  # the entries so far are all seen (or stale): forgettable
         for number, xid, _, changed in islice(entries, seen, None):

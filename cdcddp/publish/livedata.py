@@ -197,8 +197,9 @@ def _left_out_earlier(change: Update, changes: Sequence[RowChange | Truncate],
     pk = change.pk
     if not pk:
         return None
-    key = _row_key(change.identity, pk) or _row_key(change.new, pk)
-    if key is None or _row_key(change.new, pk) != key:
+    new_key = _row_key(change.new, pk)
+    key = _row_key(change.identity, pk) or new_key
+    if key is None or new_key != key:
         return None
     position = next((i for i, c in enumerate(changes) if c is change), None)
     if position is None:
