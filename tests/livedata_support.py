@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from cdcddp.app import App, PublicationContext
 from cdcddp.client import DDPClient
+from cdcddp.methods import MethodContext, Methods
 from cdcddp.metrics import Metrics
 from cdcddp.publish.definition import Cursor, Publication, Publications
 from cdcddp.publish.filters import C, Param, UserId
@@ -72,8 +73,19 @@ def gated_items(params: GateParams, user_id: str | None, lookup: RowLookup) -> C
     return Cursor("items", fields=FIELDS, filter=C("category") == found["note"])
 
 
+session_methods = Methods()
+
+
+@session_methods.method("test.logInAs")
+async def log_in_as(ctx: MethodContext, user: str | None) -> None:
+    """Logs the connection in as ``user`` (None: out), as a login method would: its
+    subscriptions follow the new user before the result is sent."""
+    ctx.set_user_id(user)
+
+
 def build_live_app() -> App:
     app = App("live-test")
+    app.include_methods(session_methods)
     app.add_publication(Publication("items.all", Cursor("items", fields=FIELDS)))
     app.add_publication(Publication(
         "items.byCategory",
@@ -84,6 +96,11 @@ def build_live_app() -> App:
         params=RankParams, positional_params=True))
     app.add_publication(Publication(
         "items.mine", Cursor("items", fields=FIELDS, filter=C("owner") == UserId()),
+        requires_user=True))
+    # The same in a collection of its own: no other subscription hides what it publishes.
+    app.add_publication(Publication(
+        "mine.items", Cursor("items", collection="mine", fields=FIELDS,
+                             filter=C("owner") == UserId()),
         requires_user=True))
     # The first rows by rank, then title (a limited cursor: see cdcddp.publish.ordering).
     app.add_publication(Publication(
@@ -124,15 +141,27 @@ async def asql(dsn: str, *statements: str, params: Any = None) -> Any:
     return await trio.to_thread.run_sync(lambda: sql(dsn, *statements, params=params))
 
 
-def expected_view(dsn: str, subscriptions: list[tuple[str, list[Any]]]
+USER_PUBLICATIONS = {"items.mine": "items", "mine.items": "mine"}  # owner = the user
+
+
+def expected_view(dsn: str, subscriptions: list[tuple[str, list[Any]]],
+                  user: str | None = None, collection: str = "items"
                   ) -> dict[str, dict[str, Any]]:
-    """What a client subscribed to ``subscriptions`` must hold: the union of their rows."""
+    """What a client logged in as ``user`` (None: anonymous) and subscribed to
+    ``subscriptions`` must hold in ``collection``: the union of their rows."""
     view: dict[str, dict[str, Any]] = {}
     with psycopg.connect(dsn, autocommit=True) as conn:
         for name, params in subscriptions:
-            where, make_args = PUBLICATION_FILTERS[name]
-            for row in conn.execute(f"SELECT {COLUMNS} FROM items WHERE {where}",
-                                    make_args(params)):
+            if USER_PUBLICATIONS.get(name, "items") != collection:
+                continue
+            if name in USER_PUBLICATIONS:  # an anonymous subscriber gets nothing
+                if user is None:
+                    continue
+                where, args = "owner = %s", (user,)
+            else:
+                where, make_args = PUBLICATION_FILTERS[name]
+                args = make_args(params)
+            for row in conn.execute(f"SELECT {COLUMNS} FROM items WHERE {where}", args):
                 view[pk_to_wire_id(row[:1])] = dict(zip(FIELDS, row[1:], strict=True))
     return view
 

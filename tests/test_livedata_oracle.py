@@ -2,10 +2,12 @@
 primary key changes, deletes, TOASTed values, truncates, rollbacks, multi-row transactions)
 while clients subscribe and unsubscribe with overlapping publications and parameters (one of
 them a function whose cursor follows a row it looks up, which the writers move too; one a sorted
-cursor limited to its first rows, which the writers' rank changes reorder), and the walsender is
-killed mid-way. One more writer's commits are *held*: decoded and delivered by the stream, yet
-not visible to new snapshots for a while (a synchronous standby that never answers holds them,
-until the oracle gives up waiting for it), PostgreSQL's widest window between the two.
+cursor limited to its first rows, which the writers' rank changes reorder; one the items of
+the logged-in user, in a collection of its own too, as clients log in and out and the writers
+change owners), and the walsender is killed mid-way. One more writer's commits are *held*:
+decoded and delivered by the stream, yet not visible to new snapshots for a while (a
+synchronous standby that never answers holds them, until the oracle gives up waiting for it),
+PostgreSQL's widest window between the two.
 At quiescence each client's store equals what SQL returns for its subscriptions, and its
 message log keeps the merge-box promises (no duplicate ``added``, no ``changed``/``removed``
 of a document it does not hold, no ``version`` going back).
@@ -21,6 +23,7 @@ import os
 import random
 import secrets
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -39,6 +42,7 @@ from tests.livedata_support import (
 from tests.pg_support import release_commit_wait, standby_that_never_answers
 
 CATEGORIES = ["a", "b", "c", "d"]
+USERS = ["ann", "bob", None]  # the items' owners, and whom the clients log in as
 SEED = int(os.environ.get("CDCDDP_ORACLE_SEED", "7"))
 
 
@@ -112,7 +116,7 @@ def _random_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
         body = secrets.token_urlsafe(6000) if rng.random() < 0.3 else None
         conn.execute("INSERT INTO items (owner, category, title, body, rank) "
                      "VALUES (%s, %s, %s, %s, %s)",
-                     (rng.choice(["ann", "bob", None]), rng.choice(CATEGORIES),
+                     (rng.choice(USERS), rng.choice(CATEGORIES),
                       f"t{rng.randint(0, 99)}", body, rng.randint(0, 9)))
     elif action < 0.8:
         assignments = ["version = version + 1"]
@@ -126,6 +130,9 @@ def _random_change(conn: psycopg.Connection[Any], rng: random.Random) -> None:
         if rng.random() < 0.3:
             assignments.append("title = %s")
             params.append(f"t{rng.randint(0, 99)}")
+        if rng.random() < 0.15:  # in or out of its owners' items.mine
+            assignments.append("owner = %s")
+            params.append(rng.choice(USERS))
         body_choice = rng.random()
         if body_choice < 0.15:
             assignments.append("body = %s")  # a new TOASTed value
@@ -202,7 +209,7 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
         async with contextlib.AsyncExitStack() as stack:
             pool = [await stack.enter_async_context(connect(server.ws_url, log_messages=True))
                     for _ in range(clients)]
-            held: list[dict[str, tuple[str, list[Any]]]] = [{} for _ in pool]
+            states = [ClientState() for _ in pool]
 
             async def churn() -> None:
                 for _ in range(subscription_steps):
@@ -210,14 +217,14 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
                         # A burst: every client takes a step at once (more subscriptions at
                         # once than the engine has snapshot readers: their reads share
                         # transactions, racing the writers like any other).
-                        steps = [(random.Random(rng.random()), client, mine)
-                                 for client, mine in zip(pool, held, strict=True)]
+                        steps = [(random.Random(rng.random()), client, state)
+                                 for client, state in zip(pool, states, strict=True)]
                         async with trio.open_nursery() as burst:
                             for step in steps:
                                 burst.start_soon(_subscription_step, *step)
                     else:
                         i = rng.randrange(len(pool))
-                        await _subscription_step(rng, pool[i], held[i])
+                        await _subscription_step(rng, pool[i], states[i])
                     await trio.sleep(rng.random() * 0.03)
 
             async with trio.open_nursery() as nursery:
@@ -233,10 +240,12 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
                 raise AssertionError(f"seed {seed}: the engine did not catch up; its tasks:\n"
                                      + task_stacks()) from None
             for i, client in enumerate(pool):
-                expected = expected_view(dsn, list(held[i].values()))
+                subscriptions, user = list(states[i].subscriptions.values()), states[i].user
                 try:
-                    await wait_store(client, expected, timeout=20)
-                    check_message_log(client)
+                    for collection in ("items", "mine"):
+                        expected = expected_view(dsn, subscriptions, user, collection)
+                        await wait_store(client, expected, collection, timeout=20)
+                        check_message_log(client, collection)
                 except AssertionError as exc:
                     raise AssertionError(f"client {i} (seed {seed}): {exc}") from None
         live = server.live
@@ -251,25 +260,46 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
               f"{live.invisible_delivered_retries} snapshots retaken for an invisible commit, "
               f"{live.rows_fetched} rows fetched, {live.resyncs} resyncs, "
               f"{rekeyed} rows under a changed key at the end, "
+              f"{sum(state.logins for state in states)} logins or logouts, "
               f"{live.stream.reconnects} reconnects")
 
 
-async def _subscription_step(rng: random.Random, client: DDPClient,
-                             held: dict[str, tuple[str, list[Any]]]) -> None:
+@dataclass
+class ClientState:
+    subscriptions: dict[str, tuple[str, list[Any]]] = field(default_factory=dict)  # by sub id
+    user: str | None = None
+    logins: int = 0  # changes of user
+
+
+async def _subscription_step(rng: random.Random, client: DDPClient, state: ClientState
+                             ) -> None:
+    held = state.subscriptions
     if held and rng.random() < 0.35:
         sub_id = rng.choice(sorted(held))
         del held[sub_id]
         await client.unsubscribe(sub_id)
         return
+    if rng.random() < 0.1:
+        # Logging in or out re-runs the connection's subscriptions for the new user (its
+        # items.mine changes owner, the others stay), racing the writers like a subscription.
+        user = rng.choice(USERS)
+        await client.call("test.logInAs", user, timeout=60)
+        state.logins += user != state.user
+        state.user = user
+        return
     choice = rng.random()
-    if choice < 0.4:
+    if choice < 0.35:
         name, params = "items.byCategory", [{"category": rng.choice(CATEGORIES)}]
     elif choice < 0.58:
         name, params = "items.ranked", [rng.randint(0, 9)]
     elif choice < 0.7:
         name, params = "items.top", [{"category": rng.choice(CATEGORIES)}]
-    elif choice < 0.85:
+    elif choice < 0.82:
         name, params = "items.gated", [{"gate": rng.choice(GATES)}]
+    elif choice < 0.88:
+        name, params = "items.mine", []
+    elif choice < 0.94:
+        name, params = "mine.items", []
     else:
         name, params = "items.all", []
     held[await client.subscribe(name, *params, timeout=60)] = (name, params)
