@@ -142,19 +142,22 @@ def test_row_changes_cover_only_what_they_logged() -> None:
 
 
 async def _run_batch_of(database: Database, resolvers: list[Any], *, delivered: int = 0,
-                        cancel: frozenset[int] = frozenset()
+                        cancel: frozenset[int] = frozenset(),
+                        same_as: list[Any] | None = None
                         ) -> tuple[BatchedLookups, list[Any]]:
-    """Queue every resolver before the batch runner starts (so they form one batch); the
-    outcome of each: its LookupResult, or the exception it raised (None: cancelled)."""
+    """Queue every resolver (with its ``same_as`` key, if given) before the batch runner
+    starts (so they form one batch); the outcome of each: its LookupResult, or the exception
+    it raised (None: cancelled)."""
     lookups = BatchedLookups(database, lambda: delivered)
     outcomes: list[Any] = [None] * len(resolvers)
+    keys = same_as or [None] * len(resolvers)
 
     async def one(index: int, resolve: Any, task_status: Any = trio.TASK_STATUS_IGNORED
                   ) -> None:
         with trio.CancelScope() as scope:
             task_status.started(scope)
             try:
-                outcomes[index] = await lookups.run(resolve)
+                outcomes[index] = await lookups.run(resolve, same_as=keys[index])
             except Exception as exc:
                 outcomes[index] = exc
 
@@ -240,6 +243,58 @@ async def test_a_failing_function_fails_alone(db_dsn: str) -> None:
     assert isinstance(outcomes[3], psycopg.errors.UndefinedColumn)
     assert outcomes[5] is None
     assert outcomes[4].guard[1] is not outcomes[0].guard[1]  # another snapshot
+
+
+async def test_runs_of_the_same_inputs_in_a_batch_share_one_result(db_dsn: str) -> None:
+    """Runs with equal ``same_as`` keys (the same publication, parameters and user) run the
+    function once per batch and share its result; other keys, and runs without a key, run
+    their own; a run that failed shares nothing (the next one with its key runs itself)."""
+    await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE lists (id text primary key, "
+                                  "user_id text)", "INSERT INTO lists VALUES ('l', 'u1')")
+    ran: list[str] = []
+
+    def reads(name: str) -> Any:
+        def run(lookup: SqlRowLookup) -> Any:
+            ran.append(name)
+            return lookup.row("lists", "l", columns=["user_id"])
+        return run
+
+    def fails(name: str) -> Any:
+        def run(lookup: SqlRowLookup) -> Any:
+            ran.append(name)
+            raise ValueError(name)
+        return run
+
+    database = Database(db_dsn, size=2)
+    try:
+        _, outcomes = await _run_batch_of(
+            database,
+            [reads("a1"), reads("b1"), reads("a2"), reads("none1"), reads("none2"),
+             fails("c1"), fails("c2"), reads("a3")],
+            same_as=["a", "b", "a", None, None, "c", "c", "a"])
+    finally:
+        database.close()
+    assert ran == ["a1", "b1", "none1", "none2", "c1", "c2"]
+    assert outcomes[2] is outcomes[0] and outcomes[7] is outcomes[0]
+    assert outcomes[1] is not outcomes[0] and outcomes[4] is not outcomes[3]
+    assert outcomes[0].dependencies == {("public", "lists", ("l",)): {"id": "l",
+                                                                      "user_id": "u1"}}
+    assert [str(o) for o in outcomes[5:7]] == ["c1", "c2"]
+
+
+def test_inputs_keys_tell_parameters_apart_by_value_and_type() -> None:
+    from cdcddp.publish.definition import Cursor, Publication
+
+    def source(params: Any, user_id: Any, lookup: Any) -> Cursor:
+        return Cursor("lists")
+
+    publication, other = Publication("p", source), Publication("q", source)
+    key = publication.inputs_key
+    assert key([{"a": 1, "b": [1, 2]}], "u") == key([{"b": [1, 2], "a": 1}], "u")
+    assert key([{"a": 1}], "u") != key([{"a": 1}], "v")
+    assert key([{"a": 1}], None) != other.inputs_key([{"a": 1}], None)
+    assert len({key([1]), key([1.0]), key([True]), key(["1"]), key([[1]]), key([])}) == 6
+    assert key([{"a": {1, 2}}]) is None  # (not an EJSON value) cannot be hashed: no key
 
 
 async def test_a_function_waiting_for_a_commit_holds_up_no_other(db_dsn: str) -> None:

@@ -366,8 +366,20 @@ async def test_many_subscriptions_reading_one_row_follow_it_together(
         db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Forty clients subscribe to items.gated for the same gate. When the gate moves, every
     function runs again; those re-runs wait together and share one snapshot, so the gate's
-    row is read once per batch, not once per subscription, and every client follows."""
+    row is read once per batch, not once per subscription, and, their inputs being the same
+    (publication, parameters, user), the function runs once per batch; every client
+    follows."""
+    from cdcddp.publish.definition import Publication
+
     reads = count_row_reads(monkeypatch)
+    functions_run = [0]
+    resolve = Publication.resolve
+
+    def counted(self: Publication, *args: Any) -> Any:
+        functions_run[0] += len(args) == 3  # (params, user, lookup): a function run
+        return resolve(self, *args)
+
+    monkeypatch.setattr(Publication, "resolve", counted)
     async with live_server(db_dsn) as server, contextlib.AsyncExitStack() as stack:
         await asql(db_dsn, "INSERT INTO other (id, note) VALUES (1, 'a')",
                    "INSERT INTO items (category, title) "
@@ -377,7 +389,7 @@ async def test_many_subscriptions_reading_one_row_follow_it_together(
             for client in clients:
                 nursery.start_soon(client.subscribe, "items.gated", {"gate": 1})
         assert all({d["category"] for d in store(c).values()} == {"a"} for c in clients)
-        reads[0] = 0
+        reads[0] = functions_run[0] = 0
         batches = server.live.lookups.batches
         await asql(db_dsn, "UPDATE other SET note = 'b' WHERE id = 1")
         for client in clients:
@@ -385,6 +397,7 @@ async def test_many_subscriptions_reading_one_row_follow_it_together(
                 d["category"] for d in store(c).values()} == {"b"}, timeout=10)
         reruns = server.live.lookups.batches - batches
         assert reads[0] <= reruns < 20, (reads[0], reruns)
+        assert functions_run[0] <= reruns, (functions_run[0], reruns)
 
 
 async def test_a_lookup_after_many_commits_does_not_test_each_delivered_xid(

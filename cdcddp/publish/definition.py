@@ -33,7 +33,7 @@ This module does no I/O: :meth:`BoundCursor.snapshot_query` produces the paramet
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Final, TypeAlias
@@ -364,6 +364,18 @@ class Publication:
             return False
         return len(parameters) >= 3
 
+    def inputs_key(self, raw_params: Sequence[Any] | None, user_id: UserIdValue = None
+                   ) -> Hashable | None:
+        """Equal keys mean :meth:`resolve` gets equal inputs: this publication, the same
+        parameters as sent (types included: ``1``, ``1.0`` and ``true`` differ) and the
+        same user. None when a value cannot be hashed."""
+        try:
+            key = (self, _frozen(raw_params), user_id)
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
     def resolve(self, raw_params: Sequence[Any] | None,
                 user_id: UserIdValue = None, lookup: Any = None) -> tuple[BoundCursor, ...]:
         """The bound cursors of one subscription (empty: ``ready`` with no documents).
@@ -397,6 +409,18 @@ class Publication:
             cursors = self._static_cursors()
         values = params.model_dump() if params is not None else {}
         return tuple(cursor.bind(values, user_id) for cursor in cursors)
+
+
+def _frozen(value: Any) -> Hashable:
+    """``value`` (EJSON: dicts, lists, scalars) as nested tuples tagged with their types;
+    raises TypeError for a value that cannot be hashed."""
+    kind = type(value)
+    if kind is dict:
+        return kind, tuple(sorted((key, _frozen(item)) for key, item in value.items()))
+    if kind is list or kind is tuple:
+        return kind, tuple(map(_frozen, value))
+    hash(value)
+    return kind, value
 
 
 def _check_collections(name: str, cursors: Sequence[Cursor]) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -231,6 +231,7 @@ class _LookupRun:
     resolve: Callable[[SqlRowLookup], Any]
     after_xid: int  # its snapshot must see this transaction (0: any) ...
     insist: bool  # ... or, once the caller gave up waiting for that, any snapshot
+    same_as: Hashable | None  # runs of one batch with equal keys share a result (None: never)
     done: trio.Event = field(default_factory=trio.Event)
     abandoned: bool = False  # its caller stopped waiting (cancelled)
     too_early: bool = False  # not run: the batch's snapshot lacked after_xid
@@ -256,9 +257,11 @@ class BatchedLookups:
     function queued them all behind the database pool (1,000 clients of one looked-up row
     took 1.1 s to follow it, against 0.07 s for a plain filter change of the same size:
     ``tests/bench/lookups.py``).
-    Under one snapshot the same read gives the same row, so it is read once. Each function
-    still runs for its own subscription and records what it read; the guard against changes
-    its snapshot missed is the same as for a function run alone.
+    Under one snapshot the same read gives the same row, so it is read once; and the same
+    function with the same inputs (``same_as``: the publication, its parameters and the user)
+    gives the same result, so it runs once: the others take its result (its value and the
+    rows it read). The guard against changes its snapshot missed is the same as for a
+    function run alone.
     """
 
     def __init__(self, database: Database, delivered: Callable[[], int]) -> None:
@@ -268,9 +271,11 @@ class BatchedLookups:
         self.batches = 0  # transactions run (figures, tests)
 
     async def run(self, resolve: Callable[[SqlRowLookup], T], after_xid: int = 0,
-                  timeout: float = 10.0) -> LookupResult[T]:
+                  timeout: float = 10.0, same_as: Hashable | None = None) -> LookupResult[T]:
         """``resolve(lookup)`` in a worker thread, under a snapshot that sees ``after_xid``
-        (32-bit; 0: any), with the rows it read; raises what it raised.
+        (32-bit; 0: any), with the rows it read; raises what it raised. ``same_as``: a key
+        saying which runs compute the same thing (their result is shared within a batch; a
+        shared result must not be changed by its receivers).
 
         A commit is decoded a moment before it is visible (longer while it waits for a
         synchronous standby): while a batch's snapshot lacks ``after_xid``, it is queued
@@ -279,7 +284,8 @@ class BatchedLookups:
         deadline = trio.current_time() + timeout
         delay = 0.001
         while True:
-            run = _LookupRun(resolve, after_xid, insist=trio.current_time() < deadline)
+            run = _LookupRun(resolve, after_xid, insist=trio.current_time() < deadline,
+                             same_as=same_as)
             self._send.send_nowait(run)
             try:
                 await run.done.wait()
@@ -326,10 +332,15 @@ def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
     snapshot = begin_snapshot(conn)
     reads: dict[_ReadKey, dict[str, Any] | None] = {}
     primary_keys: dict[TableName, tuple[str, ...]] = {}
+    results: dict[Hashable, LookupResult[Any]] = {}  # by same_as (successful runs only)
     guard = (delivered_before, snapshot)
     for index, run in enumerate(runs):
         if run.insist and run.after_xid and not snapshot.is_visible(run.after_xid):
             run.too_early = True
+            continue
+        same_as = run.same_as
+        if same_as is not None and (result := results.get(same_as)) is not None:
+            run.result = result
             continue
         lookup = SqlRowLookup(conn, reads, primary_keys)
         try:
@@ -338,3 +349,5 @@ def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
             run.error = exc
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             raise _Interrupted(runs[index + 1:])
+        if same_as is not None and run.result is not None:
+            results[same_as] = run.result

@@ -552,7 +552,8 @@ class Connection:
                 raise RuntimeError("this publication reads rows: the server needs a database")
 
             result = await self.live.lookups.run(
-                lambda lookup: publication.resolve(sub.params, user_id, lookup), after_xid)
+                lambda lookup: publication.resolve(sub.params, user_id, lookup), after_xid,
+                same_as=publication.inputs_key(sub.params, user_id))
             sub.lookup_guard = result.guard
             return result.value, result.dependencies
         return publication.resolve(sub.params, user_id), None
