@@ -92,15 +92,24 @@ class StreamCounters(Protocol):
     def acknowledged_lsn(self) -> int: ...
 
 
+class LookupFigures(Protocol):
+    """What :meth:`Metrics.sync_live` reads of ``cdcddp.publish.lookup.BatchedLookups``."""
+
+    batches: int
+    outcomes: Mapping[str, int]
+
+
 class LiveFigures(Protocol):
     """What :meth:`Metrics.sync_live` reads (``cdcddp.publish.livedata.LiveData`` has it)."""
 
     stream: StreamCounters | None
+    lookups: LookupFigures
     transactions_applied: int
     schema_changes: int
     behind_skips: int
     catch_up_timeouts: int
     invisible_delivered_retries: int
+    row_watches_fired: int
     resync_reasons: Mapping[str, int]
     change_counts: Mapping[tuple[str, str, type], int] | None
 
@@ -292,6 +301,20 @@ class Metrics:
             "Snapshot reads retaken for lacking a transaction the stream already delivered "
             "(not yet visible: normally for milliseconds; a steady rise means a commit waits "
             "for a synchronous standby that does not answer).", registry=r)
+        self.lookup_runs = Counter(
+            "cdcddp_lookup_runs_total",
+            "Publication functions that read rows (lookups), by outcome: ok, error (it "
+            "raised), shared (took the result of an identical run in its batch), too_early "
+            "(its snapshot lacked the commit it must see: queued again).", ["outcome"],
+            registry=r)
+        self.lookup_batches = Counter(
+            "cdcddp_lookup_batches_total",
+            "Transactions the lookups ran in (the functions waiting at once share one).",
+            registry=r)
+        self.lookup_row_changes = Counter(
+            "cdcddp_lookup_row_changes_total",
+            "Times a committed change to a row a lookup read told its subscription to run "
+            "its function again.", registry=r)
         self.observers = Gauge(
             "cdcddp_observers", "Live observers (distinct publication queries).", registry=r)
         self.observer_documents = Gauge(
@@ -452,6 +475,12 @@ class Metrics:
         self.add_total("catch_up_timeouts", self.catch_up_timeouts, live.catch_up_timeouts)
         self.add_total("snapshot_retakes", self.snapshot_retakes,
                        live.invisible_delivered_retries)
+        lookups = live.lookups
+        for outcome, total in list(lookups.outcomes.items()):
+            self.add_total(("lookup_runs", outcome),
+                           self.lookup_runs.labels(outcome=outcome), total)
+        self.add_total("lookup_batches", self.lookup_batches, lookups.batches)
+        self.add_total("lookup_row_changes", self.lookup_row_changes, live.row_watches_fired)
         for reason, total in list(live.resync_reasons.items()):
             self.add_total(("resync", reason), self.resyncs.labels(reason=self._reason(reason)),
                            total)

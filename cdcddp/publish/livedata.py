@@ -386,6 +386,7 @@ class LiveData:
         self.skipped_by_snapshot = 0
         self.last_commit_end_lsn = 0
         self.invisible_delivered_retries = 0
+        self.row_watches_fired = 0  # lookups told a row they read changed (each runs again)
         self.commits_out_of_order = 0  # the stream broke its contract (should stay 0)
         # Schema changes: the last shape the stream showed per table; observers whose
         # snapshot saw another one, resynced at the next commit.
@@ -1046,6 +1047,7 @@ class LiveData:
         return due
 
     def _run_row_watchers(self, callbacks: set[RowWatcher], xid: int) -> None:
+        self.row_watches_fired += len(callbacks)
         for callback in callbacks:
             try:
                 callback(xid)

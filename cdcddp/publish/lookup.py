@@ -235,6 +235,7 @@ class _LookupRun:
     done: trio.Event = field(default_factory=trio.Event)
     abandoned: bool = False  # its caller stopped waiting (cancelled)
     too_early: bool = False  # not run: the batch's snapshot lacked after_xid
+    shared: bool = False  # not run: took the result of an earlier run with its same_as
     result: LookupResult[Any] | None = None
     error: BaseException | None = None
 
@@ -269,6 +270,10 @@ class BatchedLookups:
         self._delivered = delivered  # transactions the stream has delivered so far
         self._send, self._receive = trio.open_memory_channel[_LookupRun](math.inf)
         self.batches = 0  # transactions run (figures, tests)
+        # Runs by what became of them (metrics): "ok" and "error" (the function ran and
+        # returned or raised), "shared" (took an identical run's result), "too_early" (the
+        # snapshot lacked the commit it must see: queued again). Counted on the trio thread.
+        self.outcomes: dict[str, int] = dict.fromkeys(("ok", "error", "shared", "too_early"), 0)
 
     async def run(self, resolve: Callable[[SqlRowLookup], T], after_xid: int = 0,
                   timeout: float = 10.0, same_as: Hashable | None = None) -> LookupResult[T]:
@@ -321,8 +326,15 @@ class BatchedLookups:
                                 run.error = exc
                         pending = []
             finally:
+                outcomes = self.outcomes
                 for run in batch:
                     run.done.set()
+                    if run.too_early:
+                        outcomes["too_early"] += 1
+                    elif run.error is not None:
+                        outcomes["error"] += 1
+                    elif run.result is not None:
+                        outcomes["shared" if run.shared else "ok"] += 1
 
 
 def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
@@ -341,6 +353,7 @@ def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
         same_as = run.same_as
         if same_as is not None and (result := results.get(same_as)) is not None:
             run.result = result
+            run.shared = True
             continue
         lookup = SqlRowLookup(conn, reads, primary_keys)
         try:
