@@ -73,6 +73,20 @@ def gated_items(params: GateParams, user_id: str | None, lookup: RowLookup) -> C
     return Cursor("items", fields=FIELDS, filter=C("category") == found["note"])
 
 
+@gated_publications.publication("gates.withItems", params=GateParams)
+def gate_with_items(params: GateParams, user_id: str | None, lookup: RowLookup
+                    ) -> list[Cursor]:
+    """The gate's row itself (collection ``gates``) and, while its note names one, that
+    category's items: a function of several cursors, as many as the row it reads allows."""
+    found = lookup.row("other", params.gate, columns=["note"])
+    if found is None:
+        return []
+    gate = Cursor("other", collection="gates", fields=["note"], filter=C("id") == params.gate)
+    if found["note"] is None:
+        return [gate]
+    return [gate, Cursor("items", fields=FIELDS, filter=C("category") == found["note"])]
+
+
 session_methods = Methods()
 
 
@@ -130,6 +144,8 @@ PUBLICATION_FILTERS: dict[str, tuple[str, Any]] = {
     "items.ranked": ("rank >= %s", lambda p: (p[0],)),
     "items.gated": ("category = (SELECT note FROM other WHERE id = %s)",
                     lambda p: (p[0]["gate"],)),
+    "gates.withItems": ("category = (SELECT note FROM other WHERE id = %s)",
+                        lambda p: (p[0]["gate"],)),
     "items.top": (f'category = %s ORDER BY rank DESC, title COLLATE "C", id LIMIT {TOP_LIMIT}',
                   lambda p: (p[0]["category"],)),
 }
@@ -151,6 +167,13 @@ def expected_view(dsn: str, subscriptions: list[tuple[str, list[Any]]],
     ``subscriptions`` must hold in ``collection``: the union of their rows."""
     view: dict[str, dict[str, Any]] = {}
     with psycopg.connect(dsn, autocommit=True) as conn:
+        if collection == "gates":  # gates.withItems publishes its gate's row there
+            for name, params in subscriptions:
+                if name == "gates.withItems":
+                    for gate, note in conn.execute("SELECT id, note FROM other WHERE id = %s",
+                                                   (params[0]["gate"],)):
+                        view[pk_to_wire_id((gate,))] = {"note": note}
+            return view
         for name, params in subscriptions:
             if USER_PUBLICATIONS.get(name, "items") != collection:
                 continue
