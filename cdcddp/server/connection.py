@@ -689,22 +689,40 @@ class Connection:
                      ) -> None:
         """Re-resolve ``subs`` for ``user_id`` and swap their observers; the client gets
         only the difference."""
+        # Per sub, in order: (its new observers, the rows its function read), or its error.
+        prepared: list[tuple[list[ObserverEntry], ReadRows | None] | MeteorError | None] = [
+            None] * len(subs)
+
+        async def prepare(index: int, sub: LiveSubscription) -> None:
+            try:
+                bounds, dependencies = await self._resolve(sub, user_id, after_xid)
+                prepared[index] = (await self._acquire_all(bounds), dependencies)
+            except Exception as exc:
+                name = sub.publication.name or "(universal)"
+                prepared[index] = to_meteor_error(exc, f"publication {name!r}")
+
+        try:
+            if len(subs) == 1:
+                await prepare(0, subs[0])
+            else:
+                # All at once (a login re-runs every subscription): their functions share
+                # lookup batches and their new observers' reads share snapshots, instead of a
+                # database round trip each, one after another.
+                async with trio.open_nursery() as nursery:
+                    for index, sub in enumerate(subs):
+                        nursery.start_soon(prepare, index, sub)
+        except BaseException:
+            for outcome in prepared:
+                if isinstance(outcome, tuple):
+                    self._release_all(outcome[0])
+            raise
         plans: list[tuple[LiveSubscription, list[ObserverEntry], ReadRows | None]] = []
         failures: list[tuple[LiveSubscription, MeteorError]] = []
-        try:
-            for sub in subs:
-                name = sub.publication.name or "(universal)"
-                try:
-                    bounds, dependencies = await self._resolve(sub, user_id, after_xid)
-                    entries = await self._acquire_all(bounds)
-                except Exception as exc:
-                    failures.append((sub, to_meteor_error(exc, f"publication {name!r}")))
-                    continue
-                plans.append((sub, entries, dependencies))
-        except BaseException:
-            for _, entries, _ in plans:
-                self._release_all(entries)
-            raise
+        for sub, outcome in zip(subs, prepared, strict=True):
+            if isinstance(outcome, MeteorError):
+                failures.append((sub, outcome))
+            elif outcome is not None:
+                plans.append((sub, *outcome))
         # One synchronous swap, then one flush: the box sends only what differs.
         live = self.live
         for sub, entries, dependencies in plans:
