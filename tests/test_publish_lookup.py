@@ -1,5 +1,7 @@
 """Publication functions that read rows (reactive look-ups), against a real database."""
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -141,6 +143,20 @@ def test_row_changes_cover_only_what_they_logged() -> None:
 # ---- batches: functions waiting at once run under one snapshot ---------------------------
 
 
+async def _create_lists(db_dsn: str) -> None:
+    """Table ``lists`` with one row: list ``l`` of user ``u1``."""
+    await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE lists (id text primary key, "
+                                  "user_id text)", "INSERT INTO lists VALUES ('l', 'u1')")
+
+
+def _reads_list(ran: list[str], name: str) -> Callable[[SqlRowLookup], Any]:
+    """A function that notes ``name`` in ``ran`` when it runs and returns list ``l``'s row."""
+    def run(lookup: SqlRowLookup) -> Any:
+        ran.append(name)
+        return lookup.row("lists", "l", columns=["user_id"])
+    return run
+
+
 async def _run_batch_of(database: Database, resolvers: list[Any], *, delivered: int = 0,
                         cancel: frozenset[int] = frozenset(),
                         same_as: list[Any] | None = None
@@ -179,8 +195,7 @@ async def test_functions_waiting_at_once_share_one_snapshot_and_each_row_read(
         db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fifty subscriptions' functions reading the same list: one transaction, one read of
     the row; each function still gets its own copy and records its own dependencies."""
-    await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE lists (id text primary key, "
-                                  "user_id text)", "INSERT INTO lists VALUES ('l', 'u1')")
+    await _create_lists(db_dsn)
     reads = count_row_reads(monkeypatch)
 
     def resolve(user_id: str) -> Any:
@@ -210,15 +225,9 @@ async def test_a_failing_function_fails_alone(db_dsn: str) -> None:
     """A function that raises gets its own error; one whose SQL fails also ends the
     transaction, so the functions after it run in a new one; a cancelled waiter's function
     does not run at all."""
-    await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE lists (id text primary key, "
-                                  "user_id text)", "INSERT INTO lists VALUES ('l', 'u1')")
+    await _create_lists(db_dsn)
     ran: list[str] = []
-
-    def reads(name: str) -> Any:
-        def run(lookup: SqlRowLookup) -> Any:
-            ran.append(name)
-            return lookup.row("lists", "l", columns=["user_id"])
-        return run
+    reads = functools.partial(_reads_list, ran)
 
     def raises(lookup: SqlRowLookup) -> Any:
         ran.append("raises")
@@ -249,15 +258,9 @@ async def test_runs_of_the_same_inputs_in_a_batch_share_one_result(db_dsn: str) 
     """Runs with equal ``same_as`` keys (the same publication, parameters and user) run the
     function once per batch and share its result; other keys, and runs without a key, run
     their own; a run that failed shares nothing (the next one with its key runs itself)."""
-    await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE lists (id text primary key, "
-                                  "user_id text)", "INSERT INTO lists VALUES ('l', 'u1')")
+    await _create_lists(db_dsn)
     ran: list[str] = []
-
-    def reads(name: str) -> Any:
-        def run(lookup: SqlRowLookup) -> Any:
-            ran.append(name)
-            return lookup.row("lists", "l", columns=["user_id"])
-        return run
+    reads = functools.partial(_reads_list, ran)
 
     def fails(name: str) -> Any:
         def run(lookup: SqlRowLookup) -> Any:
@@ -302,8 +305,7 @@ async def test_a_function_waiting_for_a_commit_holds_up_no_other(db_dsn: str) ->
     """A re-run must see the transaction that changed its row. While that commit waits for a
     synchronous standby (decoded, not yet visible), the function waits, queued again a
     moment later (until its timeout); functions batched with it meanwhile run at once."""
-    await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE lists (id text primary key, "
-                                  "user_id text)", "INSERT INTO lists VALUES ('l', 'u1')")
+    await _create_lists(db_dsn)
 
     def owner(lookup: SqlRowLookup) -> Any:
         row = lookup.row("lists", "l", columns=["user_id"])
