@@ -19,10 +19,11 @@ back:
   and in.
 
 Each change is timed from just before its commit to the last message it caused at a client (the
-swarm drains until no message came for 3 s), and the swarm's counts are checked (--todos
-``removed``, then --todos ``added``, per client). The two publications alternate --repeat times
-(one swarm each time), so that the machine's drift falls on both alike. Figures: per
-publication the median "ready in" and the median time to follow a change; their ratio is the
+swarm drains until no message came for 3 s), with the server process's CPU time meanwhile, and
+the swarm's counts are checked (--todos ``removed``, then --todos ``added``, per client). The
+two publications alternate --repeat times (one swarm each time), so that the machine's drift
+falls on both alike. Figures: per publication the median "ready in", the median time to
+follow a change and the median server CPU per change; the ratio of the follow times is the
 last line, ``lookup_follow_ratio=``.
 """
 
@@ -95,15 +96,18 @@ def prepare(dsn: str, lists: int, todos: int) -> None:
 
 
 def follow(swarm: ddpbench.Swarm, conn: psycopg.Connection[Any], statement: str,
-           kind: str, expected: int) -> float:
-    """Seconds from just before ``statement`` commits to the last message it caused."""
+           kind: str, expected: int, server_pid: int) -> tuple[float, float]:
+    """Seconds from just before ``statement`` commits to the last message it caused, and the
+    server's CPU seconds until the swarm reported (it idles meanwhile, once done)."""
     swarm.start()
+    cpu = ddpbench.proc_cpu_seconds(server_pid)
     committed = time.time()
     conn.execute(statement)
     result = swarm.report()
+    cpu = ddpbench.proc_cpu_seconds(server_pid) - cpu
     if result[kind] != expected:
         sys.exit(f"{statement!r}: {result[kind]} {kind} messages, expected {expected}")
-    return float(result["last_at"]) - committed
+    return float(result["last_at"]) - committed, cpu
 
 
 def main() -> None:
@@ -132,6 +136,7 @@ def run(args: argparse.Namespace, dsn: str) -> None:
     server, port = ddpbench.start_child([__file__, "--serve", "--dsn", dsn])
     ready: dict[str, list[float]] = {LOOKUP: [], PLAIN: []}
     follows: dict[str, list[float]] = {LOOKUP: [], PLAIN: []}
+    cpus: dict[str, list[float]] = {LOOKUP: [], PLAIN: []}
     expected = args.clients * args.todos
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -144,8 +149,11 @@ def run(args: argparse.Namespace, dsn: str) -> None:
                         empty, fill = CHANGES[name]
                         times = []
                         for _ in range(args.rounds):
-                            times.append(follow(swarm, conn, empty, "removed", expected))
-                            times.append(follow(swarm, conn, fill, "added", expected))
+                            for statement, kind in ((empty, "removed"), (fill, "added")):
+                                seconds, cpu = follow(swarm, conn, statement, kind, expected,
+                                                      server.pid)
+                                times.append(seconds)
+                                cpus[name].append(cpu)
                         follows[name] += times
                         print(f"{name}, pass {i + 1}/{args.repeat}: {args.clients:,} clients "
                               f"ready in {ready[name][-1]:.2f} s; a change followed by every "
@@ -160,7 +168,8 @@ def run(args: argparse.Namespace, dsn: str) -> None:
         print(f"{name}: ready in {statistics.median(ready[name]):.2f} s (median); a change "
               f"followed in {statistics.median(follows[name]) * 1000:.0f} ms (median of "
               f"{len(follows[name])}: {args.todos} messages to each of {args.clients:,} "
-              f"clients, on {args.lists:,} list(s))")
+              f"clients, on {args.lists:,} list(s)), the server's CPU "
+              f"{statistics.median(cpus[name]) * 1000:.0f} ms")
     ratio = statistics.median(follows[LOOKUP]) / statistics.median(follows[PLAIN])
     print(f"lookup_follow_ratio={ratio:.2f}")
 
