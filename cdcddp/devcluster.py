@@ -163,12 +163,23 @@ class LocalCluster:
                       "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
         if not self.port:
             self.port = free_port()
-        conf = {**BASE_SETTINGS, "port": str(self.port),
+        conf = {**BASE_SETTINGS, **self._plugin_setting(), "port": str(self.port),
                 "unix_socket_directories": f"'{self.socketdir}'", **self.settings}
         auto = "".join(f"{k} = {v}\n" for k, v in conf.items())
         target = self.datadir / "postgresql.auto.conf"
         target.write_text("# written by cdcddp.devcluster\n" + auto)
         self._chown(target)
+
+    def _plugin_setting(self) -> dict[str, str]:
+        """``output_plugin_libraries`` with wal2json added, on servers that have the setting
+        (15.19, 17.11 and later minor releases; older ones refuse to start with it)."""
+        described = self._run("postgres", "--describe-config").stdout
+        for line in described.splitlines():
+            name, *fields = line.split("\t")
+            if name == "output_plugin_libraries":
+                default = fields[3] if len(fields) > 3 and fields[3] else "pgoutput, test_decoding"
+                return {name: f"'{default}, wal2json'"}
+        return {}
 
     def is_running(self) -> bool:
         return self._run("pg_ctl", "-D", str(self.datadir), "status", check=False).returncode == 0

@@ -24,6 +24,19 @@ def sql(dsn: str, *statements: str, params: Any = None) -> Any:
         return result
 
 
+def refusing_wal2json(dsn: str) -> str:
+    """``dsn`` for sessions whose server lets no output plugin but pgoutput decode, as a server
+    upgraded to 15.19 / 17.11 or later is until wal2json is added to its
+    ``output_plugin_libraries`` (a superuser may narrow it per session). Skips the test on a
+    server that has no such setting."""
+    import pytest
+
+    (allowed,), = sql(dsn, "SELECT current_setting('output_plugin_libraries', true)")
+    if allowed is None:
+        pytest.skip("this PostgreSQL lets any output plugin decode (before 15.19 / 17.11)")
+    return f"{dsn} options='-c output_plugin_libraries=pgoutput'"
+
+
 @contextmanager
 def standby_that_never_answers(dsn: str) -> Iterator[None]:
     """While inside, a commit made with ``synchronous_commit = on`` waits for a synchronous

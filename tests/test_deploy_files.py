@@ -97,6 +97,7 @@ def test_compose_postgres_has_schema_and_logical_wal(compose: dict[str, Any]) ->
     settings = compose_settings(compose)
     assert settings["wal_level"] == "logical"
     assert "max_slot_wal_keep_size" in settings
+    assert "wal2json" in settings["output_plugin_libraries"].replace(" ", "").split(",")
     dockerfile = (DEPLOY / postgres["build"]["dockerfile"]).read_text()
     assert "FROM postgres:15" in dockerfile and "wal2json" in dockerfile
     assert postgres["environment"]["POSTGRES_DB"] == "todos"
@@ -341,10 +342,11 @@ def snippet() -> dict[str, str]:
 def test_snippet_has_what_cdcddp_needs(snippet: dict[str, str]) -> None:
     assert set(snippet) == {"wal_level", "max_replication_slots", "max_wal_senders",
                             "max_slot_wal_keep_size", "wal_sender_timeout",
-                            "logical_decoding_work_mem", "hot_standby_feedback",
-                            "primary_slot_name"}
+                            "logical_decoding_work_mem", "output_plugin_libraries",
+                            "hot_standby_feedback", "primary_slot_name"}
     active = conf_settings((DEPLOY / "postgresql.conf").read_text(), include_commented=False)
     assert active["wal_level"] == "logical"
+    assert "wal2json" in active["output_plugin_libraries"].replace(" ", "").split(",")
     assert "primary_slot_name" not in active  # standby-only: left commented
 
 

@@ -29,7 +29,8 @@ from cdcddp.app import App
 from cdcddp.client import DDPClient, connect
 from cdcddp.examples import todos
 from cdcddp.methods import MethodContext, Methods
-from tests.pg_support import sql
+from cdcddp.wal.slot import plugin_refused_advice
+from tests.pg_support import refusing_wal2json, sql
 from tests.server_support import get
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -429,6 +430,15 @@ def invalidate_slot(dsn: str, slot: str) -> None:
                params=(slot,)) == [("lost",)]:
             return
     raise AssertionError(f"slot {slot} was not invalidated")
+
+
+def test_a_server_that_refuses_wal2json_stops_it_with_the_setting_to_change(
+        db_dsn: str) -> None:
+    done = subprocess.run(serve_command(refusing_wal2json(db_dsn), "serve_refused"),
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"cdcddp: {plugin_refused_advice()}"
 
 
 async def test_an_invalidated_slot_is_named_and_the_documented_recovery_works(

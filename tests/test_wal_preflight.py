@@ -10,6 +10,7 @@ import pytest
 
 from cdcddp.devcluster import LocalCluster, throwaway_cluster
 from cdcddp.wal.preflight import Finding, check_plugin, errors, run_preflight
+from tests.pg_support import refusing_wal2json, sql
 
 _roles = itertools.count(1)
 
@@ -28,9 +29,23 @@ def test_healthy_database_has_no_errors(db_dsn: str) -> None:
 
 def test_missing_plugin_is_named(db_dsn: str) -> None:
     with psycopg.connect(db_dsn, autocommit=True) as conn:
+        if sql(db_dsn, "SELECT current_setting('output_plugin_libraries', true)")[0][0]:
+            # Allowed, so that PostgreSQL goes on to look for its file.
+            conn.execute("SET output_plugin_libraries = 'wal2json_not_installed'")
         finding = check_plugin(conn, plugin="wal2json_not_installed")
     assert finding.severity == "error" and finding.code == "plugin_missing"
     assert "apt-get install postgresql-15-wal2json" in finding.message
+
+
+def test_a_plugin_the_server_does_not_allow_is_named_with_the_setting_to_change(
+        db_dsn: str) -> None:
+    with psycopg.connect(refusing_wal2json(db_dsn), autocommit=True) as conn:
+        finding = check_plugin(conn)
+    assert finding.severity == "error" and finding.code == "plugin_refused"
+    assert finding.message == (
+        "PostgreSQL does not allow wal2json as a logical decoding output plugin: add it to "
+        "output_plugin_libraries (ALTER SYSTEM SET output_plugin_libraries = "
+        "'pgoutput, wal2json'; then SELECT pg_reload_conf()).")
 
 
 def test_missing_replication_privilege(db_dsn: str, pg_cluster: LocalCluster) -> None:

@@ -23,9 +23,9 @@ from cdcddp.wal.events import (
     TransactionRestart,
 )
 from cdcddp.wal.lsn import parse_lsn
-from cdcddp.wal.slot import SlotBusy
-from cdcddp.wal.stream import ReplicationStream, open_stream
-from tests.pg_support import sql
+from cdcddp.wal.slot import SlotBusy, plugin_refused_advice
+from cdcddp.wal.stream import ReplicationStream, StreamError, open_stream
+from tests.pg_support import refusing_wal2json, sql
 
 FAST = {"status_interval": 0.2}
 _slot_numbers = itertools.count(1)
@@ -326,6 +326,22 @@ async def test_missing_primary_key_warning_is_counted(db_dsn: str) -> None:
         assert [len(evs) for _, evs in collector.transactions] == [1, 0, 0]
         assert stream.dropped_change_warnings == 2
         assert "no tuple identifier" in (stream.last_dropped_change_warning or "")
+
+
+async def test_a_server_that_refuses_wal2json_says_which_setting_allows_it(
+        db_dsn: str) -> None:
+    # Both creating a slot and streaming from one created before an upgrade are refused.
+    refusing = refusing_wal2json(db_dsn)
+    existing = new_slot()
+    async with open_stream(db_dsn, existing, **FAST):
+        pass
+    for slot in (new_slot(), existing):
+        with pytest.raises(StreamError) as raised:
+            async with open_stream(refusing, slot, **FAST):
+                pass
+        assert str(raised.value) == plugin_refused_advice()
+        assert "ALTER SYSTEM SET output_plugin_libraries = 'pgoutput, test_decoding, wal2json'" \
+            in str(raised.value)
 
 
 async def test_busy_slot_is_refused(db_dsn: str) -> None:

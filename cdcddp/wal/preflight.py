@@ -70,6 +70,11 @@ def check_plugin(conn: psycopg.Connection, plugin: str = slots.PLUGIN) -> Findin
             return Finding("error", "plugin_missing",
                            f"the {plugin} output plugin is not installed on the server: install "
                            "it there (Debian/Ubuntu: apt-get install postgresql-15-wal2json).")
+        if slots.PLUGIN_REFUSED_MARK in text:
+            (allowed,) = conn.execute(
+                "SELECT current_setting('output_plugin_libraries', true)").fetchone() or (None,)
+            return Finding("error", "plugin_refused",
+                           slots.plugin_refused_advice(allowed, plugin))
         if "all replication slots are in use" in text:
             return Finding("error", "slots_exhausted",
                            "all replication slots are in use: raise max_replication_slots (and "

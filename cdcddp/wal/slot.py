@@ -16,6 +16,21 @@ from cdcddp.wal.lsn import format_lsn, parse_lsn
 
 PLUGIN = "wal2json"
 
+# PostgreSQL 15.19, 17.11 and later minor releases let only the output plugins listed in
+# ``output_plugin_libraries`` decode (default: pgoutput and test_decoding). Without wal2json
+# there, creating a slot and streaming from an existing one both fail with this error.
+PLUGIN_REFUSED_MARK = "may not be used as an output plugin"
+
+
+def plugin_refused_advice(allowed: str | None = None, plugin: str = PLUGIN) -> str:
+    """What to do when the server refuses the output plugin; ``allowed``: the server's
+    ``output_plugin_libraries`` when known."""
+    names = [n.strip() for n in (allowed or "pgoutput, test_decoding").split(",") if n.strip()]
+    wanted = ", ".join([*names, plugin])
+    return (f"PostgreSQL does not allow {plugin} as a logical decoding output plugin: add it "
+            f"to output_plugin_libraries (ALTER SYSTEM SET output_plugin_libraries = "
+            f"'{wanted}'; then SELECT pg_reload_conf()).")
+
 
 class SlotError(Exception):
     """The slot cannot be used as asked; the message says what to do."""

@@ -374,6 +374,8 @@ class ReplicationStream:
         if error is not None:
             sqlstate = error.error_field(pq.DiagnosticField.SQLSTATE)
             message = (error.error_message or b"").decode(errors="replace").strip()
+            if slots.PLUGIN_REFUSED_MARK in message:  # a configuration to fix: say how
+                raise StreamError(slots.plugin_refused_advice())
             raise ServerError(message, sqlstate.decode() if sqlstate else None)
         return rows
 
