@@ -82,12 +82,48 @@ def render_event(event: StreamEvent) -> bytes:
 # -- commands ------------------------------------------------------------------------------
 
 
-def _connect(dsn: str) -> psycopg.Connection:
+def _connect(dsn: str, flag: str = "--dsn") -> psycopg.Connection:
     try:
         return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
     except psycopg.Error as exc:
         first = (str(exc).strip().splitlines() or ["connection failed"])[0]
-        raise CliError(f"cannot connect to PostgreSQL ({first}): check --dsn.") from None
+        raise CliError(f"cannot connect to PostgreSQL ({first}): check {flag}.") from None
+
+
+def _check_servers(dsn: str, primary_dsn: str | None) -> None:
+    """``dsn`` may be a standby (PostgreSQL 16+) only with ``primary_dsn`` naming its primary,
+    where methods and logins write; each problem is one sentence."""
+    with _connect(dsn) as conn:
+        standby, version, system = _server_role(conn)
+    if standby and version < 160000:
+        raise CliError(f"dsn connects to a standby of PostgreSQL {version // 10000}, which "
+                       "cannot decode (16 or later can): point --dsn at the primary.")
+    if standby and primary_dsn is None:
+        raise CliError("dsn connects to a standby, where nothing can be written: set "
+                       "primary_dsn (--primary-dsn) to its primary, where methods and logins "
+                       "write.")
+    if primary_dsn is None:
+        return
+    with _connect(primary_dsn, "--primary-dsn") as conn:
+        primary_standby, _version, primary_system = _server_role(conn)
+    if primary_standby:
+        raise CliError("primary_dsn connects to a standby: point --primary-dsn at the "
+                       "primary.")
+    if None not in (system, primary_system) and system != primary_system:
+        raise CliError("dsn and primary_dsn connect to different clusters (their system "
+                       "identifiers differ): point --dsn at a standby of the primary.")
+
+
+def _server_role(conn: psycopg.Connection) -> tuple[bool, int, int | None]:
+    """(in recovery, server_version_num, system identifier or None when not readable)."""
+    standby, version = conn.execute(
+        "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int").fetchone() \
+        or (False, 0)
+    try:
+        row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        row = None
+    return bool(standby), int(version), None if row is None else int(row[0])
 
 
 def cmd_slot(args: argparse.Namespace) -> int:
@@ -225,7 +261,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, json=config.log_json)
     try:
         load_app_or_fail(config.app)
-        _connect(config.dsn_value).close()  # an unusable DSN: one sentence naming --dsn
+        # An unusable DSN, or a standby without its primary: one sentence naming the flag.
+        _check_servers(config.dsn_value, config.primary_dsn_value)
         _check_listen("listen", config.listen)
         if config.metrics_listen is not None:
             _check_listen("metrics_listen", config.metrics_listen)

@@ -183,6 +183,9 @@ class Limits(_Section):
 
 class Config(_Section):
     dsn: SecretStr = Field(description="libpq connection string or postgresql:// URI")
+    primary_dsn: SecretStr | None = Field(
+        None, description="when dsn is a standby (PostgreSQL 16+, decoding there): the "
+        "primary, where methods, logins and the app's schema files write (not set: dsn)")
     app: str = Field(description="the application to serve, as module:attribute")
     slot: str = Field("cdcddp", description="logical replication slot name")
     temporary_slot: Flag = Field(
@@ -209,12 +212,14 @@ class Config(_Section):
     static_dir: Path | None = Field(
         None, description="serve files from this directory (not set: the built-in Todos page)")
 
-    @field_validator("dsn", mode="before")
+    @field_validator("dsn", "primary_dsn", mode="before")
     @classmethod
     def _check_dsn(cls, value: Any) -> Any:
         from psycopg.conninfo import conninfo_to_dict
 
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is None:
+            return None  # (only primary_dsn may be unset: dsn is required)
         if not isinstance(text, str) or not text.strip():
             raise ValueError("expected a libpq connection string (host=... dbname=...) or a "
                              "postgresql:// URI")
@@ -262,6 +267,11 @@ class Config(_Section):
     def dsn_value(self) -> str:
         """The DSN itself (with its password): pass it to psycopg, never to a log."""
         return self.dsn.get_secret_value()
+
+    @property
+    def primary_dsn_value(self) -> str | None:
+        """The primary's DSN when set apart from ``dsn`` (with its password)."""
+        return None if self.primary_dsn is None else self.primary_dsn.get_secret_value()
 
     def session_config(self) -> SessionConfig:
         return SessionConfig(
@@ -426,7 +436,7 @@ def _describe(error: Mapping[str, Any], layers: _Layers) -> str:
         return f"{key}: unknown key{source}; {hint}known keys: {', '.join(known)}."
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{key}: expected a table of keys ([{key}] in TOML){source}."
-    secret = path[0] == "dsn" or bool(SECRET_KEY.search(key))
+    secret = path[0] in ("dsn", "primary_dsn") or bool(SECRET_KEY.search(key))
     got = "" if secret or "input" not in error else f", got {error['input']!r}"
     if kind == "value_error":
         message = str(error["msg"]).removeprefix("Value error, ")
@@ -538,7 +548,8 @@ def _human_bytes(size: int) -> str:
 
 
 # Values whose rule lives in a field validator rather than in the type.
-_VALUE_KINDS = {("dsn",): "libpq string or URI", ("app",): "module:attribute",
+_VALUE_KINDS = {("dsn",): "libpq string or URI", ("primary_dsn",): "libpq string or URI",
+                ("app",): "module:attribute",
                 ("slot",): "a-z 0-9 _ (1-63)"}
 
 

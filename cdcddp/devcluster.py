@@ -22,6 +22,11 @@ from pathlib import Path
 
 PG_MAJOR_PREFERRED = 15
 
+# Debian 13's PostgreSQL 17 with wal2json, in a root file system of its own (``deploy/setup-env``
+# installs it for the tests: decoding on a standby needs 16+, Debian 12 has 15).
+PG17_ROOT = Path(os.environ.get("CDCDDP_PG17_ROOT", "/var/cache/cdcddp/debian13-postgresql17"))
+PG17_BINDIR = Path("/usr/lib/postgresql/17/bin")  # inside PG17_ROOT
+
 # Settings every cluster gets; callers may add or override.
 BASE_SETTINGS: dict[str, str] = {
     "wal_level": "logical",
@@ -89,6 +94,15 @@ def _service_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam("cdcddp")
 
 
+def _chroot_user(chroot: Path, name: str = "postgres") -> pwd.struct_passwd:
+    """The account ``name`` of the system in ``chroot`` (its ids differ from the host's)."""
+    for line in (chroot / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name and len(fields) == 7:
+            return pwd.struct_passwd((*fields[:2], int(fields[2]), int(fields[3]), *fields[4:]))
+    raise ClusterError(f"{chroot} has no user {name}")
+
+
 @dataclass
 class LocalCluster:
     """A PostgreSQL cluster in ``root`` (data in ``root/data``, socket and log beside it)."""
@@ -98,15 +112,34 @@ class LocalCluster:
     settings: dict[str, str] = field(default_factory=dict)
     superuser: str = "postgres"
     bindir: Path = field(default_factory=find_bindir)
+    # A root file system holding another PostgreSQL (``bindir`` is then a path inside it, and
+    # ``root`` must lie inside it): another major version than the host's, for tests.
+    chroot: Path | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).absolute()
         self._user = _service_user()
-        if not has_wal2json(self.bindir):
+        if self.chroot is not None:
+            self.chroot = Path(self.chroot).absolute()
+            if self._user is None:
+                raise ClusterError("a cluster in a chroot can only be started as root")
+            self._user = _chroot_user(self.chroot)
+            self.root.relative_to(self.chroot)  # (ValueError when outside it)
+            if not (self.chroot / str(self.bindir.parent / "lib/wal2json.so")[1:]).exists():
+                raise ClusterError(f"wal2json is not installed in {self.chroot}")
+        elif not has_wal2json(self.bindir):
             raise ClusterError(
                 f"wal2json is not installed for the PostgreSQL in {self.bindir.parent}: "
                 "install it with `apt-get install postgresql-15-wal2json`."
             )
+        # psql and pg_isready run here, whichever server they talk to.
+        self.client_bindir = self.bindir if self.chroot is None else find_bindir()
+
+    def server_path(self, path: Path) -> str:
+        """``path`` as the server sees it (inside its chroot, if any)."""
+        if self.chroot is None:
+            return str(path)
+        return "/" + str(Path(path).relative_to(self.chroot))
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -129,13 +162,19 @@ class LocalCluster:
     # -- lifecycle ---------------------------------------------------------------------------
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         kwargs: dict[str, object] = {}
-        if self._user is not None:
-            kwargs = {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+        argv = [str(self.bindir / args[0]), *args[1:]]
         env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
         if self._user is not None:
-            env["HOME"] = str(self.root)
+            env["HOME"] = self.server_path(self.root)
+        if self.chroot is not None:
+            assert self._user is not None
+            chroot = str(self.chroot)
+            argv = ["chroot", f"--userspec={self._user.pw_uid}:{self._user.pw_gid}", chroot,
+                    *(self.server_path(Path(a)) if a.startswith(chroot) else a for a in argv)]
+        elif self._user is not None:
+            kwargs = {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
         proc = subprocess.run(
-            [str(self.bindir / args[0]), *args[1:]],
+            argv,
             capture_output=True, text=True, env=env, cwd=self.root, check=False,
             **kwargs,  # type: ignore[arg-type]
         )
@@ -164,7 +203,8 @@ class LocalCluster:
         if not self.port:
             self.port = free_port()
         conf = {**BASE_SETTINGS, **self._plugin_setting(), "port": str(self.port),
-                "unix_socket_directories": f"'{self.socketdir}'", **self.settings}
+                "unix_socket_directories": f"'{self.server_path(self.socketdir)}'",
+                **self.settings}
         auto = "".join(f"{k} = {v}\n" for k, v in conf.items())
         target = self.datadir / "postgresql.auto.conf"
         target.write_text("# written by cdcddp.devcluster\n" + auto)
@@ -205,7 +245,7 @@ class LocalCluster:
     def psql(self, sql: str, dbname: str = "postgres") -> str:
         """Run SQL with psql (for set-up steps; tests use psycopg)."""
         proc = subprocess.run(
-            [str(self.bindir / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",
+            [str(self.client_bindir / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",
              "-d", self.dsn(dbname), "-c", sql],
             capture_output=True, text=True, check=False,
         )
@@ -216,7 +256,7 @@ class LocalCluster:
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            proc = subprocess.run([str(self.bindir / "pg_isready"), "-h", "127.0.0.1",
+            proc = subprocess.run([str(self.client_bindir / "pg_isready"), "-h", "127.0.0.1",
                                    "-p", str(self.port)], capture_output=True, check=False)
             if proc.returncode == 0:
                 return
@@ -225,15 +265,18 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def throwaway_cluster(prefix: str = "cdcddp-pg-", **settings: str) -> Iterator[LocalCluster]:
+def throwaway_cluster(prefix: str = "cdcddp-pg-", *, chroot: Path | None = None,
+                      bindir: Path | None = None, **settings: str) -> Iterator[LocalCluster]:
     """A started cluster in a new temporary directory, destroyed on exit (tests, benchmarks).
 
     fsync is off by default for speed; synchronous_commit stays on because the walsender only
     decodes flushed WAL: an asynchronous commit would reach the stream up to wal_writer_delay
-    late.
+    late. ``chroot`` and ``bindir``: see :class:`LocalCluster`.
     """
-    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix=prefix)),
-                           settings={"fsync": "off", **settings})
+    where = None if chroot is None else chroot / "tmp"
+    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix=prefix, dir=where)),
+                           settings={"fsync": "off", **settings}, chroot=chroot,
+                           bindir=find_bindir() if bindir is None else bindir)
     cluster.init()
     cluster.start()
     try:

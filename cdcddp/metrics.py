@@ -51,6 +51,7 @@ from prometheus_client.utils import floatToGoString
 
 from cdcddp import __version__
 from cdcddp.db import Database
+from cdcddp.wal.lsn import SERVER_LSN_SQL
 
 log = logging.getLogger(__name__)
 
@@ -635,16 +636,14 @@ async def serve_metrics(metrics: Metrics, host: str = DEFAULT_METRICS_HOST,
 
 # -- slot poller ---------------------------------------------------------------------------------
 
-# On a standby (logical decoding there needs PostgreSQL 16+) pg_current_wal_lsn() fails: the
-# replayed position is "now" for its slots.
-SLOT_STATUS_SQL = """
+# On a standby the replayed position is "now" for its slots (SERVER_LSN_SQL).
+SLOT_STATUS_SQL = f"""
 SELECT s.wal_status::text, s.active,
        pg_wal_lsn_diff(c.lsn, s.confirmed_flush_lsn)::bigint,
        pg_wal_lsn_diff(c.lsn, s.restart_lsn)::bigint,
        s.safe_wal_size,
        pg_wal_lsn_diff(s.confirmed_flush_lsn, '0/0')::bigint
-FROM (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-                  ELSE pg_current_wal_lsn() END AS lsn) AS c
+FROM (SELECT {SERVER_LSN_SQL} AS lsn) AS c
 LEFT JOIN pg_replication_slots AS s ON s.slot_name = %s
 """
 

@@ -9,11 +9,14 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from cdcddp.devcluster import LocalCluster, throwaway_cluster
+from cdcddp.devcluster import PG17_BINDIR, PG17_ROOT, LocalCluster, throwaway_cluster
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--postgres", choices=("15", "17"), default="15",
+                     help="major version of the shared cluster (17: the Debian 13 root that "
+                          "./tests/run installs as root)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -26,9 +29,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[LocalCluster]:
+def pg_cluster(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     """A throwaway PostgreSQL cluster (wal_level=logical) for the whole test session."""
-    with throwaway_cluster("cdcddp-pg-", full_page_writes="off") as cluster:
+    where = {}
+    if request.config.getoption("--postgres") == "17":
+        where = {"chroot": PG17_ROOT, "bindir": PG17_BINDIR}
+    with throwaway_cluster("cdcddp-pg-", full_page_writes="off", **where) as cluster:
         yield cluster
 
 

@@ -306,9 +306,12 @@ class LiveData:
     """
 
     def __init__(self, database: Database, dsn: str,
-                 config: LiveDataConfig | None = None, *, metrics: Metrics | None = None
-                 ) -> None:
-        self.database = database
+                 config: LiveDataConfig | None = None, *, metrics: Metrics | None = None,
+                 primary: Database | None = None) -> None:
+        self.database = database  # where the slot is: snapshots and lookups read there
+        # Where marks are written (a standby is read-only; its stream carries the primary's
+        # WAL, marks included).
+        self.primary = database if primary is None else primary
         self.metrics = metrics  # None: no per-table counts, no snapshot timings, no stamps
         self.dsn = dsn
         self.config = config or LiveDataConfig()
@@ -425,6 +428,7 @@ class LiveData:
                                    report_relations=True,
                                    # one catalog: snapshots load values as the stream decodes
                                    type_catalog=self.database.types,
+                                   log_standby_snapshot=self._log_standby_snapshot,
                                    **self.config.stream_options) as stream:
                 self.stream = stream
                 nursery.start_soon(self._flusher)
@@ -438,6 +442,12 @@ class LiveData:
                 nursery.start_soon(self._watch_behind, stream)
                 await self._consume(stream)
             nursery.cancel_scope.cancel()
+
+    async def _log_standby_snapshot(self) -> None:
+        if self.primary is self.database:
+            raise RuntimeError("no primary_dsn: the standby's DSN is the only one")
+        await self.primary.run(
+            lambda conn: conn.execute("SELECT pg_log_standby_snapshot()").fetchall())
 
     @property
     def stream_connected(self) -> bool:
@@ -547,7 +557,7 @@ class LiveData:
             conn.execute("SET LOCAL synchronous_commit = local")
             conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (SYNC_PREFIX, token))
         try:
-            await self.database.run(emit)
+            await self.primary.run(emit)
             with trio.fail_after(timeout):
                 await event.wait()
         finally:
@@ -653,7 +663,7 @@ class LiveData:
         exactly at the stream's position. Without this an observer whose snapshot is ahead of
         the stream could hand a client newer rows than an older observer it moves to next
         (the oracle's "version went back"). Waiters share one mark per round. Past
-        ``catch_up_timeout`` (a held or far-behind consumer, a read-only standby) it goes on
+        ``catch_up_timeout`` (a held or far-behind consumer, a standby with no primary) it goes on
         as before: the skip-by-snapshot logic keeps the observer itself exact.
         """
         with trio.move_on_after(self.config.catch_up_timeout):

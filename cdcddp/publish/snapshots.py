@@ -23,7 +23,7 @@ from cdcddp.publish.filters import quoted
 from cdcddp.publish.observer import Key, Row, Values
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Relation
-from cdcddp.wal.lsn import parse_lsn
+from cdcddp.wal.lsn import AFTER_SNAPSHOT_LSN_SQL, SERVER_LSN_SQL, parse_lsn
 from cdcddp.wal.pgtypes import BINARY_LOADS_AS_DECODED
 
 __all__ = [
@@ -44,9 +44,9 @@ __all__ = [
 ]
 
 
-# The first statement of a REPEATABLE READ transaction takes its snapshot; the WAL insert
-# position read in it is past the commit record of every transaction that snapshot sees.
-_SNAPSHOT_SQL: Final = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
+# The first statement of a REPEATABLE READ transaction takes its snapshot; the WAL position
+# read in it is past the commit record of every transaction that snapshot sees.
+_SNAPSHOT_SQL: Final = f"SELECT pg_current_snapshot()::text, {AFTER_SNAPSHOT_LSN_SQL}::text"
 
 
 def _repeatable_read(conn: psycopg.Connection[Any]) -> None:
@@ -317,7 +317,7 @@ def table_columns(conn: psycopg.Connection[Any], table: TableName) -> set[str]:
 
 
 def current_wal_lsn(conn: psycopg.Connection[Any]) -> int:
-    found = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    found = conn.execute(f"SELECT {SERVER_LSN_SQL}::text").fetchone()
     assert found is not None
     return parse_lsn(found[0])
 

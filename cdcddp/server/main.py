@@ -25,13 +25,13 @@ log = logging.getLogger("cdcddp.server")
 
 
 def build_server(app: App, config: Config, database: Database,
-                 metrics: Metrics | None = None) -> Server:
+                 metrics: Metrics | None = None, primary: Database | None = None) -> Server:
     server_config = config.server_config()
     server_config.static = StaticFiles(config.static_dir)
     live = LiveDataConfig(slot=config.slot, temporary_slot=config.temporary_slot,
                           resync_behind_bytes=config.resync_behind_bytes)
     return Server(app, server_config, dsn=config.dsn_value, database=database, live_config=live,
-                  metrics=metrics)
+                  metrics=metrics, primary=primary)
 
 
 async def run(config: Config, *,
@@ -40,10 +40,13 @@ async def run(config: Config, *,
     app = load_app(config.app)
     metrics = Metrics()
     database = Database(config.dsn_value, application_name="cdcddp")
-    server = build_server(app, config, database, metrics)
+    # A standby's node writes on the primary (methods, logins, marks); reads stay local.
+    primary = database if config.primary_dsn_value is None else Database(
+        config.primary_dsn_value, application_name="cdcddp")
+    server = build_server(app, config, database, metrics, primary)
     try:
         if app.schemas:  # idempotent schema files the app asks for (before the slot starts)
-            await apply_schema(database, *app.schemas)
+            await apply_schema(primary, *app.schemas)
             log.info("applied schema %s", ", ".join(app.schemas))
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
@@ -62,3 +65,5 @@ async def run(config: Config, *,
                     break
     finally:
         database.close()
+        if primary is not database:
+            primary.close()

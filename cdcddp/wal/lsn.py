@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+# SQL for the newest WAL position the server can decode up to: the WAL written so far on a
+# primary; what it has replayed on a standby (PostgreSQL 16+ decodes there), where
+# pg_current_wal_lsn() fails.
+SERVER_LSN_SQL = ("(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+                  "ELSE pg_current_wal_lsn() END)")
+
+# SQL for a position past every commit that a snapshot taken just before can see: the insert
+# position on a primary (a commit record is inserted before it becomes visible); on a standby
+# the WAL received, which replay, and so visibility, never passes (the replayed position is
+# advanced a moment after a commit is replayed).
+AFTER_SNAPSHOT_LSN_SQL = (
+    "(CASE WHEN pg_is_in_recovery() THEN GREATEST(pg_last_wal_receive_lsn(), "
+    "pg_last_wal_replay_lsn()) ELSE pg_current_wal_insert_lsn() END)")
+
 
 def parse_lsn(text: str) -> int:
     hi, _, lo = text.partition("/")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from cdcddp.wal.lsn import format_lsn, parse_lsn
+from cdcddp.wal.lsn import SERVER_LSN_SQL, format_lsn, parse_lsn
 
 PLUGIN = "wal2json"
 
@@ -65,7 +65,7 @@ class SlotStatus:
     restart_lsn: int | None
     wal_status: str | None  # reserved / extended / unreserved / lost
     safe_wal_size: int | None  # bytes before invalidation; None when unlimited
-    retained_wal_bytes: int | None  # pg_current_wal_lsn() - restart_lsn
+    retained_wal_bytes: int | None  # the server's position (SERVER_LSN_SQL) - restart_lsn
 
     def as_dict(self) -> dict[str, object]:
         def lsn(value: int | None) -> str | None:
@@ -86,7 +86,7 @@ _STATUS_SELECT = (
     "SELECT slot_name::text, plugin::text, slot_type::text, database::text, temporary::text, "
     "active::text, active_pid::text, confirmed_flush_lsn::text, restart_lsn::text, "
     "wal_status::text, safe_wal_size::text, "
-    "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint::text "
+    f"pg_wal_lsn_diff({SERVER_LSN_SQL}, restart_lsn)::bigint::text "
     "FROM pg_replication_slots WHERE slot_name = "
 )
 

@@ -36,7 +36,7 @@ import random
 import select
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -55,7 +55,7 @@ from cdcddp.wal.events import (
     StreamGap,
     TransactionRestart,
 )
-from cdcddp.wal.lsn import format_lsn, parse_lsn
+from cdcddp.wal.lsn import SERVER_LSN_SQL, format_lsn, parse_lsn
 from cdcddp.wal.pgtypes import TYPE_CATALOG_SQL, SharedCatalog, TypeCatalog
 from cdcddp.wal.protocol import (
     XLOGDATA_PAYLOAD_OFFSET,
@@ -180,7 +180,8 @@ class ReplicationStream:
                  busy_grace: float = 5.0, recreate_invalidated: bool = False,
                  decoder_factory: Callable[[], Decoder] = Decoder,
                  report_relations: bool = False,
-                 type_catalog: SharedCatalog | None = None) -> None:
+                 type_catalog: SharedCatalog | None = None,
+                 log_standby_snapshot: Callable[[], Awaitable[object]] | None = None) -> None:
         self.slot = slot
         self.create_slot = create_slot
         self.temporary = temporary
@@ -193,6 +194,10 @@ class ReplicationStream:
         self._conninfo = replication_conninfo(
             dsn, application_name, {**SESSION_SETTINGS, **(session_settings or {})})
         self._decoder_factory = decoder_factory
+        # Creating a slot on a standby waits for the primary to log its running transactions
+        # (by itself every 15 s, when it is not idle): this asks the primary to log them now.
+        self.log_standby_snapshot = log_standby_snapshot
+        self.in_recovery = False  # the server is a standby (as of the last connect)
         # Domains and arrays of user types decode only with the catalog: loaded at each
         # connect, reloaded when a change names a type it lacks; shared with SQL readers.
         self.types = type_catalog if type_catalog is not None else SharedCatalog()
@@ -389,10 +394,11 @@ class ReplicationStream:
         if dbname is None:
             raise StreamError("the replication connection has no database: put dbname in --dsn.")
         self.systemid, self.timeline = systemid, int(timeline or 0)
-        pid, sender_timeout = (await self._execute(
-            conn, "SELECT pg_backend_pid()::text, setting FROM pg_settings "
-                  "WHERE name = 'wal_sender_timeout'"))[0]
+        pid, sender_timeout, in_recovery = (await self._execute(
+            conn, "SELECT pg_backend_pid()::text, setting, pg_is_in_recovery()::text "
+                  "FROM pg_settings WHERE name = 'wal_sender_timeout'"))[0]
         self.backend_pid = int(pid or 0)
+        self.in_recovery = in_recovery == "true"
         self.wal_sender_timeout = int(sender_timeout or 0) / 1000
 
         escaping = pq.Escaping(conn)
@@ -414,7 +420,7 @@ class ReplicationStream:
                 raise slots.SlotMissing(
                     f"replication slot {self.slot!r} does not exist: create it "
                     f"(cdcddp slot create --slot {self.slot}) or allow --create.")
-            (_name, point, _snap, _plugin), = await self._execute(
+            (_name, point, _snap, _plugin), = await self._create_slot(
                 conn, slots.create_command(ident, self.temporary))
             consistent = parse_lsn(point or "0/0")
             log.info("created %s slot %s at %s", "temporary" if self.temporary else "persistent",
@@ -435,7 +441,7 @@ class ReplicationStream:
             if skipping:
                 (end,), = await self._execute(
                     conn, f"SELECT end_lsn::text FROM pg_replication_slot_advance("
-                          f"{literal}, pg_current_wal_lsn())")
+                          f"{literal}, {SERVER_LSN_SQL})")
                 target = parse_lsn(end or "0/0")
                 if target > behind_from:
                     # Nothing before `target` may come again: start there.
@@ -462,6 +468,28 @@ class ReplicationStream:
         await self._execute(conn, start_replication_command(
             ident, start_at, self.wal2json_options))
         return gap
+
+    async def _create_slot(self, conn: pq.PGconn, command: str) -> list[tuple[str | None, ...]]:
+        nudge = self.log_standby_snapshot
+        if not self.in_recovery or nudge is None:
+            return await self._execute(conn, command)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._nudge_primary, nudge)
+            rows = await self._execute(conn, command)
+            nursery.cancel_scope.cancel()
+        return rows
+
+    async def _nudge_primary(self, nudge: Callable[[], Awaitable[object]]) -> None:
+        # Again and again: a record logged before the slot began waiting does not count.
+        while True:
+            try:
+                await nudge()
+            except Exception as exc:
+                log.warning("slot %s: the primary did not log its running transactions (%s); "
+                            "creating the slot on the standby waits until it does by itself "
+                            "(every 15 s)", self.slot, str(exc).strip())
+                return
+            await trio.sleep(0.2)
 
     def _drop_connection(self, conn: pq.PGconn, open_xid: int | None) -> None:
         """Forget a replication connection; a transaction the consumer got part of

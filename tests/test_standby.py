@@ -1,0 +1,179 @@
+"""cdcddp decoding on a streaming standby (PostgreSQL 16+), writing on its primary.
+
+A PostgreSQL 17 primary and a standby streaming from it through a physical slot with
+``hot_standby_feedback``, both from the Debian 13 root that ``./tests/run`` installs (Debian 12
+has only PostgreSQL 15, which cannot decode on a standby).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from cdcddp.client import connect
+from cdcddp.devcluster import PG17_BINDIR, PG17_ROOT, LocalCluster, throwaway_cluster
+from cdcddp.wal.events import Insert
+from cdcddp.wal.lsn import parse_lsn
+from cdcddp.wal.stream import open_stream
+from tests.pg_support import sql
+from tests.test_serve import ROOT, TODOS, names, serve_command, serving
+
+_databases = itertools.count(1)
+
+
+@dataclass
+class Pair:
+    primary: LocalCluster
+    standby: LocalCluster
+
+    def database(self) -> tuple[str, str]:
+        """A new database: its DSN on the primary, and on the standby once it has it there."""
+        name = f"sb{next(_databases)}"
+        sql(self.primary.dsn(), f'CREATE DATABASE "{name}"')
+        self.replayed()
+        return self.primary.dsn(name), self.standby.dsn(name)
+
+    def replayed(self, timeout: float = 10.0) -> None:
+        """Wait until the standby has replayed all the primary has written so far."""
+        (target,), = sql(self.primary.dsn(), "SELECT pg_current_wal_lsn()::text")
+        deadline = time.monotonic() + timeout
+        while True:
+            (done,), = sql(self.standby.dsn(), "SELECT pg_last_wal_replay_lsn()::text")
+            if parse_lsn(done) >= parse_lsn(target):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the standby replayed up to {done}, not {target}")
+            time.sleep(0.01)
+
+
+def _postgres17() -> Path:
+    if shutil.which("chroot") is None or not (PG17_ROOT / str(PG17_BINDIR)[1:]).exists():
+        pytest.skip(f"PostgreSQL 17 is not installed in {PG17_ROOT} (./tests/run installs it "
+                    "when run as root)")
+    return PG17_ROOT
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    root = _postgres17()
+    with throwaway_cluster("cdcddp-primary-", chroot=root, bindir=PG17_BINDIR) as primary:
+        primary.psql("SELECT pg_create_physical_replication_slot('standby1')")
+        standby = LocalCluster(Path(tempfile.mkdtemp(prefix="cdcddp-standby-", dir=root / "tmp")),
+                               settings={"fsync": "off", "hot_standby_feedback": "on",
+                                         "primary_conninfo": f"'host=127.0.0.1 port={primary.port} "
+                                                             "user=postgres'",
+                                         "primary_slot_name": "'standby1'"},
+                               chroot=root, bindir=PG17_BINDIR)
+        try:
+            standby._chown(standby.root)
+            standby._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port),
+                         "-U", "postgres", "-D", str(standby.datadir), "-X", "stream",
+                         "--no-sync")
+            signal = standby.datadir / "standby.signal"
+            signal.touch()
+            standby._chown(signal)
+            standby.init()
+            standby.start()
+            standby.wait_ready()
+            yield Pair(primary, standby)
+        finally:
+            standby.destroy()
+
+
+def log_standby_snapshot(pair: Pair):  # type: ignore[no-untyped-def]
+    async def nudge() -> None:
+        await trio.to_thread.run_sync(sql, pair.primary.dsn(), "SELECT pg_log_standby_snapshot()")
+    return nudge
+
+
+async def test_the_stream_decodes_a_standbys_slot_created_there_in_moments(pair: Pair) -> None:
+    primary_dsn, standby_dsn = pair.database()
+    sql(primary_dsn, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    started = time.monotonic()
+    async with open_stream(standby_dsn, "on_standby", status_interval=0.2,
+                           log_standby_snapshot=log_standby_snapshot(pair)) as stream:
+        # Creating it waits for the primary's next record of its running transactions, which
+        # it logs by itself every 15 s: the stream asks the primary for one.
+        created_in = time.monotonic() - started
+        assert stream.in_recovery
+        sql(primary_dsn, "INSERT INTO t VALUES (1, 'written on the primary')")
+        with trio.fail_after(10):
+            async for event in stream:
+                if isinstance(event, Insert):
+                    break
+    assert (event.table, event.new) == ("t", {"id": 1, "v": "written on the primary"})
+    assert created_in < 5, created_in
+    (slot_type, in_recovery), = sql(
+        standby_dsn, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = "
+                     "'on_standby'), pg_is_in_recovery()")
+    assert (slot_type, in_recovery) == (1, True)  # the slot is the standby's own
+
+
+async def test_a_node_on_a_standby_serves_subscriptions_methods_and_logins(pair: Pair) -> None:
+    """Subscriptions read and stream on the standby; methods and logins write on the primary,
+    and a method's ``updated`` still comes after its writes reached the subscriber."""
+    primary_dsn, standby_dsn = pair.database()
+    sql(primary_dsn, (ROOT / "schema/accounts.sql").read_text(),
+        (ROOT / "schema/todos.sql").read_text(),
+        "INSERT INTO lists (id, name) VALUES ('before', 'in the snapshot')")
+    pair.replayed()
+    async with serving(standby_dsn, "node_on_standby", TODOS,
+                       env={"CDCDDP_PRIMARY_DSN": primary_dsn}) as served, \
+            connect(served.url) as client:
+        started = time.monotonic()
+        await client.subscribe("lists.public")
+        # A new observer waits for the stream to reach a mark written after its snapshot:
+        # written on the primary, or it would give up only after catch_up_timeout (2 s).
+        assert time.monotonic() - started < 1.5
+        assert names(client) == {"before": "in the snapshot"}
+        sql(primary_dsn, "INSERT INTO lists (id, name) VALUES ('after', 'streamed')")
+        await client.wait_for(lambda: names(client).get("after") == "streamed")
+
+        # A method writes on the primary; its result and updated follow its change.
+        list_id = await client.call("lists.insert", {"name": "by method"}, wait_updated=True)
+        assert names(client)[list_id] == "by method"
+        assert sql(primary_dsn, "SELECT name FROM lists WHERE id = %s",
+                   params=(list_id,)) == [("by method",)]
+
+        # Signing up and logging in store resume tokens: on the primary too.
+        digest = {"digest": hashlib.sha256(b"pw").hexdigest(), "algorithm": "sha-256"}
+        user = await client.call("createUser", {"username": "ann", "password": digest})
+        assert user["id"] and user["token"]
+        await client.subscribe("lists.private")
+        private = await client.call("lists.makePrivate", {"listId": list_id},
+                                    wait_updated=True)
+        assert private is None
+        assert client.collections["lists"][list_id]["userId"] == user["id"]
+        output = served.output()
+    assert "Traceback" not in output and "WARNING" not in output, output
+
+
+def test_a_standby_without_its_primary_is_refused_in_one_sentence(pair: Pair) -> None:
+    _, standby_dsn = pair.database()
+
+    def serve(*extra: str) -> str:
+        done = subprocess.run(serve_command(standby_dsn, "refused", TODOS, *extra),
+                              capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        return line
+
+    assert serve() == (
+        "cdcddp: dsn connects to a standby, where nothing can be written: set primary_dsn "
+        "(--primary-dsn) to its primary, where methods and logins write.")
+    assert serve("--primary-dsn", standby_dsn) == (
+        "cdcddp: primary_dsn connects to a standby: point --primary-dsn at the primary.")
+    with throwaway_cluster("cdcddp-other-") as other:
+        assert serve("--primary-dsn", other.dsn()) == (
+            "cdcddp: dsn and primary_dsn connect to different clusters (their system "
+            "identifiers differ): point --dsn at a standby of the primary.")
