@@ -224,7 +224,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from cdcddp.wal.preflight import errors, run_preflight
 
     publications = _app_publications(args.app)
-    findings = run_preflight(args.dsn, slot=args.slot)
+    findings = run_preflight(args.dsn, slot=args.slot, primary_dsn=args.primary_dsn)
     if not any(f.code == "connect" for f in findings):
         with _connect(args.dsn) as conn:
             findings.extend(check_publications(conn, publications))
@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dsn", default=env_dsn, required=env_dsn is None,
                        help="libpq connection string (default: $CDCDDP_DSN)")
     check.add_argument("--slot", help="also check this replication slot")
+    check.add_argument("--primary-dsn", default=os.environ.get("CDCDDP_PRIMARY_DSN") or None,
+                       help="when --dsn is a standby: its primary (default: "
+                            "$CDCDDP_PRIMARY_DSN)")
     check.set_defaults(func=cmd_check)
 
     from cdcddp.config import add_config_arguments

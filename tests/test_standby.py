@@ -26,7 +26,7 @@ from cdcddp.wal.events import Insert
 from cdcddp.wal.lsn import parse_lsn
 from cdcddp.wal.stream import open_stream
 from tests.pg_support import sql
-from tests.test_serve import ROOT, TODOS, names, serve_command, serving
+from tests.test_serve import CDCDDP, ROOT, TODOS, names, serve_command, serving
 
 _databases = itertools.count(1)
 
@@ -177,3 +177,29 @@ def test_a_standby_without_its_primary_is_refused_in_one_sentence(pair: Pair) ->
         assert serve("--primary-dsn", other.dsn()) == (
             "cdcddp: dsn and primary_dsn connect to different clusters (their system "
             "identifiers differ): point --dsn at a standby of the primary.")
+
+
+def test_check_on_a_standby_needs_its_primary_and_verifies_the_plugin_there(pair: Pair
+                                                                           ) -> None:
+    primary_dsn, standby_dsn = pair.database()
+    sql(primary_dsn, (ROOT / "schema/accounts.sql").read_text(),
+        (ROOT / "schema/todos.sql").read_text())
+    pair.replayed()
+
+    def check(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CDCDDP, "-v", "check", TODOS, "--dsn", standby_dsn, *extra],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+    alone = check()
+    assert alone.returncode == 1
+    assert ("error: the server is a standby, where nothing can be written: give its primary "
+            "with --primary-dsn (primary_dsn when serving), where methods and logins write."
+            ) in alone.stdout.splitlines()
+    started = time.monotonic()
+    paired = check("--primary-dsn", primary_dsn)
+    assert paired.returncode == 0, paired.stdout + paired.stderr
+    # Its temporary slot was created within moments (the primary was asked to log its
+    # running transactions), so wal2json was really verified there.
+    assert "ok: wal2json is installed." in paired.stdout.splitlines()
+    assert "ok: the server is a standby that can decode." in paired.stdout.splitlines()
+    assert time.monotonic() - started < 8

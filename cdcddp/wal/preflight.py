@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -156,8 +158,60 @@ def check_sync_standby_waits(conn: psycopg.Connection) -> Finding:
                    f"role {user!r} sees commits waiting for a synchronous standby.")
 
 
+def check_standby(conn: psycopg.Connection, primary_dsn: str | None) -> list[Finding]:
+    """A standby can feed cdcddp from PostgreSQL 16 on, with its primary for the writes and
+    ``hot_standby_feedback`` keeping the rows its slots need on the primary."""
+    standby, version, feedback = conn.execute(
+        "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int, "
+        "current_setting('hot_standby_feedback')").fetchone() or (False, 0, "off")
+    if not standby:
+        return [Finding("ok", "primary", "the server is a primary.")]
+    if version < 160000:
+        return [Finding("error", "standby_too_old",
+                        f"the server is a standby of PostgreSQL {version // 10000}, which "
+                        "cannot decode (16 or later can): point --dsn at the primary.")]
+    findings = [Finding("ok", "standby", "the server is a standby that can decode.")]
+    if primary_dsn is None:
+        findings.append(Finding(
+            "error", "standby_without_primary",
+            "the server is a standby, where nothing can be written: give its primary with "
+            "--primary-dsn (primary_dsn when serving), where methods and logins write."))
+    if feedback != "on":
+        findings.append(Finding(
+            "warning", "hot_standby_feedback",
+            "hot_standby_feedback is off on this standby: VACUUM on the primary can invalidate "
+            "its logical slots; set hot_standby_feedback = on (with a primary_slot_name) and "
+            "reload."))
+    return findings
+
+
+@contextlib.contextmanager
+def _primary_logging_running_xacts(primary_dsn: str | None) -> Iterator[None]:
+    """While inside, the primary logs its running transactions again and again: a slot
+    created on its standby waits for the next such record (logged by itself every 15 s)."""
+    if primary_dsn is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def nudge() -> None:
+        with contextlib.suppress(psycopg.Error), psycopg.connect(
+                primary_dsn, autocommit=True, connect_timeout=10) as conn:
+            while not stop.is_set():
+                conn.execute("SELECT pg_log_standby_snapshot()")
+                stop.wait(0.2)
+
+    thread = threading.Thread(target=nudge, name="cdcddp-standby-snapshot", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = (),
-                  plugin: str = slots.PLUGIN) -> list[Finding]:
+                  plugin: str = slots.PLUGIN, primary_dsn: str | None = None) -> list[Finding]:
     try:
         conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
     except psycopg.Error as exc:
@@ -166,8 +220,12 @@ def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = 
     with conn:
         findings = [check_wal_level(conn), check_replication_privilege(conn),
                     check_wal_keep_size(conn), check_sync_standby_waits(conn)]
+        roles = check_standby(conn, primary_dsn)
+        findings.extend(roles)
         if not errors(findings):
-            findings.append(check_plugin(conn, plugin))
+            standby = roles[0].code == "standby"
+            with _primary_logging_running_xacts(primary_dsn if standby else None):
+                findings.append(check_plugin(conn, plugin))
         if slot:
             findings.append(check_slot(conn, slot))
         findings.extend(check_table(conn, t) for t in tables)
