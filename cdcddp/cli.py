@@ -147,6 +147,8 @@ def cmd_slot(args: argparse.Namespace) -> int:
                 for key, value in info.items():
                     if key == "safe_wal_size" and value is None:
                         value = "unlimited"
+                    if key == "invalidation" and value is None:
+                        value = "none"
                     shown = str(value).lower() if isinstance(value, bool) else value
                     print(f"{key}: {'' if shown is None else shown}")
     return 0

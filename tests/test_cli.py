@@ -33,6 +33,7 @@ def test_slot_create_status_drop(db_dsn: str) -> None:
     fields = dict(line.split(": ", 1) for line in status.stdout.strip().splitlines())
     assert fields["active"] == "false" and fields["plugin"] == "wal2json"
     assert fields["wal_status"] == "reserved" and fields["safe_wal_size"] == "unlimited"
+    assert fields["invalidation"] == "none"
     parse_lsn(fields["confirmed_flush_lsn"])
     assert int(fields["retained_wal_bytes"]) >= 0
 

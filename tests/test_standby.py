@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +23,7 @@ import trio
 
 from cdcddp.client import connect
 from cdcddp.devcluster import PG17_BINDIR, PG17_ROOT, LocalCluster, throwaway_cluster
+from cdcddp.metrics import SLOT_STATUS_SQL
 from cdcddp.wal.events import Insert
 from cdcddp.wal.lsn import parse_lsn
 from cdcddp.wal.stream import open_stream
@@ -155,6 +157,16 @@ async def test_a_node_on_a_standby_serves_subscriptions_methods_and_logins(pair:
         assert private is None
         assert client.collections["lists"][list_id]["userId"] == user["id"]
         output = served.output()
+
+        # The slot's status and the metrics' poll read the standby's position.
+        status = subprocess.run([*CDCDDP, "slot", "status", "--dsn", standby_dsn, "--slot",
+                                 "node_on_standby", "--json"],
+                                capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["retained_wal_bytes"] >= 0
+        (wal_status, active, lag, *_), = sql(standby_dsn, SLOT_STATUS_SQL,
+                                             params=("node_on_standby",))
+        assert (wal_status, active) == ("reserved", True) and lag >= 0
     assert "Traceback" not in output and "WARNING" not in output, output
 
 
@@ -203,3 +215,45 @@ def test_check_on_a_standby_needs_its_primary_and_verifies_the_plugin_there(pair
     assert "ok: wal2json is installed." in paired.stdout.splitlines()
     assert "ok: the server is a standby that can decode." in paired.stdout.splitlines()
     assert time.monotonic() - started < 8
+
+
+async def test_a_slot_the_standby_invalidated_in_a_conflict_is_named_with_the_fix(
+        pair: Pair) -> None:
+    """With hot_standby_feedback off, VACUUM on the primary removes catalog rows a standby's
+    logical slot still needs, and replaying it invalidates the slot (as PostgreSQL's own
+    tests of decoding on a standby do it)."""
+    primary_dsn, standby_dsn = pair.database()
+    slot = "conflicted"
+    async with open_stream(standby_dsn, slot, log_standby_snapshot=log_standby_snapshot(pair)):
+        pass  # created, and kept
+    sql(pair.standby.dsn(), "ALTER SYSTEM SET hot_standby_feedback = off",
+        "SELECT pg_reload_conf()")
+    try:
+        deadline = time.monotonic() + 10
+        while sql(pair.primary.dsn(), "SELECT xmin FROM pg_replication_slots "
+                                      "WHERE slot_name = 'standby1'") != [(None,)]:
+            assert time.monotonic() < deadline, "the primary still holds the standby's xmin"
+            time.sleep(0.05)
+        sql(primary_dsn, "CREATE TABLE churn (x int)", "DROP TABLE churn", "VACUUM FULL pg_class")
+        pair.replayed()
+        assert sql(standby_dsn, "SELECT conflicting FROM pg_replication_slots "
+                                "WHERE slot_name = %s", params=(slot,)) == [(True,)]
+    finally:
+        sql(pair.standby.dsn(), "ALTER SYSTEM SET hot_standby_feedback = on",
+            "SELECT pg_reload_conf()")
+
+    fix = (f"replication slot '{slot}' was invalidated by a conflict with recovery on this "
+           "standby (the primary removed rows it still needed): drop it (cdcddp slot drop "
+           f"--slot {slot}) and create a new one, then resync; hot_standby_feedback = on on the "
+           "standby prevents it.")
+    done = await trio.to_thread.run_sync(lambda: subprocess.run(
+        serve_command(standby_dsn, slot, TODOS, "--primary-dsn", primary_dsn),
+        capture_output=True, text=True, timeout=30, cwd=ROOT))
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == f"cdcddp: {fix}"
+    checked = subprocess.run([*CDCDDP, "check", TODOS, "--dsn", standby_dsn, "--slot", slot,
+                              "--primary-dsn", primary_dsn],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert checked.returncode == 1
+    assert f"error: {fix}" in checked.stdout.splitlines()

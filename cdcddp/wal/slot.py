@@ -66,6 +66,13 @@ class SlotStatus:
     wal_status: str | None  # reserved / extended / unreserved / lost
     safe_wal_size: int | None  # bytes before invalidation; None when unlimited
     retained_wal_bytes: int | None  # the server's position (SERVER_LSN_SQL) - restart_lsn
+    # Why it was invalidated: PostgreSQL 17's invalidation_reason (wal_removed, rows_removed,
+    # wal_level_insufficient, ...), "conflict" for 16's conflicting slots; None: it was not.
+    invalidation: str | None = None
+
+    @property
+    def invalidated(self) -> bool:
+        return self.wal_status == "lost" or self.invalidation is not None
 
     def as_dict(self) -> dict[str, object]:
         def lsn(value: int | None) -> str | None:
@@ -78,16 +85,20 @@ class SlotStatus:
             "confirmed_flush_lsn": lsn(self.confirmed_flush_lsn),
             "restart_lsn": lsn(self.restart_lsn), "wal_status": self.wal_status,
             "safe_wal_size": self.safe_wal_size, "retained_wal_bytes": self.retained_wal_bytes,
+            "invalidation": self.invalidation,
         }
 
 
-# Every column as text, so rows read the same through pq (bytes) and psycopg (str).
+# Every column as text, so rows read the same through pq (bytes) and psycopg (str). The
+# invalidation columns differ by version (none before 16), hence read through to_jsonb.
 _STATUS_SELECT = (
     "SELECT slot_name::text, plugin::text, slot_type::text, database::text, temporary::text, "
     "active::text, active_pid::text, confirmed_flush_lsn::text, restart_lsn::text, "
     "wal_status::text, safe_wal_size::text, "
-    f"pg_wal_lsn_diff({SERVER_LSN_SQL}, restart_lsn)::bigint::text "
-    "FROM pg_replication_slots WHERE slot_name = "
+    f"pg_wal_lsn_diff({SERVER_LSN_SQL}, restart_lsn)::bigint::text, "
+    "COALESCE(to_jsonb(s) ->> 'invalidation_reason', "
+    "CASE WHEN to_jsonb(s) ->> 'conflicting' = 'true' THEN 'conflict' END) "
+    "FROM pg_replication_slots AS s WHERE slot_name = "
 )
 
 
@@ -110,6 +121,7 @@ def parse_status_row(row: Sequence[str | bytes | None]) -> SlotStatus:
         temporary=text[4] == "true", active=text[5] == "true", active_pid=opt_int(text[6]),
         confirmed_flush_lsn=opt_lsn(text[7]), restart_lsn=opt_lsn(text[8]),
         wal_status=text[9], safe_wal_size=opt_int(text[10]), retained_wal_bytes=opt_int(text[11]),
+        invalidation=text[12],
     )
 
 
@@ -123,15 +135,35 @@ def verify(status: SlotStatus, dbname: str, own_pid: int | None = None) -> None:
         raise SlotError(
             f"replication slot {status.name!r} belongs to database {status.database!r}, not "
             f"{dbname!r}: connect to {status.database!r} or choose another --slot.")
-    if status.wal_status == "lost":
-        raise SlotInvalidated(
-            f"replication slot {status.name!r} is invalidated (wal_status = lost: the WAL it "
-            f"needed was removed): drop it (cdcddp slot drop --slot {status.name}) and create a "
-            "new one, then resync.")
+    if status.invalidated:
+        raise SlotInvalidated(_invalidated_advice(status))
     if status.active and status.active_pid is not None and status.active_pid != own_pid:
         raise SlotBusy(
             f"replication slot {status.name!r} is in use by process {status.active_pid}: stop "
             "that consumer or choose another --slot.", status.active_pid)
+
+
+_INVALIDATION_CAUSES = {
+    # (what happened, what prevents it next time)
+    "rows_removed": ("by a conflict with recovery on this standby (the primary removed rows it "
+                     "still needed)", "; hot_standby_feedback = on on the standby prevents it"),
+    "conflict": ("by a conflict with recovery on this standby (the primary removed rows it "
+                 "still needed, or its wal_level went below logical)",
+                 "; hot_standby_feedback = on on the standby prevents the first"),
+    "wal_level_insufficient": ("because wal_level on the primary went below logical",
+                               "; set wal_level = logical there first"),
+}
+
+
+def _invalidated_advice(status: SlotStatus) -> str:
+    reason = status.invalidation
+    cause, prevention = _INVALIDATION_CAUSES.get(reason or "", (f"({reason})", ""))
+    if reason in (None, "wal_removed"):
+        return (f"replication slot {status.name!r} is invalidated (wal_status = lost: the WAL "
+                f"it needed was removed): drop it (cdcddp slot drop --slot {status.name}) and "
+                "create a new one, then resync.")
+    return (f"replication slot {status.name!r} was invalidated {cause}: drop it (cdcddp slot "
+            f"drop --slot {status.name}) and create a new one, then resync{prevention}.")
 
 
 def create_command(quoted_ident: str, temporary: bool) -> str:

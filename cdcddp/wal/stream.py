@@ -411,7 +411,7 @@ class ReplicationStream:
         status = slots.parse_status_row(rows[0]) if rows else None
         gap: list[StreamEvent] = []
         behind_from = max(self._tracker.acknowledged_lsn, self._tracker.last_commit_lsn)
-        if status is not None and status.wal_status == "lost" and self.recreate_invalidated:
+        if status is not None and status.invalidated and self.recreate_invalidated:
             log.warning("slot %s is invalidated: dropping and recreating it", self.slot)
             await self._execute(conn, f"DROP_REPLICATION_SLOT {ident} WAIT")
             status = None
