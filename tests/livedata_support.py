@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from cdcddp.app import App, PublicationContext
 from cdcddp.client import DDPClient
+from cdcddp.db import Database
 from cdcddp.methods import MethodContext, Methods
 from cdcddp.metrics import Metrics
 from cdcddp.publish.definition import Cursor, Publication, Publications
@@ -27,7 +28,7 @@ from cdcddp.publish.lookup import RowLookup
 from cdcddp.server.config import ServerConfig
 from cdcddp.server.connection import Connection
 from cdcddp.server.server import Server
-from tests.pg_support import sql
+from tests.pg_support import sql, wait_replayed
 from tests.server_support import fast_config
 
 SCHEMA = """
@@ -220,19 +221,24 @@ class LiveServer:
 async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
                       server_config: ServerConfig | None = None,
                       metrics: Metrics | None = None, observer_errors: int = 0,
-                      resyncs: bool = False,
+                      resyncs: bool = False, primary_dsn: str | None = None,
                       **live_options: Any) -> AsyncIterator[LiveServer]:
     """A server with the engine. A test that ends normally must have seen exactly
     ``observer_errors`` observer failures (tests that inject one say so), and no resync at
     all unless it says it may cause some (``resyncs``: stream gaps, schema changes): a
-    resync repairs the clients' state, so that state alone would hide a bug."""
+    resync repairs the clients' state, so that state alone would hide a bug.
+    ``primary_dsn``: ``dsn`` is its standby (the schema is written there, and replayed on
+    the standby before the server starts)."""
     if schema:
-        await asql(dsn, schema)
+        await asql(primary_dsn or dsn, schema)
+    if primary_dsn is not None:
+        await trio.to_thread.run_sync(wait_replayed, primary_dsn, dsn)
     options: dict[str, Any] = {"temporary_slot": True,
                                "stream_options": {"status_interval": 0.2}, **live_options}
     config = LiveDataConfig(slot=f"live_{os.getpid()}_{next(_slots)}", **options)
+    primary = None if primary_dsn is None else Database(primary_dsn, size=4)
     server = Server(app or build_live_app(), server_config or fast_config(), dsn=dsn,
-                    live_config=config, metrics=metrics)
+                    live_config=config, metrics=metrics, primary=primary)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve, "127.0.0.1", 0)
         try:
@@ -248,6 +254,8 @@ async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
                 f"unexpected resyncs: {unexpected}")
         finally:
             nursery.cancel_scope.cancel()
+            if primary is not None:
+                primary.close()
             if server.database is not None:
                 server.database.close()
 

@@ -24,6 +24,21 @@ def sql(dsn: str, *statements: str, params: Any = None) -> Any:
         return result
 
 
+def wait_replayed(primary_dsn: str, standby_dsn: str, timeout: float = 10.0) -> None:
+    """Wait until the standby has replayed all the primary has written so far."""
+    from cdcddp.wal.lsn import parse_lsn
+
+    (target,), = sql(primary_dsn, "SELECT pg_current_wal_lsn()::text")
+    deadline = time.monotonic() + timeout
+    while True:
+        (done,), = sql(standby_dsn, "SELECT pg_last_wal_replay_lsn()::text")
+        if parse_lsn(done) >= parse_lsn(target):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the standby replayed up to {done}, not {target}")
+        time.sleep(0.01)
+
+
 def refusing_wal2json(dsn: str) -> str:
     """``dsn`` for sessions whose server lets no output plugin but pgoutput decode, as a server
     upgraded to 15.19 / 17.11 or later is until wal2json is added to its

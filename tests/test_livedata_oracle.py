@@ -166,23 +166,26 @@ def _random_gate_change(conn: psycopg.Connection[Any], rng: random.Random) -> No
 
 async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
                      subscription_steps: int, clients: int, kills: int,
-                     temporary_slot: bool) -> None:
+                     temporary_slot: bool, primary_dsn: str | None = None) -> None:
+    """``primary_dsn``: the server decodes and reads on ``dsn``, a standby of that primary,
+    where everyone writes."""
     rng = random.Random(seed)
+    writes = primary_dsn or dsn
     # Only the held writer's sessions wait for the standby that never answers.
-    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
-    await asql(dsn, f'ALTER DATABASE "{name}" SET synchronous_commit = local')
-    with standby_that_never_answers(dsn):
+    name = psycopg.conninfo.conninfo_to_dict(writes)["dbname"]
+    await asql(writes, f'ALTER DATABASE "{name}" SET synchronous_commit = local')
+    with standby_that_never_answers(writes):
         await _run_oracle(dsn, rng, seed=seed, transactions=transactions, writers=writers,
                           subscription_steps=subscription_steps, clients=clients,
-                          kills=kills, temporary_slot=temporary_slot)
+                          kills=kills, temporary_slot=temporary_slot, writes=writes)
 
 
 async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: int,
                       writers: int, subscription_steps: int, clients: int, kills: int,
-                      temporary_slot: bool) -> None:
-    async with live_server(dsn, temporary_slot=temporary_slot,
-                           resyncs=temporary_slot) as server:
-        await asql(dsn, "INSERT INTO items (category, title, rank, body) "
+                      temporary_slot: bool, writes: str) -> None:
+    async with live_server(dsn, temporary_slot=temporary_slot, resyncs=temporary_slot,
+                           primary_dsn=None if writes == dsn else writes) as server:
+        await asql(writes, "INSERT INTO items (category, title, rank, body) "
                         "SELECT (ARRAY['a','b','c','d'])[1 + i % 4], 't' || i, i % 10, "
                         "CASE WHEN i % 5 = 0 THEN repeat(md5(i::text), 300) END "
                         "FROM generate_series(1, 50) i",
@@ -193,11 +196,11 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
 
         async def write(n: int) -> None:
             committed.append(await trio.to_thread.run_sync(
-                writer, dsn, seed * 100 + n, transactions, stop))
+                writer, writes, seed * 100 + n, transactions, stop))
 
         async def write_held() -> None:
             held_committed.append(await trio.to_thread.run_sync(
-                held_writer, dsn, seed * 100 + 99, transactions // 4, stop))
+                held_writer, writes, seed * 100 + 99, transactions // 4, stop))
 
         async def kill_walsender() -> None:
             for _ in range(kills):
@@ -244,14 +247,14 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
                 subscriptions, user = list(states[i].subscriptions.values()), states[i].user
                 try:
                     for collection in ("items", "mine", "gates"):
-                        expected = expected_view(dsn, subscriptions, user, collection)
+                        expected = expected_view(writes, subscriptions, user, collection)
                         await wait_store(client, expected, collection, timeout=20)
                         check_message_log(client, collection)
                 except AssertionError as exc:
                     raise AssertionError(f"client {i} (seed {seed}): {exc}") from None
         live = server.live
         assert sum(committed) > 0 and held_committed[0] > 0
-        ((rekeyed,),) = await asql(dsn, "SELECT count(*) FROM items WHERE id < 0")
+        ((rekeyed,),) = await asql(writes, "SELECT count(*) FROM items WHERE id < 0")
         assert live.stream is not None and live.stream.reconnects >= min(kills, 1)
         print(f"oracle seed={seed}: {sum(committed)} transactions committed "
               f"(and {held_committed[0]} held ones), "

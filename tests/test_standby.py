@@ -25,9 +25,9 @@ from cdcddp.client import connect
 from cdcddp.devcluster import PG17_BINDIR, PG17_ROOT, LocalCluster, throwaway_cluster
 from cdcddp.metrics import SLOT_STATUS_SQL
 from cdcddp.wal.events import Insert
-from cdcddp.wal.lsn import parse_lsn
 from cdcddp.wal.stream import open_stream
-from tests.pg_support import sql
+from tests.pg_support import sql, wait_replayed
+from tests.test_livedata_oracle import SEED, run_oracle
 from tests.test_serve import CDCDDP, ROOT, TODOS, names, serve_command, serving
 
 _databases = itertools.count(1)
@@ -45,17 +45,22 @@ class Pair:
         self.replayed()
         return self.primary.dsn(name), self.standby.dsn(name)
 
-    def replayed(self, timeout: float = 10.0) -> None:
-        """Wait until the standby has replayed all the primary has written so far."""
-        (target,), = sql(self.primary.dsn(), "SELECT pg_current_wal_lsn()::text")
-        deadline = time.monotonic() + timeout
+    def replayed(self) -> None:
+        wait_replayed(self.primary.dsn(), self.standby.dsn())
+
+    def drop_slots(self, standby_dsn: str) -> None:
+        """Drop the standby's slots in that database (each holds back VACUUM on the primary
+        through hot_standby_feedback), once their walsenders are gone."""
+        deadline = time.monotonic() + 10
         while True:
-            (done,), = sql(self.standby.dsn(), "SELECT pg_last_wal_replay_lsn()::text")
-            if parse_lsn(done) >= parse_lsn(target):
+            sql(standby_dsn, "SELECT pg_drop_replication_slot(slot_name) FROM "
+                             "pg_replication_slots WHERE database = current_database() "
+                             "AND NOT active")
+            if not sql(standby_dsn, "SELECT FROM pg_replication_slots "
+                                    "WHERE database = current_database()"):
                 return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the standby replayed up to {done}, not {target}")
-            time.sleep(0.01)
+            assert time.monotonic() < deadline, "a slot stayed active"
+            time.sleep(0.05)
 
 
 def _postgres17() -> Path:
@@ -257,3 +262,27 @@ async def test_a_slot_the_standby_invalidated_in_a_conflict_is_named_with_the_fi
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert checked.returncode == 1
     assert f"error: {fix}" in checked.stdout.splitlines()
+
+
+async def test_the_oracle_holds_on_a_standby(pair: Pair) -> None:
+    """The correctness oracle with the server on the standby (a persistent slot there, its
+    walsender killed mid-way) and every writer on the primary."""
+    primary_dsn, standby_dsn = pair.database()
+    try:
+        await run_oracle(standby_dsn, primary_dsn=primary_dsn, seed=SEED, transactions=120,
+                         writers=3, subscription_steps=30, clients=8, kills=1,
+                         temporary_slot=False)
+    finally:
+        pair.drop_slots(standby_dsn)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [SEED, SEED + 1, SEED + 2])
+async def test_the_oracle_holds_on_a_standby_long(pair: Pair, seed: int) -> None:
+    primary_dsn, standby_dsn = pair.database()
+    try:
+        await run_oracle(standby_dsn, primary_dsn=primary_dsn, seed=seed, transactions=1500,
+                         writers=4, subscription_steps=300, clients=8, kills=3,
+                         temporary_slot=seed % 2 == 0)
+    finally:
+        pair.drop_slots(standby_dsn)
