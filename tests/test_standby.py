@@ -24,7 +24,7 @@ import trio
 from cdcddp.client import connect
 from cdcddp.devcluster import PG17_BINDIR, PG17_ROOT, LocalCluster, throwaway_cluster
 from cdcddp.metrics import SLOT_STATUS_SQL
-from cdcddp.wal.events import Insert
+from cdcddp.wal.events import Insert, StreamGap
 from cdcddp.wal.stream import open_stream
 from tests.pg_support import sql, wait_replayed
 from tests.test_livedata_oracle import SEED, run_oracle
@@ -124,6 +124,42 @@ async def test_the_stream_decodes_a_standbys_slot_created_there_in_moments(pair:
         standby_dsn, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = "
                      "'on_standby'), pg_is_in_recovery()")
     assert (slot_type, in_recovery) == (1, True)  # the slot is the standby's own
+
+
+async def test_a_walsender_killed_while_it_creates_the_slot_on_the_standby_is_retried(
+        pair: Pair) -> None:
+    """Creating a slot on a standby waits for the primary: the longest window there is for
+    the walsender to go away (the oracle on a standby found a stream that stopped there)."""
+    primary_dsn, standby_dsn = pair.database()
+    sql(primary_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    nudge = log_standby_snapshot(pair)
+    held = False
+    waiting, go_on = trio.Event(), trio.Event()
+
+    async def held_nudge() -> None:
+        if held:  # this creation waits until the test lets it go on
+            waiting.set()
+            await go_on.wait()
+        await nudge()
+
+    def kill(pid: int) -> None:
+        sql(standby_dsn, "SELECT pg_terminate_backend(%s)", params=(pid,))
+
+    async with open_stream(standby_dsn, "killed_creating", temporary=True, status_interval=0.2,
+                           log_standby_snapshot=held_nudge) as stream:
+        held = True
+        kill(stream.backend_pid)  # the temporary slot goes with it: the next one is created
+        with trio.fail_after(10):
+            await waiting.wait()
+        kill(stream.backend_pid)  # while it waits for the primary
+        go_on.set()
+        with trio.fail_after(20):
+            async for event in stream:  # a gap says a new slot starts after the old one
+                if isinstance(event, StreamGap):
+                    sql(primary_dsn, "INSERT INTO t VALUES (1)")
+                if isinstance(event, Insert):
+                    break
+        assert event.new == {"id": 1}
 
 
 async def test_a_node_on_a_standby_serves_subscriptions_methods_and_logins(pair: Pair) -> None:

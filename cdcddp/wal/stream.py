@@ -473,10 +473,16 @@ class ReplicationStream:
         nudge = self.log_standby_snapshot
         if not self.in_recovery or nudge is None:
             return await self._execute(conn, command)
+        failure: BaseException | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._nudge_primary, nudge)
-            rows = await self._execute(conn, command)
+            try:
+                rows = await self._execute(conn, command)
+            except BaseException as exc:  # raised unwrapped below: callers tell transient
+                failure = exc             # errors (a killed walsender) by their type
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         return rows
 
     async def _nudge_primary(self, nudge: Callable[[], Awaitable[object]]) -> None:
