@@ -285,6 +285,40 @@ def throwaway_cluster(prefix: str = "cdcddp-pg-", *, chroot: Path | None = None,
         cluster.destroy()
 
 
+@contextlib.contextmanager
+def streaming_standby(primary: LocalCluster, prefix: str = "cdcddp-standby-",
+                      **settings: str) -> Iterator[LocalCluster]:
+    """A started standby of ``primary`` (a base backup streaming from it through a physical
+    slot, with ``hot_standby_feedback``), in a new temporary directory beside it; destroyed
+    on exit. Decoding on it needs PostgreSQL 16+."""
+    slot = f"standby_{primary.port}_{os.getpid()}"
+    primary.psql(f"SELECT pg_create_physical_replication_slot('{slot}')")
+    where = None if primary.chroot is None else primary.chroot / "tmp"
+    standby = LocalCluster(
+        Path(tempfile.mkdtemp(prefix=prefix, dir=where)), chroot=primary.chroot,
+        bindir=primary.bindir,
+        settings={"fsync": "off", "hot_standby_feedback": "on",
+                  "primary_conninfo": f"'host=127.0.0.1 port={primary.port} "
+                                      f"user={primary.superuser}'",
+                  "primary_slot_name": f"'{slot}'", **settings})
+    try:
+        standby._chown(standby.root)
+        standby._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port),
+                     "-U", primary.superuser, "-D", str(standby.datadir), "-X", "stream",
+                     "--no-sync")
+        signal = standby.datadir / "standby.signal"
+        signal.touch()
+        standby._chown(signal)
+        standby.init()
+        standby.start()
+        standby.wait_ready()
+        yield standby
+    finally:
+        standby.destroy()
+        with contextlib.suppress(ClusterError):
+            primary.psql(f"SELECT pg_drop_replication_slot('{slot}')")
+
+
 def ensure_local(root: Path, port: int = 54329) -> LocalCluster:
     """Create (once) and start the persistent development cluster used by ``deploy/up``."""
     cluster = LocalCluster(root, port=port)

@@ -12,7 +12,6 @@ import itertools
 import json
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +21,13 @@ import pytest
 import trio
 
 from cdcddp.client import connect
-from cdcddp.devcluster import PG17_BINDIR, PG17_ROOT, LocalCluster, throwaway_cluster
+from cdcddp.devcluster import (
+    PG17_BINDIR,
+    PG17_ROOT,
+    LocalCluster,
+    streaming_standby,
+    throwaway_cluster,
+)
 from cdcddp.metrics import SLOT_STATUS_SQL
 from cdcddp.wal.events import Insert, StreamGap
 from cdcddp.wal.stream import open_stream
@@ -72,29 +77,10 @@ def _postgres17() -> Path:
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    root = _postgres17()
-    with throwaway_cluster("cdcddp-primary-", chroot=root, bindir=PG17_BINDIR) as primary:
-        primary.psql("SELECT pg_create_physical_replication_slot('standby1')")
-        standby = LocalCluster(Path(tempfile.mkdtemp(prefix="cdcddp-standby-", dir=root / "tmp")),
-                               settings={"fsync": "off", "hot_standby_feedback": "on",
-                                         "primary_conninfo": f"'host=127.0.0.1 port={primary.port} "
-                                                             "user=postgres'",
-                                         "primary_slot_name": "'standby1'"},
-                               chroot=root, bindir=PG17_BINDIR)
-        try:
-            standby._chown(standby.root)
-            standby._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port),
-                         "-U", "postgres", "-D", str(standby.datadir), "-X", "stream",
-                         "--no-sync")
-            signal = standby.datadir / "standby.signal"
-            signal.touch()
-            standby._chown(signal)
-            standby.init()
-            standby.start()
-            standby.wait_ready()
-            yield Pair(primary, standby)
-        finally:
-            standby.destroy()
+    with throwaway_cluster("cdcddp-primary-", chroot=_postgres17(),
+                           bindir=PG17_BINDIR) as primary, \
+            streaming_standby(primary) as standby:
+        yield Pair(primary, standby)
 
 
 def log_standby_snapshot(pair: Pair):  # type: ignore[no-untyped-def]
@@ -120,10 +106,10 @@ async def test_the_stream_decodes_a_standbys_slot_created_there_in_moments(pair:
                     break
     assert (event.table, event.new) == ("t", {"id": 1, "v": "written on the primary"})
     assert created_in < 5, created_in
-    (slot_type, in_recovery), = sql(
+    (slots, in_recovery), = sql(
         standby_dsn, "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = "
                      "'on_standby'), pg_is_in_recovery()")
-    assert (slot_type, in_recovery) == (1, True)  # the slot is the standby's own
+    assert (slots, in_recovery) == (1, True)  # the slot is the standby's own
 
 
 async def test_a_walsender_killed_while_it_creates_the_slot_on_the_standby_is_retried(
@@ -197,7 +183,6 @@ async def test_a_node_on_a_standby_serves_subscriptions_methods_and_logins(pair:
                                     wait_updated=True)
         assert private is None
         assert client.collections["lists"][list_id]["userId"] == user["id"]
-        output = served.output()
 
         # The slot's status and the metrics' poll read the standby's position.
         status = subprocess.run([*CDCDDP, "slot", "status", "--dsn", standby_dsn, "--slot",
@@ -208,6 +193,7 @@ async def test_a_node_on_a_standby_serves_subscriptions_methods_and_logins(pair:
         (wal_status, active, lag, *_), = sql(standby_dsn, SLOT_STATUS_SQL,
                                              params=("node_on_standby",))
         assert (wal_status, active) == ("reserved", True) and lag >= 0
+        output = served.output()
     assert "Traceback" not in output and "WARNING" not in output, output
 
 
@@ -272,7 +258,7 @@ async def test_a_slot_the_standby_invalidated_in_a_conflict_is_named_with_the_fi
     try:
         deadline = time.monotonic() + 10
         while sql(pair.primary.dsn(), "SELECT xmin FROM pg_replication_slots "
-                                      "WHERE slot_name = 'standby1'") != [(None,)]:
+                                      "WHERE slot_type = 'physical'") != [(None,)]:
             assert time.monotonic() < deadline, "the primary still holds the standby's xmin"
             time.sleep(0.05)
         sql(primary_dsn, "CREATE TABLE churn (x int)", "DROP TABLE churn", "VACUUM FULL pg_class")
