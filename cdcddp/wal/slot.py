@@ -157,11 +157,11 @@ _INVALIDATION_CAUSES = {
 
 def _invalidated_advice(status: SlotStatus) -> str:
     reason = status.invalidation
-    cause, prevention = _INVALIDATION_CAUSES.get(reason or "", (f"({reason})", ""))
-    if reason in (None, "wal_removed"):
+    if reason is None or reason == "wal_removed":
         return (f"replication slot {status.name!r} is invalidated (wal_status = lost: the WAL "
                 f"it needed was removed): drop it (cdcddp slot drop --slot {status.name}) and "
                 "create a new one, then resync.")
+    cause, prevention = _INVALIDATION_CAUSES.get(reason, (f"({reason})", ""))
     return (f"replication slot {status.name!r} was invalidated {cause}: drop it (cdcddp slot "
             f"drop --slot {status.name}) and create a new one, then resync{prevention}.")
 
