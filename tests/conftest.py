@@ -20,6 +20,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "pg_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)  # ./tests/run runs these on 17 too
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="long version: run with --runslow")
