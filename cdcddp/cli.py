@@ -129,7 +129,8 @@ def _server_role(conn: psycopg.Connection) -> tuple[bool, int, int | None]:
 def cmd_slot(args: argparse.Namespace) -> int:
     with _connect(args.dsn) as conn:
         if args.slot_command == "create":
-            status = slots.create(conn, args.slot)
+            with slots.running_xacts_logged(args.primary_dsn):
+                status = slots.create(conn, args.slot)
             print(f"created replication slot {status.name} at "
                   f"{format_lsn(status.confirmed_flush_lsn or 0)}")
         elif args.slot_command == "drop":
@@ -161,6 +162,20 @@ async def _watch_signals(scope: trio.CancelScope) -> None:
             return
 
 
+def _standby_snapshot_logger(primary_dsn: str | None) -> Any:
+    """For a stream on a standby: asks ``primary_dsn`` to log its running transactions."""
+    if primary_dsn is None:
+        return None
+
+    def log_once() -> None:
+        with psycopg.connect(primary_dsn, autocommit=True, connect_timeout=10) as conn:
+            conn.execute("SELECT pg_log_standby_snapshot()")
+
+    async def log_standby_snapshot() -> None:
+        await trio.to_thread.run_sync(log_once)
+    return log_standby_snapshot
+
+
 async def _tail(args: argparse.Namespace) -> int:
     from cdcddp.wal.stream import open_stream, tables_option
 
@@ -173,7 +188,9 @@ async def _tail(args: argparse.Namespace) -> int:
             async with open_stream(args.dsn, args.slot, create_slot=args.create,
                                    temporary=args.temporary, start_lsn=args.start_lsn,
                                    wal2json_options=options,
-                                   status_interval=args.status_interval) as stream:
+                                   status_interval=args.status_interval,
+                                   log_standby_snapshot=_standby_snapshot_logger(
+                                       args.primary_dsn)) as stream:
                 async for event in stream:
                     out.write(render_event(event) + b"\n")
                     if isinstance(event, Commit):
@@ -336,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dsn", default=env_dsn, required=env_dsn is None,
                        help="libpq connection string (default: $CDCDDP_DSN)")
         p.add_argument("--slot", required=True, help="replication slot name")
+        p.add_argument("--primary-dsn", default=os.environ.get("CDCDDP_PRIMARY_DSN") or None,
+                       help="when --dsn is a standby: its primary, asked to log its running "
+                            "transactions so that creating the slot takes moments "
+                            "(default: $CDCDDP_PRIMARY_DSN)")
 
     tail = sub.add_parser("tail", help="print decoded changes as JSON lines")
     common(tail)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import select
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -61,8 +63,8 @@ class Pair:
             sql(standby_dsn, "SELECT pg_drop_replication_slot(slot_name) FROM "
                              "pg_replication_slots WHERE database = current_database() "
                              "AND NOT active")
-            if not sql(standby_dsn, "SELECT FROM pg_replication_slots "
-                                    "WHERE database = current_database()"):
+            if sql(standby_dsn, "SELECT count(*) FROM pg_replication_slots "
+                                "WHERE database = current_database()") == [(0,)]:
                 return
             assert time.monotonic() < deadline, "a slot stayed active"
             time.sleep(0.05)
@@ -308,3 +310,39 @@ async def test_the_oracle_holds_on_a_standby_long(pair: Pair, seed: int) -> None
                          temporary_slot=seed % 2 == 0)
     finally:
         pair.drop_slots(standby_dsn)
+
+
+def test_the_slot_and_tail_commands_on_a_standby_ask_its_primary(pair: Pair) -> None:
+    """``cdcddp slot create`` and ``cdcddp tail`` on a standby take --primary-dsn, so that
+    creating their slot does not wait for the primary's own record (every 15 s)."""
+    primary_dsn, standby_dsn = pair.database()
+    sql(primary_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    started = time.monotonic()
+    created = subprocess.run([*CDCDDP, "slot", "create", "--dsn", standby_dsn, "--slot",
+                              "by_cli", "--primary-dsn", primary_dsn],
+                             capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert created.returncode == 0, created.stderr
+    assert time.monotonic() - started < 8
+
+    tail = subprocess.Popen([*CDCDDP, "tail", "--dsn", standby_dsn, "--slot", "tailed",
+                             "--temporary", "--primary-dsn", primary_dsn],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 8
+        # (Active from the start of its creation; consistent once it has a position.)
+        while sql(standby_dsn, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = "
+                               "'tailed' AND confirmed_flush_lsn IS NOT NULL") == [(0,)]:
+            if time.monotonic() > deadline or tail.poll() is not None:
+                tail.kill()
+                raise AssertionError(f"tail did not start: {tail.communicate()[1]!r}")
+            time.sleep(0.05)
+        sql(primary_dsn, "INSERT INTO t VALUES (7)")
+        assert tail.stdout is not None
+        ready, _, _ = select.select([tail.stdout], [], [], 10)
+        assert ready, "tail printed nothing"
+        lines = [json.loads(tail.stdout.readline()) for _ in range(3)]  # begin, insert, commit
+        assert lines[1]["action"] == "I" and lines[1]["new"] == {"id": 7}
+    finally:
+        tail.send_signal(signal.SIGTERM)
+        assert tail.wait(10) == 0
+    pair.drop_slots(standby_dsn)

@@ -5,10 +5,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -185,31 +183,6 @@ def check_standby(conn: psycopg.Connection, primary_dsn: str | None) -> list[Fin
     return findings
 
 
-@contextlib.contextmanager
-def _primary_logging_running_xacts(primary_dsn: str | None) -> Iterator[None]:
-    """While inside, the primary logs its running transactions again and again: a slot
-    created on its standby waits for the next such record (logged by itself every 15 s)."""
-    if primary_dsn is None:
-        yield
-        return
-    stop = threading.Event()
-
-    def nudge() -> None:
-        with contextlib.suppress(psycopg.Error), psycopg.connect(
-                primary_dsn, autocommit=True, connect_timeout=10) as conn:
-            while not stop.is_set():
-                conn.execute("SELECT pg_log_standby_snapshot()")
-                stop.wait(0.2)
-
-    thread = threading.Thread(target=nudge, name="cdcddp-standby-snapshot", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(5)
-
-
 def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = (),
                   plugin: str = slots.PLUGIN, primary_dsn: str | None = None) -> list[Finding]:
     try:
@@ -224,7 +197,7 @@ def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = 
         findings.extend(roles)
         if not errors(findings):
             standby = roles[0].code == "standby"
-            with _primary_logging_running_xacts(primary_dsn if standby else None):
+            with slots.running_xacts_logged(primary_dsn if standby else None):
                 findings.append(check_plugin(conn, plugin))
         if slot:
             findings.append(check_slot(conn, slot))

@@ -7,7 +7,9 @@ preflight (an ordinary psycopg connection with bound parameters).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -164,6 +166,31 @@ def _invalidated_advice(status: SlotStatus) -> str:
     cause, prevention = _INVALIDATION_CAUSES.get(reason, (f"({reason})", ""))
     return (f"replication slot {status.name!r} was invalidated {cause}: drop it (cdcddp slot "
             f"drop --slot {status.name}) and create a new one, then resync{prevention}.")
+
+
+@contextlib.contextmanager
+def running_xacts_logged(primary_dsn: str | None) -> Iterator[None]:
+    """While inside, the primary logs its running transactions again and again: a slot
+    created on its standby waits for the next such record (logged by itself every 15 s)."""
+    if primary_dsn is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def nudge() -> None:
+        with contextlib.suppress(psycopg.Error), psycopg.connect(
+                primary_dsn, autocommit=True, connect_timeout=10) as conn:
+            while not stop.is_set():
+                conn.execute("SELECT pg_log_standby_snapshot()")
+                stop.wait(0.2)
+
+    thread = threading.Thread(target=nudge, name="cdcddp-standby-snapshot", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
 
 
 def create_command(quoted_ident: str, temporary: bool) -> str:
