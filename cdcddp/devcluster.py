@@ -9,10 +9,12 @@ several clusters can run side by side.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -94,6 +96,24 @@ def _service_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam("cdcddp")
 
 
+def _reachable(path: Path, user: pwd.struct_passwd) -> bool:
+    """Can ``user`` traverse every existing directory down to ``path`` (by mode bits)?"""
+    for directory in [*reversed(path.parents), path]:
+        try:
+            info = directory.stat()
+        except FileNotFoundError:
+            break
+        if info.st_uid == user.pw_uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid == user.pw_gid:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return False
+    return True
+
+
 def _chroot_user(chroot: Path, name: str = "postgres") -> pwd.struct_passwd:
     """The account ``name`` of the system in ``chroot`` (its ids differ from the host's)."""
     for line in (chroot / "etc/passwd").read_text().splitlines():
@@ -117,10 +137,10 @@ class LocalCluster:
     chroot: Path | None = None
 
     def __post_init__(self) -> None:
-        self.root = Path(self.root).absolute()
+        self.root = Path(self.root).resolve()  # (a symlink: see ensure_local)
         self._user = _service_user()
         if self.chroot is not None:
-            self.chroot = Path(self.chroot).absolute()
+            self.chroot = Path(self.chroot).resolve()
             if self._user is None:
                 raise ClusterError("a cluster in a chroot can only be started as root")
             self._user = _chroot_user(self.chroot)
@@ -193,8 +213,9 @@ class LocalCluster:
         """Create the cluster unless it exists; (re)write its settings."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._chown(self.root)
-        if self._user is not None and not os.access(self.root, os.X_OK):
-            raise ClusterError(f"{self.root} is not reachable by user {self._user.pw_name}")
+        if self._user is not None and not _reachable(self.root, self._user):
+            raise ClusterError(f"{self.root} is not reachable by user {self._user.pw_name}: "
+                               "give its parent directories o+x, or use another directory")
         self.socketdir.mkdir(exist_ok=True)
         self._chown(self.socketdir)
         if not (self.datadir / "PG_VERSION").exists():
@@ -320,7 +341,17 @@ def streaming_standby(primary: LocalCluster, prefix: str = "cdcddp-standby-",
 
 
 def ensure_local(root: Path, port: int = 54329) -> LocalCluster:
-    """Create (once) and start the persistent development cluster used by ``deploy/up``."""
+    """Create (once) and start the persistent development cluster used by ``deploy/up``.
+
+    As root, in a checkout PostgreSQL's user cannot reach (under /root, mode 700), ``root``
+    becomes a link to a directory in /var/tmp that it can reach."""
+    root = Path(root).absolute()
+    user = _service_user()
+    if user is not None and not root.exists() and not _reachable(root.parent, user):
+        name = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+        target = Path("/var/tmp") / f"cdcddp-dev-{name}"
+        target.mkdir(mode=0o755, exist_ok=True)
+        root.symlink_to(target, target_is_directory=True)
     cluster = LocalCluster(root, port=port)
     cluster.init()
     cluster.start()

@@ -1,6 +1,12 @@
 """The test harness itself: a real cluster with logical decoding and wal2json."""
 
+import os
+from pathlib import Path
+
 import psycopg
+import pytest
+
+from cdcddp.devcluster import LocalCluster, ensure_local, free_port
 
 
 def test_cluster_is_logical_and_has_wal2json(db_dsn: str) -> None:
@@ -15,3 +21,24 @@ def test_cluster_is_logical_and_has_wal2json(db_dsn: str) -> None:
             "'format-version', '2')").fetchall()
         actions = [r[0] for r in rows]
         assert any('"action":"I"' in a and '"table":"t"' in a for a in actions)
+
+
+def test_the_dev_cluster_of_a_checkout_postgres_cannot_reach_is_kept_where_it_can(
+        tmp_path: Path) -> None:
+    """./deploy/up as root in a checkout under /root (mode 700): PostgreSQL runs as another
+    user, who cannot reach .cdcddp there, so it becomes a link to a directory in /var/tmp."""
+    if os.geteuid() != 0:
+        pytest.skip("only root runs PostgreSQL as another user")
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    tmp_path.chmod(0o700)  # as /root is
+    cluster = ensure_local(checkout / ".cdcddp", port=free_port())
+    try:
+        assert (checkout / ".cdcddp").is_symlink()
+        assert cluster.root.parent == Path("/var/tmp")
+        assert cluster.psql("SHOW wal_level").strip() == "logical"
+        # deploy/up's way of stopping it, by the checkout's path, finds it.
+        LocalCluster(checkout / ".cdcddp").stop()
+        assert not cluster.is_running()
+    finally:
+        cluster.destroy()
