@@ -25,6 +25,7 @@ import trio
 from cdcddp.wal import slot as slots
 from cdcddp.wal.events import Begin, Commit, StreamEvent
 from cdcddp.wal.lsn import format_lsn, parse_lsn
+from cdcddp.wal.preflight import STANDBY_NOT_SERVED
 
 _ACTIONS = {Begin: "B", Commit: "C"}
 _LSN_FIELDS = ("lsn", "end_lsn")
@@ -91,39 +92,33 @@ def _connect(dsn: str, flag: str = "--dsn") -> psycopg.Connection:
 
 
 def _check_servers(dsn: str, primary_dsn: str | None) -> None:
-    """``dsn`` may be a standby (PostgreSQL 16+) only with ``primary_dsn`` naming its primary,
-    where methods and logins write; each problem is one sentence."""
+    """``dsn`` must be a primary (serving from a standby is not exact yet: see
+    ``cdcddp.wal.lsn``); ``primary_dsn``, if set, the same cluster's primary. Each problem is
+    one sentence."""
     with _connect(dsn) as conn:
-        standby, version, system = _server_role(conn)
-    if standby and version < 160000:
-        raise CliError(f"dsn connects to a standby of PostgreSQL {version // 10000}, which "
-                       "cannot decode (16 or later can): point --dsn at the primary.")
-    if standby and primary_dsn is None:
-        raise CliError("dsn connects to a standby, where nothing can be written: set "
-                       "primary_dsn (--primary-dsn) to its primary, where methods and logins "
-                       "write.")
+        standby, system = _server_role(conn)
+    if standby:
+        raise CliError(f"dsn connects to a standby: {STANDBY_NOT_SERVED}")
     if primary_dsn is None:
         return
     with _connect(primary_dsn, "--primary-dsn") as conn:
-        primary_standby, _version, primary_system = _server_role(conn)
+        primary_standby, primary_system = _server_role(conn)
     if primary_standby:
         raise CliError("primary_dsn connects to a standby: point --primary-dsn at the "
                        "primary.")
     if None not in (system, primary_system) and system != primary_system:
         raise CliError("dsn and primary_dsn connect to different clusters (their system "
-                       "identifiers differ): point --dsn at a standby of the primary.")
+                       "identifiers differ): point both at the same primary.")
 
 
-def _server_role(conn: psycopg.Connection) -> tuple[bool, int, int | None]:
-    """(in recovery, server_version_num, system identifier or None when not readable)."""
-    standby, version = conn.execute(
-        "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int").fetchone() \
-        or (False, 0)
+def _server_role(conn: psycopg.Connection) -> tuple[bool, int | None]:
+    """(in recovery, system identifier or None when not readable)."""
+    (standby,) = conn.execute("SELECT pg_is_in_recovery()").fetchone() or (False,)
     try:
         row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
     except psycopg.errors.InsufficientPrivilege:
         row = None
-    return bool(standby), int(version), None if row is None else int(row[0])
+    return bool(standby), None if row is None else int(row[0])
 
 
 def cmd_slot(args: argparse.Namespace) -> int:
@@ -243,7 +238,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from cdcddp.wal.preflight import errors, run_preflight
 
     publications = _app_publications(args.app)
-    findings = run_preflight(args.dsn, slot=args.slot, primary_dsn=args.primary_dsn)
+    findings = run_preflight(args.dsn, slot=args.slot)
     if not any(f.code == "connect" for f in findings):
         with _connect(args.dsn) as conn:
             findings.extend(check_publications(conn, publications))
@@ -383,9 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dsn", default=env_dsn, required=env_dsn is None,
                        help="libpq connection string (default: $CDCDDP_DSN)")
     check.add_argument("--slot", help="also check this replication slot")
-    check.add_argument("--primary-dsn", default=os.environ.get("CDCDDP_PRIMARY_DSN") or None,
-                       help="when --dsn is a standby: its primary (default: "
-                            "$CDCDDP_PRIMARY_DSN)")
     check.set_defaults(func=cmd_check)
 
     from cdcddp.config import add_config_arguments

@@ -184,8 +184,9 @@ class Limits(_Section):
 class Config(_Section):
     dsn: SecretStr = Field(description="libpq connection string or postgresql:// URI")
     primary_dsn: SecretStr | None = Field(
-        None, description="when dsn is a standby (PostgreSQL 16+, decoding there): the "
-        "primary, where methods, logins and the app's schema files write (not set: dsn)")
+        None, description="where methods, logins, the app's schema files and catch-up marks "
+        "write, if not through dsn (the same cluster's primary; for nodes on standbys, which "
+        "cannot serve yet)")
     app: str = Field(description="the application to serve, as module:attribute")
     slot: str = Field("cdcddp", description="logical replication slot name")
     temporary_slot: Flag = Field(
