@@ -275,7 +275,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, json=config.log_json)
     try:
         load_app_or_fail(config.app)
-        # An unusable DSN, or a standby without its primary: one sentence naming the flag.
+        # An unusable DSN, or a standby: one sentence naming the flag.
         _check_servers(config.dsn_value, config.primary_dsn_value)
         _check_listen("listen", config.listen)
         if config.metrics_listen is not None:
