@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 import trio
 
@@ -332,3 +333,29 @@ def test_the_slot_and_tail_commands_on_a_standby_ask_its_primary(pair: Pair) -> 
         tail.send_signal(signal.SIGTERM)
         assert tail.wait(10) == 0
     pair.drop_slots(standby_dsn)
+
+
+def test_a_snapshot_on_a_standby_lists_no_running_transactions(pair: Pair) -> None:
+    """Why serving from a standby is refused: pg_current_snapshot() taken during recovery
+    leaves out the transactions still running on the primary (the standby keeps them as
+    subtransactions), so it cannot say which concurrent commits a snapshot saw. If a
+    PostgreSQL release changes this, the refusal can be looked at again."""
+    primary_dsn, standby_dsn = pair.database()
+    sql(primary_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    with psycopg.connect(primary_dsn) as running:
+        running.execute("INSERT INTO t VALUES (1)")
+        (xid,), = running.execute("SELECT pg_current_xact_id()::text::bigint").fetchall()
+        sql(primary_dsn, "INSERT INTO t VALUES (2)")  # a later commit: xmax passes xid
+        pair.replayed()
+        (on_primary, sees_it), = sql(
+            primary_dsn, "SELECT pg_current_snapshot()::text, "
+                         "pg_visible_in_snapshot(%s::text::xid8, pg_current_snapshot())",
+            params=(xid,))
+        (on_standby, standby_sees_it), = sql(
+            standby_dsn, "SELECT pg_current_snapshot()::text, "
+                         "pg_visible_in_snapshot(%s::text::xid8, pg_current_snapshot())",
+            params=(xid,))
+        assert sql(standby_dsn, "SELECT id FROM t") == [(2,)]  # its row is not visible...
+        assert str(xid) in on_primary.split(":")[2].split(",") and not sees_it
+        assert on_standby.split(":")[2] == "" and standby_sees_it  # ...yet it looks visible
+        running.rollback()
