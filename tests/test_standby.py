@@ -270,10 +270,11 @@ async def test_a_slot_the_standby_invalidated_in_a_conflict_is_named_with_the_fi
 
 
 # The oracle with the engine on the standby and the writers on the primary: the acceptance
-# test for serving from a standby, which is refused until it passes every seed. It fails on
-# some (long seed 34001 saw a version go back): a snapshot taken during recovery lists no
-# running transactions in pg_current_snapshot(), so which concurrent commits it saw is not
-# known exactly (cdcddp.wal.lsn).
+# test for serving from a standby, which is refused until the handoff there is exact. It has
+# failed (long seed 34001 saw a version go back, with snapshots bounded by the received
+# position): a snapshot taken during recovery lists no running transactions in
+# pg_current_snapshot(), so which concurrent commits it saw is not known exactly
+# (cdcddp.wal.lsn; test_a_snapshot_on_a_standby_lists_no_running_transactions).
 
 
 @pytest.mark.slow
