@@ -25,7 +25,7 @@ import trio
 from cdcddp.wal import slot as slots
 from cdcddp.wal.events import Begin, Commit, StreamEvent
 from cdcddp.wal.lsn import format_lsn, parse_lsn
-from cdcddp.wal.preflight import STANDBY_NOT_SERVED
+from cdcddp.wal.preflight import STANDBY_NEEDS_PRIMARY
 
 _ACTIONS = {Begin: "B", Commit: "C"}
 _LSN_FIELDS = ("lsn", "end_lsn")
@@ -92,33 +92,38 @@ def _connect(dsn: str, flag: str = "--dsn") -> psycopg.Connection:
 
 
 def _check_servers(dsn: str, primary_dsn: str | None) -> None:
-    """``dsn`` must be a primary (serving from a standby is not exact yet: see
-    ``cdcddp.wal.lsn``); ``primary_dsn``, if set, the same cluster's primary. Each problem is
-    one sentence."""
+    """``dsn`` may be a standby (PostgreSQL 16+) only with ``primary_dsn`` naming its primary,
+    where every query goes; each problem is one sentence."""
     with _connect(dsn) as conn:
-        standby, system = _server_role(conn)
-    if standby:
-        raise CliError(f"dsn connects to a standby: {STANDBY_NOT_SERVED}")
+        standby, version, system = _server_role(conn)
+    if standby and version < 160000:
+        raise CliError(f"dsn connects to a standby of PostgreSQL {version // 10000}, which "
+                       "cannot decode (16 or later can): point --dsn at the primary.")
+    if standby and primary_dsn is None:
+        raise CliError(f"dsn connects to a standby: {STANDBY_NEEDS_PRIMARY}")
     if primary_dsn is None:
         return
     with _connect(primary_dsn, "--primary-dsn") as conn:
-        primary_standby, primary_system = _server_role(conn)
+        primary_standby, _version, primary_system = _server_role(conn)
     if primary_standby:
         raise CliError("primary_dsn connects to a standby: point --primary-dsn at the "
                        "primary.")
     if None not in (system, primary_system) and system != primary_system:
         raise CliError("dsn and primary_dsn connect to different clusters (their system "
-                       "identifiers differ): point both at the same primary.")
+                       "identifiers differ): point --dsn at a standby of that primary, or at "
+                       "the primary itself.")
 
 
-def _server_role(conn: psycopg.Connection) -> tuple[bool, int | None]:
-    """(in recovery, system identifier or None when not readable)."""
-    (standby,) = conn.execute("SELECT pg_is_in_recovery()").fetchone() or (False,)
+def _server_role(conn: psycopg.Connection) -> tuple[bool, int, int | None]:
+    """(in recovery, server_version_num, system identifier or None when not readable)."""
+    standby, version = conn.execute(
+        "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int").fetchone() \
+        or (False, 0)
     try:
         row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
     except psycopg.errors.InsufficientPrivilege:
         row = None
-    return bool(standby), None if row is None else int(row[0])
+    return bool(standby), int(version), None if row is None else int(row[0])
 
 
 def cmd_slot(args: argparse.Namespace) -> int:
@@ -238,7 +243,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from cdcddp.wal.preflight import errors, run_preflight
 
     publications = _app_publications(args.app)
-    findings = run_preflight(args.dsn, slot=args.slot)
+    findings = run_preflight(args.dsn, slot=args.slot, primary_dsn=args.primary_dsn)
     if not any(f.code == "connect" for f in findings):
         with _connect(args.dsn) as conn:
             findings.extend(check_publications(conn, publications))
@@ -275,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, json=config.log_json)
     try:
         load_app_or_fail(config.app)
-        # An unusable DSN, or a standby: one sentence naming the flag.
+        # An unusable DSN, or a standby without its primary: one sentence naming the flag.
         _check_servers(config.dsn_value, config.primary_dsn_value)
         _check_listen("listen", config.listen)
         if config.metrics_listen is not None:
@@ -378,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dsn", default=env_dsn, required=env_dsn is None,
                        help="libpq connection string (default: $CDCDDP_DSN)")
     check.add_argument("--slot", help="also check this replication slot")
+    check.add_argument("--primary-dsn", default=os.environ.get("CDCDDP_PRIMARY_DSN") or None,
+                       help="when --dsn is a standby: its primary (default: "
+                            "$CDCDDP_PRIMARY_DSN)")
     check.set_defaults(func=cmd_check)
 
     from cdcddp.config import add_config_arguments

@@ -184,9 +184,8 @@ class Limits(_Section):
 class Config(_Section):
     dsn: SecretStr = Field(description="libpq connection string or postgresql:// URI")
     primary_dsn: SecretStr | None = Field(
-        None, description="where methods, logins, the app's schema files and catch-up marks "
-        "write, if not through dsn (the same cluster's primary; for nodes on standbys, which "
-        "cannot serve yet)")
+        None, description="when dsn is a standby (PostgreSQL 16+, which then only decodes): "
+        "its primary, where every query goes (not set: dsn)")
     app: str = Field(description="the application to serve, as module:attribute")
     slot: str = Field("cdcddp", description="logical replication slot name")
     temporary_slot: Flag = Field(

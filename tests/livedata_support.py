@@ -227,8 +227,9 @@ async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
     ``observer_errors`` observer failures (tests that inject one say so), and no resync at
     all unless it says it may cause some (``resyncs``: stream gaps, schema changes): a
     resync repairs the clients' state, so that state alone would hide a bug.
-    ``primary_dsn``: ``dsn`` is its standby (the schema is written there, and replayed on
-    the standby before the server starts)."""
+    ``primary_dsn``: ``dsn`` is its standby, which the server streams from while every query
+    goes to the primary (as ``cdcddp serve --primary-dsn`` does); the schema is replayed on
+    the standby before the server starts."""
     if schema:
         await asql(primary_dsn or dsn, schema)
     if primary_dsn is not None:
@@ -236,9 +237,9 @@ async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
     options: dict[str, Any] = {"temporary_slot": True,
                                "stream_options": {"status_interval": 0.2}, **live_options}
     config = LiveDataConfig(slot=f"live_{os.getpid()}_{next(_slots)}", **options)
-    primary = None if primary_dsn is None else Database(primary_dsn, size=4)
+    primary = None if primary_dsn is None else Database(primary_dsn)
     server = Server(app or build_live_app(), server_config or fast_config(), dsn=dsn,
-                    live_config=config, metrics=metrics, primary=primary)
+                    live_config=config, metrics=metrics, database=primary)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve, "127.0.0.1", 0)
         try:
@@ -254,8 +255,6 @@ async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
                 f"unexpected resyncs: {unexpected}")
         finally:
             nursery.cancel_scope.cancel()
-            if primary is not None:
-                primary.close()
             if server.database is not None:
                 server.database.close()
 

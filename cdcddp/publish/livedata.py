@@ -306,12 +306,13 @@ class LiveData:
     """
 
     def __init__(self, database: Database, dsn: str,
-                 config: LiveDataConfig | None = None, *, metrics: Metrics | None = None,
-                 primary: Database | None = None) -> None:
-        self.database = database  # where the slot is: snapshots and lookups read there
-        # Where marks are written (a standby is read-only; its stream carries the primary's
-        # WAL, marks included).
-        self.primary = database if primary is None else primary
+                 config: LiveDataConfig | None = None, *, metrics: Metrics | None = None
+                 ) -> None:
+        # Every query, read or write, goes to ``database``; only the stream to ``dsn``. With
+        # ``dsn`` a standby, ``database`` is its primary: decoding moves off the primary while
+        # snapshots keep its exact visibility (a snapshot taken on a standby lists no running
+        # transactions, see cdcddp.wal.lsn), and the stream carries the same WAL.
+        self.database = database
         self.metrics = metrics  # None: no per-table counts, no snapshot timings, no stamps
         self.dsn = dsn
         self.config = config or LiveDataConfig()
@@ -444,9 +445,7 @@ class LiveData:
             nursery.cancel_scope.cancel()
 
     async def _log_standby_snapshot(self) -> None:
-        if self.primary is self.database:
-            raise RuntimeError("no primary_dsn: the standby's DSN is the only one")
-        await self.primary.run(
+        await self.database.run(
             lambda conn: conn.execute("SELECT pg_log_standby_snapshot()").fetchall())
 
     @property
@@ -557,7 +556,7 @@ class LiveData:
             conn.execute("SET LOCAL synchronous_commit = local")
             conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (SYNC_PREFIX, token))
         try:
-            await self.primary.run(emit)
+            await self.database.run(emit)
             with trio.fail_after(timeout):
                 await event.wait()
         finally:
@@ -663,7 +662,7 @@ class LiveData:
         exactly at the stream's position. Without this an observer whose snapshot is ahead of
         the stream could hand a client newer rows than an older observer it moves to next
         (the oracle's "version went back"). Waiters share one mark per round. Past
-        ``catch_up_timeout`` (a held or far-behind consumer, a standby with no primary) it goes on
+        ``catch_up_timeout`` (a held or far-behind consumer) it goes on
         as before: the skip-by-snapshot logic keeps the observer itself exact.
         """
         with trio.move_on_after(self.config.catch_up_timeout):

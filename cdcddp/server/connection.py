@@ -208,8 +208,8 @@ class Connection:
                  ) -> None:
         self.app = app
         self.metrics = metrics
-        self.database = database if database is not None else (  # methods write there
-            live.primary if live is not None else None)
+        self.database = database if database is not None else (
+            live.database if live is not None else None)
         self.peer_address = peer_address
         # Plain-text passwords are accepted only over loopback or TLS.
         self.secure_transport = tls or is_loopback_address(peer_address)

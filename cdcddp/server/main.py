@@ -25,13 +25,13 @@ log = logging.getLogger("cdcddp.server")
 
 
 def build_server(app: App, config: Config, database: Database,
-                 metrics: Metrics | None = None, primary: Database | None = None) -> Server:
+                 metrics: Metrics | None = None) -> Server:
     server_config = config.server_config()
     server_config.static = StaticFiles(config.static_dir)
     live = LiveDataConfig(slot=config.slot, temporary_slot=config.temporary_slot,
                           resync_behind_bytes=config.resync_behind_bytes)
     return Server(app, server_config, dsn=config.dsn_value, database=database, live_config=live,
-                  metrics=metrics, primary=primary)
+                  metrics=metrics)
 
 
 async def run(config: Config, *,
@@ -39,21 +39,22 @@ async def run(config: Config, *,
     """Serve ``config.app`` until SIGINT/SIGTERM (or cancellation); reports the DDP port."""
     app = load_app(config.app)
     metrics = Metrics()
-    database = Database(config.dsn_value, application_name="cdcddp")
-    # A standby's node writes on the primary (methods, logins, marks); reads stay local.
-    primary = database if config.primary_dsn_value is None else Database(
-        config.primary_dsn_value, application_name="cdcddp")
-    server = build_server(app, config, database, metrics, primary)
+    # Every query goes to the primary; the stream and the slot poller to dsn (a standby, with
+    # primary_dsn: see cdcddp.publish.livedata.LiveData).
+    database = Database(config.primary_dsn_value or config.dsn_value, application_name="cdcddp")
+    slot_server = database if config.primary_dsn_value is None else Database(
+        config.dsn_value, size=1, application_name="cdcddp")
+    server = build_server(app, config, database, metrics)
     try:
         if app.schemas:  # idempotent schema files the app asks for (before the slot starts)
-            await apply_schema(primary, *app.schemas)
+            await apply_schema(database, *app.schemas)
             log.info("applied schema %s", ", ".join(app.schemas))
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 if config.metrics_listen is not None:
                     await nursery.start(serve_metrics, metrics, config.metrics_listen.host,
                                         config.metrics_listen.port)
-                nursery.start_soon(poll_slot, metrics, database, config.slot,
+                nursery.start_soon(poll_slot, metrics, slot_server, config.slot,
                                    config.slot_poll_interval)
                 port = await nursery.start(server.serve, config.listen.host, config.listen.port)
                 log.info("serving %s on http://%s:%s/", config.app, config.listen.host, port)
@@ -65,5 +66,5 @@ async def run(config: Config, *,
                     break
     finally:
         database.close()
-        if primary is not database:
-            primary.close()
+        if slot_server is not database:
+            slot_server.close()

@@ -65,22 +65,18 @@ class Server:
 
     def __init__(self, app: App, config: ServerConfig | None = None, *, dsn: str | None = None,
                  live_config: LiveDataConfig | None = None,
-                 database: Database | None = None, metrics: Metrics | None = None,
-                 primary: Database | None = None) -> None:
+                 database: Database | None = None, metrics: Metrics | None = None) -> None:
         self.app = app
         self.config = config or ServerConfig()
-        self.dsn = dsn
+        self.dsn = dsn  # the replication stream's (a standby's, when database is its primary)
         self.database = database if database is not None or dsn is None else Database(dsn)
-        # Methods (logins too) write on the primary; ``database`` may be a standby.
-        self.primary = primary if primary is not None else self.database
         # Optional Prometheus metrics: the engine and connections keep plain counters that
         # the on_collect hook copies at scrape time; None costs nothing.
         self.metrics = metrics
         self.live: LiveData | None = None
         if dsn is not None:
             assert self.database is not None
-            self.live = LiveData(self.database, dsn, live_config, metrics=metrics,
-                                 primary=self.primary)
+            self.live = LiveData(self.database, dsn, live_config, metrics=metrics)
         if metrics is not None:
             metrics.on_collect(self._collect_metrics)
         self.port: int | None = None
@@ -324,7 +320,7 @@ class Server:
                                        max_message_size=config.ws_max_message_chars)
         session = ServerSession(config.session)
         connection = Connection(app=self.app, session=session, ws=ws, framing=upgrade.framing,
-                                config=config, live=self.live, database=self.primary,
+                                config=config, live=self.live, database=self.database,
                                 peer_address=peer, on_login=self._login_changed,
                                 on_tokens_revoked=self._tokens_revoked,
                                 metrics=self.metrics)

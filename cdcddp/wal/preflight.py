@@ -156,23 +156,38 @@ def check_sync_standby_waits(conn: psycopg.Connection) -> Finding:
                    f"role {user!r} sees commits waiting for a synchronous standby.")
 
 
-STANDBY_NOT_SERVED = (
-    "serving from one is not supported yet (there a snapshot cannot tell which concurrent "
-    "commits it saw, so new subscriptions could miss or repeat a change); point --dsn at the "
-    "primary.")
+STANDBY_NEEDS_PRIMARY = (
+    "give its primary as primary_dsn (--primary-dsn): the standby decodes, and every query, "
+    "read or write, goes to the primary.")
 
 
-def check_primary(conn: psycopg.Connection) -> Finding:
-    """cdcddp serves from a primary: on a standby the snapshot/stream handoff is not exact
-    yet (``cdcddp.wal.lsn``)."""
-    (standby,) = conn.execute("SELECT pg_is_in_recovery()").fetchone() or (False,)
-    if standby:
-        return Finding("error", "standby", f"the server is a standby: {STANDBY_NOT_SERVED}")
-    return Finding("ok", "primary", "the server is a primary.")
+def check_standby(conn: psycopg.Connection, primary_dsn: str | None) -> list[Finding]:
+    """A standby can feed cdcddp from PostgreSQL 16 on, with its primary for every query and
+    ``hot_standby_feedback`` keeping the rows its slots need on the primary."""
+    standby, version, feedback = conn.execute(
+        "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int, "
+        "current_setting('hot_standby_feedback')").fetchone() or (False, 0, "off")
+    if not standby:
+        return [Finding("ok", "primary", "the server is a primary.")]
+    if version < 160000:
+        return [Finding("error", "standby_too_old",
+                        f"the server is a standby of PostgreSQL {version // 10000}, which "
+                        "cannot decode (16 or later can): point --dsn at the primary.")]
+    findings = [Finding("ok", "standby", "the server is a standby that can decode.")]
+    if primary_dsn is None:
+        findings.append(Finding("error", "standby_without_primary",
+                                f"the server is a standby: {STANDBY_NEEDS_PRIMARY}"))
+    if feedback != "on":
+        findings.append(Finding(
+            "warning", "hot_standby_feedback",
+            "hot_standby_feedback is off on this standby: VACUUM on the primary can invalidate "
+            "its logical slots; set hot_standby_feedback = on (with a primary_slot_name) and "
+            "reload."))
+    return findings
 
 
 def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = (),
-                  plugin: str = slots.PLUGIN) -> list[Finding]:
+                  plugin: str = slots.PLUGIN, primary_dsn: str | None = None) -> list[Finding]:
     try:
         conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
     except psycopg.Error as exc:
@@ -180,10 +195,13 @@ def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = 
                         f"cannot connect to PostgreSQL ({_first_line(exc)}): check --dsn.")]
     with conn:
         findings = [check_wal_level(conn), check_replication_privilege(conn),
-                    check_wal_keep_size(conn), check_sync_standby_waits(conn),
-                    check_primary(conn)]
+                    check_wal_keep_size(conn), check_sync_standby_waits(conn)]
+        roles = check_standby(conn, primary_dsn)
+        findings.extend(roles)
         if not errors(findings):
-            findings.append(check_plugin(conn, plugin))
+            standby = roles[0].code == "standby"
+            with slots.running_xacts_logged(primary_dsn if standby else None):
+                findings.append(check_plugin(conn, plugin))
         if slot:
             findings.append(check_slot(conn, slot))
         findings.extend(check_table(conn, t) for t in tables)
