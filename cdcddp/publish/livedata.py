@@ -311,7 +311,7 @@ class LiveData:
         # Every query, read or write, goes to ``database``; only the stream to ``dsn``. With
         # ``dsn`` a standby, ``database`` is its primary: decoding moves off the primary while
         # snapshots keep its exact visibility (a snapshot taken on a standby lists no running
-        # transactions, see cdcddp.wal.lsn), and the stream carries the same WAL.
+        # transactions, see cdcddp.publish.snapshots), and the stream carries the same WAL.
         self.database = database
         self.metrics = metrics  # None: no per-table counts, no snapshot timings, no stamps
         self.dsn = dsn

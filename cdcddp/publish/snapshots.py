@@ -23,7 +23,7 @@ from cdcddp.publish.filters import quoted
 from cdcddp.publish.observer import Key, Row, Values
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Relation
-from cdcddp.wal.lsn import AFTER_SNAPSHOT_LSN_SQL, SERVER_LSN_SQL, parse_lsn
+from cdcddp.wal.lsn import SERVER_LSN_SQL, parse_lsn
 from cdcddp.wal.pgtypes import BINARY_LOADS_AS_DECODED
 
 __all__ = [
@@ -44,9 +44,13 @@ __all__ = [
 ]
 
 
-# The first statement of a REPEATABLE READ transaction takes its snapshot; the WAL position
-# read in it is past the commit record of every transaction that snapshot sees.
-_SNAPSHOT_SQL: Final = f"SELECT pg_current_snapshot()::text, {AFTER_SNAPSHOT_LSN_SQL}::text"
+# The first statement of a REPEATABLE READ transaction takes its snapshot; the WAL insert
+# position read in it is past the commit record of every transaction that snapshot sees.
+# Primary only, on purpose: a snapshot taken on a standby lists no running transactions in
+# pg_current_snapshot() (they are kept as subtransactions, which it leaves out), so it could
+# not be matched to the stream; a node that decodes on a standby queries its primary
+# (LiveData), and this fails loudly ("recovery is in progress") if that is ever not so.
+_SNAPSHOT_SQL: Final = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
 
 
 def _repeatable_read(conn: psycopg.Connection[Any]) -> None:

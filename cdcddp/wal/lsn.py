@@ -8,17 +8,6 @@ from __future__ import annotations
 SERVER_LSN_SQL = ("(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
                   "ELSE pg_current_wal_lsn() END)")
 
-# SQL for a position past every commit that a snapshot taken just before can see: the insert
-# position on a primary (a commit record is inserted before it becomes visible). On a standby
-# there is no exact equivalent (the replayed position, read a moment after the snapshot, may
-# include commits replayed after it), and a snapshot taken during recovery lists no running
-# transactions in pg_current_snapshot() (they are kept as subtransactions, which it leaves
-# out): so a node that decodes on a standby takes its snapshots on the primary
-# (cdcddp.publish.livedata.LiveData).
-AFTER_SNAPSHOT_LSN_SQL = (
-    "(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
-    "ELSE pg_current_wal_insert_lsn() END)")
-
 
 def parse_lsn(text: str) -> int:
     hi, _, lo = text.partition("/")
