@@ -290,8 +290,8 @@ async def test_a_slot_the_standby_invalidated_in_a_conflict_is_named_with_the_fi
 
 # The oracle with the engine decoding on the standby and querying the primary: the acceptance
 # test for serving from a standby, which is refused until it passes. It fails on some seeds
-# (38001, once in three runs: a limited observer's rows and ranks disagreed, KeyError in
-# LimitedObserver._settle); the cause is not found yet.
+# (the batch 38001-38003 failed in 2 of 4 runs: a limited observer's rows and ranks
+# disagreed, KeyError in LimitedObserver._settle); the cause is not found yet.
 
 
 @pytest.mark.slow
