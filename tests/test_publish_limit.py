@@ -20,6 +20,7 @@ from cdcddp.publish.definition import Cursor, Publication, PublicationError
 from cdcddp.publish.filters import C
 from cdcddp.publish.observer import LimitedObserver, NeedsRow, make_observer
 from cdcddp.publish.ordering import SortError, rank_getter, read_limit
+from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Delete, Insert, Update
 from tests.livedata_support import (
     FIELDS,
@@ -409,3 +410,24 @@ def test_a_limited_observer_publishes_what_its_query_would_after_any_changes() -
                 assert set(observer.rows) == {(r[0],) for r in table.values() if r[1] == "a"}
 
     agree()
+
+
+def test_a_limited_observer_keeps_one_rank_per_row_fetched_ahead_of_the_stream() -> None:
+    """A row fetched by key under a snapshot that already saw a later change (a TOASTed
+    column to complete) is held before the stream brings that change. When it comes, the row
+    it writes is already held: its rank must be replaced, not added a second time (a second
+    copy outlived the row, and evicting it later failed with a KeyError; seen with a stream
+    decoded on a standby, which lags the primary more)."""
+    observer = _observer(2, [(1, "a", 9), (2, "a", 7), (3, "a", 5), (4, "a", 3)])
+    sees_xid_1 = Snapshot.parse("2:2:")  # xid 1 is visible to it
+    # Row 5 was fetched (its insert, xid 1, not yet streamed) and is held.
+    observer.note_fetched((5,), sees_xid_1)
+    assert _ops(observer.apply_fetched(None, {"id": 5, "category": "a", "rank": 8})) == {
+        ("added", "5"), ("removed", "2")}
+    # The stream brings the insert the fetch already showed: nothing to send, one rank kept.
+    assert _ops(observer.apply(_ins(5, "a", 8))) == set()
+    assert len(observer._ranks) == len(observer.rows)
+    # Rows leave one by one: the ranks follow the rows each time.
+    for key in (5, 1, 3, 4):
+        observer.apply(Delete(2, 0, "public", "items", {"id": key}, ("id",)))
+        assert len(observer._ranks) == len(observer.rows)

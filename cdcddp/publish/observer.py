@@ -507,15 +507,26 @@ class LimitedObserver(Observer):
             self._key_of, change.identity,  # type: ignore[union-attr]
             change.new if kind is Update else None)  # type: ignore[union-attr]
         old_rank, published = self._before(old_key)
+        new_key = None if kind is Delete else self.key_or_none(change.new)  # type: ignore[union-attr]
+        held_rank = self._held_rank(new_key, old_key)
         result = super().apply(change)
         if type(result) is NeedsRow:
             self.evicted, self.needs_requery = (), False
             return result
-        return self._settle(result, old_rank, published)  # type: ignore[arg-type]
+        return self._settle(result, old_rank, published, held_rank)  # type: ignore[arg-type]
 
     def apply_fetched(self, old_key: Key | None, row: Row | None) -> list[DocOp]:
         old_rank, published = self._before(old_key)
-        return self._settle(super().apply_fetched(old_key, row), old_rank, published)
+        held_rank = self._held_rank(None if row is None else self.key_or_none(row), old_key)
+        return self._settle(super().apply_fetched(old_key, row), old_rank, published, held_rank)
+
+    def _held_rank(self, new_key: Key | None, old_key: Key | None) -> Rank | None:
+        """The rank of a row already held under the key a change writes, when that is not the
+        key it replaces: a row fetched ahead of the stream (see :meth:`Observer.apply`)."""
+        if new_key is None or new_key == old_key:
+            return None
+        values = self.rows.get(new_key)
+        return None if values is None else self._rank(values)
 
     def _before(self, key: Key | None) -> tuple[Rank | None, bool]:
         """The rank of the row ``key`` before the change (None: not held), and whether it
@@ -533,16 +544,18 @@ class LimitedObserver(Observer):
             return []  # a buffered row: never published
         return [DocOp("removed", self.collection, doc_id)]
 
-    def _settle(self, ops: list[DocOp], old_rank: Rank | None, was_published: bool
-                ) -> list[DocOp]:
+    def _settle(self, ops: list[DocOp], old_rank: Rank | None, was_published: bool,
+                held_rank: Rank | None = None) -> list[DocOp]:
         """After the base class applied a change as if every held row were published: re-rank
-        the row it wrote (``keys``; ``old_rank``: its rank before, if it was held), keep the
-        capacity, then publish exactly the first ``limit`` held rows."""
+        the row it wrote (``keys``; ``old_rank``: its rank before, if it was held;
+        ``held_rank``: the rank of a row already held under the new key), keep the capacity,
+        then publish exactly the first ``limit`` held rows."""
         self.evicted, self.needs_requery = (), False
         ranks, rows = self._ranks, self.rows
         old_key, new_key = self.keys
-        if old_rank is not None:
-            del ranks[bisect_left(ranks, old_rank)]
+        for rank in (old_rank, held_rank):
+            if rank is not None:
+                del ranks[bisect_left(ranks, rank)]
         new_values = rows.get(new_key) if new_key is not None else None
         new_rank = None
         if new_values is not None:
