@@ -157,9 +157,9 @@ def check_sync_standby_waits(conn: psycopg.Connection) -> Finding:
 
 
 STANDBY_NOT_SERVED = (
-    "serving from one is not supported yet (with the standby decoding and every query on its "
-    "primary, the correctness oracle still fails on some seeds: docs/operations.md); point "
-    "--dsn at the primary.")
+    "serving from one is not supported yet (the handoff with the standby decoding and every "
+    "query on its primary is still being verified: docs/operations.md); point --dsn at the "
+    "primary.")
 
 
 def check_standby(conn: psycopg.Connection) -> list[Finding]:
