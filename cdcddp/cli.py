@@ -25,7 +25,7 @@ import trio
 from cdcddp.wal import slot as slots
 from cdcddp.wal.events import Begin, Commit, StreamEvent
 from cdcddp.wal.lsn import format_lsn, parse_lsn
-from cdcddp.wal.preflight import STANDBY_NOT_SERVED
+from cdcddp.wal.preflight import STANDBY_NOT_SERVED, server_role
 
 _ACTIONS = {Begin: "B", Commit: "C"}
 _LSN_FIELDS = ("lsn", "end_lsn")
@@ -115,14 +115,12 @@ def _check_servers(dsn: str, primary_dsn: str | None) -> None:
 
 def _server_role(conn: psycopg.Connection) -> tuple[bool, int, int | None]:
     """(in recovery, server_version_num, system identifier or None when not readable)."""
-    standby, version = conn.execute(
-        "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int").fetchone() \
-        or (False, 0)
+    standby, version = server_role(conn)
     try:
         row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
     except psycopg.errors.InsufficientPrivilege:
         row = None
-    return bool(standby), int(version), None if row is None else int(row[0])
+    return standby, version, None if row is None else int(row[0])
 
 
 def cmd_slot(args: argparse.Namespace) -> int:
@@ -168,7 +166,7 @@ def _standby_snapshot_logger(primary_dsn: str | None) -> Any:
 
     def log_once() -> None:
         with psycopg.connect(primary_dsn, autocommit=True, connect_timeout=10) as conn:
-            conn.execute("SELECT pg_log_standby_snapshot()")
+            slots.log_running_xacts(conn)
 
     async def log_standby_snapshot() -> None:
         await trio.to_thread.run_sync(log_once)

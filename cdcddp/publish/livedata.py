@@ -119,6 +119,7 @@ from cdcddp.wal.events import (
     Truncate,
     Update,
 )
+from cdcddp.wal.slot import log_running_xacts
 from cdcddp.wal.stream import ReplicationStream, open_stream
 
 if TYPE_CHECKING:
@@ -445,8 +446,7 @@ class LiveData:
             nursery.cancel_scope.cancel()
 
     async def _log_standby_snapshot(self) -> None:
-        await self.database.run(
-            lambda conn: conn.execute("SELECT pg_log_standby_snapshot()").fetchall())
+        await self.database.run(log_running_xacts)
 
     @property
     def stream_connected(self) -> bool:

@@ -162,13 +162,19 @@ STANDBY_NOT_SERVED = (
     "primary.")
 
 
+def server_role(conn: psycopg.Connection) -> tuple[bool, int]:
+    """(the server is a standby, its server_version_num)."""
+    standby, version = conn.execute(
+        "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int").fetchone() \
+        or (False, 0)
+    return bool(standby), int(version)
+
+
 def check_standby(conn: psycopg.Connection) -> list[Finding]:
     """A standby can decode from PostgreSQL 16 on (``cdcddp tail``), with
     ``hot_standby_feedback`` keeping the rows its slots need on the primary; cdcddp does not
     serve from one yet."""
-    standby, version, feedback = conn.execute(
-        "SELECT pg_is_in_recovery(), current_setting('server_version_num')::int, "
-        "current_setting('hot_standby_feedback')").fetchone() or (False, 0, "off")
+    standby, version = server_role(conn)
     if not standby:
         return [Finding("ok", "primary", "the server is a primary.")]
     if version < 160000:
@@ -178,7 +184,7 @@ def check_standby(conn: psycopg.Connection) -> list[Finding]:
     findings = [Finding("ok", "standby", "the server is a standby that can decode."),
                 Finding("error", "standby_not_served",
                         f"the server is a standby: {STANDBY_NOT_SERVED}")]
-    if feedback != "on":
+    if conn.execute("SHOW hot_standby_feedback").fetchone() != ("on",):
         findings.append(Finding(
             "warning", "hot_standby_feedback",
             "hot_standby_feedback is off on this standby: VACUUM on the primary can invalidate "

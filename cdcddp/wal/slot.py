@@ -168,6 +168,12 @@ def _invalidated_advice(status: SlotStatus) -> str:
             f"drop --slot {status.name}) and create a new one, then resync{prevention}.")
 
 
+def log_running_xacts(conn: psycopg.Connection) -> None:
+    """On a primary: log its running transactions now, which a slot being created on its
+    standby waits for (the primary logs them by itself every 15 s)."""
+    conn.execute("SELECT pg_log_standby_snapshot()")
+
+
 @contextlib.contextmanager
 def running_xacts_logged(primary_dsn: str | None) -> Iterator[None]:
     """While inside, the primary logs its running transactions again and again: a slot
@@ -181,7 +187,7 @@ def running_xacts_logged(primary_dsn: str | None) -> Iterator[None]:
         with contextlib.suppress(psycopg.Error), psycopg.connect(
                 primary_dsn, autocommit=True, connect_timeout=10) as conn:
             while not stop.is_set():
-                conn.execute("SELECT pg_log_standby_snapshot()")
+                log_running_xacts(conn)
                 stop.wait(0.2)
 
     thread = threading.Thread(target=nudge, name="cdcddp-standby-snapshot", daemon=True)
