@@ -25,7 +25,7 @@ import trio
 from cdcddp.wal import slot as slots
 from cdcddp.wal.events import Begin, Commit, StreamEvent
 from cdcddp.wal.lsn import format_lsn, parse_lsn
-from cdcddp.wal.preflight import STANDBY_NOT_SERVED, server_role
+from cdcddp.wal.preflight import STANDBY_NEEDS_PRIMARY, server_role
 
 _ACTIONS = {Begin: "B", Commit: "C"}
 _LSN_FIELDS = ("lsn", "end_lsn")
@@ -92,15 +92,15 @@ def _connect(dsn: str, flag: str = "--dsn") -> psycopg.Connection:
 
 
 def _check_servers(dsn: str, primary_dsn: str | None) -> None:
-    """``dsn`` must be a primary (serving from a standby is not supported yet); ``primary_dsn``,
-    if set, the same cluster's primary. Each problem is one sentence."""
+    """``dsn`` may be a standby (PostgreSQL 16+) only with ``primary_dsn`` naming its primary,
+    where every query goes; each problem is one sentence."""
     with _connect(dsn) as conn:
         standby, version, system = _server_role(conn)
     if standby and version < 160000:
         raise CliError(f"dsn connects to a standby of PostgreSQL {version // 10000}, which "
                        "cannot decode (16 or later can): point --dsn at the primary.")
-    if standby:
-        raise CliError(f"dsn connects to a standby: {STANDBY_NOT_SERVED}")
+    if standby and primary_dsn is None:
+        raise CliError(f"dsn connects to a standby: {STANDBY_NEEDS_PRIMARY}")
     if primary_dsn is None:
         return
     with _connect(primary_dsn, "--primary-dsn") as conn:
@@ -110,7 +110,8 @@ def _check_servers(dsn: str, primary_dsn: str | None) -> None:
                        "primary.")
     if None not in (system, primary_system) and system != primary_system:
         raise CliError("dsn and primary_dsn connect to different clusters (their system "
-                       "identifiers differ): point both at the same primary.")
+                       "identifiers differ): point --dsn at a standby of that primary, or at "
+                       "the primary itself.")
 
 
 def _server_role(conn: psycopg.Connection) -> tuple[bool, int, int | None]:
@@ -277,7 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, json=config.log_json)
     try:
         load_app_or_fail(config.app)
-        # An unusable DSN, or a standby: one sentence naming the flag.
+        # An unusable DSN, or a standby without its primary: one sentence naming the flag.
         _check_servers(config.dsn_value, config.primary_dsn_value)
         _check_listen("listen", config.listen)
         if config.metrics_listen is not None:

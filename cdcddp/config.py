@@ -184,8 +184,8 @@ class Limits(_Section):
 class Config(_Section):
     dsn: SecretStr = Field(description="libpq connection string or postgresql:// URI")
     primary_dsn: SecretStr | None = Field(
-        None, description="where every query goes if not through dsn: the same cluster's "
-        "primary (meant for nodes decoding on standbys, which cannot serve yet)")
+        None, description="when dsn is a standby (PostgreSQL 16+, which then only decodes): "
+        "its primary, where every query goes (not set: dsn)")
     app: str = Field(description="the application to serve, as module:attribute")
     slot: str = Field("cdcddp", description="logical replication slot name")
     temporary_slot: Flag = Field(

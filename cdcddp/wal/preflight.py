@@ -156,10 +156,9 @@ def check_sync_standby_waits(conn: psycopg.Connection) -> Finding:
                    f"role {user!r} sees commits waiting for a synchronous standby.")
 
 
-STANDBY_NOT_SERVED = (
-    "serving from one is not supported yet (the handoff with the standby decoding and every "
-    "query on its primary is still being verified: docs/operations.md); point --dsn at the "
-    "primary.")
+STANDBY_NEEDS_PRIMARY = (
+    "give its primary as primary_dsn (--primary-dsn): the standby decodes, and every query, "
+    "read or write, goes to the primary.")
 
 
 def server_role(conn: psycopg.Connection) -> tuple[bool, int]:
@@ -170,10 +169,9 @@ def server_role(conn: psycopg.Connection) -> tuple[bool, int]:
     return bool(standby), int(version)
 
 
-def check_standby(conn: psycopg.Connection) -> list[Finding]:
-    """A standby can decode from PostgreSQL 16 on (``cdcddp tail``), with
-    ``hot_standby_feedback`` keeping the rows its slots need on the primary; cdcddp does not
-    serve from one yet."""
+def check_standby(conn: psycopg.Connection, primary_dsn: str | None) -> list[Finding]:
+    """A standby can feed cdcddp from PostgreSQL 16 on, with its primary for every query and
+    ``hot_standby_feedback`` keeping the rows its slots need on the primary."""
     standby, version = server_role(conn)
     if not standby:
         return [Finding("ok", "primary", "the server is a primary.")]
@@ -181,9 +179,10 @@ def check_standby(conn: psycopg.Connection) -> list[Finding]:
         return [Finding("error", "standby_too_old",
                         f"the server is a standby of PostgreSQL {version // 10000}, which "
                         "cannot decode (16 or later can): point --dsn at the primary.")]
-    findings = [Finding("ok", "standby", "the server is a standby that can decode."),
-                Finding("error", "standby_not_served",
-                        f"the server is a standby: {STANDBY_NOT_SERVED}")]
+    findings = [Finding("ok", "standby", "the server is a standby that can decode.")]
+    if primary_dsn is None:
+        findings.append(Finding("error", "standby_without_primary",
+                                f"the server is a standby: {STANDBY_NEEDS_PRIMARY}"))
     if conn.execute("SHOW hot_standby_feedback").fetchone() != ("on",):
         findings.append(Finding(
             "warning", "hot_standby_feedback",
@@ -203,10 +202,9 @@ def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = 
     with conn:
         findings = [check_wal_level(conn), check_replication_privilege(conn),
                     check_wal_keep_size(conn), check_sync_standby_waits(conn)]
-        roles = check_standby(conn)
+        roles = check_standby(conn, primary_dsn)
         findings.extend(roles)
-        # (A standby can still feed cdcddp tail: its plugin is checked too.)
-        if not errors(f for f in findings if f.code != "standby_not_served"):
+        if not errors(findings):
             standby = roles[0].code == "standby"
             with slots.running_xacts_logged(primary_dsn if standby else None):
                 findings.append(check_plugin(conn, plugin))
