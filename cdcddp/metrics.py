@@ -97,7 +97,7 @@ class LookupFigures(Protocol):
     """What :meth:`Metrics.sync_live` reads of ``cdcddp.publish.lookup.BatchedLookups``."""
 
     batches: int
-    outcomes: Mapping[str, int]
+    outcomes: Mapping[tuple[str, str], int]  # (publication, outcome) -> runs
 
 
 class LiveFigures(Protocol):
@@ -110,7 +110,7 @@ class LiveFigures(Protocol):
     behind_skips: int
     catch_up_timeouts: int
     invisible_delivered_retries: int
-    row_watches_fired: int
+    row_watches_fired: Mapping[str, int]  # publication -> lookups told to run again
     resync_reasons: Mapping[str, int]
     change_counts: Mapping[tuple[str, str, type], int] | None
 
@@ -304,10 +304,10 @@ class Metrics:
             "for a synchronous standby that does not answer).", registry=r)
         self.lookup_runs = Counter(
             "cdcddp_lookup_runs_total",
-            "Publication functions that read rows (lookups), by outcome: ok, error (it "
-            "raised), shared (took the result of an identical run in its batch), too_early "
-            "(its snapshot lacked the commit it must see: queued again).", ["outcome"],
-            registry=r)
+            "Runs of publication functions that read rows (lookups), by publication and "
+            "outcome: ok, error (it raised), shared (took the result of an identical run in "
+            "its batch), too_early (its snapshot lacked the commit it must see: queued "
+            "again).", ["publication", "outcome"], registry=r)
         self.lookup_batches = Counter(
             "cdcddp_lookup_batches_total",
             "Transactions the lookups ran in (the functions waiting at once share one).",
@@ -315,7 +315,7 @@ class Metrics:
         self.lookup_row_changes = Counter(
             "cdcddp_lookup_row_changes_total",
             "Times a committed change to a row a lookup read told its subscription to run "
-            "its function again.", registry=r)
+            "its function again, by publication.", ["publication"], registry=r)
         self.observers = Gauge(
             "cdcddp_observers", "Live observers (distinct publication queries).", registry=r)
         self.observer_documents = Gauge(
@@ -477,11 +477,13 @@ class Metrics:
         self.add_total("snapshot_retakes", self.snapshot_retakes,
                        live.invisible_delivered_retries)
         lookups = live.lookups
-        for outcome, total in list(lookups.outcomes.items()):
-            self.add_total(("lookup_runs", outcome),
-                           self.lookup_runs.labels(outcome=outcome), total)
+        for (publication, outcome), total in list(lookups.outcomes.items()):
+            self.add_total(("lookup_runs", publication, outcome), self.lookup_runs.labels(
+                publication=self._publication(publication), outcome=outcome), total)
         self.add_total("lookup_batches", self.lookup_batches, lookups.batches)
-        self.add_total("lookup_row_changes", self.lookup_row_changes, live.row_watches_fired)
+        for publication, total in list(live.row_watches_fired.items()):
+            self.add_total(("lookup_row_changes", publication), self.lookup_row_changes.labels(
+                publication=self._publication(publication)), total)
         for reason, total in list(live.resync_reasons.items()):
             self.add_total(("resync", reason), self.resyncs.labels(reason=self._reason(reason)),
                            total)

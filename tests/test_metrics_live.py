@@ -181,7 +181,7 @@ async def test_every_metric_moves_with_its_event(db_dsn: str) -> None:
                 await asql(db_dsn, "INSERT INTO other (id, note) VALUES (1, 'a')")
                 await client.subscribe("items.gated", {"gate": 1})
                 await asql(db_dsn, "UPDATE other SET note = 'b' WHERE id = 1")
-                await client.wait_for(lambda: server.live.lookups.outcomes["ok"] >= 2, 10)
+                await client.wait_for(lambda: server.live.lookups.count("ok") >= 2, 10)
 
                 # Methods: handler-style ok / MeteorError / internal, unknown, typed.
                 assert await client.call("echo", 1) == [1]
@@ -208,9 +208,11 @@ async def test_every_metric_moves_with_its_event(db_dsn: str) -> None:
                     assert at(samples, "cdcddp_changes_applied_total",
                               table="items", action=action) >= 1, action
                 assert at(samples, "cdcddp_transactions_applied_total") >= 3
-                assert at(samples, "cdcddp_lookup_runs_total", outcome="ok") >= 2
+                assert at(samples, "cdcddp_lookup_runs_total", publication="items.gated",
+                          outcome="ok") >= 2
                 assert at(samples, "cdcddp_lookup_batches_total") >= 2
-                assert at(samples, "cdcddp_lookup_row_changes_total") >= 1
+                assert at(samples, "cdcddp_lookup_row_changes_total",
+                          publication="items.gated") >= 1
                 assert at(samples, "cdcddp_replication_dropped_change_warnings_total") >= 1
                 for method, outcome in (("echo", "ok"), ("boom_meteor", "error"),
                                         ("boom_internal", "internal_error"),

@@ -173,7 +173,8 @@ async def _run_batch_of(database: Database, resolvers: list[Any], *, delivered: 
         with trio.CancelScope() as scope:
             task_status.started(scope)
             try:
-                outcomes[index] = await lookups.run(resolve, same_as=keys[index])
+                outcomes[index] = await lookups.run(resolve, same_as=keys[index],
+                                                    publication=f"p{keys[index]}")
             except Exception as exc:
                 outcomes[index] = exc
 
@@ -278,7 +279,9 @@ async def test_runs_of_the_same_inputs_in_a_batch_share_one_result(db_dsn: str) 
     finally:
         database.close()
     assert ran == ["a1", "b1", "none1", "none2", "c1", "c2"]
-    assert lookups.outcomes == {"ok": 4, "error": 2, "shared": 2, "too_early": 0}
+    assert lookups.outcomes == {("pa", "ok"): 1, ("pa", "shared"): 2, ("pb", "ok"): 1,
+                                ("pNone", "ok"): 2, ("pc", "error"): 2}
+    assert [lookups.count(o) for o in ("ok", "shared", "error", "too_early")] == [4, 2, 2, 0]
     assert outcomes[2] is outcomes[0] and outcomes[7] is outcomes[0]
     assert outcomes[1] is not outcomes[0] and outcomes[4] is not outcomes[3]
     assert outcomes[0].dependencies == {("public", "lists", ("l",)): {"id": "l",
@@ -330,7 +333,7 @@ async def test_a_function_waiting_for_a_commit_holds_up_no_other(db_dsn: str) ->
                 nursery.start_soon(run, "after the commit", xid)
                 while lookups.batches < 3:  # tried, and queued again
                     await trio.sleep(0.01)
-                assert lookups.outcomes["too_early"] >= 2
+                assert lookups.count("too_early") >= 2
                 with trio.fail_after(5):
                     await run("any snapshot", 0)
                     # Past its timeout, a function waits no more: any snapshot will do.

@@ -365,6 +365,7 @@ class LiveData:
         # watched row's callbacks run with the xid of a committed transaction that changed it.
         # Watched row -> callback -> what that watch's lookup read of it.
         self._row_watchers: dict[Dependency, dict[RowWatcher, dict[str, Any] | None]] = {}
+        self._row_watch_publications: dict[RowWatcher, str] = {}  # (metrics)
         # The last change to each row of the tables lookups read (lookup guard, watchers).
         self._row_changes = RecentRowChanges()
         # Publication functions that read rows, run in batches by a quarter of the pool's
@@ -391,7 +392,8 @@ class LiveData:
         self.skipped_by_snapshot = 0
         self.last_commit_end_lsn = 0
         self.invisible_delivered_retries = 0
-        self.row_watches_fired = 0  # lookups told a row they read changed (each runs again)
+        # Lookups told a row they read changed (each runs again), by publication.
+        self.row_watches_fired: Counter[str] = Counter()
         self.commits_out_of_order = 0  # the stream broke its contract (should stay 0)
         # Schema changes: the last shape the stream showed per table; observers whose
         # snapshot saw another one, resynced at the next commit.
@@ -952,12 +954,15 @@ class LiveData:
                             "every observer", self.behind_bytes, limit)
                 stream.skip_backlog()
 
-    def watch_rows(self, dependencies: ReadRows, callback: RowWatcher) -> Callable[[], None]:
+    def watch_rows(self, dependencies: ReadRows, callback: RowWatcher, publication: str = ""
+                   ) -> Callable[[], None]:
         """Call ``callback(xid)`` after each committed transaction (applied, clients flushed)
         that changed one of ``dependencies`` (``(schema, table, key)``, key: primary-key
         values) so that what was read of it (the values, or None: no such row) no longer
-        holds, or truncated its table. Returns the function that stops watching."""
+        holds, or truncated its table. Returns the function that stops watching.
+        ``publication`` labels its calls in :attr:`row_watches_fired`."""
         deps = dict(dependencies)
+        self._row_watch_publications[callback] = publication
         for dep, read in deps.items():
             self._row_watchers.setdefault(dep, {})[callback] = read
             self._row_changes.follow((dep[0], dep[1]), self._commits_seen)
@@ -970,6 +975,7 @@ class LiveData:
                     if not watchers:
                         del self._row_watchers[dep]
             deps.clear()
+            self._row_watch_publications.pop(callback, None)
         return unwatch
 
     @property
@@ -1056,8 +1062,9 @@ class LiveData:
         return due
 
     def _run_row_watchers(self, callbacks: set[RowWatcher], xid: int) -> None:
-        self.row_watches_fired += len(callbacks)
+        fired, publications = self.row_watches_fired, self._row_watch_publications
         for callback in callbacks:
+            fired[publications.get(callback, "")] += 1
             try:
                 callback(xid)
             except Exception:

@@ -20,7 +20,7 @@ changed rows by primary key, so ``key_columns`` must be the table's primary key.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -232,6 +232,7 @@ class _LookupRun:
     after_xid: int  # its snapshot must see this transaction (0: any) ...
     insist: bool  # ... or, once the caller gave up waiting for that, any snapshot
     same_as: Hashable | None  # runs of one batch with equal keys share a result (None: never)
+    publication: str  # whose function it is (metrics)
     done: trio.Event = field(default_factory=trio.Event)
     abandoned: bool = False  # its caller stopped waiting (cancelled)
     too_early: bool = False  # not run: the batch's snapshot lacked after_xid
@@ -270,17 +271,24 @@ class BatchedLookups:
         self._delivered = delivered  # transactions the stream has delivered so far
         self._send, self._receive = trio.open_memory_channel[_LookupRun](math.inf)
         self.batches = 0  # transactions run (figures, tests)
-        # Runs by what became of them (metrics): "ok" and "error" (the function ran and
-        # returned or raised), "shared" (took an identical run's result), "too_early" (the
-        # snapshot lacked the commit it must see: queued again). Counted on the trio thread.
-        self.outcomes: dict[str, int] = dict.fromkeys(("ok", "error", "shared", "too_early"), 0)
+        # Runs by publication and by what became of them (metrics): "ok" and "error" (the
+        # function ran and returned or raised), "shared" (took an identical run's result),
+        # "too_early" (the snapshot lacked the commit it must see: queued again). Counted on
+        # the trio thread.
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+
+    def count(self, outcome: str) -> int:
+        """Runs with ``outcome``, over every publication."""
+        return sum(n for (_, o), n in list(self.outcomes.items()) if o == outcome)
 
     async def run(self, resolve: Callable[[SqlRowLookup], T], after_xid: int = 0,
-                  timeout: float = 10.0, same_as: Hashable | None = None) -> LookupResult[T]:
+                  timeout: float = 10.0, same_as: Hashable | None = None,
+                  publication: str = "") -> LookupResult[T]:
         """``resolve(lookup)`` in a worker thread, under a snapshot that sees ``after_xid``
         (32-bit; 0: any), with the rows it read; raises what it raised. ``same_as``: a key
         saying which runs compute the same thing (their result is shared within a batch; a
-        shared result must not be changed by its receivers).
+        shared result must not be changed by its receivers). ``publication`` labels its
+        outcome in :attr:`outcomes`.
 
         A commit is decoded a moment before it is visible (longer while it waits for a
         synchronous standby): while a batch's snapshot lacks ``after_xid``, it is queued
@@ -290,7 +298,7 @@ class BatchedLookups:
         delay = 0.001
         while True:
             run = _LookupRun(resolve, after_xid, insist=trio.current_time() < deadline,
-                             same_as=same_as)
+                             same_as=same_as, publication=publication)
             self._send.send_nowait(run)
             try:
                 await run.done.wait()
@@ -330,11 +338,11 @@ class BatchedLookups:
                 for run in batch:
                     run.done.set()
                     if run.too_early:
-                        outcomes["too_early"] += 1
+                        outcomes[run.publication, "too_early"] += 1
                     elif run.error is not None:
-                        outcomes["error"] += 1
+                        outcomes[run.publication, "error"] += 1
                     elif run.result is not None:
-                        outcomes["shared" if run.shared else "ok"] += 1
+                        outcomes[run.publication, "shared" if run.shared else "ok"] += 1
 
 
 def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],

@@ -553,7 +553,8 @@ class Connection:
 
             result = await self.live.lookups.run(
                 lambda lookup: publication.resolve(sub.params, user_id, lookup), after_xid,
-                same_as=publication.inputs_key(sub.params, user_id))
+                same_as=publication.inputs_key(sub.params, user_id),
+                publication=_publication_name(sub))
             sub.lookup_guard = result.guard
             return result.value, result.dependencies
         return publication.resolve(sub.params, user_id), None
@@ -565,7 +566,8 @@ class Connection:
             sub.unwatch = None
         if dependencies and self.live is not None and not sub.stopped:
             sub.unwatch = self.live.watch_rows(
-                dependencies, functools.partial(self._dependency_changed, sub))
+                dependencies, functools.partial(self._dependency_changed, sub),
+                _publication_name(sub))
             # A change committed between the lookup's read and this watch went unseen: if one
             # may have, run the lookup again.
             guard, sub.lookup_guard = sub.lookup_guard, None
