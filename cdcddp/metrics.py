@@ -306,8 +306,8 @@ class Metrics:
             "cdcddp_lookup_runs_total",
             "Runs of publication functions that read rows (lookups), by publication and "
             "outcome: ok, error (it raised), shared (took the result of an identical run in "
-            "its batch), too_early (its snapshot lacked the commit it must see: queued "
-            "again).", ["publication", "outcome"], registry=r)
+            "its batch, or a recent one), too_early (its snapshot lacked the commit it must "
+            "see: queued again).", ["publication", "outcome"], registry=r)
         self.lookup_batches = Counter(
             "cdcddp_lookup_batches_total",
             "Transactions the lookups ran in (the functions waiting at once share one).",

@@ -11,6 +11,7 @@ import trio.testing
 from pydantic import BaseModel
 
 from cdcddp.db import Database
+from cdcddp.publish import lookup as lookup_module
 from cdcddp.publish.definition import Cursor, PublicationError, Publications
 from cdcddp.publish.filters import C
 from cdcddp.publish.lookup import BatchedLookups, RecentRowChanges, SqlRowLookup, read_differs
@@ -287,6 +288,69 @@ async def test_runs_of_the_same_inputs_in_a_batch_share_one_result(db_dsn: str) 
     assert outcomes[0].dependencies == {("public", "lists", ("l",)): {"id": "l",
                                                                       "user_id": "u1"}}
     assert [str(o) for o in outcomes[5:7]] == ["c1", "c2"]
+
+
+async def test_a_result_is_reused_by_later_batches_until_a_table_it_read_changes(
+        db_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later run with the same inputs takes a recent result (its guard included) instead of
+    running; not once a table it read changed after its snapshot began, not past
+    _REUSE_SECONDS, not when its snapshot lacks the run's transaction, never without a key,
+    and never an error."""
+    await _create_lists(db_dsn)
+    ran: list[str] = []
+    reads = functools.partial(_reads_list, ran)
+    changed: dict[str, int] = {}  # table name -> delivery number of its last change
+    delivered = 0
+
+    def changed_since(tables: Any, number: int) -> bool:
+        return any(changed.get(table, 0) > number for _, table in tables)
+
+    def fails(lookup: SqlRowLookup) -> Any:
+        ran.append("fails")
+        raise ValueError("no")
+
+    database = Database(db_dsn, size=2)
+    lookups = BatchedLookups(database, lambda: delivered, changed_since)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookups.serve)
+            first = await lookups.run(reads("first"), same_as="a", publication="p")
+            again = await lookups.run(reads("again"), same_as="a", publication="p")
+            assert again is first and ran == ["first"]
+            assert lookups.outcomes == {("p", "ok"): 1, ("p", "shared"): 1}
+            await lookups.run(reads("other key"), same_as="b")
+            await lookups.run(reads("no key"))
+            await lookups.run(reads("no key again"))
+            assert ran == ["first", "other key", "no key", "no key again"]
+
+            # A change to another table leaves it reusable; one to lists does not.
+            delivered = 3
+            changed["users"] = 3
+            assert await lookups.run(reads("x"), same_as="a") is first
+            changed["lists"] = 3
+            fresh = await lookups.run(reads("after a change"), same_as="a")
+            assert fresh is not first and ran[-1] == "after a change"
+            assert fresh.guard[0] == 3
+            assert await lookups.run(reads("x"), same_as="a") is fresh
+
+            # A run that must see a transaction its snapshot lacks runs itself.
+            (xid,), = await trio.to_thread.run_sync(lambda: sql(
+                db_dsn, "SELECT txid_current() % (2^32)::bigint"))
+            seen = await lookups.run(reads("must see"), after_xid=xid, same_as="a")
+            assert seen is not fresh and ran[-1] == "must see"
+
+            monkeypatch.setattr(lookup_module, "_REUSE_SECONDS", 0.05)
+            await trio.sleep(0.1)
+            assert await lookups.run(reads("too old"), same_as="a") is not seen
+            assert ran[-1] == "too old"
+
+            for _ in range(2):
+                with pytest.raises(ValueError):
+                    await lookups.run(fails, same_as="f")
+            assert ran[-2:] == ["fails", "fails"]
+            nursery.cancel_scope.cancel()
+    finally:
+        database.close()
 
 
 def test_inputs_keys_tell_parameters_apart_by_value_and_type() -> None:

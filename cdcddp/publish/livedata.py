@@ -370,7 +370,8 @@ class LiveData:
         self._row_changes = RecentRowChanges()
         # Publication functions that read rows, run in batches by a quarter of the pool's
         # threads at most (see BatchedLookups).
-        self.lookups = BatchedLookups(database, lambda: self._commits_seen)
+        self.lookups = BatchedLookups(database, lambda: self._commits_seen,
+                                      self._tables_changed_since)
         self._lookup_runners = max(1, database.size // 4)
         self._last_gap = 0  # delivery number a stream gap took (lookup guard)
         # Delivery number of the last transaction that changed each table (lookup guard).
@@ -1012,9 +1013,17 @@ class LiveData:
             log.follow(table, self._commits_seen)
         if missed is not None:
             return missed[1]
-        if any(self._table_changed_at.get(t, 0) > delivered_before for t in tables):
+        if self._tables_changed_since(tables, delivered_before):
             return 0
         return None
+
+    def _tables_changed_since(self, tables: Iterable[TableName], delivered: int) -> bool:
+        """Could a transaction delivered after the first ``delivered`` have changed one of
+        ``tables``? (A stream gap since: yes, whatever it skipped is unknown.)"""
+        if self._last_gap > delivered:
+            return True
+        changed_at = self._table_changed_at
+        return any(changed_at.get(table, 0) > delivered for table in tables)
 
     def _rows_changed(self, event: Any, rows: dict[Dependency, Row | None]) -> None:
         """Note in ``rows`` each row a change touches, with its image after it (None: the

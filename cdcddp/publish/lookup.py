@@ -215,6 +215,12 @@ class RecentRowChanges:
 T = TypeVar("T")
 
 _LOOKUP_BATCH_MAX = 128  # functions run under one snapshot at most
+# A result is reused by later runs of the same function with the same inputs for this long
+# (while no table it read changed): a burst of subscriptions (1,000 clients reconnecting)
+# then runs it once instead of once per batch; a function that looks at the clock is at
+# most this stale for a new subscriber.
+_REUSE_SECONDS = 1.0
+_REUSE_MAX = 4096  # results kept for reuse at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,11 +270,24 @@ class BatchedLookups:
     gives the same result, so it runs once: the others take its result (its value and the
     rows it read). The guard against changes its snapshot missed is the same as for a
     function run alone.
+
+    A successful result is also reused by later runs with its ``same_as`` for
+    ``_REUSE_SECONDS``, as long as ``changed_since`` says that no table it read was changed
+    by a transaction delivered after its snapshot began (and its snapshot sees the run's
+    ``after_xid``). It carries its original guard, so a change that snapshot lacked still
+    makes the receiver run again.
     """
 
-    def __init__(self, database: Database, delivered: Callable[[], int]) -> None:
+    def __init__(self, database: Database, delivered: Callable[[], int],
+                 changed_since: Callable[[Iterable[TableName], int], bool] | None = None
+                 ) -> None:
         self._database = database
         self._delivered = delivered  # transactions the stream has delivered so far
+        # (tables, delivery number) -> did a transaction delivered after it change one?
+        # None: results are not reused across batches.
+        self._changed_since = changed_since
+        # same_as -> (when it was computed, its result), oldest first.
+        self._recent: OrderedDict[Hashable, tuple[float, LookupResult[Any]]] = OrderedDict()
         self._send, self._receive = trio.open_memory_channel[_LookupRun](math.inf)
         self.batches = 0  # transactions run (figures, tests)
         # Runs by publication and by what became of them (metrics): "ok" and "error" (the
@@ -294,6 +313,9 @@ class BatchedLookups:
         synchronous standby): while a batch's snapshot lacks ``after_xid``, it is queued
         again a moment later (by this caller, not holding up the batch), and after
         ``timeout`` seconds any snapshot will do."""
+        if same_as is not None and (reused := self._reusable(same_as, after_xid)) is not None:
+            self.outcomes[publication, "shared"] += 1
+            return reused
         deadline = trio.current_time() + timeout
         delay = 0.001
         while True:
@@ -312,6 +334,28 @@ class BatchedLookups:
             raise run.error
         assert run.result is not None
         return run.result
+
+    def _reusable(self, same_as: Hashable, after_xid: int) -> LookupResult[Any] | None:
+        entry = self._recent.get(same_as)
+        if entry is None or self._changed_since is None:
+            return None
+        computed_at, result = entry
+        delivered_before, snapshot = result.guard
+        if trio.current_time() - computed_at > _REUSE_SECONDS or self._changed_since(
+                {(schema, table) for schema, table, _ in result.dependencies},
+                delivered_before):
+            del self._recent[same_as]
+            return None
+        if after_xid and not snapshot.is_visible(after_xid):
+            return None
+        return result
+
+    def _keep(self, same_as: Hashable, result: LookupResult[Any]) -> None:
+        recent = self._recent
+        recent.pop(same_as, None)
+        recent[same_as] = (trio.current_time(), result)
+        while len(recent) > _REUSE_MAX:
+            recent.popitem(last=False)
 
     async def serve(self) -> None:
         """Run queued functions, all those waiting (up to a batch) in one transaction; the
@@ -343,6 +387,8 @@ class BatchedLookups:
                         outcomes[run.publication, "error"] += 1
                     elif run.result is not None:
                         outcomes[run.publication, "shared" if run.shared else "ok"] += 1
+                        if not run.shared and run.same_as is not None:
+                            self._keep(run.same_as, run.result)
 
 
 def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
