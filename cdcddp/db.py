@@ -17,6 +17,7 @@ shared with the stream and reloaded when a query meets a type it does not know.
 
 from __future__ import annotations
 
+import select
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Final, TypeVar
@@ -205,6 +206,20 @@ def execute_as_decoded(conn: psycopg.Connection[Any], query: Query, params: Any 
     return cursor
 
 
+def _usable(conn: psycopg.Connection[Any]) -> bool:
+    """Is an idle pooled connection still open? The server says something to an idle
+    session only when it ends it (restarted, failed over, the backend terminated: a FATAL
+    message, then the socket closes), so a readable socket means it is gone; without this
+    check its next user (a method call: a 500) would find out."""
+    if conn.closed or conn.broken:
+        return False
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable
+
+
 class Database:
     """A bounded pool of psycopg connections used from worker threads.
 
@@ -234,8 +249,9 @@ class Database:
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()
-                if not conn.closed and not conn.broken:
+                if _usable(conn):
                     break
+                conn.close()
             else:
                 conn = None
         if conn is None:

@@ -45,6 +45,21 @@ async def test_concurrent_calls_are_bounded_by_the_pool(db_dsn: str) -> None:
         db.close()
 
 
+async def test_an_idle_connection_the_server_ended_is_not_handed_out(db_dsn: str) -> None:
+    """The server ends idle sessions when it restarts or fails over, or an operator
+    terminates them: the pool opens a new connection instead of handing out a dead one."""
+    db = Database(db_dsn, size=2)
+    try:
+        (pid,), = await db.fetchall("SELECT pg_backend_pid()")
+        with psycopg.connect(db_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+        (new_pid,), = await db.fetchall("SELECT pg_backend_pid()")
+        assert new_pid != pid
+        assert len(db._idle) == 1
+    finally:
+        db.close()
+
+
 async def test_values_load_as_the_stream_decodes_them(db_dsn: str) -> None:
     """Pooled connections load what psycopg would refuse or load otherwise (see
     tests/test_sql_values.py for every type) as the decoder does, user arrays included."""
