@@ -202,6 +202,51 @@ async def test_a_node_on_a_standby_decodes_there_and_queries_its_primary(pair: P
     assert "Traceback" not in output and "WARNING" not in output, output
 
 
+async def test_a_node_on_a_standby_carries_on_when_the_standby_is_promoted() -> None:
+    """Failover with the node on the standby: ``primary_dsn`` lists both servers with
+    ``target_session_attrs=read-write``, so once the primary is gone and the standby
+    promoted, the node's queries and methods reach the promoted server; its slot and stream
+    (on the promoted server all along) carry on, with no change lost and no resync."""
+    with throwaway_cluster("cdcddp-primary-", chroot=_postgres17(),
+                           bindir=PG17_BINDIR) as primary, \
+            streaming_standby(primary) as standby:
+        sql(primary.dsn(), "CREATE DATABASE failover")
+        primary_dsn, standby_dsn = primary.dsn("failover"), standby.dsn("failover")
+        sql(primary_dsn, (ROOT / "schema/accounts.sql").read_text(),
+            (ROOT / "schema/todos.sql").read_text(),
+            "INSERT INTO lists (id, name) VALUES ('before', 'in the snapshot')")
+        wait_replayed(primary.dsn(), standby.dsn())
+        either = (f"host=127.0.0.1,127.0.0.1 port={primary.port},{standby.port} "
+                  f"user={primary.superuser} dbname=failover target_session_attrs=read-write")
+        async with serving(standby_dsn, "failover", TODOS,
+                           env={"CDCDDP_PRIMARY_DSN": either}) as served, \
+                connect(served.url) as client:
+            await client.subscribe("lists.public")
+            assert names(client) == {"before": "in the snapshot"}
+            await client.call("lists.insert", {"name": "on the primary"}, wait_updated=True)
+
+            # The primary is lost; its last commit reached the standby (synchronous
+            # replication would ensure that): the standby is promoted.
+            sql(primary_dsn, "INSERT INTO lists (id, name) VALUES ('last', 'last commit')")
+            wait_replayed(primary_dsn, standby_dsn)
+            primary.stop("immediate")
+            assert sql(standby_dsn, "SELECT pg_promote()") == [(True,)]
+            await client.wait_for(lambda: names(client).get("last") == "last commit", 10)
+
+            # A method now writes on the promoted server, and its change reaches the client
+            # through the same slot.
+            with trio.fail_after(30):
+                list_id = await client.call("lists.insert", {"name": "after the failover"},
+                                            wait_updated=True)
+            assert names(client)[list_id] == "after the failover"
+            sql(standby_dsn, "UPDATE lists SET name = 'any writer' WHERE id = 'before'")
+            await client.wait_for(lambda: names(client)["before"] == "any writer", 10)
+            output = served.output()
+        assert "Traceback" not in output, output
+        assert sql(standby_dsn, "SELECT count(*) FROM pg_replication_slots WHERE "
+                                "slot_name = 'failover'") == [(1,)]
+
+
 def test_serve_refuses_a_standby_without_its_primary_in_one_sentence(pair: Pair) -> None:
     _, standby_dsn = pair.database()
 
