@@ -213,11 +213,12 @@ def _usable(conn: psycopg.Connection[Any]) -> bool:
     check its next user (a method call: a 500) would find out."""
     if conn.closed or conn.broken:
         return False
+    poller = select.poll()  # (select() fails on descriptors past 1023: a busy server's are)
     try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    except (OSError, ValueError, psycopg.Error):
+        poller.register(conn.fileno(), select.POLLIN)
+        return not poller.poll(0)
+    except (OSError, psycopg.Error):
         return False
-    return not readable
 
 
 class Database:

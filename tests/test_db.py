@@ -1,5 +1,7 @@
 """The thread-backed connection pool used from trio."""
 
+import os
+import resource
 from datetime import UTC, date, datetime, timedelta
 
 import psycopg
@@ -58,6 +60,26 @@ async def test_an_idle_connection_the_server_ended_is_not_handed_out(db_dsn: str
         assert len(db._idle) == 1
     finally:
         db.close()
+
+
+async def test_a_pooled_connection_past_descriptor_1023_is_reused(db_dsn: str) -> None:
+    """A server with thousands of clients opens its pool's connections on high descriptors
+    (select() refuses those): they are still checked and reused, not reopened each time."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files ({hard}) is too low")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    db = Database(db_dsn, size=2)
+    try:
+        (pid,), = await db.fetchall("SELECT pg_backend_pid()")
+        assert db._idle[0].fileno() > 1023
+        assert await db.fetchall("SELECT pg_backend_pid()") == [(pid,)]
+    finally:
+        db.close()
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_values_load_as_the_stream_decodes_them(db_dsn: str) -> None:
