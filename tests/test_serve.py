@@ -362,6 +362,47 @@ def one_sentence(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+async def test_a_node_rides_out_a_postgresql_restart() -> None:
+    """PostgreSQL restarts (a minor upgrade, say) under a serving node: clients stay
+    connected with their documents, and afterwards every part works at its first use —
+    the stream (changes committed right after the restart arrive), methods and logins (no
+    500 from a pooled connection the restart closed), new subscriptions, lookups."""
+    import hashlib
+
+    from cdcddp.devcluster import throwaway_cluster
+
+    with throwaway_cluster("cdcddp-restart-") as cluster:
+        dsn = cluster.dsn()
+        async with serving(dsn, "restarted") as served, connect(served.url) as client:
+            digest = {"digest": hashlib.sha256(b"pw").hexdigest(), "algorithm": "sha-256"}
+            await client.call("createUser", {"username": "ann", "password": digest})
+            await client.subscribe("lists.public")
+            list_id = await client.call("lists.insert", {"name": "before"}, wait_updated=True)
+            await client.subscribe("todos.inList", {"listId": list_id})
+            await client.call("todos.insert", {"listId": list_id, "text": "milk"},
+                              wait_updated=True)
+
+            await trio.to_thread.run_sync(cluster.restart)
+            sql(dsn, f"UPDATE lists SET name = 'after' WHERE id = '{list_id}'")
+            await client.wait_for(lambda: names(client)[list_id] == "after", 30)
+            assert len(client.collections["todos"]) == 1
+
+            other = await client.call("lists.insert", {"name": "by method"},
+                                      wait_updated=True)
+            assert names(client)[other] == "by method"
+            await client.call("todos.insert", {"listId": list_id, "text": "eggs"},
+                              wait_updated=True)
+            assert sorted(t["text"] for t in client.collections["todos"].values()) == [
+                "eggs", "milk"]
+            async with connect(served.url) as second:
+                await second.call("login", {"user": {"username": "ann"}, "password": digest})
+                await second.subscribe("todos.inList", {"listId": other})
+                await second.subscribe("lists.public")
+                assert names(second) == names(client)
+            output = served.output()
+        assert "Traceback" not in output, output
+
+
 def test_misconfigurations_exit_with_one_sentence(db_dsn: str) -> None:
     unreachable = one_sentence(run_serve(
         TODOS, "--dsn", "host=127.0.0.1 port=1 dbname=x user=x connect_timeout=2"))
