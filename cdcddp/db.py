@@ -17,6 +17,7 @@ shared with the stream and reloaded when a query meets a type it does not know.
 
 from __future__ import annotations
 
+import logging
 import select
 import threading
 from collections.abc import Callable, Iterable
@@ -206,6 +207,21 @@ def execute_as_decoded(conn: psycopg.Connection[Any], query: Query, params: Any 
     return cursor
 
 
+log = logging.getLogger(__name__)
+
+# A snapshot run (read-only) that PostgreSQL aborted over concurrency is run again, this many
+# times at most: waiting for a lock, a read can be the one a deadlock among writers cancels.
+_TRANSIENT_RETRIES = 3
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Did PostgreSQL abort the transaction over concurrency (a deadlock victim, a
+    serialization failure, a standby's recovery conflict), so that the same read-only work
+    may well succeed in a new one?"""
+    return isinstance(exc, (psycopg.errors.DeadlockDetected,
+                            psycopg.errors.SerializationFailure))
+
+
 def _usable(conn: psycopg.Connection[Any]) -> bool:
     """Is an idle pooled connection still open? The server says something to an idle
     session only when it ends it (restarted, failed over, the backend terminated: a FATAL
@@ -240,6 +256,7 @@ class Database:
         # from the short calls of run().
         self.holders = trio.CapacityLimiter(size)
         self._closed = False
+        self.transient_retries = 0  # snapshot runs PostgreSQL aborted, run again (tests)
 
     def _connect(self) -> psycopg.Connection[Any]:
         return connect(self.dsn, self.types, self.application_name)
@@ -286,11 +303,23 @@ class Database:
 
     async def run(self, fn: Callable[..., T], *args: Any, snapshot: bool = False) -> T:
         """Run ``fn(conn, *args)`` in one transaction on a pooled connection; with
-        ``snapshot``, a REPEATABLE READ, READ ONLY one (all its reads see one snapshot)."""
+        ``snapshot``, a REPEATABLE READ, READ ONLY one (all its reads see one snapshot),
+        run again in a new one if PostgreSQL aborts it over concurrency (:func:`is_transient`:
+        ``fn`` must let such an error through, and may then run more than once)."""
         if self._closed:
             raise RuntimeError("database pool is closed")
-        return await trio.to_thread.run_sync(self._call, fn, args, snapshot,
-                                             limiter=self._limiter)
+        retries = _TRANSIENT_RETRIES if snapshot else 0
+        while True:
+            try:
+                return await trio.to_thread.run_sync(self._call, fn, args, snapshot,
+                                                     limiter=self._limiter)
+            except psycopg.Error as exc:
+                if not retries or not is_transient(exc):
+                    raise
+                retries -= 1
+                self.transient_retries += 1
+                log.info("a read was aborted over concurrency (%s); reading again",
+                         str(exc).strip().splitlines()[0])
 
     async def fetchall(self, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
         def go(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:

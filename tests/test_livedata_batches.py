@@ -137,6 +137,44 @@ async def test_a_failing_read_does_not_fail_the_others_in_its_transaction(db_dsn
         assert await live.database.fetchall("SELECT 1") == [(1,)]
 
 
+async def test_a_read_chosen_as_a_deadlock_victim_is_read_again(db_dsn: str) -> None:
+    """Waiting for a lock, a snapshot read can end up in a deadlock with writers, and
+    PostgreSQL may cancel the read to break it: the reads are then read again in a new
+    transaction, and no subscription gets the error."""
+    async with live_server(db_dsn) as server:
+        live = server.live
+        assert live is not None
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'one')",
+                   "INSERT INTO other (note) VALUES ('x')")
+        items = Cursor("items", fields=["title"]).bind()
+        other = Cursor("other", fields=["note"]).bind()
+        reads = [SnapshotRead(items, row_list), SnapshotRead(other, row_list)]
+        locker = await trio.to_thread.run_sync(
+            lambda: psycopg.connect(db_dsn, autocommit=True))
+        try:
+            # The writer holds other and will want items, which the read (items first, in
+            # one transaction) holds while it waits for other: a cycle. The read's server
+            # process looks for deadlocks first (deadlock_timeout, 1 s; the writer's 60 s).
+            locker.execute("BEGIN")
+            locker.execute("SET LOCAL deadlock_timeout = '60s'")
+            locker.execute("LOCK TABLE other IN ACCESS EXCLUSIVE MODE")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(live._read_snapshots, reads)
+                with trio.fail_after(10):
+                    while not await asql(db_dsn, "SELECT 1 FROM pg_locks WHERE NOT granted "
+                                                 "AND relation = 'other'::regclass"):
+                        await trio.sleep(0.01)
+                # Blocks until the read is cancelled (it held items), then gets items.
+                await trio.to_thread.run_sync(
+                    locker.execute, "LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+                locker.execute("COMMIT")
+        finally:
+            await trio.to_thread.run_sync(locker.close)
+        assert live.database.transient_retries == 1
+        assert [read.error for read in reads] == [None, None]
+        assert [[row[-1] for row in read.result] for read in reads] == [["one"], ["x"]]
+
+
 class CountingCursor(psycopg.Cursor[Any]):
     """A real cursor that counts the statements run through it."""
 

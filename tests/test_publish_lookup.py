@@ -353,6 +353,55 @@ async def test_a_result_is_reused_by_later_batches_until_a_table_it_read_changes
         database.close()
 
 
+async def test_a_batch_chosen_as_a_deadlock_victim_runs_again(db_dsn: str) -> None:
+    """A function waiting for a lock can end up in a deadlock with a writer, and PostgreSQL
+    may cancel its read to break it: the batch runs again in a new transaction instead of
+    failing the subscription."""
+    await _create_lists(db_dsn)
+    await trio.to_thread.run_sync(sql, db_dsn, "CREATE TABLE owners (id text primary key)",
+                                  "INSERT INTO owners VALUES ('u1')")
+    ran: list[str] = []
+
+    def owner_of_list(lookup: SqlRowLookup) -> Any:
+        ran.append("run")
+        row = lookup.row("lists", "l", columns=["user_id"])  # holds lists ...
+        assert row is not None
+        return lookup.row("owners", row["user_id"])  # ... while it waits for owners
+
+    database = Database(db_dsn, size=2)
+    lookups = BatchedLookups(database, lambda: 0)
+    locker = await trio.to_thread.run_sync(lambda: psycopg.connect(db_dsn, autocommit=True))
+    try:
+        locker.execute("BEGIN")
+        locker.execute("SET LOCAL deadlock_timeout = '60s'")  # (the read's is 1 s)
+        locker.execute("LOCK TABLE owners IN ACCESS EXCLUSIVE MODE")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookups.serve)
+            result: list[Any] = []
+
+            async def run() -> None:
+                result.append(await lookups.run(owner_of_list, publication="p"))
+            nursery.start_soon(run)
+            with trio.fail_after(10):
+                while not await trio.to_thread.run_sync(lambda: sql(
+                        db_dsn, "SELECT 1 FROM pg_locks WHERE NOT granted "
+                                "AND relation = 'owners'::regclass")):
+                    await trio.sleep(0.01)
+            await trio.to_thread.run_sync(locker.execute,
+                                          "LOCK TABLE lists IN ACCESS EXCLUSIVE MODE")
+            locker.execute("COMMIT")
+            with trio.fail_after(10):
+                while not result:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(locker.close)
+        database.close()
+    assert result[0].value == {"id": "u1"}
+    assert ran == ["run", "run"] and database.transient_retries == 1
+    assert lookups.outcomes == {("p", "ok"): 1}
+
+
 def test_inputs_keys_tell_parameters_apart_by_value_and_type() -> None:
     from cdcddp.publish.definition import Cursor, Publication
 

@@ -29,7 +29,7 @@ import psycopg
 import trio
 from psycopg import sql
 
-from cdcddp.db import Database, execute_as_decoded
+from cdcddp.db import Database, execute_as_decoded, is_transient
 from cdcddp.publish.definition import PublicationError, TableName, split_table
 from cdcddp.publish.filters import quoted
 from cdcddp.publish.snapshots import begin_snapshot, next_batch
@@ -401,6 +401,9 @@ def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
     results: dict[Hashable, LookupResult[Any]] = {}  # by same_as (successful runs only)
     guard = (delivered_before, snapshot)
     for index, run in enumerate(runs):
+        # (Run again after a transient error: see Database.run.)
+        run.too_early = run.shared = False
+        run.result = run.error = None
         if run.insist and run.after_xid and not snapshot.is_visible(run.after_xid):
             run.too_early = True
             continue
@@ -413,6 +416,8 @@ def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
         try:
             run.result = LookupResult(run.resolve(lookup), lookup.dependencies, guard)
         except Exception as exc:
+            if is_transient(exc):
+                raise  # (Database.run runs the batch again)
             run.error = exc
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             raise _Interrupted(runs[index + 1:])

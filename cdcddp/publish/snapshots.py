@@ -16,7 +16,7 @@ import psycopg
 import trio
 from psycopg import sql
 
-from cdcddp.db import ensure_types, execute_as_decoded
+from cdcddp.db import ensure_types, execute_as_decoded, is_transient
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor, TableName
 from cdcddp.publish.filters import quoted
@@ -239,6 +239,7 @@ def snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
     shapes: dict[TableName, TableShape] = {}
     groups: dict[Hashable, list[SnapshotRead]] = {}
     for read in reads:
+        read.result = read.error = None  # (run again after a transient error: see Database.run)
         table = read.bound.table
         try:
             shape = shapes.get(table)
@@ -254,6 +255,8 @@ def snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
                     columns = found[0]
                 shapes[table] = _table_shape(columns)
         except Exception as exc:
+            if is_transient(exc):
+                raise  # (Database.run reads them all again)
             read.error = exc
             if _transaction_failed(conn):
                 raise ReadsInterrupted from exc
@@ -267,6 +270,8 @@ def snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
                 _read_together(conn, group, shape, snapshot, lsn)
                 continue
             except Exception as exc:
+                if is_transient(exc):
+                    raise
                 if _transaction_failed(conn):
                     raise ReadsInterrupted(together=True) from exc
                 # Failed in Python before any take (a value that does not load, say), and
@@ -276,6 +281,8 @@ def snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
                 read.result = _read_rows(conn, read.bound, shape, read.take, snapshot, lsn)
                 read.shape = shape
             except Exception as exc:
+                if is_transient(exc):
+                    raise
                 read.error = exc
                 if _transaction_failed(conn):
                     raise ReadsInterrupted from exc
