@@ -41,6 +41,7 @@ from cdcddp.wal.pgtypes import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # The decoding session's settings: the same value text on both sides, whatever the server's
 # defaults (IntervalStyle too: intervals are parsed by pgtypes here, not by psycopg).
@@ -206,8 +207,6 @@ def execute_as_decoded(conn: psycopg.Connection[Any], query: Query, params: Any 
             cursor = conn.execute(query, params)
     return cursor
 
-
-log = logging.getLogger(__name__)
 
 # A snapshot run (read-only) that PostgreSQL aborted over concurrency is run again, this many
 # times at most: waiting for a lock, a read can be the one a deadlock among writers cancels.
