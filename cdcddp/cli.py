@@ -22,6 +22,7 @@ import orjson
 import psycopg
 import trio
 
+from cdcddp.db import first_line
 from cdcddp.wal import slot as slots
 from cdcddp.wal.events import Begin, Commit, StreamEvent
 from cdcddp.wal.lsn import format_lsn, parse_lsn
@@ -87,8 +88,8 @@ def _connect(dsn: str, flag: str = "--dsn") -> psycopg.Connection:
     try:
         return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
     except psycopg.Error as exc:
-        first = (str(exc).strip().splitlines() or ["connection failed"])[0]
-        raise CliError(f"cannot connect to PostgreSQL ({first}): check {flag}.") from None
+        raise CliError(f"cannot connect to PostgreSQL ({first_line(exc)}): check {flag}."
+                       ) from None
 
 
 def _check_servers(dsn: str, primary_dsn: str | None) -> None:
@@ -431,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = next((e for e in leaves if isinstance(e, known)), None)
         if first is None:
             raise
-        print(f"cdcddp: {str(first).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"cdcddp: {first_line(first)}", file=sys.stderr)
         code = 1
     return code
 

@@ -221,6 +221,22 @@ def is_transient(exc: BaseException) -> bool:
                             psycopg.errors.SerializationFailure))
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's first line (PostgreSQL's message without its DETAIL and HINT lines), for
+    one-line logs and answers."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Is this the database being out of reach (down, restarting, failing over, the
+    session ended by an operator), rather than a query's own failure?"""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate  # None: the connection failed or was lost
+    # (57014, query_canceled, is a statement timeout or a cancel: the query's own failure)
+    return state is None or (state[:2] in ("08", "57") and state != "57014")
+
+
 def _usable(conn: psycopg.Connection[Any]) -> bool:
     """Is an idle pooled connection still open? The server says something to an idle
     session only when it ends it (restarted, failed over, the backend terminated: a FATAL
@@ -318,7 +334,7 @@ class Database:
                 retries -= 1
                 self.transient_retries += 1
                 log.info("a read was aborted over concurrency (%s); reading again",
-                         str(exc).strip().splitlines()[0])
+                         first_line(exc))
 
     async def fetchall(self, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
         def go(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:

@@ -50,7 +50,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from cdcddp import __version__
-from cdcddp.db import Database
+from cdcddp.db import Database, first_line
 from cdcddp.wal.lsn import SERVER_LSN_SQL
 
 log = logging.getLogger(__name__)
@@ -689,8 +689,7 @@ async def poll_slot(metrics: Metrics, db_or_dsn: _Queryable | str, slot: str,
                 metrics.slot_poll_errors.inc()
                 metrics.last_slot_lag_bytes = None
                 if not failing:
-                    log.warning("slot status poll failed: %s",
-                                str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+                    log.warning("slot status poll failed: %s", first_line(exc))
                 failing = True
             await trio.sleep(max(0.0, interval - (time.monotonic() - started)))
     finally:

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import trio
 
 from cdcddp.app import App
 from cdcddp.client import DDPClient, connect
+from cdcddp.ddp.messages import MeteorError
 from cdcddp.examples import todos
 from cdcddp.methods import MethodContext, Methods
 from cdcddp.wal.slot import plugin_refused_advice
@@ -364,9 +366,10 @@ def one_sentence(done: subprocess.CompletedProcess[str]) -> str:
 
 async def test_a_node_rides_out_a_postgresql_restart() -> None:
     """PostgreSQL restarts (a minor upgrade, say) under a serving node: clients stay
-    connected with their documents, and afterwards every part works at its first use —
-    the stream (changes committed right after the restart arrive), methods and logins (no
-    500 from a pooled connection the restart closed), new subscriptions, lookups."""
+    connected with their documents; while it is down, a method gets 503 (retry later), not
+    500; and afterwards every part works at its first use — the stream (changes committed
+    right after the restart arrive), methods and logins (no 500 from a pooled connection
+    the restart closed), new subscriptions, lookups."""
     import hashlib
 
     from cdcddp.devcluster import throwaway_cluster
@@ -382,7 +385,14 @@ async def test_a_node_rides_out_a_postgresql_restart() -> None:
             await client.call("todos.insert", {"listId": list_id, "text": "milk"},
                               wait_updated=True)
 
-            await trio.to_thread.run_sync(cluster.restart)
+            await trio.to_thread.run_sync(cluster.stop)
+            with pytest.raises(MeteorError) as refused:
+                await client.call("lists.insert", {"name": "while down"})
+            assert (refused.value.error, refused.value.reason) == (503, "Database unavailable")
+            with pytest.raises(MeteorError) as refused:
+                await client.subscribe("todos.inList", {"listId": "x"})
+            assert refused.value.error == 503
+            await trio.to_thread.run_sync(cluster.start)
             sql(dsn, f"UPDATE lists SET name = 'after' WHERE id = '{list_id}'")
             await client.wait_for(lambda: names(client)[list_id] == "after", 30)
             assert len(client.collections["todos"]) == 1

@@ -164,6 +164,11 @@ class MeteorError(Exception):
         return cls(500, "Internal server error")
 
     @classmethod
+    def unavailable(cls) -> MeteorError:
+        """The database cannot be reached (restarting, failing over): worth a retry."""
+        return cls(503, "Database unavailable")
+
+    @classmethod
     def too_many_requests(cls, reason: str) -> MeteorError:
         return cls("too-many-requests", reason)
 

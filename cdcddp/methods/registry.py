@@ -46,7 +46,7 @@ from typing import Any
 import pydantic
 import trio
 
-from cdcddp.db import Database
+from cdcddp.db import Database, first_line, is_unavailable
 from cdcddp.ddp import ejson
 from cdcddp.ddp.messages import UNDEFINED, MeteorError
 from cdcddp.ddp.meteor_random import RandomStream
@@ -301,8 +301,11 @@ async def invoke(methods: Methods, name: str, raw_params: list[Any] | None,
     except MeteorError as exc:
         await transaction.rollback()
         return InvocationOutcome(error=exc)
-    except Exception:
+    except Exception as exc:
         await transaction.rollback()
+        if is_unavailable(exc):
+            log.warning("method %r: the database is unavailable (%s)", name, first_line(exc))
+            return InvocationOutcome(error=MeteorError.unavailable())
         log.exception("method %r failed", name)
         return InvocationOutcome(error=MeteorError.internal())
     except BaseException:
@@ -311,6 +314,7 @@ async def invoke(methods: Methods, name: str, raw_params: list[Any] | None,
     try:
         commit = await transaction.commit()
     except Exception:
+        # (Lost during the commit, the outcome is unknown: not a retry-worthy 503.)
         log.exception("method %r: commit failed", name)
         return InvocationOutcome(error=MeteorError.internal())
     return InvocationOutcome(result=value, commit=commit, login=context.login_change,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from cdcddp.app import App, MethodContext, MethodHandler, PublicationHandler, bind_params
-from cdcddp.db import Database
+from cdcddp.db import Database, first_line, is_unavailable
 from cdcddp.ddp.messages import UNDEFINED, Encoded, MeteorError
 from cdcddp.ddp.session import (
     CLOSE_CONNECT_TIMEOUT,
@@ -81,10 +81,14 @@ def internal_error() -> MeteorError:
 
 
 def to_meteor_error(exc: BaseException, where: str) -> MeteorError:
-    """The error a client may see: MeteorError as is; anything else is logged (with its
-    traceback) and becomes 500 without internals."""
+    """The error a client may see: MeteorError as is; the database out of reach, 503 (one
+    line in the log); anything else is logged (with its traceback) and becomes 500 without
+    internals."""
     if isinstance(exc, MeteorError):
         return exc
+    if is_unavailable(exc):
+        log.warning("%s failed: the database is unavailable (%s)", where, first_line(exc))
+        return MeteorError.unavailable()
     log.error("%s failed", where, exc_info=exc)
     return internal_error()
 

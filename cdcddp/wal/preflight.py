@@ -12,6 +12,7 @@ from typing import Literal
 
 import psycopg
 
+from cdcddp.db import first_line
 from cdcddp.wal import slot as slots
 
 Severity = Literal["error", "warning", "ok"]
@@ -26,10 +27,6 @@ class Finding:
 
 def errors(findings: Iterable[Finding]) -> list[Finding]:
     return [f for f in findings if f.severity == "error"]
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def check_wal_level(conn: psycopg.Connection) -> Finding:
@@ -65,7 +62,7 @@ def check_plugin(conn: psycopg.Connection, plugin: str = slots.PLUGIN) -> Findin
                        f"could not verify that {plugin} is installed (a long transaction kept "
                        "slot creation waiting): run the check again when it has finished.")
     except psycopg.Error as exc:
-        text = _first_line(exc)
+        text = first_line(exc)
         if "could not access file" in text or "No such file" in text:
             return Finding("error", "plugin_missing",
                            f"the {plugin} output plugin is not installed on the server: install "
@@ -198,7 +195,7 @@ def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = 
         conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
     except psycopg.Error as exc:
         return [Finding("error", "connect",
-                        f"cannot connect to PostgreSQL ({_first_line(exc)}): check --dsn.")]
+                        f"cannot connect to PostgreSQL ({first_line(exc)}): check --dsn.")]
     with conn:
         findings = [check_wal_level(conn), check_replication_privilege(conn),
                     check_wal_keep_size(conn), check_sync_standby_waits(conn)]
