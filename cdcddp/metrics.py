@@ -356,7 +356,8 @@ class Metrics:
         # -- methods and accounts --------------------------------------------------------------
         self.methods = Counter(
             "cdcddp_methods_total", "Method calls finished, by method and outcome "
-            "(ok, error, internal_error, not_found).", ["method", "outcome"], registry=r)
+            "(ok, error, internal_error, unavailable, not_found).", ["method", "outcome"],
+            registry=r)
         self.method_duration = Histogram(
             "cdcddp_method_duration_seconds", "Method call time, received to result.",
             ["method"], buckets=LATENCY_BUCKETS, registry=r)
@@ -559,7 +560,8 @@ class Metrics:
 
     # -- methods and accounts ----------------------------------------------------------------
     def method_finished(self, method: str, outcome: str, seconds: float) -> None:
-        """``outcome``: ok, error (a MeteorError), internal_error, not_found. Pass unknown
+        """``outcome``: ok, error (a MeteorError), internal_error, unavailable (503: the
+        database out of reach), not_found. Pass unknown
         method names as they came: the label cap keeps them bounded."""
         name = self._method(method) if outcome != "not_found" else OTHER_LABEL
         self.methods.labels(method=name, outcome=outcome).inc()

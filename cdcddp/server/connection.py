@@ -76,6 +76,13 @@ def _publication_name(sub: Subscription | LiveSubscription) -> str:
     return sub.name if isinstance(sub, Subscription) else sub.publication.name or "(universal)"
 
 
+def _error_outcome(error: MeteorError) -> str:
+    """A failed method call's outcome label (metrics)."""
+    if error.error == 500:
+        return "internal_error"
+    return "unavailable" if error.error == 503 else "error"
+
+
 def internal_error() -> MeteorError:
     return MeteorError(500, "Internal server error")
 
@@ -785,9 +792,9 @@ class Connection:
             try:
                 value = await handler(*bound.args, **bound.kwargs)
             except Exception as exc:
-                self.session.result(event.method_id,
-                                    error=to_meteor_error(exc, f"method {event.name!r}"))
-                outcome = "error" if isinstance(exc, MeteorError) else "internal_error"
+                error = to_meteor_error(exc, f"method {event.name!r}")
+                self.session.result(event.method_id, error=error)
+                outcome = "error" if isinstance(exc, MeteorError) else _error_outcome(error)
             else:
                 try:
                     # Python's "returned nothing" is None: like Meteor's undefined, no value
@@ -806,8 +813,8 @@ class Connection:
                                method_id=event.method_id, random_seed=event.random_seed,
                                database=self.database)
         error = outcome.error
-        self._count_method(event.name, "ok" if error is None else
-                           "internal_error" if error.error == 500 else "error", received)
+        self._count_method(event.name, "ok" if error is None else _error_outcome(error),
+                           received)
         login_changed = False
         if outcome.login is not None and outcome.login != self.login:
             previous, self.login = self.login, outcome.login
