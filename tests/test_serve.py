@@ -106,9 +106,9 @@ async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
 
 
 @asynccontextmanager
-async def serving(dsn: str, slot: str, app: str = TODOS, *, env: dict[str, str] | None = None
-                  ) -> AsyncIterator[Served]:
-    served = await start_serve(dsn, slot, app, env=env)
+async def serving(dsn: str, slot: str, app: str = TODOS, *extra: str,
+                  env: dict[str, str] | None = None) -> AsyncIterator[Served]:
+    served = await start_serve(dsn, slot, app, *extra, env=env)
     try:
         yield served
     finally:
@@ -372,11 +372,14 @@ async def test_a_node_rides_out_a_postgresql_restart() -> None:
     the restart closed), new subscriptions, lookups."""
     import hashlib
 
-    from cdcddp.devcluster import throwaway_cluster
+    from cdcddp.devcluster import free_port, throwaway_cluster
 
     with throwaway_cluster("cdcddp-restart-") as cluster:
         dsn = cluster.dsn()
-        async with serving(dsn, "restarted") as served, connect(served.url) as client:
+        metrics_port = free_port()
+        async with serving(dsn, "restarted", TODOS, "--metrics-listen",
+                           f"127.0.0.1:{metrics_port}") as served, \
+                connect(served.url) as client:
             digest = {"digest": hashlib.sha256(b"pw").hexdigest(), "algorithm": "sha-256"}
             await client.call("createUser", {"username": "ann", "password": digest})
             await client.subscribe("lists.public")
@@ -392,6 +395,9 @@ async def test_a_node_rides_out_a_postgresql_restart() -> None:
             with pytest.raises(MeteorError) as refused:
                 await client.subscribe("todos.inList", {"listId": "x"})
             assert refused.value.error == 503
+            _, _, body = await get(metrics_port, "/metrics")
+            assert ('cdcddp_methods_total{method="lists.insert",outcome="unavailable"} 1.0'
+                    in body.decode().splitlines())
             await trio.to_thread.run_sync(cluster.start)
             sql(dsn, f"UPDATE lists SET name = 'after' WHERE id = '{list_id}'")
             await client.wait_for(lambda: names(client)[list_id] == "after", 30)
