@@ -58,7 +58,7 @@ from cdcddp.methods.context import (
     MethodTransaction,
 )
 
-__all__ = ["InvocationOutcome", "MethodDefinition", "Methods", "invoke"]
+__all__ = ["InvocationOutcome", "MethodDefinition", "Methods", "invoke", "to_meteor_error"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,19 @@ def _adapter(annotation: Any) -> pydantic.TypeAdapter[Any]:
     if annotation is inspect.Parameter.empty:
         return _ANY_ADAPTER
     return pydantic.TypeAdapter(annotation)
+
+
+def to_meteor_error(exc: BaseException, where: str) -> MeteorError:
+    """The error a client may see for ``exc`` (``where``: what failed, for the log):
+    MeteorError as is; the database out of reach, 503 (one line in the log); anything else
+    is logged with its traceback and becomes 500, without internals."""
+    if isinstance(exc, MeteorError):
+        return exc
+    if is_unavailable(exc):
+        log.warning("%s failed: the database is unavailable (%s)", where, first_line(exc))
+        return MeteorError.unavailable()
+    log.error("%s failed", where, exc_info=exc)
+    return MeteorError.internal()
 
 
 @dataclass(frozen=True)
@@ -303,11 +316,7 @@ async def invoke(methods: Methods, name: str, raw_params: list[Any] | None,
         return InvocationOutcome(error=exc)
     except Exception as exc:
         await transaction.rollback()
-        if is_unavailable(exc):
-            log.warning("method %r: the database is unavailable (%s)", name, first_line(exc))
-            return InvocationOutcome(error=MeteorError.unavailable())
-        log.exception("method %r failed", name)
-        return InvocationOutcome(error=MeteorError.internal())
+        return InvocationOutcome(error=to_meteor_error(exc, f"method {name!r}"))
     except BaseException:
         await transaction.rollback()
         raise

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from cdcddp.app import App, MethodContext, MethodHandler, PublicationHandler, bind_params
-from cdcddp.db import Database, first_line, is_unavailable
+from cdcddp.db import Database
 from cdcddp.ddp.messages import UNDEFINED, Encoded, MeteorError
 from cdcddp.ddp.session import (
     CLOSE_CONNECT_TIMEOUT,
@@ -35,7 +35,7 @@ from cdcddp.ddp.session import (
     UnsubscribeRequested,
 )
 from cdcddp.methods.context import ConnectionInfo, LoginState, is_loopback_address
-from cdcddp.methods.registry import InvocationOutcome, invoke
+from cdcddp.methods.registry import InvocationOutcome, invoke, to_meteor_error
 from cdcddp.publish.clients import OPEN_GATE, LiveClient, SubKey
 from cdcddp.publish.definition import (
     BoundCursor,
@@ -81,23 +81,6 @@ def _error_outcome(error: MeteorError) -> str:
     if error.error == 500:
         return "internal_error"
     return "unavailable" if error.error == 503 else "error"
-
-
-def internal_error() -> MeteorError:
-    return MeteorError(500, "Internal server error")
-
-
-def to_meteor_error(exc: BaseException, where: str) -> MeteorError:
-    """The error a client may see: MeteorError as is; the database out of reach, 503 (one
-    line in the log); anything else is logged (with its traceback) and becomes 500 without
-    internals."""
-    if isinstance(exc, MeteorError):
-        return exc
-    if is_unavailable(exc):
-        log.warning("%s failed: the database is unavailable (%s)", where, first_line(exc))
-        return MeteorError.unavailable()
-    log.error("%s failed", where, exc_info=exc)
-    return internal_error()
 
 
 class Subscription:
