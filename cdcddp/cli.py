@@ -102,8 +102,13 @@ def _check_servers(dsn: str, primary_dsn: str | None) -> None:
                        "cannot decode (16 or later can): point --dsn at the primary.")
     if standby and primary_dsn is None:
         raise CliError(f"dsn connects to a standby: {STANDBY_NEEDS_PRIMARY}")
-    if primary_dsn is None:
-        return
+    if primary_dsn is not None:
+        _check_primary(primary_dsn, system)
+
+
+def _check_primary(primary_dsn: str, system: int | None) -> None:
+    """``primary_dsn`` must be a primary of the cluster whose system identifier is
+    ``system`` (None: not known)."""
     with _connect(primary_dsn, "--primary-dsn") as conn:
         primary_standby, _version, primary_system = _server_role(conn)
     if primary_standby:
@@ -239,13 +244,19 @@ def _app_publications(spec: str) -> list[Any]:
 def cmd_check(args: argparse.Namespace) -> int:
     """Everything that can be wrong before serving, one line per finding."""
     from cdcddp.publish.check import check_publications
-    from cdcddp.wal.preflight import errors, run_preflight
+    from cdcddp.wal.preflight import Finding, errors, run_preflight
 
     publications = _app_publications(args.app)
     findings = run_preflight(args.dsn, slot=args.slot, primary_dsn=args.primary_dsn)
     if not any(f.code == "connect" for f in findings):
         with _connect(args.dsn) as conn:
             findings.extend(check_publications(conn, publications))
+            system = _server_role(conn)[2]
+        if args.primary_dsn is not None:  # what serve would refuse of it, too
+            try:
+                _check_primary(args.primary_dsn, system)
+            except CliError as exc:
+                findings.append(Finding("error", "primary_dsn", str(exc)))
     findings = list(dict.fromkeys(findings))  # a table shared by several cursors: say it once
     for finding in findings:
         if finding.severity != "ok" or args.verbose:

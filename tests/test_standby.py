@@ -290,6 +290,13 @@ def test_check_on_a_standby_needs_its_primary_and_verifies_the_plugin_there(pair
     assert "ok: wal2json is installed." in paired.stdout.splitlines()
     assert "ok: the server is a standby that can decode." in paired.stdout.splitlines()
     assert time.monotonic() - started < 8
+    # What serve would refuse of primary_dsn, check reports too.
+    swapped = subprocess.run([*CDCDDP, "check", TODOS, "--dsn", primary_dsn,
+                              "--primary-dsn", standby_dsn],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert swapped.returncode == 1, swapped.stdout + swapped.stderr
+    assert ("error: primary_dsn connects to a standby: point --primary-dsn at the primary."
+            in swapped.stdout.splitlines())
 
 
 async def test_a_slot_the_standby_invalidated_in_a_conflict_is_named_with_the_fix(
