@@ -110,6 +110,7 @@ class LiveFigures(Protocol):
     behind_skips: int
     catch_up_timeouts: int
     invisible_delivered_retries: int
+    read_retries: int
     row_watches_fired: Mapping[str, int]  # publication -> lookups told to run again
     resync_reasons: Mapping[str, int]
     change_counts: Mapping[tuple[str, str, type], int] | None
@@ -302,6 +303,11 @@ class Metrics:
             "Snapshot reads retaken for lacking a transaction the stream already delivered "
             "(not yet visible: normally for milliseconds; a steady rise means a commit waits "
             "for a synchronous standby that does not answer).", registry=r)
+        self.read_retries = Counter(
+            "cdcddp_read_retries_total",
+            "Read-only runs (snapshot reads, row fetches, lookup batches) PostgreSQL aborted "
+            "over concurrency, such as a deadlock among writers broken by cancelling the read, "
+            "and run again.", registry=r)
         self.lookup_runs = Counter(
             "cdcddp_lookup_runs_total",
             "Runs of publication functions that read rows (lookups), by publication and "
@@ -477,6 +483,7 @@ class Metrics:
         self.add_total("catch_up_timeouts", self.catch_up_timeouts, live.catch_up_timeouts)
         self.add_total("snapshot_retakes", self.snapshot_retakes,
                        live.invisible_delivered_retries)
+        self.add_total("read_retries", self.read_retries, live.read_retries)
         lookups = live.lookups
         for (publication, outcome), total in list(lookups.outcomes.items()):
             self.add_total(("lookup_runs", publication, outcome), self.lookup_runs.labels(

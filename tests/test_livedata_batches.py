@@ -12,6 +12,7 @@ import psycopg
 import trio
 
 from cdcddp.client import connect
+from cdcddp.metrics import Metrics
 from cdcddp.publish.definition import Cursor
 from cdcddp.publish.snapshots import SnapshotRead, row_list
 from cdcddp.publish.visibility import Snapshot
@@ -171,6 +172,9 @@ async def test_a_read_chosen_as_a_deadlock_victim_is_read_again(db_dsn: str) -> 
         finally:
             await trio.to_thread.run_sync(locker.close)
         assert live.database.transient_retries == 1
+        metrics = Metrics()
+        metrics.sync_live(live)
+        assert metrics.registry.get_sample_value("cdcddp_read_retries_total") == 1
         assert [read.error for read in reads] == [None, None]
         assert [[row[-1] for row in read.result] for read in reads] == [["one"], ["x"]]
 

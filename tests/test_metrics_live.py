@@ -45,6 +45,7 @@ NOT_MOVED_HERE = {
     "cdcddp_replication_backlog_skips_total": "tests/test_livedata_resync.py (behind)",
     "cdcddp_observer_catch_up_timeouts_total": "tests/test_livedata_handoff.py (held engine)",
     "cdcddp_snapshot_retakes_total": "tests/test_livedata_resync.py (a commit held invisible)",
+    "cdcddp_read_retries_total": "tests/test_livedata_batches.py (a read a deadlock cancels)",
 }
 
 

@@ -980,6 +980,11 @@ class LiveData:
         return unwatch
 
     @property
+    def read_retries(self) -> int:
+        """Read-only runs PostgreSQL aborted over concurrency, run again (metrics)."""
+        return self.database.transient_retries
+
+    @property
     def commits_seen(self) -> int:
         """How many transactions the stream has delivered so far, plus one per stream gap
         (a position for guards)."""
