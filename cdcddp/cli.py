@@ -251,7 +251,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not any(f.code == "connect" for f in findings):
         with _connect(args.dsn) as conn:
             findings.extend(check_publications(conn, publications))
-            system = _server_role(conn)[2]
+            system = None if args.primary_dsn is None else _server_role(conn)[2]
         if args.primary_dsn is not None:  # what serve would refuse of it, too
             try:
                 _check_primary(args.primary_dsn, system)
