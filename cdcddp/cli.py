@@ -92,9 +92,9 @@ def _connect(dsn: str, flag: str = "--dsn") -> psycopg.Connection:
                        ) from None
 
 
-def _check_servers(dsn: str, primary_dsn: str | None) -> None:
+def _check_servers(dsn: str, primary_dsn: str | None) -> int:
     """``dsn`` may be a standby (PostgreSQL 16+) only with ``primary_dsn`` naming its primary,
-    where every query goes; each problem is one sentence."""
+    where every query goes; each problem is one sentence. Returns dsn's server_version_num."""
     with _connect(dsn) as conn:
         standby, version, system = _server_role(conn)
     if standby and version < 160000:
@@ -104,6 +104,23 @@ def _check_servers(dsn: str, primary_dsn: str | None) -> None:
         raise CliError(f"dsn connects to a standby: {STANDBY_NEEDS_PRIMARY}")
     if primary_dsn is not None:
         _check_primary(primary_dsn, system)
+    return version
+
+
+def _check_failover_slot(failover: bool, temporary: bool, version: int,
+                         on_standby: bool) -> None:
+    if not failover:
+        return
+    if temporary:
+        raise CliError("failover_slot: a temporary slot cannot be a failover slot: turn one "
+                       "of temporary_slot and failover_slot off.")
+    if on_standby:
+        raise CliError("failover_slot: a slot on a standby cannot be a failover slot (the "
+                       "standby's own slot carries on when it is promoted): turn "
+                       "failover_slot off.")
+    why = slots.failover_unsupported(version)
+    if why is not None:
+        raise CliError(f"failover_slot: {why}")
 
 
 def _check_primary(primary_dsn: str, system: int | None) -> None:
@@ -134,9 +151,9 @@ def cmd_slot(args: argparse.Namespace) -> int:
     with _connect(args.dsn) as conn:
         if args.slot_command == "create":
             with slots.running_xacts_logged(args.primary_dsn):
-                status = slots.create(conn, args.slot)
-            print(f"created replication slot {status.name} at "
-                  f"{format_lsn(status.confirmed_flush_lsn or 0)}")
+                status = slots.create(conn, args.slot, failover=args.failover)
+            print(f"created {'failover ' if status.failover else ''}replication slot "
+                  f"{status.name} at {format_lsn(status.confirmed_flush_lsn or 0)}")
         elif args.slot_command == "drop":
             slots.drop(conn, args.slot)
             print(f"dropped replication slot {args.slot}")
@@ -291,7 +308,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         load_app_or_fail(config.app)
         # An unusable DSN, or a standby without its primary: one sentence naming the flag.
-        _check_servers(config.dsn_value, config.primary_dsn_value)
+        version = _check_servers(config.dsn_value, config.primary_dsn_value)
+        _check_failover_slot(config.failover_slot, config.temporary_slot, version,
+                             config.primary_dsn_value is not None)
         _check_listen("listen", config.listen)
         if config.metrics_listen is not None:
             _check_listen("metrics_listen", config.metrics_listen)
@@ -385,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     slot.add_argument("slot_command", choices=["create", "drop", "status"])
     common(slot)
     slot.add_argument("--json", action="store_true", help="status as one JSON object")
+    slot.add_argument("--failover", action="store_true",
+                      help="create: a failover slot, which standbys with sync_replication_slots "
+                           "keep a copy of (PostgreSQL 17+)")
     slot.set_defaults(func=cmd_slot)
 
     check = sub.add_parser("check", help="preflight: can this database serve this app?")

@@ -190,6 +190,10 @@ class Config(_Section):
     slot: str = Field("cdcddp", description="logical replication slot name")
     temporary_slot: Flag = Field(
         False, description="use a temporary slot (dropped when cdcddp stops; resync on start)")
+    failover_slot: Flag = Field(
+        False, description="make the slot a failover slot (PostgreSQL 17+), which standbys "
+        "with sync_replication_slots copy: after a failover to one, the node resumes there "
+        "without a resync")
     listen: ListenAddress = Field(DEFAULT_LISTEN, description="DDP/HTTP address, HOST:PORT")
     metrics_listen: OptionalListenAddress = Field(
         DEFAULT_METRICS_LISTEN, description="Prometheus /metrics address, HOST:PORT or off")

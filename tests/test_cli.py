@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 
 from cdcddp.wal.lsn import parse_lsn
+from tests.pg_support import sql
 
 CDCDDP = [sys.executable, "-m", "cdcddp.cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +52,33 @@ def test_slot_create_status_drop(db_dsn: str) -> None:
     assert missing.returncode == 1
     assert missing.stderr == ("cdcddp: replication slot 'cli_slot' does not exist: create it "
                               "with cdcddp slot create --slot cli_slot.\n")
+
+
+def test_slot_create_failover_makes_a_failover_slot_where_the_server_has_them(
+        db_dsn: str) -> None:
+    (version,), = sql(db_dsn, "SELECT current_setting('server_version_num')::int")
+    created = run("slot", "create", "--dsn", db_dsn, "--slot", "cli_failover", "--failover")
+    if version < 170000:
+        assert created.returncode == 1
+        assert created.stderr == (
+            f"cdcddp: failover slots need PostgreSQL 17 or later (this server is "
+            f"{version // 10000}.{version % 10000}): leave out --failover.\n")
+        return
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.startswith("created failover replication slot cli_failover at ")
+    status = json.loads(run("slot", "status", "--dsn", db_dsn, "--slot", "cli_failover",
+                            "--json").stdout)
+    assert (status["failover"], status["synced"]) == (True, False)
+    assert run("slot", "drop", "--dsn", db_dsn, "--slot", "cli_failover").returncode == 0
+
+
+def test_serve_refuses_a_temporary_failover_slot_in_one_sentence(db_dsn: str) -> None:
+    done = run("serve", "cdcddp.examples.todos:app", "--dsn", db_dsn, "--listen",
+               "127.0.0.1:0", "--metrics-listen", "off", "--temporary-slot", "--failover-slot")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "cdcddp: failover_slot: a temporary slot cannot be a failover slot: turn one of "
+        "temporary_slot and failover_slot off.")
 
 
 def test_operator_errors_are_one_line() -> None:

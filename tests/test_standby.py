@@ -265,6 +265,9 @@ def test_serve_refuses_a_standby_without_its_primary_in_one_sentence(pair: Pair)
             "cdcddp: dsn and primary_dsn connect to different clusters (their system "
             "identifiers differ): point --dsn at a standby of that primary, or at the primary "
             "itself.")
+    assert serve(standby_dsn, "--primary-dsn", pair.primary.dsn(), "--failover-slot") == (
+        "cdcddp: failover_slot: a slot on a standby cannot be a failover slot (the standby's "
+        "own slot carries on when it is promoted): turn failover_slot off.")
 
 
 def test_check_on_a_standby_needs_its_primary_and_verifies_the_plugin_there(pair: Pair

@@ -52,3 +52,11 @@ def test_busy_slot_cannot_be_dropped(db_dsn: str) -> None:
                 slots.drop(conn, "busy")
         finally:
             repl.close()  # not "with": leaving it would COMMIT in the middle of COPY BOTH
+
+
+def test_a_timeline_history_says_where_each_ancestor_ended() -> None:
+    # As TIMELINE_HISTORY returns it for timeline 3 (parent, switch point, reason).
+    content = ("1\t0/3000148\tno recovery target specified\n\n"
+               "2\t0/5A1B2C8\tat restore point \"before\"\n")
+    assert slots.parse_timeline_history(content) == {1: 0x3000148, 2: 0x5A1B2C8}
+    assert slots.parse_timeline_history("") == {}

@@ -429,3 +429,41 @@ async def test_has_buffered_sees_bytes_the_reader_has_not_read_yet() -> None:
         finally:
             os.close(high)
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_slot_advanced_by_someone_else_while_away_gives_a_gap(
+        db_dsn: str, pg_cluster: LocalCluster) -> None:
+    """The server starts a stream at the slot's position if it is past the one asked for:
+    what lies between was never delivered, and the consumer is told."""
+    sql(db_dsn, "CREATE TABLE t (n int PRIMARY KEY)")
+    slot = new_slot()
+    dbname = psycopg.conninfo.conninfo_to_dict(db_dsn)["dbname"]
+    async with open_stream(db_dsn, slot, **FAST) as stream:
+        sql(db_dsn, "INSERT INTO t VALUES (1)")
+        collector = Collector(stream)
+        with trio.fail_after(10):
+            await collector.run(until=lambda c: len(c.transactions) == 1)
+        with psycopg.connect(db_dsn, autocommit=True) as other:
+            # Keep the stream out while another session moves the slot on.
+            sql(pg_cluster.dsn(), f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+            try:
+                await _terminate_walsender(pg_cluster.dsn(), slot)
+                other.execute("INSERT INTO t VALUES (2)")
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        other.execute("SELECT pg_replication_slot_advance(%s, "
+                                      "pg_current_wal_lsn())", (slot,))
+                        break
+                    except psycopg.errors.ObjectInUse:  # not released yet
+                        assert time.monotonic() < deadline
+                        await trio.sleep(0.05)
+            finally:
+                sql(pg_cluster.dsn(), f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        with trio.fail_after(15):
+            await collector.run(until=lambda c: len(c.gaps) == 1)
+        assert "advanced by another consumer" in collector.gaps[0].reason
+        sql(db_dsn, "INSERT INTO t VALUES (3)")
+        with trio.fail_after(10):
+            await collector.run(until=lambda c: len(c.transactions) == 2)
+    assert collector.rows() == [1, 3]

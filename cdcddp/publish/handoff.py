@@ -103,6 +103,11 @@ class RecentTransactions:
         self._kept.clear()
         self._kept_changes = 0
 
+    def forget_xids(self) -> None:
+        """The xids delivered so far belong to a history the server left (a failover): new
+        transactions may be given them again."""
+        self._newest_xid = None
+
     @property
     def has_pins(self) -> bool:
         return self._live_pins > 0

@@ -155,6 +155,7 @@ _SNAPSHOT_BATCH_MAX: Final = 32
 class LiveDataConfig:
     slot: str = "cdcddp"
     temporary_slot: bool = False  # tests: the slot goes with the connection
+    failover_slot: bool = False  # PostgreSQL 17+: standbys keep a copy to resume from
     # Changes buffered per transaction before it is applied in chunks (bounds memory).
     max_transaction_buffer: int = 10_000
     # Changes kept for subscriptions being snapshotted; past it they retake their snapshot.
@@ -430,6 +431,7 @@ class LiveData:
             self._nursery = nursery
             async with open_stream(self.dsn, self.config.slot,
                                    temporary=self.config.temporary_slot,
+                                   failover=self.config.failover_slot,
                                    report_relations=True,
                                    # one catalog: snapshots load values as the stream decodes
                                    type_catalog=self.database.types,
@@ -844,6 +846,9 @@ class LiveData:
                             event.reason)  # type: ignore[union-attr]
                 self._skip_pending = False
                 self.ring.break_pins()
+                lost: list[int] = []  # write fences of commits that may be gone
+                if event.forked:  # type: ignore[union-attr]
+                    lost = self._forget_delivered_xids()
                 self._commits_seen += 1  # a number of its own: lookups running now are stale
                 self._last_gap = self._commits_seen
                 # Taken first, so every resync snapshot sees what it sees: the transactions
@@ -852,6 +857,7 @@ class LiveData:
                 self._reshaped.clear()  # every observer is resynced now
                 await self._with_gate_closed(self._resync(set(self.observers()), "stream_gap"))
                 self._settle_fences(horizon)
+                self._release_fences(lost)
                 # Their rows may have changed in what was skipped.
                 self._run_row_watchers(self._watchers_of(self._row_watchers), 0)
 
@@ -921,6 +927,25 @@ class LiveData:
             log.error("could not take the stream gap's snapshot; write fences of skipped "
                       "transactions wait", exc_info=exc)
             return None
+
+    def _forget_delivered_xids(self) -> list[int]:
+        """After a fork of the server's history: the xids delivered were of the history left
+        behind, and new transactions may be given them again. Returns the xids write fences
+        wait for now: committed before the fork was seen, so either in the gap's snapshot
+        or gone."""
+        self._applied.clear()
+        self._delivered = DeliveredXids(_DELIVERED_KEPT)
+        self.ring.forget_xids()
+        return list(self._xid_waiters)
+
+    def _release_fences(self, xids: Iterable[int]) -> None:
+        """Let write fences pass whose commits are gone (their clients were resynced to the
+        history that lacks them)."""
+        for xid in xids:
+            waiter = self._xid_waiters.pop(xid, None)
+            if waiter is not None:
+                waiter.set()
+                self.fences_settled_by_gap += 1
 
     def _settle_fences(self, horizon: Snapshot | None) -> None:
         """After a gap's resync (clients flushed): transactions ``horizon`` sees are in the

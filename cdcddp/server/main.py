@@ -29,6 +29,7 @@ def build_server(app: App, config: Config, database: Database,
     server_config = config.server_config()
     server_config.static = StaticFiles(config.static_dir)
     live = LiveDataConfig(slot=config.slot, temporary_slot=config.temporary_slot,
+                          failover_slot=config.failover_slot,
                           resync_behind_bytes=config.resync_behind_bytes)
     return Server(app, server_config, dsn=config.dsn_value, database=database, live_config=live,
                   metrics=metrics)

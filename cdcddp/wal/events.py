@@ -138,11 +138,14 @@ class StreamGap:
 
     Consumers must resync (re-run their queries) — DESIGN invariant 5. ``lsn`` is the new
     slot's consistent point: the stream continues with transactions committed after it.
+    ``forked``: the server's history parted from the one streamed before commits already
+    delivered; they never happened there, and their xids may be given to other transactions.
     """
 
     slot: str
     lsn: int
     reason: str
+    forked: bool = False
     action: Literal["G"] = "G"
 
 

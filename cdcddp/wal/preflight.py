@@ -100,6 +100,25 @@ def check_slot(conn: psycopg.Connection, slot: str) -> Finding:
                    f"(wal_status {status.wal_status}, retains {status.retained_wal_bytes} bytes).")
 
 
+def check_failover_slot(conn: psycopg.Connection, slot: str) -> Finding | None:
+    """A failover slot on a primary whose logical walsenders do not wait for the standbys:
+    cdcddp can then deliver commits a standby never gets if it is promoted."""
+    status = slots.get_status(conn, slot)
+    if status is None or not status.failover or status.synced:
+        return None
+    (synchronized,), = conn.execute("SHOW synchronized_standby_slots").fetchall()
+    if synchronized:
+        return Finding("ok", "failover_slot", f"replication slot {slot!r} is a failover slot, "
+                       f"and the standbys of synchronized_standby_slots ({synchronized}) get "
+                       "every commit before cdcddp does.")
+    return Finding(
+        "warning", "failover_unsynchronized",
+        f"replication slot {slot!r} is a failover slot but synchronized_standby_slots is "
+        "empty, so cdcddp can deliver commits a standby has not received; after a failover "
+        "to that standby it takes them back and resyncs every subscription: list the "
+        "standbys' physical slots in synchronized_standby_slots.")
+
+
 def check_table(conn: psycopg.Connection, table: str) -> Finding:
     row = conn.execute(
         "SELECT c.oid::regclass::text, c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i "
@@ -207,5 +226,8 @@ def run_preflight(dsn: str, *, slot: str | None = None, tables: Iterable[str] = 
                 findings.append(check_plugin(conn, plugin))
         if slot:
             findings.append(check_slot(conn, slot))
+            failover = check_failover_slot(conn, slot)
+            if failover is not None:
+                findings.append(failover)
         findings.extend(check_table(conn, t) for t in tables)
     return findings

@@ -71,6 +71,8 @@ class SlotStatus:
     # Why it was invalidated: PostgreSQL 17's invalidation_reason (wal_removed, rows_removed,
     # wal_level_insufficient, ...), "conflict" for 16's conflicting slots; None: it was not.
     invalidation: str | None = None
+    failover: bool = False  # PostgreSQL 17+: synchronized to standbys (sync_replication_slots)
+    synced: bool = False  # PostgreSQL 17+: a standby's copy of its primary's failover slot
 
     @property
     def invalidated(self) -> bool:
@@ -87,19 +89,21 @@ class SlotStatus:
             "confirmed_flush_lsn": lsn(self.confirmed_flush_lsn),
             "restart_lsn": lsn(self.restart_lsn), "wal_status": self.wal_status,
             "safe_wal_size": self.safe_wal_size, "retained_wal_bytes": self.retained_wal_bytes,
-            "invalidation": self.invalidation,
+            "invalidation": self.invalidation, "failover": self.failover, "synced": self.synced,
         }
 
 
 # Every column as text, so rows read the same through pq (bytes) and psycopg (str). The
-# invalidation columns differ by version (none before 16), hence read through to_jsonb.
+# invalidation and failover columns differ by version (none before 16 and 17), hence read
+# through to_jsonb.
 _STATUS_SELECT = (
     "SELECT slot_name::text, plugin::text, slot_type::text, database::text, temporary::text, "
     "active::text, active_pid::text, confirmed_flush_lsn::text, restart_lsn::text, "
     "wal_status::text, safe_wal_size::text, "
     f"pg_wal_lsn_diff({SERVER_LSN_SQL}, restart_lsn)::bigint::text, "
     "COALESCE(to_jsonb(s) ->> 'invalidation_reason', "
-    "CASE WHEN to_jsonb(s) ->> 'conflicting' = 'true' THEN 'conflict' END) "
+    "CASE WHEN to_jsonb(s) ->> 'conflicting' = 'true' THEN 'conflict' END), "
+    "to_jsonb(s) ->> 'failover', to_jsonb(s) ->> 'synced' "
     "FROM pg_replication_slots AS s WHERE slot_name = "
 )
 
@@ -123,7 +127,7 @@ def parse_status_row(row: Sequence[str | bytes | None]) -> SlotStatus:
         temporary=text[4] == "true", active=text[5] == "true", active_pid=opt_int(text[6]),
         confirmed_flush_lsn=opt_lsn(text[7]), restart_lsn=opt_lsn(text[8]),
         wal_status=text[9], safe_wal_size=opt_int(text[10]), retained_wal_bytes=opt_int(text[11]),
-        invalidation=text[12],
+        invalidation=text[12], failover=text[13] == "true", synced=text[14] == "true",
     )
 
 
@@ -199,10 +203,40 @@ def running_xacts_logged(primary_dsn: str | None) -> Iterator[None]:
         thread.join(5)
 
 
-def create_command(quoted_ident: str, temporary: bool) -> str:
-    """Replication command creating a wal2json slot (no snapshot: the stream starts now)."""
+def create_command(quoted_ident: str, temporary: bool, failover: bool = False) -> str:
+    """Replication command creating a wal2json slot (no snapshot: the stream starts now);
+    ``failover``: a failover slot (PostgreSQL 17+)."""
     temp = " TEMPORARY" if temporary else ""
-    return f"CREATE_REPLICATION_SLOT {quoted_ident}{temp} LOGICAL {PLUGIN} (SNAPSHOT 'nothing')"
+    options = "SNAPSHOT 'nothing', FAILOVER" if failover else "SNAPSHOT 'nothing'"
+    return f"CREATE_REPLICATION_SLOT {quoted_ident}{temp} LOGICAL {PLUGIN} ({options})"
+
+
+def make_failover_command(quoted_ident: str) -> str:
+    """Replication command making an existing slot a failover slot (PostgreSQL 17+)."""
+    return f"ALTER_REPLICATION_SLOT {quoted_ident} (FAILOVER)"
+
+
+FAILOVER_SINCE = 170000  # server_version_num of the first release with failover slots
+
+
+def failover_unsupported(version_num: int) -> str | None:
+    """Why a failover slot cannot be had on a server of this version (None: it can)."""
+    if version_num >= FAILOVER_SINCE:
+        return None
+    return (f"failover slots need PostgreSQL 17 or later (this server is "
+            f"{version_num // 10000}.{version_num % 10000}): turn failover_slot off.")
+
+
+def parse_timeline_history(content: str) -> dict[int, int]:
+    """A timeline history file (``TIMELINE_HISTORY``'s content) as {timeline: the LSN it
+    ended at}: its ancestors, each with the position where the next one branched off."""
+    ended: dict[int, int] = {}
+    for line in content.splitlines():
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[0].strip().isdigit():
+            continue  # blank lines and comments
+        ended[int(fields[0])] = parse_lsn(fields[1].strip())
+    return ended
 
 
 # -- ordinary connection (CLI, preflight) ------------------------------------------------------
@@ -213,12 +247,20 @@ def get_status(conn: psycopg.Connection, slot: str) -> SlotStatus | None:
     return None if row is None else parse_status_row(row)
 
 
-def create(conn: psycopg.Connection, slot: str) -> SlotStatus:
-    """Create a persistent wal2json slot in the connection's database."""
+def create(conn: psycopg.Connection, slot: str, failover: bool = False) -> SlotStatus:
+    """Create a persistent wal2json slot in the connection's database; ``failover``: a
+    failover slot (PostgreSQL 17+), synchronized to standbys."""
     if get_status(conn, slot) is not None:
         raise SlotError(f"replication slot {slot!r} already exists: use it, or drop it first "
                         f"(cdcddp slot drop --slot {slot}).")
-    conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (slot, PLUGIN))
+    if failover:
+        why = failover_unsupported(conn.info.server_version)
+        if why is not None:
+            raise SlotError(why.replace("turn failover_slot off", "leave out --failover"))
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, %s, false, false, true)",
+                     (slot, PLUGIN))
+    else:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (slot, PLUGIN))
     status = get_status(conn, slot)
     assert status is not None
     return status

@@ -17,7 +17,11 @@ Delivery contract across reconnects (the connection is re-established with backo
   ``TransactionRestart(xid)``: discard what was received of it, it comes again whole;
 * if the slot had to be (re)created after streaming started — a temporary slot after a
   reconnect, a dropped slot, or ``start_lsn`` behind the slot — ``StreamGap`` says changes
-  may be missing: resync. :meth:`ReplicationStream.skip_backlog` skips on purpose (the slot
+  may be missing: resync. So does a slot found past what was delivered (advanced by someone
+  else), and a server whose history forked from the one the stream read (a failover to a
+  standby that lacked commits already delivered: they are gone); the stream then restarts
+  where the histories part, so no commit of the new history is skipped.
+  :meth:`ReplicationStream.skip_backlog` skips on purpose (the slot
   is advanced to the server's current WAL position) and says so with a ``StreamGap`` too;
 * with ``report_relations``, a ``Relation`` precedes the first change of each table after
   (re)connecting and any change whose columns differ from the table's last known shape (a
@@ -152,6 +156,13 @@ def start_replication_command(ident: str, start_lsn: int, options: Mapping[str, 
         f" ({opts})" if opts else "")
 
 
+def _bytea_text(value: str) -> str:
+    """A bytea column's text form (hex, ``\\x...``) as the text it holds."""
+    if value.startswith("\\x"):
+        return bytes.fromhex(value[2:]).decode(errors="replace")
+    return value
+
+
 def tables_option(tables: list[str]) -> str:
     """wal2json ``add-tables`` value for ``schema.table`` names (``table`` means public)."""
     def esc(part: str) -> str:
@@ -181,10 +192,12 @@ class ReplicationStream:
                  decoder_factory: Callable[[], Decoder] = Decoder,
                  report_relations: bool = False,
                  type_catalog: SharedCatalog | None = None,
-                 log_standby_snapshot: Callable[[], Awaitable[object]] | None = None) -> None:
+                 log_standby_snapshot: Callable[[], Awaitable[object]] | None = None,
+                 failover: bool = False) -> None:
         self.slot = slot
         self.create_slot = create_slot
         self.temporary = temporary
+        self.failover = failover  # a failover slot (PostgreSQL 17+): standbys keep a copy
         self.start_lsn = start_lsn
         self.wal2json_options = {**WAL2JSON_OPTIONS, **(wal2json_options or {})}
         self.status_interval = status_interval
@@ -246,6 +259,11 @@ class ReplicationStream:
         # when skip_backlog() cancels the session is dropped).
         self._sent_open_xid: int | None = None
         self._control: list[StreamEvent] = []  # restart/gap events for the next session
+        # The stream restarted before commits already sent to the consumer (another history,
+        # or a new slot): acknowledgements are ignored until the consumer has taken what was
+        # sent before, i.e. until it receives the next session's control batch.
+        self._ack_barrier = False
+        self._barrier_batch: list[StreamEvent] | None = None
         self.backlog_skips = 0
         self.skipped_bytes = 0
 
@@ -268,7 +286,8 @@ class ReplicationStream:
 
     def acknowledge(self, end_lsn: int) -> None:
         """The consumer is done with the transaction whose ``Commit.end_lsn`` this is."""
-        self._tracker.acknowledge(end_lsn)
+        if not self._ack_barrier:  # (a position of the history left behind otherwise)
+            self._tracker.acknowledge(end_lsn)
 
     def skip_backlog(self) -> None:
         """Stop reading the backlog: reconnect with the slot advanced to the server's current
@@ -315,6 +334,8 @@ class ReplicationStream:
                 if self._failure is not None:
                     raise self._failure from None
                 raise StopAsyncIteration from None
+            if batch is self._barrier_batch:
+                self._ack_barrier, self._barrier_batch = False, None
             self._pending.extend(batch)
         return self._pending.popleft()
 
@@ -393,13 +414,27 @@ class ReplicationStream:
                               f"was {self.systemid}): resync from a fresh slot.")
         if dbname is None:
             raise StreamError("the replication connection has no database: put dbname in --dsn.")
+        read_timeline, read_on_standby = self.timeline, self.in_recovery
         self.systemid, self.timeline = systemid, int(timeline or 0)
-        pid, sender_timeout, in_recovery = (await self._execute(
-            conn, "SELECT pg_backend_pid()::text, setting, pg_is_in_recovery()::text "
+        pid, sender_timeout, in_recovery, version = (await self._execute(
+            conn, "SELECT pg_backend_pid()::text, setting, pg_is_in_recovery()::text, "
+                  "current_setting('server_version_num') "
                   "FROM pg_settings WHERE name = 'wal_sender_timeout'"))[0]
         self.backend_pid = int(pid or 0)
         self.in_recovery = in_recovery == "true"
         self.wal_sender_timeout = int(sender_timeout or 0) / 1000
+        if self.failover:
+            why = slots.failover_unsupported(int(version or 0))
+            if why is not None:
+                raise StreamError(why)
+        # A primary's history is the only one a stream on it can have read; a standby's may
+        # switch timeline under a running stream (its promotion), so no fork is told there.
+        forked_at: int | None = None  # the history this server has parts from the one read
+        fork_reason = ""
+        if (self._ever_streamed and read_timeline not in (None, self.timeline)
+                and not read_on_standby):
+            assert read_timeline is not None
+            forked_at, fork_reason = await self._history_fork(conn, read_timeline)
 
         escaping = pq.Escaping(conn)
         literal = escaping.escape_literal(self.slot.encode()).decode()
@@ -421,10 +456,11 @@ class ReplicationStream:
                     f"replication slot {self.slot!r} does not exist: create it "
                     f"(cdcddp slot create --slot {self.slot}) or allow --create.")
             (_name, point, _snap, _plugin), = await self._create_slot(
-                conn, slots.create_command(ident, self.temporary))
+                conn, slots.create_command(ident, self.temporary, self.failover))
             consistent = parse_lsn(point or "0/0")
-            log.info("created %s slot %s at %s", "temporary" if self.temporary else "persistent",
-                     self.slot, point)
+            log.info("created %s%s slot %s at %s",
+                     "temporary" if self.temporary else "persistent",
+                     " failover" if self.failover else "", self.slot, point)
             if self._ever_streamed or self.start_lsn is not None:
                 reason = "replication slot was created anew"
                 if skipping:  # a temporary slot went with the walsender we stopped
@@ -433,11 +469,24 @@ class ReplicationStream:
                     self._skipped(consistent - behind_from)
                     if consistent > behind_from:
                         self._tracker = AckTracker(consistent)  # the new slot starts there
-                gap.append(StreamGap(self.slot, consistent, reason))
+                gap.append(StreamGap(self.slot, consistent, fork_reason or reason,
+                                     forked=bool(fork_reason)))
+                # Nothing before it can come; a greater start would skip commits of another
+                # history (after a failover) the snapshots of the resync may not have seen.
+                self._restart_at(consistent)
             confirmed = consistent
         else:
             slots.verify(status, dbname, own_pid=self.backend_pid)
             confirmed = status.confirmed_flush_lsn or 0
+            if self.failover and not status.failover:
+                await self._execute(conn, slots.make_failover_command(ident))
+                log.info("slot %s is now a failover slot", self.slot)
+            if forked_at is not None:
+                # From where the histories part (the slot cannot go back further).
+                self._restart_at(max(forked_at, confirmed))
+                if fork_reason:
+                    gap.append(StreamGap(self.slot, max(forked_at, confirmed), fork_reason,
+                                         forked=True))
             if skipping:
                 (end,), = await self._execute(
                     conn, f"SELECT end_lsn::text FROM pg_replication_slot_advance("
@@ -460,6 +509,12 @@ class ReplicationStream:
                 gap.append(StreamGap(self.slot, confirmed,
                                      "slot is already past the requested start position"))
             self._tracker = AckTracker(max(start, confirmed))
+        elif confirmed > max(self._tracker.acknowledged_lsn, self._tracker.last_commit_lsn):
+            # The server would start there: what lies between was never delivered.
+            if not gap:
+                gap.append(StreamGap(self.slot, confirmed, "slot is past what the stream "
+                                     "delivered (advanced by another consumer)"))
+            self._restart_at(confirmed)
         # Plain SQL is fine on the replication session before START_REPLICATION.
         self.types.merge(TypeCatalog.from_rows(await self._execute(conn, TYPE_CATALOG_SQL)))
         # Transactions up to the last delivered commit must not come again (acknowledged or not).
@@ -468,6 +523,43 @@ class ReplicationStream:
         await self._execute(conn, start_replication_command(
             ident, start_at, self.wal2json_options))
         return gap
+
+    async def _history_fork(self, conn: pq.PGconn, read_timeline: int) -> tuple[int | None, str]:
+        """After a timeline change: (where this server's history left ``read_timeline``, the
+        one the stream read, or None if it does not need to restart earlier; a gap's reason
+        when commits were delivered that this history lacks, else "")."""
+        switch: int | None = None
+        if self.timeline > read_timeline:  # timeline 1 has no history file
+            try:
+                (_name, content), = await self._execute(
+                    conn, f"TIMELINE_HISTORY {int(self.timeline)}")
+            except ServerError as exc:  # (the file is kept in pg_wal; this is not expected)
+                return 0, (f"the server is on timeline {self.timeline} now, and its history "
+                           f"could not be read ({exc}): what the stream read on timeline "
+                           f"{read_timeline} may be gone")
+            switch = slots.parse_timeline_history(_bytea_text(content or "")).get(read_timeline)
+        tracker = self._tracker
+        if switch is None:
+            return 0, (f"the server's history (timeline {self.timeline}) does not continue "
+                       f"timeline {read_timeline}, which the stream read")
+        if max(tracker.acknowledged_lsn, tracker.last_commit_lsn) <= switch:
+            return None, ""
+        if tracker.last_commit_lsn <= switch:
+            return switch, ""  # only positions past the switch were seen, not commits
+        return switch, (f"the server's history (timeline {self.timeline}) left timeline "
+                        f"{read_timeline} at {format_lsn(switch)}, before commits the stream "
+                        f"delivered (up to {format_lsn(tracker.last_commit_lsn)}): they are "
+                        "gone")
+
+    def _restart_at(self, lsn: int) -> None:
+        """Stream from ``lsn`` on: acknowledge nothing past it, skip no commit after it."""
+        tracker = self._tracker
+        if lsn == max(tracker.acknowledged_lsn, tracker.last_commit_lsn):
+            return
+        if lsn < tracker.last_commit_lsn:
+            self._ack_barrier = True  # acknowledgements to come are of the other history
+        self._tracker = AckTracker(lsn)
+        self._last_message_lsn = min(self._last_message_lsn, lsn)
 
     async def _create_slot(self, conn: pq.PGconn, command: str) -> list[tuple[str | None, ...]]:
         nudge = self.log_standby_snapshot
@@ -548,6 +640,8 @@ class ReplicationStream:
         self._reader_poll.register(sock, select.POLLIN)
         if self._control:  # from the reconnect: delivered first, while status updates go on
             control = list(self._control)
+            if self._ack_barrier:
+                self._barrier_batch = control
             await send(control)
             del self._control[:len(control)]
         try:

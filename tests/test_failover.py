@@ -1,0 +1,158 @@
+"""A node on the primary, through a failover to its standby (PostgreSQL 17 failover slots).
+
+The node's slot is a failover slot (``failover_slot``); the standby keeps a copy of it
+(``pg_sync_replication_slots()``, what its slotsync worker does with
+``sync_replication_slots = on``). When the primary is lost and the standby promoted, the
+node's DSN (both servers, ``target_session_attrs=read-write``) reaches the promoted server,
+where the copy lets it resume: no change lost, no resync. Without
+``synchronized_standby_slots`` on the primary the node can deliver commits the standby never
+got; after the failover they are gone, and the node must notice it (the history forked
+before them), resync, and stream the new history from where it parts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import trio
+
+from cdcddp.client import connect
+from cdcddp.devcluster import PG17_BINDIR, LocalCluster, streaming_standby, throwaway_cluster
+from cdcddp.wal.preflight import Finding, check_failover_slot
+from tests.pg_support import sql, wait_replayed
+from tests.test_serve import ROOT, TODOS, names, public_lists, serving
+from tests.test_standby import _postgres17
+
+
+@contextmanager
+def failover_pair(synchronized: bool) -> Iterator[tuple[LocalCluster, LocalCluster, str]]:
+    """A PostgreSQL 17 primary with a database ``shop`` (the Todos schema), a standby that
+    can copy its failover slots, and a DSN naming both that reaches the writable one.
+    ``synchronized``: the primary's logical walsenders wait for the standby
+    (``synchronized_standby_slots``)."""
+    with throwaway_cluster("cdcddp-primary-", chroot=_postgres17(),
+                           bindir=PG17_BINDIR) as primary:
+        with streaming_standby(
+                primary, primary_conninfo=f"'host=127.0.0.1 port={primary.port} "
+                                          f"user={primary.superuser} dbname=postgres'") as standby:
+            if synchronized:
+                (physical,), = sql(primary.dsn(), "SELECT slot_name FROM pg_replication_slots "
+                                                  "WHERE slot_type = 'physical'")
+                sql(primary.dsn(), f"ALTER SYSTEM SET synchronized_standby_slots = '{physical}'",
+                    "SELECT pg_reload_conf()")
+            # The node confirms its position every wal_sender_timeout / 3 (at most 10 s): the
+            # standby's copy of its slot becomes usable once that passed a running-xacts record.
+            sql(primary.dsn(), "ALTER SYSTEM SET wal_sender_timeout = '1500ms'",
+                "SELECT pg_reload_conf()")
+            sql(primary.dsn(), "CREATE DATABASE shop")
+            sql(primary.dsn("shop"), (ROOT / "schema/accounts.sql").read_text(),
+                (ROOT / "schema/todos.sql").read_text(),
+                "INSERT INTO lists (id, name) VALUES ('before', 'in the snapshot')")
+            wait_replayed(primary.dsn(), standby.dsn())
+            either = (f"host=127.0.0.1,127.0.0.1 port={primary.port},{standby.port} "
+                      f"user={primary.superuser} dbname=shop target_session_attrs=read-write")
+            yield primary, standby, either
+
+
+def copy_slot_to_standby(primary: LocalCluster, standby: LocalCluster, slot: str) -> None:
+    """Until the standby holds a usable copy of the primary's failover slot (a copy is
+    temporary until the standby has replayed what the slot needs)."""
+    deadline = time.monotonic() + 60
+    while True:
+        sql(primary.dsn(), "SELECT pg_log_standby_snapshot()")
+        wait_replayed(primary.dsn(), standby.dsn())
+        sql(standby.dsn(), "SELECT pg_sync_replication_slots()")
+        if sql(standby.dsn(), "SELECT synced AND NOT temporary FROM pg_replication_slots "
+                              "WHERE slot_name = %s", params=(slot,)) == [(True,)]:
+            return
+        assert time.monotonic() < deadline, "the standby did not copy the failover slot"
+        time.sleep(0.2)
+
+
+def slot_finding(primary: LocalCluster, slot: str) -> Finding:
+    """What ``cdcddp check --slot`` says of the node's slot being a failover slot."""
+    with psycopg.connect(primary.dsn("shop"), autocommit=True) as conn:
+        finding = check_failover_slot(conn, slot)
+    assert finding is not None
+    return finding
+
+
+def fail_over(primary: LocalCluster, standby: LocalCluster) -> None:
+    primary.stop("immediate")
+    assert sql(standby.dsn(), "SELECT pg_promote()") == [(True,)]
+
+
+async def test_a_node_resumes_from_its_failover_slot_on_the_promoted_standby() -> None:
+    with failover_pair(synchronized=True) as (primary, standby, either):
+        async with serving(either, "shop_node", TODOS,
+                           env={"CDCDDP_FAILOVER_SLOT": "true"}) as served, \
+                connect(served.url) as client:
+            await client.subscribe("lists.public")
+            assert names(client) == {"before": "in the snapshot"}
+            assert sql(primary.dsn("shop"), "SELECT failover FROM pg_replication_slots "
+                                            "WHERE slot_name = 'shop_node'") == [(True,)]
+            await client.call("lists.insert", {"name": "on the primary"}, wait_updated=True)
+            assert slot_finding(primary, "shop_node").code == "failover_slot"
+            copy_slot_to_standby(primary, standby, "shop_node")
+
+            # Commits after the copy: the node resumes past them (its own position), the
+            # copy's is older.
+            sql(primary.dsn("shop"), "INSERT INTO lists (id, name) VALUES ('last', 'kept')")
+            await client.wait_for(lambda: names(client).get("last") == "kept", 10)
+            fail_over(primary, standby)
+
+            with trio.fail_after(30):
+                list_id = await client.call("lists.insert", {"name": "after the failover"},
+                                            wait_updated=True)
+            sql(standby.dsn("shop"), "UPDATE lists SET name = 'any writer' WHERE id = 'before'")
+            await client.wait_for(lambda: names(client).get("before") == "any writer", 10)
+            assert names(client)[list_id] == "after the failover"
+            assert names(client) == public_lists(standby.dsn("shop"))
+            output = served.output()
+        assert "Traceback" not in output, output
+        assert "stream gap" not in output, output  # resumed: no resync
+        assert sql(standby.dsn("shop"), "SELECT failover FROM pg_replication_slots "
+                                        "WHERE slot_name = 'shop_node'") == [(True,)]
+
+
+async def test_commits_the_promoted_standby_never_got_are_taken_back_from_clients() -> None:
+    """Without ``synchronized_standby_slots`` the node delivers commits the standby never got
+    (cut off here). After the failover they are gone: the node sees that the new history
+    left the old one before them, resyncs (the client loses them) and streams the new
+    history from the fork, so the promoted server's first commits are not skipped (the node
+    had read far past the fork on the old primary)."""
+    with failover_pair(synchronized=False) as (primary, standby, either):
+        async with serving(either, "shop_node", TODOS,
+                           env={"CDCDDP_FAILOVER_SLOT": "true"}) as served, \
+                connect(served.url) as client:
+            await client.subscribe("lists.public")
+            finding = slot_finding(primary, "shop_node")
+            assert (finding.severity, finding.code) == ("warning", "failover_unsynchronized")
+            copy_slot_to_standby(primary, standby, "shop_node")
+
+            sql(standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''",
+                "SELECT pg_reload_conf()")
+            deadline = time.monotonic() + 10
+            while sql(standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") != [(0,)]:
+                assert time.monotonic() < deadline, "the standby kept receiving"
+                time.sleep(0.05)
+            # Megabytes of WAL the standby does not get, then a commit the client sees.
+            sql(primary.dsn("shop"), "CREATE TABLE padding (t text)",
+                "INSERT INTO padding SELECT repeat('x', 500) FROM generate_series(1, 8000)",
+                "INSERT INTO lists (id, name) VALUES ('lost', 'only on the old primary')")
+            await client.wait_for(lambda: "lost" in names(client), 10)
+            fail_over(primary, standby)
+
+            sql(standby.dsn("shop"), "INSERT INTO lists (id, name) VALUES ('new1', 'first')")
+            sql(standby.dsn("shop"), "INSERT INTO lists (id, name) VALUES ('new2', 'second')")
+            await client.wait_for(lambda: "lost" not in names(client)
+                                  and {"new1", "new2"} <= set(names(client)), 20)
+            sql(standby.dsn("shop"), "UPDATE lists SET name = 'streamed' WHERE id = 'new1'")
+            await client.wait_for(lambda: names(client).get("new1") == "streamed", 10)
+            assert names(client) == public_lists(standby.dsn("shop"))
+            output = served.output()
+        assert "left timeline 1" in output, output
+        assert "Traceback" not in output, output
