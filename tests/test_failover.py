@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+import pytest
 import trio
 
 from cdcddp.client import connect
@@ -118,20 +119,25 @@ async def test_a_node_resumes_from_its_failover_slot_on_the_promoted_standby() -
                                         "WHERE slot_name = 'shop_node'") == [(True,)]
 
 
-async def test_commits_the_promoted_standby_never_got_are_taken_back_from_clients() -> None:
+@pytest.mark.parametrize("failover_slot", [True, False])
+async def test_commits_the_promoted_standby_never_got_are_taken_back_from_clients(
+        failover_slot: bool) -> None:
     """Without ``synchronized_standby_slots`` the node delivers commits the standby never got
     (cut off here). After the failover they are gone: the node sees that the new history
     left the old one before them, resyncs (the client loses them) and streams the new
     history from the fork, so the promoted server's first commits are not skipped (the node
-    had read far past the fork on the old primary)."""
+    had read far past the fork on the old primary). Without a failover slot, the node
+    creates a slot on the promoted server: the same holds."""
     with failover_pair(synchronized=False) as (primary, standby, either):
         async with serving(either, "shop_node", TODOS,
-                           env={"CDCDDP_FAILOVER_SLOT": "true"}) as served, \
+                           env={"CDCDDP_FAILOVER_SLOT": str(failover_slot)}) as served, \
                 connect(served.url) as client:
             await client.subscribe("lists.public")
-            finding = slot_finding(primary, "shop_node")
-            assert (finding.severity, finding.code) == ("warning", "failover_unsynchronized")
-            copy_slot_to_standby(primary, standby, "shop_node")
+            if failover_slot:
+                finding = slot_finding(primary, "shop_node")
+                assert (finding.severity, finding.code) == ("warning",
+                                                            "failover_unsynchronized")
+                copy_slot_to_standby(primary, standby, "shop_node")
 
             sql(standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''",
                 "SELECT pg_reload_conf()")
