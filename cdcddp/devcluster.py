@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import pwd
 import shutil
@@ -306,13 +307,16 @@ def throwaway_cluster(prefix: str = "cdcddp-pg-", *, chroot: Path | None = None,
         cluster.destroy()
 
 
+_standbys = itertools.count(1)  # (a primary may have several)
+
+
 @contextlib.contextmanager
 def streaming_standby(primary: LocalCluster, prefix: str = "cdcddp-standby-",
                       **settings: str) -> Iterator[LocalCluster]:
     """A started standby of ``primary`` (a base backup streaming from it through a physical
     slot, with ``hot_standby_feedback``), in a new temporary directory beside it; destroyed
     on exit. Decoding on it needs PostgreSQL 16+."""
-    slot = f"standby_{primary.port}_{os.getpid()}"
+    slot = f"standby_{primary.port}_{os.getpid()}_{next(_standbys)}"
     primary.psql(f"SELECT pg_create_physical_replication_slot('{slot}')")
     where = None if primary.chroot is None else primary.chroot / "tmp"
     standby = LocalCluster(

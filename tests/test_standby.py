@@ -37,7 +37,7 @@ from cdcddp.wal.preflight import STANDBY_NEEDS_PRIMARY
 from cdcddp.wal.stream import open_stream
 from tests.pg_support import sql, wait_replayed
 from tests.test_livedata_oracle import SEED, run_oracle
-from tests.test_serve import CDCDDP, ROOT, TODOS, names, serve_command, serving
+from tests.test_serve import CDCDDP, ROOT, TODOS, names, public_lists, serve_command, serving
 
 _databases = itertools.count(1)
 
@@ -245,6 +245,57 @@ async def test_a_node_on_a_standby_carries_on_when_the_standby_is_promoted() -> 
         assert "Traceback" not in output, output
         assert sql(standby_dsn, "SELECT count(*) FROM pg_replication_slots WHERE "
                                 "slot_name = 'failover'") == [(1,)]
+
+
+async def test_a_node_on_a_standby_follows_it_to_another_promoted_standby() -> None:
+    """Failover to *another* standby: the node's standby is pointed at the promoted one and
+    follows it onto its new timeline; the node's slot there carries on (no change lost, no
+    resync), and its queries and methods reach the new primary through ``primary_dsn``."""
+    with throwaway_cluster("cdcddp-primary-", chroot=_postgres17(),
+                           bindir=PG17_BINDIR) as primary, \
+            streaming_standby(primary) as node_standby, \
+            streaming_standby(primary) as other:
+        sql(primary.dsn(), "CREATE DATABASE follow")
+        sql(primary.dsn("follow"), (ROOT / "schema/accounts.sql").read_text(),
+            (ROOT / "schema/todos.sql").read_text(),
+            "INSERT INTO lists (id, name) VALUES ('before', 'in the snapshot')")
+        for standby in (node_standby, other):
+            wait_replayed(primary.dsn(), standby.dsn())
+        either = (f"host=127.0.0.1,127.0.0.1 port={primary.port},{other.port} "
+                  f"user={primary.superuser} dbname=follow target_session_attrs=read-write")
+        async with serving(node_standby.dsn("follow"), "follow", TODOS,
+                           env={"CDCDDP_PRIMARY_DSN": either}) as served, \
+                connect(served.url) as client:
+            await client.subscribe("lists.public")
+            assert names(client) == {"before": "in the snapshot"}
+            await client.call("lists.insert", {"name": "on the primary"}, wait_updated=True)
+            sql(primary.dsn("follow"), "INSERT INTO lists (id, name) VALUES ('last', 'kept')")
+            for standby in (node_standby, other):
+                wait_replayed(primary.dsn(), standby.dsn())
+            await client.wait_for(lambda: names(client).get("last") == "kept", 10)
+
+            primary.stop("immediate")
+            assert sql(other.dsn(), "SELECT pg_promote()") == [(True,)]
+            # What an operator (or Patroni) does: the node's standby streams from the new
+            # primary, through a physical slot there that keeps what its slot needs.
+            (physical,), = sql(node_standby.dsn(), "SHOW primary_slot_name")
+            sql(other.dsn(), f"SELECT pg_create_physical_replication_slot('{physical}')")
+            sql(node_standby.dsn(),
+                f"ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port={other.port} "
+                f"user={other.superuser}'", "SELECT pg_reload_conf()")
+
+            with trio.fail_after(30):
+                list_id = await client.call("lists.insert", {"name": "after the failover"},
+                                            wait_updated=True)
+            assert names(client)[list_id] == "after the failover"
+            sql(other.dsn("follow"), "UPDATE lists SET name = 'any writer' WHERE id = 'before'")
+            await client.wait_for(lambda: names(client)["before"] == "any writer", 10)
+            assert sql(node_standby.dsn(), "SELECT received_tli FROM pg_stat_wal_receiver"
+                       ) == [(2,)]
+            assert names(client) == public_lists(other.dsn("follow"))
+            output = served.output()
+        assert "Traceback" not in output, output
+        assert "stream gap" not in output, output
 
 
 def test_serve_refuses_a_standby_without_its_primary_in_one_sentence(pair: Pair) -> None:
