@@ -120,7 +120,7 @@ def _check_failover_slot(failover: bool, temporary: bool, version: int,
                        "failover_slot off.")
     why = slots.failover_unsupported(version)
     if why is not None:
-        raise CliError(f"failover_slot: {why}")
+        raise CliError(f"failover_slot: {why}: turn failover_slot off.")
 
 
 def _check_primary(primary_dsn: str, system: int | None) -> None:

@@ -846,7 +846,7 @@ class LiveData:
                             event.reason)  # type: ignore[union-attr]
                 self._skip_pending = False
                 self.ring.break_pins()
-                lost: list[int] = []  # write fences of commits that may be gone
+                lost: set[int] = set()  # write fences of commits that may be gone
                 if event.forked:  # type: ignore[union-attr]
                     lost = self._forget_delivered_xids()
                 self._commits_seen += 1  # a number of its own: lookups running now are stale
@@ -856,8 +856,7 @@ class LiveData:
                 horizon = await self._gap_snapshot()
                 self._reshaped.clear()  # every observer is resynced now
                 await self._with_gate_closed(self._resync(set(self.observers()), "stream_gap"))
-                self._settle_fences(horizon)
-                self._release_fences(lost)
+                self._settle_fences(horizon, gone=lost)
                 # Their rows may have changed in what was skipped.
                 self._run_row_watchers(self._watchers_of(self._row_watchers), 0)
 
@@ -928,7 +927,7 @@ class LiveData:
                       "transactions wait", exc_info=exc)
             return None
 
-    def _forget_delivered_xids(self) -> list[int]:
+    def _forget_delivered_xids(self) -> set[int]:
         """After a fork of the server's history: the xids delivered were of the history left
         behind, and new transactions may be given them again. Returns the xids write fences
         wait for now: committed before the fork was seen, so either in the gap's snapshot
@@ -936,24 +935,18 @@ class LiveData:
         self._applied.clear()
         self._delivered = DeliveredXids(_DELIVERED_KEPT)
         self.ring.forget_xids()
-        return list(self._xid_waiters)
+        return set(self._xid_waiters)
 
-    def _release_fences(self, xids: Iterable[int]) -> None:
-        """Let write fences pass whose commits are gone (their clients were resynced to the
-        history that lacks them)."""
-        for xid in xids:
-            waiter = self._xid_waiters.pop(xid, None)
-            if waiter is not None:
-                waiter.set()
-                self.fences_settled_by_gap += 1
-
-    def _settle_fences(self, horizon: Snapshot | None) -> None:
+    def _settle_fences(self, horizon: Snapshot | None, gone: AbstractSet[int] = frozenset()
+                       ) -> None:
         """After a gap's resync (clients flushed): transactions ``horizon`` sees are in the
-        observers now, delivered by the stream or not — their write fences may pass."""
-        if horizon is None:
-            return
-        self._gap_horizon = horizon
-        for xid in [x for x in self._xid_waiters if horizon.is_visible(x)]:
+        observers now, delivered by the stream or not — their write fences may pass; so may
+        those of ``gone``, commits a fork of the history took away (their clients were
+        resynced to the history without them)."""
+        if horizon is not None:
+            self._gap_horizon = horizon
+        for xid in [x for x in self._xid_waiters
+                    if x in gone or (horizon is not None and horizon.is_visible(x))]:
             self._xid_waiters.pop(xid).set()
             self.fences_settled_by_gap += 1
 

@@ -220,11 +220,12 @@ FAILOVER_SINCE = 170000  # server_version_num of the first release with failover
 
 
 def failover_unsupported(version_num: int) -> str | None:
-    """Why a failover slot cannot be had on a server of this version (None: it can)."""
+    """Why a server of this version cannot have a failover slot (None: it can); the caller
+    adds what to do."""
     if version_num >= FAILOVER_SINCE:
         return None
     return (f"failover slots need PostgreSQL 17 or later (this server is "
-            f"{version_num // 10000}.{version_num % 10000}): turn failover_slot off.")
+            f"{version_num // 10000}.{version_num % 10000})")
 
 
 def parse_timeline_history(content: str) -> dict[int, int]:
@@ -256,7 +257,7 @@ def create(conn: psycopg.Connection, slot: str, failover: bool = False) -> SlotS
     if failover:
         why = failover_unsupported(conn.info.server_version)
         if why is not None:
-            raise SlotError(why.replace("turn failover_slot off", "leave out --failover"))
+            raise SlotError(f"{why}: leave out --failover.")
         conn.execute("SELECT pg_create_logical_replication_slot(%s, %s, false, false, true)",
                      (slot, PLUGIN))
     else:

@@ -426,7 +426,7 @@ class ReplicationStream:
         if self.failover:
             why = slots.failover_unsupported(int(version or 0))
             if why is not None:
-                raise StreamError(why)
+                raise StreamError(f"{why}: turn failover_slot off.")
         # A primary's history is the only one a stream on it can have read; a standby's may
         # switch timeline under a running stream (its promotion), so no fork is told there.
         forked_at: int | None = None  # the history this server has parts from the one read
