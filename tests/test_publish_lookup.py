@@ -141,6 +141,17 @@ def test_row_changes_cover_only_what_they_logged() -> None:
     assert not log.covers([LISTS], 19) and log.covers([LISTS], 20)
 
 
+def test_row_changes_forget_a_history_the_server_left() -> None:
+    log = RecentRowChanges()
+    log.follow(LISTS, 10)
+    log.record([("public", "lists", ("b",))], 12, 502)
+    log.forget(12)  # a failover to a server that never had transaction 502
+    # No snapshot there is asked to see 502 (another transaction may get that xid) ...
+    assert log.unseen([("public", "lists", ("b",))], Snapshot.parse("501:503:502")) is None
+    # ... and a lookup from before the fork is not vouched for by the log.
+    assert not log.covers([LISTS], 11) and log.covers([LISTS], 12)
+
+
 # ---- batches: functions waiting at once run under one snapshot ---------------------------
 
 

@@ -848,7 +848,7 @@ class LiveData:
                 self.ring.break_pins()
                 lost: set[int] = set()  # write fences of commits that may be gone
                 if event.forked:  # type: ignore[union-attr]
-                    lost = self._forget_delivered_xids()
+                    lost = self._forget_history(event.lsn)  # type: ignore[union-attr]
                 self._commits_seen += 1  # a number of its own: lookups running now are stale
                 self._last_gap = self._commits_seen
                 # Taken first, so every resync snapshot sees what it sees: the transactions
@@ -927,13 +927,15 @@ class LiveData:
                       "transactions wait", exc_info=exc)
             return None
 
-    def _forget_delivered_xids(self) -> set[int]:
-        """After a fork of the server's history: the xids delivered were of the history left
-        behind, and new transactions may be given them again. Returns the xids write fences
-        wait for now: committed before the fork was seen, so either in the gap's snapshot
-        or gone."""
+    def _forget_history(self, fork_lsn: int) -> set[int]:
+        """After a fork of the server's history at ``fork_lsn``: the xids and positions
+        delivered were of the history left behind, and new transactions may be given them
+        again. Returns the xids write fences wait for now: committed before the fork was
+        seen, so either in the gap's snapshot or gone."""
+        self.last_commit_end_lsn = min(self.last_commit_end_lsn, fork_lsn)
         self._applied.clear()
         self._delivered = DeliveredXids(_DELIVERED_KEPT)
+        self._row_changes.forget(self._commits_seen)
         self.ring.forget_xids()
         return set(self._xid_waiters)
 

@@ -195,6 +195,13 @@ class RecentRowChanges:
             _, (number, _) = last.popitem(last=False)
             self._trimmed = number
 
+    def forget(self, delivered: int) -> None:
+        """The changes logged so far are of a history the server left (a failover): their
+        xids may be given to other transactions. Nothing is known of the rows' changes
+        delivered up to number ``delivered``."""
+        self._last.clear()
+        self._trimmed = max(self._trimmed, delivered)
+
     def covers(self, tables: Iterable[TableName], after: int) -> bool:
         """Is every change to ``tables`` delivered after number ``after`` logged?"""
         if self._trimmed > after:
