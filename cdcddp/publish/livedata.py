@@ -846,7 +846,7 @@ class LiveData:
                             event.reason)  # type: ignore[union-attr]
                 self._skip_pending = False
                 self.ring.break_pins()
-                lost: set[int] = set()  # write fences of commits that may be gone
+                lost: set[int] | None = None  # write fences of commits that may be gone
                 if event.forked:  # type: ignore[union-attr]
                     lost = self._forget_history(event.lsn)  # type: ignore[union-attr]
                 self._commits_seen += 1  # a number of its own: lookups running now are stale
@@ -855,8 +855,9 @@ class LiveData:
                 # the stream skipped (committed before the gap's position) included.
                 horizon = await self._gap_snapshot()
                 self._reshaped.clear()  # every observer is resynced now
-                await self._with_gate_closed(self._resync(set(self.observers()), "stream_gap"))
-                self._settle_fences(horizon, gone=lost)
+                reason = "history_fork" if lost is not None else "stream_gap"
+                await self._with_gate_closed(self._resync(set(self.observers()), reason))
+                self._settle_fences(horizon, gone=lost or frozenset())
                 # Their rows may have changed in what was skipped.
                 self._run_row_watchers(self._watchers_of(self._row_watchers), 0)
 
