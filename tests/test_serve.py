@@ -32,7 +32,7 @@ from cdcddp.ddp.messages import MeteorError
 from cdcddp.examples import todos
 from cdcddp.methods import MethodContext, Methods
 from cdcddp.wal.slot import plugin_refused_advice
-from tests.pg_support import refusing_wal2json, sql
+from tests.pg_support import refusing_wal2json, sql, standby_that_never_answers
 from tests.server_support import get
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -362,6 +362,52 @@ def one_sentence(done: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("cdcddp: "), lines[0]
     return lines[0]
+
+
+async def _terminate_method_backend(dsn: str, waiting_on: str) -> None:
+    """Terminate the node's session that waits on ``waiting_on`` (a wait event) in ``dsn``'s
+    database, once there is one."""
+    with trio.fail_after(20):
+        while not sql(dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                           "datname = current_database() AND application_name = 'cdcddp' "
+                           "AND wait_event = %s", params=(waiting_on,)):
+            await trio.sleep(0.02)
+
+
+async def test_a_method_whose_connection_is_lost_during_its_commit_gets_the_outcome(
+        db_dsn: str) -> None:
+    """The connection to PostgreSQL is lost while a method's COMMIT runs, so the connection
+    cannot say whether it took effect; the server asks PostgreSQL (``pg_xact_status``).
+    Committed: the method's result, and ``updated`` once its change reached the client (a
+    500 before). Rolled back: 503, which a client may retry, since nothing happened."""
+    async with serving(db_dsn, "in_doubt", TODOS) as served, connect(served.url) as client:
+        await client.subscribe("lists.public")
+
+        # Committed, then lost: the commit waits for a synchronous standby that never
+        # answers, and its session is terminated meanwhile (the commit stands).
+        with standby_that_never_answers(db_dsn):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_terminate_method_backend, db_dsn, "SyncRep")
+                list_id = await client.call("lists.insert", {"name": "in doubt"},
+                                            wait_updated=True)
+        assert names(client)[list_id] == "in doubt"
+        assert public_lists(db_dsn)[list_id] == "in doubt"
+
+        # Rolled back: a deferred trigger holds the COMMIT, and the session is terminated.
+        sql(db_dsn, "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                    "BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$",
+            "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON lists DEFERRABLE "
+            "INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.name = 'slow commit') "
+            "EXECUTE FUNCTION slow_commit()")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_terminate_method_backend, db_dsn, "PgSleep")
+            with pytest.raises(MeteorError) as refused:
+                await client.call("lists.insert", {"name": "slow commit"})
+        assert (refused.value.error, refused.value.reason) == (503, "Database unavailable")
+        assert "slow commit" not in public_lists(db_dsn).values()
+        output = served.output()
+    assert "transaction" in output and "committed" in output and "rolled back" in output
+    assert "Traceback" not in output, output
 
 
 async def test_a_node_rides_out_a_postgresql_restart() -> None:

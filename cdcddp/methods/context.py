@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import psycopg
 import trio
 
-from cdcddp.db import Database
+from cdcddp.db import Database, first_line, is_unavailable
+from cdcddp.ddp.messages import MeteorError
 from cdcddp.ddp.meteor_random import RandomStream
 from cdcddp.wal.lsn import parse_lsn
 
@@ -34,6 +35,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# How long the outcome of a commit whose connection was lost is asked after (the server may be
+# restarting, or a synchronous standby may still have to confirm it).
+COMMIT_DOUBT_SECONDS = 10.0
 Query = str | bytes | Any  # str or a psycopg.sql.Composable
 Params = Sequence[Any] | dict[str, Any] | None
 
@@ -90,6 +95,16 @@ class CommitInfo:
     xid: int | None = None
     xid8: int | None = None
     commit_lsn: int | None = None
+
+
+def _transaction_status(conn: psycopg.Connection[Any], xid8: int) -> str:
+    """``pg_xact_status``: committed, aborted or in progress. An id this server never gave
+    out (a failover to a standby that lacked it) did not commit here: aborted."""
+    try:
+        row = conn.execute("SELECT pg_xact_status(%s::text::xid8)", (str(xid8),)).fetchone()
+    except psycopg.errors.InvalidParameterValue:  # "transaction ID ... is in the future"
+        return "aborted"
+    return "unknown" if row is None or row[0] is None else str(row[0])
 
 
 class MethodTransaction:
@@ -149,19 +164,27 @@ class MethodTransaction:
         return None if row is None else row[0]
 
     async def commit(self) -> CommitInfo:
-        """Commit and report the transaction id of the writes (None if nothing was written)."""
+        """Commit and report the transaction id of the writes (None if nothing was written).
+
+        If the connection is lost during the COMMIT, whether it took effect is asked of the
+        server (``pg_xact_status``): committed is success; rolled back raises
+        ``MeteorError.unavailable()`` (nothing happened: a client may retry); a transaction
+        that wrote nothing needs no asking. Still unknown after ``COMMIT_DOUBT_SECONDS``:
+        ``MeteorError.internal()`` (a retry might apply it twice)."""
         if self._conn is None:
             self._finished = True
             return CommitInfo()
         conn = self._conn
+        xid8: int | None = None
 
         def go() -> CommitInfo:
+            nonlocal xid8
             # Assigned only once the transaction wrote; read before the commit ends it.
             row = conn.execute("SELECT pg_current_xact_id_if_assigned()::text").fetchone()
+            xid8 = None if row is None or row[0] is None else int(row[0])
             conn.commit()
-            if row is None or row[0] is None:
+            if xid8 is None:
                 return CommitInfo()
-            xid8 = int(row[0])
             lsn_row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
             conn.rollback()  # end the read-only transaction that SELECT opened
             lsn = parse_lsn(lsn_row[0]) if lsn_row else None
@@ -170,8 +193,45 @@ class MethodTransaction:
         try:
             with trio.CancelScope(shield=True):  # never leave a commit half-observed
                 return await trio.to_thread.run_sync(go)
+        except psycopg.OperationalError as exc:
+            if not is_unavailable(exc) or self._database is None:
+                raise
+            if xid8 is None:  # nothing written, or the COMMIT was never sent
+                raise MeteorError.unavailable() from exc
+            self._release()
+            with trio.CancelScope(shield=True):  # the client gets its answer either way
+                return await self._commit_outcome(xid8, exc)
         finally:
             self._release()
+
+    async def _commit_outcome(self, xid8: int, lost: psycopg.OperationalError) -> CommitInfo:
+        """The outcome of transaction ``xid8``, whose connection was lost during its COMMIT
+        (``lost``), asked of the server until it is known."""
+        assert self._database is not None
+        deadline = trio.current_time() + COMMIT_DOUBT_SECONDS
+        while True:
+            try:
+                status = await self._database.run(_transaction_status, xid8)
+            except psycopg.Error as exc:
+                if not is_unavailable(exc):
+                    raise
+                status = "unreachable"
+            if status == "committed":
+                log.warning("a method's connection was lost during its COMMIT (%s); transaction "
+                            "%d committed", first_line(lost), xid8)
+                return CommitInfo(xid=xid8 & 0xFFFFFFFF, xid8=xid8)
+            if status == "aborted":
+                log.warning("a method's connection was lost during its COMMIT (%s); transaction "
+                            "%d was rolled back: 503", first_line(lost), xid8)
+                raise MeteorError.unavailable() from lost
+            # Still being committed (a synchronous standby's confirmation), or the server is
+            # out of reach (restarting), or too old to tell (not expected): ask again.
+            if trio.current_time() > deadline:
+                log.error("a method's connection was lost during its COMMIT (%s); whether "
+                          "transaction %d committed is still unknown after %.0f s",
+                          first_line(lost), xid8, COMMIT_DOUBT_SECONDS)
+                raise MeteorError.internal() from lost
+            await trio.sleep(0.2)
 
     async def rollback(self) -> None:
         if self._conn is None:

@@ -322,10 +322,8 @@ async def invoke(methods: Methods, name: str, raw_params: list[Any] | None,
         raise
     try:
         commit = await transaction.commit()
-    except Exception:
-        # (Lost during the commit, the outcome is unknown: not a retry-worthy 503.)
-        log.exception("method %r: commit failed", name)
-        return InvocationOutcome(error=MeteorError.internal())
+    except Exception as exc:  # (a connection lost during it is settled by commit itself)
+        return InvocationOutcome(error=to_meteor_error(exc, f"method {name!r}: commit"))
     return InvocationOutcome(result=value, commit=commit, login=context.login_change,
                              revoked_token_hashes=context.revoked_token_hashes)
 
