@@ -286,7 +286,7 @@ class ReplicationStream:
 
     def acknowledge(self, end_lsn: int) -> None:
         """The consumer is done with the transaction whose ``Commit.end_lsn`` this is."""
-        if not self._ack_barrier:  # (a position of the history left behind otherwise)
+        if not self._ack_barrier:  # (else a commit from before the stream restarted earlier)
             self._tracker.acknowledge(end_lsn)
 
     def skip_backlog(self) -> None:
@@ -467,8 +467,6 @@ class ReplicationStream:
                     reason = (f"skipped {max(consistent - behind_from, 0)} bytes of WAL the "
                               "consumer was behind (temporary slot created anew)")
                     self._skipped(consistent - behind_from)
-                    if consistent > behind_from:
-                        self._tracker = AckTracker(consistent)  # the new slot starts there
                 gap.append(StreamGap(self.slot, consistent, fork_reason or reason,
                                      forked=bool(fork_reason)))
                 # Nothing before it can come; a greater start would skip commits of another
@@ -494,7 +492,7 @@ class ReplicationStream:
                 target = parse_lsn(end or "0/0")
                 if target > behind_from:
                     # Nothing before `target` may come again: start there.
-                    self._tracker = AckTracker(target)
+                    self._restart_at(target)
                     confirmed = target
                 skipped = max(target - behind_from, 0)
                 self._skipped(skipped)
@@ -526,8 +524,9 @@ class ReplicationStream:
 
     async def _history_fork(self, conn: pq.PGconn, read_timeline: int) -> tuple[int | None, str]:
         """After a timeline change: (where this server's history left ``read_timeline``, the
-        one the stream read, or None if it does not need to restart earlier; a gap's reason
-        when commits were delivered that this history lacks, else "")."""
+        one the stream read: None if the stream need not restart earlier, 0 if unknown (from
+        the slot's position); a gap's reason when commits were delivered that this history
+        lacks, else "")."""
         switch: int | None = None
         if self.timeline > read_timeline:  # timeline 1 has no history file
             try:
