@@ -12,6 +12,7 @@ before them), resync, and stream the new history from where it parts.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from cdcddp.client import DDPClient, connect
 from cdcddp.devcluster import PG17_BINDIR, LocalCluster, streaming_standby, throwaway_cluster
 from cdcddp.wal.preflight import Finding, check_failover_slot
 from tests.pg_support import sql, wait_replayed
-from tests.test_serve import ROOT, TODOS, names, public_lists, serving
+from tests.test_serve import ROOT, TODOS, names, public_lists, serve_command, serving
 from tests.test_standby import _postgres17
 
 
@@ -105,6 +106,16 @@ async def test_a_node_resumes_from_its_failover_slot_on_the_promoted_standby() -
             await client.call("lists.insert", {"name": "on the primary"}, wait_updated=True)
             assert slot_finding(primary, "shop_node").code == "failover_slot"
             copy_slot_to_standby(primary, standby, "shop_node")
+            # The copy is not for a node on the standby: one sentence says so.
+            refused = subprocess.run(
+                serve_command(standby.dsn("shop"), "shop_node", TODOS, "--primary-dsn",
+                              primary.dsn("shop")),
+                capture_output=True, text=True, timeout=60, cwd=ROOT)
+            assert refused.returncode != 0 and "Traceback" not in refused.stderr
+            assert refused.stderr.strip().splitlines()[-1] == (
+                "cdcddp: replication slot 'shop_node' on this standby is a copy of its "
+                "primary's failover slot, which cannot be decoded before the standby is "
+                "promoted: choose another --slot for a node on this standby.")
 
             # Commits after the copy: the node resumes past them (its own position), the
             # copy's is older.

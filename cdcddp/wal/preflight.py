@@ -89,7 +89,7 @@ def check_slot(conn: psycopg.Connection, slot: str) -> Finding:
                        "creates it on start.")
     (dbname,) = conn.execute("SELECT current_database()::text").fetchone() or ("?",)
     try:
-        slots.verify(status, dbname)
+        slots.verify(status, dbname, on_standby=server_role(conn)[0])
     except slots.SlotInvalidated as exc:
         return Finding("error", "slot_lost", str(exc))
     except slots.SlotBusy as exc:
@@ -104,8 +104,8 @@ def check_failover_slot(conn: psycopg.Connection, slot: str) -> Finding | None:
     """A failover slot on a primary whose logical walsenders do not wait for the standbys:
     cdcddp can then deliver commits a standby never gets if it is promoted."""
     status = slots.get_status(conn, slot)
-    if status is None or not status.failover or status.synced:
-        return None
+    if status is None or not status.failover or server_role(conn)[0]:
+        return None  # (on a standby: a copy, or not used for failover)
     (synchronized,), = conn.execute("SHOW synchronized_standby_slots").fetchall()
     if synchronized:
         return Finding("ok", "failover_slot", f"replication slot {slot!r} is a failover slot, "

@@ -131,8 +131,10 @@ def parse_status_row(row: Sequence[str | bytes | None]) -> SlotStatus:
     )
 
 
-def verify(status: SlotStatus, dbname: str, own_pid: int | None = None) -> None:
-    """Raise ``SlotError`` unless this client can stream from the slot."""
+def verify(status: SlotStatus, dbname: str, own_pid: int | None = None,
+           on_standby: bool = False) -> None:
+    """Raise ``SlotError`` unless this client can stream from the slot (on a standby, if
+    ``on_standby``)."""
     if status.slot_type != "logical" or status.plugin != PLUGIN:
         raise SlotError(
             f"replication slot {status.name!r} uses {status.plugin or status.slot_type!r}, not "
@@ -143,6 +145,11 @@ def verify(status: SlotStatus, dbname: str, own_pid: int | None = None) -> None:
             f"{dbname!r}: connect to {status.database!r} or choose another --slot.")
     if status.invalidated:
         raise SlotInvalidated(_invalidated_advice(status))
+    if on_standby and status.synced:  # (after a promotion it is the node's own again)
+        raise SlotError(
+            f"replication slot {status.name!r} on this standby is a copy of its primary's "
+            "failover slot, which cannot be decoded before the standby is promoted: choose "
+            "another --slot for a node on this standby.")
     if status.active and status.active_pid is not None and status.active_pid != own_pid:
         raise SlotBusy(
             f"replication slot {status.name!r} is in use by process {status.active_pid}: stop "

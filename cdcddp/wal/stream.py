@@ -474,7 +474,7 @@ class ReplicationStream:
                 self._restart_at(consistent)
             confirmed = consistent
         else:
-            slots.verify(status, dbname, own_pid=self.backend_pid)
+            slots.verify(status, dbname, own_pid=self.backend_pid, on_standby=self.in_recovery)
             confirmed = status.confirmed_flush_lsn or 0
             if self.failover and not status.failover:
                 await self._execute(conn, slots.make_failover_command(ident))
