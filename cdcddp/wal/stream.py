@@ -405,9 +405,9 @@ class ReplicationStream:
             raise ServerError(message, sqlstate.decode() if sqlstate else None)
         return rows
 
-    async def _prepare(self, conn: pq.PGconn) -> list[StreamEvent]:
-        """IDENTIFY_SYSTEM, check or create the slot, START_REPLICATION. Returns events
-        (a ``StreamGap``) to deliver before the stream's own."""
+    async def _prepare(self, conn: pq.PGconn) -> None:
+        """IDENTIFY_SYSTEM, check or create the slot, START_REPLICATION. A gap found on the way
+        is put with the events the next session delivers first (``_add_gap``)."""
         systemid, timeline, _xlogpos, dbname = (await self._execute(conn, "IDENTIFY_SYSTEM"))[0]
         if self.systemid is not None and systemid != self.systemid:
             raise StreamError(f"the server is now a different cluster (system id {systemid}, "
@@ -444,7 +444,6 @@ class ReplicationStream:
             await self._stop_old_walsender(conn, literal, self._skip_old_pid)
         rows = await self._execute(conn, slots.status_sql(literal))
         status = slots.parse_status_row(rows[0]) if rows else None
-        gap: list[StreamEvent] = []
         behind_from = max(self._tracker.acknowledged_lsn, self._tracker.last_commit_lsn)
         if status is not None and status.invalidated and self.recreate_invalidated:
             log.warning("slot %s is invalidated: dropping and recreating it", self.slot)
@@ -467,8 +466,7 @@ class ReplicationStream:
                     reason = (f"skipped {max(consistent - behind_from, 0)} bytes of WAL the "
                               "consumer was behind (temporary slot created anew)")
                     self._skipped(consistent - behind_from)
-                gap.append(StreamGap(self.slot, consistent, fork_reason or reason,
-                                     forked=bool(fork_reason)))
+                self._add_gap(consistent, fork_reason or reason, forked=bool(fork_reason))
                 # Nothing before it can come; a greater start would skip commits of another
                 # history (after a failover) the snapshots of the resync may not have seen.
                 self._restart_at(consistent)
@@ -483,8 +481,7 @@ class ReplicationStream:
                 # From where the histories part (the slot cannot go back further).
                 self._restart_at(max(forked_at, confirmed))
                 if fork_reason:
-                    gap.append(StreamGap(self.slot, max(forked_at, confirmed), fork_reason,
-                                         forked=True))
+                    self._add_gap(max(forked_at, confirmed), fork_reason, forked=True)
             if skipping:
                 (end,), = await self._execute(
                     conn, f"SELECT end_lsn::text FROM pg_replication_slot_advance("
@@ -496,22 +493,20 @@ class ReplicationStream:
                     confirmed = target
                 skipped = max(target - behind_from, 0)
                 self._skipped(skipped)
-                gap.append(StreamGap(self.slot, target, f"skipped {skipped} bytes of WAL "
-                                     "the consumer was behind"))
+                self._add_gap(target, f"skipped {skipped} bytes of WAL the consumer was "
+                                      "behind")
         self._skip_requested = False
         self._skip_old_pid = None
 
         if not self._ever_streamed:
             start = self.start_lsn or 0
-            if self.start_lsn is not None and self.start_lsn < confirmed and not gap:
-                gap.append(StreamGap(self.slot, confirmed,
-                                     "slot is already past the requested start position"))
+            if self.start_lsn is not None and self.start_lsn < confirmed:
+                self._add_gap(confirmed, "slot is already past the requested start position")
             self._tracker = AckTracker(max(start, confirmed))
         elif confirmed > max(self._tracker.acknowledged_lsn, self._tracker.last_commit_lsn):
             # The server would start there: what lies between was never delivered.
-            if not gap:
-                gap.append(StreamGap(self.slot, confirmed, "slot is past what the stream "
-                                     "delivered (advanced by another consumer)"))
+            self._add_gap(confirmed, "slot is past what the stream delivered (advanced by "
+                                     "another consumer)")
             self._restart_at(confirmed)
         # Plain SQL is fine on the replication session before START_REPLICATION.
         self.types.merge(TypeCatalog.from_rows(await self._execute(conn, TYPE_CATALOG_SQL)))
@@ -520,7 +515,17 @@ class ReplicationStream:
         conn.notice_handler = self._on_notice  # wal2json WARNINGs only arrive as notices
         await self._execute(conn, start_replication_command(
             ident, start_at, self.wal2json_options))
-        return gap
+
+    def _add_gap(self, lsn: int, reason: str, forked: bool = False) -> None:
+        """Deliver a ``StreamGap`` first in the next session: kept until then, so a connection
+        attempt that fails after finding it does not lose it; one gap at a time (a later one
+        moves it on; a fork stays a fork)."""
+        for i, event in enumerate(self._control):
+            if isinstance(event, StreamGap):
+                told = event.reason if event.forked and not forked else reason  # a fork's
+                self._control[i] = StreamGap(self.slot, lsn, told, forked=event.forked or forked)
+                return
+        self._control.append(StreamGap(self.slot, lsn, reason, forked=forked))
 
     async def _history_fork(self, conn: pq.PGconn, read_timeline: int) -> tuple[int | None, str]:
         """After a timeline change: (where this server's history left ``read_timeline``, the
@@ -877,7 +882,7 @@ class ReplicationStream:
         while True:
             conn = await self._connect()
             try:
-                prelude = await self._prepare(conn)
+                await self._prepare(conn)
             except BaseException as exc:
                 self._close_conn(conn)
                 busy = isinstance(exc, slots.SlotBusy) or (
@@ -886,14 +891,12 @@ class ReplicationStream:
                     await trio.sleep(backoff.next_delay())
                     continue
                 raise
-            self._mark_streaming(prelude)
+            self._mark_streaming()
             return conn
 
-    def _mark_streaming(self, prelude: list[StreamEvent]) -> None:
+    def _mark_streaming(self) -> None:
         self.connected = True
         self._ever_streamed = True
-        if prelude:
-            self._send.send_nowait(prelude)  # channel is empty right after (re)connect
 
     async def _pause(self, seconds: float) -> None:
         with trio.CancelScope() as self._pause_scope:
@@ -915,7 +918,7 @@ class ReplicationStream:
                     if conn is None:
                         try:
                             conn = await self._connect()
-                            prelude = await self._prepare(conn)
+                            await self._prepare(conn)
                         except Exception as exc:
                             if conn is not None:
                                 self._close_conn(conn)
@@ -927,8 +930,7 @@ class ReplicationStream:
                             await self._pause(backoff.next_delay())
                             continue
                         self.reconnects += 1
-                        self._mark_streaming([])
-                        self._control.extend(prelude)
+                        self._mark_streaming()
                         backoff.reset()
                     try:
                         await self._session(conn)
