@@ -338,6 +338,7 @@ class LiveData:
         self.catch_up_rounds = 0
         self.flush_rounds = 0  # rounds of client writes (one per commit while keeping up)
         self.catch_up_timeouts = 0
+        self.hold_timeouts = 0  # resyncs' holds released before the stream caught up
         self._open_txn: _OpenTransaction | None = None
         # Delivered xids until a snapshot sees them (a snapshot that lacks one must be
         # retaken, a lookup that read under it may be stale).
@@ -1536,8 +1537,10 @@ class LiveData:
         self._nursery.start_soon(self._release_hold, mark)
 
     async def _release_hold(self, mark: trio.Event) -> None:
-        with trio.move_on_after(self.config.catch_up_timeout):
+        with trio.move_on_after(self.config.catch_up_timeout) as waiting:
             await mark.wait()
+        if waiting.cancelled_caught:
+            self.hold_timeouts += 1
         if self._resync_mark is not mark:
             return  # a later resync holds on, until its own mark
         self._resync_mark = None
