@@ -35,12 +35,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Query = str | bytes | Any  # str or a psycopg.sql.Composable
+Params = Sequence[Any] | dict[str, Any] | None
 
 # How long the outcome of a commit whose connection was lost is asked after (the server may be
 # restarting, or a synchronous standby may still have to confirm it).
 COMMIT_DOUBT_SECONDS = 10.0
-Query = str | bytes | Any  # str or a psycopg.sql.Composable
-Params = Sequence[Any] | dict[str, Any] | None
 
 
 def is_loopback_address(address: str | None) -> bool:
@@ -198,7 +198,7 @@ class MethodTransaction:
                 raise
             if xid8 is None:  # nothing written, or the COMMIT was never sent
                 raise MeteorError.unavailable() from exc
-            self._release()
+            self._release()  # (its pool slot is not needed to ask)
             with trio.CancelScope(shield=True):  # the client gets its answer either way
                 return await self._commit_outcome(xid8, exc)
         finally:
@@ -208,6 +208,8 @@ class MethodTransaction:
         """The outcome of transaction ``xid8``, whose connection was lost during its COMMIT
         (``lost``), asked of the server until it is known."""
         assert self._database is not None
+        what = (f"a method's connection was lost during its COMMIT ({first_line(lost)}); "
+                f"transaction {xid8}")
         deadline = trio.current_time() + COMMIT_DOUBT_SECONDS
         while True:
             try:
@@ -217,19 +219,16 @@ class MethodTransaction:
                     raise
                 status = "unreachable"
             if status == "committed":
-                log.warning("a method's connection was lost during its COMMIT (%s); transaction "
-                            "%d committed", first_line(lost), xid8)
+                log.warning("%s committed", what)
                 return CommitInfo(xid=xid8 & 0xFFFFFFFF, xid8=xid8)
             if status == "aborted":
-                log.warning("a method's connection was lost during its COMMIT (%s); transaction "
-                            "%d was rolled back: 503", first_line(lost), xid8)
+                log.warning("%s was rolled back: 503", what)
                 raise MeteorError.unavailable() from lost
             # Still being committed (a synchronous standby's confirmation), or the server is
             # out of reach (restarting), or too old to tell (not expected): ask again.
             if trio.current_time() > deadline:
-                log.error("a method's connection was lost during its COMMIT (%s); whether "
-                          "transaction %d committed is still unknown after %.0f s",
-                          first_line(lost), xid8, COMMIT_DOUBT_SECONDS)
+                log.error("%s: whether it committed is still unknown after %.0f s", what,
+                          COMMIT_DOUBT_SECONDS)
                 raise MeteorError.internal() from lost
             await trio.sleep(0.2)
 

@@ -847,18 +847,19 @@ class LiveData:
                             event.reason)  # type: ignore[union-attr]
                 self._skip_pending = False
                 self.ring.break_pins()
-                lost: set[int] | None = None  # write fences of commits that may be gone
-                if event.forked:  # type: ignore[union-attr]
-                    lost = self._forget_history(event.lsn)  # type: ignore[union-attr]
+                forked: bool = event.forked  # type: ignore[union-attr]
+                # (after a fork: the write fences waiting now are of commits that may be gone)
+                lost = (self._forget_history(event.lsn)  # type: ignore[union-attr]
+                        if forked else frozenset[int]())
                 self._commits_seen += 1  # a number of its own: lookups running now are stale
                 self._last_gap = self._commits_seen
                 # Taken first, so every resync snapshot sees what it sees: the transactions
                 # the stream skipped (committed before the gap's position) included.
                 horizon = await self._gap_snapshot()
                 self._reshaped.clear()  # every observer is resynced now
-                reason = "history_fork" if lost is not None else "stream_gap"
+                reason = "history_fork" if forked else "stream_gap"
                 await self._with_gate_closed(self._resync(set(self.observers()), reason))
-                self._settle_fences(horizon, gone=lost or frozenset())
+                self._settle_fences(horizon, gone=lost)
                 # Their rows may have changed in what was skipped.
                 self._run_row_watchers(self._watchers_of(self._row_watchers), 0)
 
