@@ -296,7 +296,7 @@ class Metrics:
         self.catch_up_timeouts = Counter(
             "cdcddp_observer_catch_up_timeouts_total",
             "New observers that registered before the stream delivered everything their "
-            "snapshot saw (catch_up_timeout passed: the consumer was held or far behind).",
+            "snapshot saw (the consumer was held, or too far behind to wait for).",
             registry=r)
         self.snapshot_retakes = Counter(
             "cdcddp_snapshot_retakes_total",

@@ -339,6 +339,78 @@ async def test_new_observer_is_not_ahead_of_the_stream(db_dsn: str) -> None:
             assert live.catch_up_timeouts == 0
 
 
+class _SlowConsumer:
+    """A consumer hold (``LiveData.hold``) that lets each commit through after a pause: the
+    consumer keeps moving, slower than the writers (a busy machine)."""
+
+    def __init__(self, pause: float) -> None:
+        self.pause = pause
+
+    async def wait(self) -> None:
+        await trio.sleep(self.pause)
+
+
+def _backlog(commits: int) -> str:
+    """One statement committing ``commits`` one-row transactions to ``items`` row 2."""
+    return (f"DO $$ BEGIN FOR i IN 1..{commits} LOOP "
+            "UPDATE items SET rank = i WHERE id = 2; COMMIT; END LOOP; END $$")
+
+
+async def test_a_new_observer_waits_for_a_consumer_that_is_behind_but_moving(
+        db_dsn: str) -> None:
+    """The consumer is more than ``catch_up_timeout`` behind a new snapshot, but moving: the
+    new observer waits for it (while it is on course to arrive within ``catch_up_limit``)
+    rather than register ahead of the stream, where a client moving from it to an older
+    observer would see a row go back."""
+    async with live_server(db_dsn, catch_up_timeout=0.3) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x'), ('b', 'y')")
+        async with connect(server.ws_url) as watcher, \
+                connect(server.ws_url, log_messages=True) as client:
+            await watcher.subscribe("items.byCategory", {"category": "a"})  # the older one
+            await live.sync()
+            live.hold = _SlowConsumer(0.003)  # type: ignore[assignment]
+            # ~1.2 s of commits for the consumer, then row 1's new version.
+            await asql(db_dsn, _backlog(400), "UPDATE items SET version = 1 WHERE id = 1")
+            started = trio.current_time()
+            sub = await client.subscribe("items.all", timeout=20)  # its snapshot has v1
+            waited = trio.current_time() - started
+            await client.subscribe("items.byCategory", {"category": "a"})
+            await client.unsubscribe(sub)
+            await client.ping()
+            assert store(client)["1"]["version"] == 1
+            live.hold = None
+            await live.sync()
+            check_message_log(client)
+            assert live.catch_up_timeouts == 0
+            assert waited > 0.3, f"ready after {waited:.2f} s: the consumer was not behind"
+
+
+async def test_a_new_observer_does_not_wait_for_a_consumer_too_far_behind(
+        db_dsn: str) -> None:
+    """A consumer moving, but too slowly to reach the new snapshot within ``catch_up_limit``:
+    the subscription does not wait for it (its observer registers ahead of the stream, exact
+    by itself)."""
+    async with live_server(db_dsn, catch_up_timeout=0.3, catch_up_limit=0.8) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x'), ('b', 'y')")
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.byCategory", {"category": "b"})
+            await live.sync()
+            live.hold = _SlowConsumer(0.01)  # type: ignore[assignment]
+            await asql(db_dsn, _backlog(400), "UPDATE items SET version = 1 WHERE id = 1")
+            started = trio.current_time()
+            await client.subscribe("items.all", timeout=20)
+            waited = trio.current_time() - started
+            assert store(client)["1"]["version"] == 1
+            assert live.catch_up_timeouts == 1
+            assert waited < 0.8, f"ready after {waited:.2f} s"
+            live.hold = None
+            await live.sync()
+            await wait_store(client, expected_view(db_dsn, [("items.all", [])]))
+            check_message_log(client)
+
+
 def _commit_held_briefly(dsn: str, admin_dsn: str, row: int, hold: float,
                          stop: threading.Event) -> int:
     """Until ``stop``: update ``row``, each commit held ``hold`` seconds by the standby that

@@ -251,8 +251,9 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
                         await wait_store(client, expected, collection, timeout=20)
                         check_message_log(client, collection)
                 except AssertionError as exc:
-                    # Past catch_up_timeout an observer (or a resync) goes ahead of the stream
-                    # by design, and a client can then see a value go back: a loaded machine.
+                    # An observer (or a resync) that gave up waiting for the consumer goes
+                    # ahead of the stream by design, and a client can then see a value go
+                    # back: a consumer held, or far behind on a loaded machine.
                     live = server.live
                     raise AssertionError(
                         f"client {i} (seed {seed}; catch-up timeouts: observers "

@@ -65,7 +65,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import psycopg
 import trio
@@ -119,6 +119,7 @@ from cdcddp.wal.events import (
     Truncate,
     Update,
 )
+from cdcddp.wal.lsn import parse_lsn
 from cdcddp.wal.slot import log_running_xacts
 from cdcddp.wal.stream import ReplicationStream, open_stream
 
@@ -168,9 +169,11 @@ class LiveDataConfig:
     # skip the backlog and resync every observer (as for a stream gap). None: never.
     resync_behind_bytes: int | None = None
     behind_check_interval: float = 1.0  # seconds between checks of the distance
-    # A new observer waits (at most this long) until the stream has delivered everything its
-    # snapshot saw, so it is never ahead of the stream (see LiveData._catch_up).
+    # A new observer waits until the stream has delivered everything its snapshot saw, so it
+    # is never ahead of the stream (see LiveData._catch_up): this long at least; longer while
+    # the consumer moves and is on course to get there within catch_up_limit (seconds).
     catch_up_timeout: float = 2.0
+    catch_up_limit: float = 10.0
     # While the consumer is behind (more of the stream already received), client flushes wait
     # up to this long (seconds) for it to apply that first: one write per client for many
     # commits instead of one per commit. Bounds the extra commit->sent latency under load.
@@ -268,6 +271,21 @@ class _OpenTransaction:
         return self.chunked or self.interest_grew
 
 
+@dataclass(eq=False)
+class _CatchUpMark:
+    """A logical message committed after some snapshots were taken: once the consumer reaches
+    it, the stream has delivered every commit they saw (see ``LiveData._catch_up``)."""
+
+    reached: trio.Event = field(default_factory=trio.Event)
+    settled: trio.Event = field(default_factory=trio.Event)  # reached, or given up on
+
+
+class _Hold(Protocol):
+    """What the consumer awaits before applying each commit (a test hook)."""
+
+    async def wait(self) -> None: ...
+
+
 class _RetrySnapshot(Exception):
     """The handoff cannot be completed from the ring: take the snapshot again, one that sees
     the first ``must_see`` delivered transactions (the one that could not be replayed: a
@@ -332,8 +350,8 @@ class LiveData:
         self._started = trio.Event()
         self._txn_done = trio.Event()
         self._marks: dict[str, trio.Event] = {}
-        # New observers waiting for the stream to pass their snapshot (one mark per round).
-        self._catch_up_waiters: list[trio.Event] = []
+        # The catch-up mark new observers wait for (one per round; see _catch_up).
+        self._next_mark = _CatchUpMark()
         self._catch_up_wake = trio.Event()
         self.catch_up_rounds = 0
         self.flush_rounds = 0  # rounds of client writes (one per commit while keeping up)
@@ -379,9 +397,9 @@ class LiveData:
         # Delivery number of the last transaction that changed each table (lookup guard).
         self._table_changed_at: dict[TableName, int] = {}
         self._nursery: trio.Nursery | None = None
-        self._resync_mark: trio.Event | None = None  # the catch-up a held gate waits for
+        self._resync_mark: _CatchUpMark | None = None  # the catch-up a held gate waits for
         # Test hooks: hold the consumer before applying a commit; run after a snapshot query.
-        self.hold: trio.Event | None = None
+        self.hold: _Hold | None = None
         self.after_snapshot: Callable[[ObserverEntry], Awaitable[None]] | None = None
         # Figures (metrics, tests).
         self.transactions_applied = 0
@@ -555,18 +573,24 @@ class LiveData:
         """Return once the engine applied everything committed before the call (tests)."""
         token = secrets.token_hex(8)
         event = self._marks[token] = trio.Event()
-
-        def emit(conn: psycopg.Connection[Any]) -> None:
-            # Decoded once written locally: no waiting for a synchronous standby to confirm
-            # it (a round trip per mark, and forever while none answers).
-            conn.execute("SET LOCAL synchronous_commit = local")
-            conn.execute("SELECT pg_logical_emit_message(true, %s, %s)", (SYNC_PREFIX, token))
         try:
-            await self.database.run(emit)
+            await self._write_mark(token)
             with trio.fail_after(timeout):
                 await event.wait()
         finally:
             self._marks.pop(token, None)
+
+    async def _write_mark(self, token: str) -> int:
+        """Commit a logical message the consumer recognises (``_reach_mark``); its LSN."""
+        def emit(conn: psycopg.Connection[Any]) -> int:
+            # Decoded once written locally: no waiting for a synchronous standby to confirm
+            # it (a round trip per mark, and forever while none answers).
+            conn.execute("SET LOCAL synchronous_commit = local")
+            row = conn.execute("SELECT pg_logical_emit_message(true, %s, %s)::text",
+                               (SYNC_PREFIX, token)).fetchone()
+            assert row is not None
+            return parse_lsn(row[0])
+        return await self.database.run(emit)
 
     # ---- creating observers: the handoff -------------------------------------------------
 
@@ -608,7 +632,7 @@ class LiveData:
         try:
             # Transactions delivered before the pin's reach must be in the snapshot (they are
             # not in the ring); those after it are in the ring, replayed if it lacks them.
-            caught_up: list[trio.Event] = []  # for the last snapshot taken
+            caught_up: list[_CatchUpMark] = []  # for the last snapshot taken
             token = trio.lowlevel.current_trio_token()
 
             def request_catch_up() -> None:
@@ -651,15 +675,13 @@ class LiveData:
         finally:
             self.ring.release(pin)
 
-    def _request_catch_up(self) -> trio.Event:
-        """Ask for the next catch-up mark (see :meth:`_catch_up`); call right after taking
-        the snapshot."""
-        event = trio.Event()
-        self._catch_up_waiters.append(event)
+    def _request_catch_up(self) -> _CatchUpMark:
+        """The next catch-up mark (see :meth:`_catch_up`); ask right after taking the
+        snapshot."""
         self._catch_up_wake.set()
-        return event
+        return self._next_mark
 
-    async def _catch_up(self, caught_up: trio.Event) -> None:
+    async def _catch_up(self, mark: _CatchUpMark) -> None:
         """Return once the stream has delivered every transaction a snapshot just taken sees.
 
         Its commits were written before the snapshot, so before a logical message committed
@@ -667,31 +689,58 @@ class LiveData:
         since the pin, or before it and in the snapshot) and the new observer registers
         exactly at the stream's position. Without this an observer whose snapshot is ahead of
         the stream could hand a client newer rows than an older observer it moves to next
-        (the oracle's "version went back"). Waiters share one mark per round. Past
-        ``catch_up_timeout`` (a held or far-behind consumer) it goes on
-        as before: the skip-by-snapshot logic keeps the observer itself exact.
+        (the oracle's "version went back"). Waiters share one mark per round. When the mark
+        is given up on (:meth:`_follow_mark`: a held or far-behind consumer) it goes on as
+        before: the skip-by-snapshot logic keeps the observer itself exact.
         """
-        with trio.move_on_after(self.config.catch_up_timeout):
-            await caught_up.wait()
-            return
-        self.catch_up_timeouts += 1
+        await mark.settled.wait()
+        if not mark.reached.is_set():
+            self.catch_up_timeouts += 1
 
     async def _catch_up_rounds(self) -> None:
+        assert self._nursery is not None
         while True:
             await self._catch_up_wake.wait()
             self._catch_up_wake = trio.Event()
             # Everyone waiting now took their snapshot before this mark is written.
-            waiters, self._catch_up_waiters = self._catch_up_waiters, []
-            if not waiters:
-                continue
+            mark, self._next_mark = self._next_mark, _CatchUpMark()
             self.catch_up_rounds += 1
+            token = secrets.token_hex(8)
+            self._marks[token] = mark.reached
             try:
-                await self.sync(timeout=self.config.catch_up_timeout)
-            except Exception as exc:  # timed out, or cannot write (standby): waiters time out
-                log.debug("catch-up mark not reached: %r", exc)
+                with trio.fail_after(self.config.catch_up_timeout):
+                    lsn = await self._write_mark(token)
+            except Exception as exc:  # cannot write (standby, database away): given up
+                log.debug("catch-up mark not written: %r", exc)
+                self._marks.pop(token, None)
+                mark.settled.set()
                 continue
-            for event in waiters:
-                event.set()
+            # Followed apart, so that the next round's mark is written at once.
+            self._nursery.start_soon(self._follow_mark, mark, token, lsn)
+
+    async def _follow_mark(self, mark: _CatchUpMark, token: str, lsn: int) -> None:
+        """Settle ``mark`` (written at ``lsn``) when the consumer reaches it, or give it up:
+        after ``catch_up_timeout``, at the first check that finds the consumer stalled
+        since the last one, or not on course to reach it within ``catch_up_limit``."""
+        window = self.config.catch_up_timeout
+        started, started_at = trio.current_time(), self.last_commit_end_lsn
+        checked_at = started_at
+        try:
+            while True:
+                with trio.move_on_after(window):
+                    await mark.reached.wait()
+                    return
+                elapsed = trio.current_time() - started
+                applied = self.last_commit_end_lsn
+                if applied <= checked_at:
+                    return  # held, or stalled in a transaction too big to buffer
+                rate = (applied - started_at) / elapsed  # WAL bytes per second
+                if elapsed + (lsn - applied) / rate > self.config.catch_up_limit:
+                    return
+                checked_at = applied
+        finally:
+            self._marks.pop(token, None)
+            mark.settled.set()
 
     async def _replay(self, observer: Observer, txn: CommittedTransaction, pin: Pin) -> None:
         table = (observer.schema, observer.table)
@@ -1537,10 +1586,9 @@ class LiveData:
         self.gate.held = True
         self._nursery.start_soon(self._release_hold, mark)
 
-    async def _release_hold(self, mark: trio.Event) -> None:
-        with trio.move_on_after(self.config.catch_up_timeout) as waiting:
-            await mark.wait()
-        if waiting.cancelled_caught:
+    async def _release_hold(self, mark: _CatchUpMark) -> None:
+        await mark.settled.wait()
+        if not mark.reached.is_set():
             self.hold_timeouts += 1
         if self._resync_mark is not mark:
             return  # a later resync holds on, until its own mark
