@@ -21,7 +21,6 @@ import trio
 from cdcddp.db import Database, first_line, is_unavailable
 from cdcddp.ddp.messages import MeteorError
 from cdcddp.ddp.meteor_random import RandomStream
-from cdcddp.wal.lsn import parse_lsn
 
 __all__ = [
     "CommitInfo",
@@ -87,14 +86,11 @@ class CommitInfo:
     """What the write fence needs from a committed method transaction.
 
     ``xid`` is the 32-bit transaction id, as wal2json reports it on ``B``/``C`` records;
-    ``xid8`` the epoch-extended one; ``commit_lsn`` an upper bound of the commit record's LSN
-    (``pg_current_wal_insert_lsn()`` read right after the commit). All None when the call
-    wrote nothing.
+    ``xid8`` the epoch-extended one. Both None when the call wrote nothing.
     """
 
     xid: int | None = None
     xid8: int | None = None
-    commit_lsn: int | None = None
 
 
 def _transaction_status(conn: psycopg.Connection[Any], xid8: int) -> str:
@@ -121,26 +117,28 @@ class MethodTransaction:
     def opened(self) -> bool:
         return self._conn is not None
 
-    async def _connection(self) -> psycopg.Connection[Any]:
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in a worker thread on this call's connection (taken from
+        the pool by the first call, in the same thread hop)."""
         if self._finished:
             raise RuntimeError("the method's transaction is already finished")
-        if self._conn is None:
-            if self._database is None:
-                raise RuntimeError("no database configured for methods")
-            if self._limiter is not None:
-                await self._limiter.acquire_on_behalf_of(self)
-            try:
-                self._conn = await trio.to_thread.run_sync(self._database.checkout)
-            except BaseException:
-                if self._limiter is not None:
-                    self._limiter.release_on_behalf_of(self)
-                raise
-        return self._conn
+        conn = self._conn
+        if conn is not None:
+            return await trio.to_thread.run_sync(fn, conn, *args)
+        database = self._database
+        if database is None:
+            raise RuntimeError("no database configured for methods")
+        if self._limiter is not None:
+            await self._limiter.acquire_on_behalf_of(self)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` in a worker thread on this call's connection."""
-        conn = await self._connection()
-        return await trio.to_thread.run_sync(fn, conn, *args)
+        def first(*args: Any) -> T:
+            conn = self._conn = database.checkout()
+            return fn(conn, *args)
+        try:
+            return await trio.to_thread.run_sync(first, *args)
+        finally:
+            if self._conn is None and self._limiter is not None:  # no connection to hold
+                self._limiter.release_on_behalf_of(self)
 
     async def execute(self, query: Query, params: Params = None) -> int:
         """Run a statement; returns its row count."""
@@ -185,10 +183,7 @@ class MethodTransaction:
             conn.commit()
             if xid8 is None:
                 return CommitInfo()
-            lsn_row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-            conn.rollback()  # end the read-only transaction that SELECT opened
-            lsn = parse_lsn(lsn_row[0]) if lsn_row else None
-            return CommitInfo(xid=xid8 & 0xFFFFFFFF, xid8=xid8, commit_lsn=lsn)
+            return CommitInfo(xid=xid8 & 0xFFFFFFFF, xid8=xid8)
 
         try:
             with trio.CancelScope(shield=True):  # never leave a commit half-observed
