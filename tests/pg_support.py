@@ -108,6 +108,16 @@ class HeldCommit:
     def waits(self) -> bool:
         return waits_for_standby(self.admin, self.pid)
 
+    def still_waits(self, timeout: float = 5.0) -> bool:
+        """Does the commit wait? Its session shows the wait a moment after the commit record
+        is written, and so decoded: on a loaded machine, after a test may see it delivered."""
+        deadline = time.monotonic() + timeout
+        while not self.waits():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
 
 @asynccontextmanager
 async def held_commit(dsn: str, *statements: str | tuple[str, tuple[Any, ...]]

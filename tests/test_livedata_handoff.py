@@ -411,6 +411,36 @@ async def test_a_new_observer_does_not_wait_for_a_consumer_too_far_behind(
             check_message_log(client)
 
 
+
+async def test_a_catch_up_mark_whose_write_hangs_is_given_up_on(db_dsn: str) -> None:
+    """The catch-up mark's write never returns (a database out of reach, say): each
+    subscription waits ``catch_up_timeout`` for it, not for ever, and later ones are not
+    stuck behind it."""
+    async with live_server(db_dsn, catch_up_timeout=0.3) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'x')")
+        writes = 0
+        released = trio.Event()
+
+        async def hangs(token: str) -> int:
+            nonlocal writes
+            writes += 1
+            with trio.CancelScope(shield=True):  # as a database call in a thread: no cancel
+                await released.wait()
+            raise psycopg.OperationalError("connection timeout expired")
+
+        live._write_mark = hangs  # type: ignore[method-assign]
+        try:
+            async with connect(server.ws_url) as client:
+                with trio.fail_after(5):
+                    await client.subscribe("items.all")
+                    await client.subscribe("items.byCategory", {"category": "a"})
+                assert live.catch_up_timeouts == 2 and writes == 2
+                assert store(client)["1"]["title"] == "x"
+        finally:
+            released.set()
+
+
 def _commit_held_briefly(dsn: str, admin_dsn: str, row: int, hold: float,
                          stop: threading.Event) -> int:
     """Until ``stop``: update ``row``, each commit held ``hold`` seconds by the standby that

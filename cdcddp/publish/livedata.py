@@ -278,6 +278,8 @@ class _CatchUpMark:
 
     reached: trio.Event = field(default_factory=trio.Event)
     settled: trio.Event = field(default_factory=trio.Event)  # reached, or given up on
+    written: trio.Event = field(default_factory=trio.Event)  # committed, or failed to
+    lsn: int | None = None  # where it was written (None: it could not be)
 
 
 class _Hold(Protocol):
@@ -707,25 +709,34 @@ class LiveData:
             self.catch_up_rounds += 1
             token = secrets.token_hex(8)
             self._marks[token] = mark.reached
-            try:
-                with trio.fail_after(self.config.catch_up_timeout):
-                    lsn = await self._write_mark(token)
-            except Exception as exc:  # cannot write (standby, database away): given up
-                log.debug("catch-up mark not written: %r", exc)
-                self._marks.pop(token, None)
-                mark.settled.set()
-                continue
-            # Followed apart, so that the next round's mark is written at once.
-            self._nursery.start_soon(self._follow_mark, mark, token, lsn)
+            self._nursery.start_soon(self._write_round_mark, mark, token)
+            self._nursery.start_soon(self._follow_mark, mark, token)
+            # The next round is for those who ask meanwhile (one mark for many), unless the
+            # write hangs.
+            with trio.move_on_after(self.config.catch_up_timeout):
+                await mark.written.wait()
 
-    async def _follow_mark(self, mark: _CatchUpMark, token: str, lsn: int) -> None:
-        """Settle ``mark`` (written at ``lsn``) when the consumer reaches it, or give it up:
-        after ``catch_up_timeout``, at the first check that finds the consumer stalled
-        since the last one, or not on course to reach it within ``catch_up_limit``."""
+    async def _write_round_mark(self, mark: _CatchUpMark, token: str) -> None:
+        try:
+            mark.lsn = await self._write_mark(token)
+        except Exception as exc:  # cannot write (a standby, the database away)
+            log.debug("catch-up mark not written: %r", exc)
+        mark.written.set()
+
+    async def _follow_mark(self, mark: _CatchUpMark, token: str) -> None:
+        """Settle ``mark`` when the consumer reaches it, or give it up: not written within
+        ``catch_up_timeout``, or not reached then and, at a check every ``catch_up_timeout``,
+        the consumer stalled since the last check or not on course to reach it within
+        ``catch_up_limit``."""
         window = self.config.catch_up_timeout
         started, started_at = trio.current_time(), self.last_commit_end_lsn
         checked_at = started_at
         try:
+            with trio.move_on_after(window):
+                await mark.written.wait()
+            lsn = mark.lsn
+            if lsn is None:
+                return
             while True:
                 with trio.move_on_after(window):
                     await mark.reached.wait()
