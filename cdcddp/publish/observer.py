@@ -555,7 +555,13 @@ class LimitedObserver(Observer):
         old_key, new_key = self.keys
         for rank in (old_rank, held_rank):
             if rank is not None:
-                del ranks[bisect_left(ranks, rank)]
+                at = bisect_left(ranks, rank)
+                if at == len(ranks) or ranks[at] != rank:  # (the observer fails: resynced)
+                    raise LookupError(f"a held row's rank is missing: {rank!r}")
+                del ranks[at]
+        kept = rows.get(old_key) if old_rank is not None and old_key != new_key else None
+        if kept is not None:  # still held: the change was one a fetch by key already showed
+            insort(ranks, self._rank(kept))
         new_values = rows.get(new_key) if new_key is not None else None
         new_rank = None
         if new_values is not None:
