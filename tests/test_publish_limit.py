@@ -339,6 +339,44 @@ def change_runs(draw: st.DrawFn, keys: int = 16) -> Run:
     return limit, initial, changes
 
 
+
+COLUMNS_WITH_BODY = ("id", "category", "rank", "body")
+Table = dict[int, tuple[Any, ...]]
+
+
+def _stream(initial: list[tuple[int, str, int | None]],
+            changes: list[tuple[str, int, str, int | None, bool]]
+            ) -> tuple[list[Table], list[Insert | Update | Delete]]:
+    """A run's table after each stream transaction (``states[0]``: the initial rows) and the
+    stream's changes, one per transaction (xid = its position, from 1). A change that finds
+    no row (or an insert that finds one) is left out."""
+    table = {i: (i, category, rank, f"body {i}") for i, category, rank in initial}
+    states, events = [dict(table)], []
+    for n, (kind, key, category, new_rank, toast) in enumerate(changes):
+        xid = len(events) + 1
+        if kind == "insert":
+            if key in table:
+                continue
+            table[key] = (key, category, new_rank, f"new {n}")
+            events.append(Insert(xid, 0, "public", "items",
+                                 dict(zip(COLUMNS_WITH_BODY, table[key], strict=True)), ("id",)))
+        elif kind == "update":
+            if key not in table:
+                continue
+            body = table[key][3] if toast else f"new {n}"
+            table[key] = (key, category, new_rank, body)
+            new = {"id": key, "category": category, "rank": new_rank}
+            if not toast:
+                new["body"] = body
+            events.append(Update(xid, 0, "public", "items", new, {"id": key}, ("id",)))
+        else:
+            if table.pop(key, None) is None:
+                continue
+            events.append(Delete(xid, 0, "public", "items", {"id": key}, ("id",)))
+        states.append(dict(table))
+    return states, events
+
+
 def test_a_limited_observer_publishes_what_its_query_would_after_any_changes() -> None:
     """Random rows and random changes (ties, NULL ranks, rows moving in and out of the
     filter, updates that leave out an unchanged TOASTed value): after each change the
@@ -354,13 +392,13 @@ def test_a_limited_observer_publishes_what_its_query_would_after_any_changes() -
                    ("update", 2, "b", None, False)]))
     def agree(run: Run) -> None:
         limit, initial, changes = run
-        table = {i: (i, category, rank, f"body {i}") for i, category, rank in initial}
+        states, events = _stream(initial, changes)
         observer = _observer(limit, [], fields=("category", "rank", "body"))
         rank = rank_getter(observer.bound.cursor.order, ("id",), observer.columns)
         docs: dict[str, dict[str, Any]] = {}
 
-        def query() -> list[tuple[Any, ...]]:
-            matching = [row for row in table.values() if row[1] == "a"]
+        def query(state: Table) -> list[tuple[Any, ...]]:
+            matching = [row for row in state.values() if row[1] == "a"]
             return sorted(matching, key=rank)[:read_limit(limit)]
 
         def follow(ops: list[Any]) -> None:
@@ -374,38 +412,21 @@ def test_a_limited_observer_publishes_what_its_query_would_after_any_changes() -
                     assert op.doc_id in docs, op
                     docs[op.doc_id] = dict(op.after or {})
 
-        follow(observer.load(query()))
-        for n, (kind, key, category, new_rank, toast) in enumerate(changes):
-            if kind == "insert":
-                if key in table:
-                    continue
-                table[key] = (key, category, new_rank, f"new {n}")
-                change: Any = Insert(1, 0, "public", "items", dict(zip(
-                    ("id", "category", "rank", "body"), table[key], strict=True)), ("id",))
-            elif kind == "update":
-                if key not in table:
-                    continue
-                body = table[key][3] if toast else f"new {n}"
-                table[key] = (key, category, new_rank, body)
-                new = {"id": key, "category": category, "rank": new_rank}
-                if not toast:
-                    new["body"] = body
-                change = Update(1, 0, "public", "items", new, {"id": key}, ("id",))
-            else:
-                if table.pop(key, None) is None:
-                    continue
-                change = Delete(1, 0, "public", "items", {"id": key}, ("id",))
-            result = observer.apply(change)
+        follow(observer.load(query(states[0])))
+        for event in events:
+            table = states[event.xid]
+            result = observer.apply(event)
             if isinstance(result, NeedsRow):  # fetched by key, as the engine does
-                assert toast and result.missing == ("body",)
+                assert "body" not in event.new and result.missing == ("body",)
+                key = event.new["id"]
                 result = observer.apply_fetched((key,), dict(zip(
-                    ("id", "category", "rank", "body"), table[key], strict=True)))
+                    COLUMNS_WITH_BODY, table[key], strict=True)))
             follow(result)
             if observer.needs_requery:
-                follow(observer.load(query()))
+                follow(observer.load(query(table)))
             expected = {str(row[0]): {"category": row[1], "rank": row[2], "body": row[3]}
-                        for row in query()[:limit]}
-            assert docs == expected == observer.docs, (kind, key, category, new_rank, toast)
+                        for row in query(table)[:limit]}
+            assert docs == expected == observer.docs, event
             assert len(observer.rows) <= read_limit(limit)
             if observer.complete:  # it holds every matching row
                 assert set(observer.rows) == {(r[0],) for r in table.values() if r[1] == "a"}
@@ -476,36 +497,11 @@ def test_a_limited_observer_holds_its_ranks_with_rows_fetched_ahead_of_the_strea
              aheads=[2] * 40)
     def agree(run: Run, aheads: list[int]) -> None:
         limit, initial, changes = run
-        columns = ("id", "category", "rank", "body")
-        table = {i: (i, category, rank, f"body {i}") for i, category, rank in initial}
-        states = [dict(table)]  # the table after each stream transaction (xid = index)
-        events: list[Any] = []
-        for n, (kind, key, category, new_rank, toast) in enumerate(changes):
-            xid = len(events) + 1
-            if kind == "insert":
-                if key in table:
-                    continue
-                table[key] = (key, category, new_rank, f"new {n}")
-                events.append(Insert(xid, 0, "public", "items",
-                                     dict(zip(columns, table[key], strict=True)), ("id",)))
-            elif kind == "update":
-                if key not in table:
-                    continue
-                body = table[key][3] if toast else f"new {n}"
-                table[key] = (key, category, new_rank, body)
-                new = {"id": key, "category": category, "rank": new_rank}
-                if not toast:
-                    new["body"] = body
-                events.append(Update(xid, 0, "public", "items", new, {"id": key}, ("id",)))
-            else:
-                if table.pop(key, None) is None:
-                    continue
-                events.append(Delete(xid, 0, "public", "items", {"id": key}, ("id",)))
-            states.append(dict(table))
+        states, events = _stream(initial, changes)
         observer = _observer(limit, [], fields=("category", "rank", "body"))
         rank = rank_getter(observer.bound.cursor.order, ("id",), observer.columns)
 
-        def query(state: dict[int, tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        def query(state: Table) -> list[tuple[Any, ...]]:
             matching = [row for row in state.values() if row[1] == "a"]
             return sorted(matching, key=rank)[:read_limit(limit)]
 
@@ -517,7 +513,7 @@ def test_a_limited_observer_holds_its_ranks_with_rows_fetched_ahead_of_the_strea
                 found = states[seen].get(result.key[0])
                 replaced = result.replaces if result.replaces is not None else result.key
                 observer.apply_fetched(replaced, None if found is None else dict(
-                    zip(columns, found, strict=True)))
+                    zip(COLUMNS_WITH_BODY, found, strict=True)))
                 observer.note_fetched(result.key, Snapshot.parse(f"{seen + 1}:{seen + 1}:"))
             if observer.needs_requery:
                 observer.load(query(states[event.xid]))
