@@ -81,6 +81,22 @@ async def slow_insert(ctx: MethodContext) -> None:
     await trio.sleep_forever()
 
 
+@methods.method("things.insertTogether")
+async def insert_together(ctx: MethodContext, texts: list[str]) -> list[int]:
+    """Its statements from tasks running at once: still one transaction."""
+    xids: list[int] = []
+
+    async def insert(text: str) -> None:
+        await ctx.execute("INSERT INTO things (id, list_id, text) VALUES (%s, 'l', %s)",
+                          (ctx.new_id("todos"), text))
+        xids.append(int(await ctx.fetchval("SELECT pg_current_xact_id()::text")))
+
+    async with trio.open_nursery() as nursery:
+        for text in texts:
+            nursery.start_soon(insert, text)
+    return xids
+
+
 @methods.method("noop")
 async def noop(ctx: MethodContext) -> None:
     return None
@@ -213,6 +229,17 @@ async def test_each_call_is_its_own_transaction(client: Client) -> None:
     second = await client.call("things.insert", {"listId": "l", "text": "b"})
     assert first.xid is not None and second.xid is not None and first.xid != second.xid
     assert await client.ok("count") == 2
+
+
+async def test_statements_run_at_once_by_one_call_share_its_transaction(
+        client: Client) -> None:
+    outcome = await client.call("things.insertTogether", ["a", "b", "c"])
+    assert outcome.error is None
+    assert len(set(outcome.result)) == 1 and outcome.commit.xid8 == outcome.result[0]
+    assert sorted(text for _, text in await things(client.database)) == ["a", "b", "c"]
+    # Each call held one pooled connection, and gave it back.
+    for _ in range(2 * client.database.size):
+        assert (await client.call("things.insertTogether", ["x"])).error is None
 
 
 async def test_cancelled_call_rolls_back(client: Client) -> None:

@@ -112,6 +112,9 @@ class MethodTransaction:
         self._limiter = connection_limiter
         self._conn: psycopg.Connection[Any] | None = None
         self._finished = False
+        # One statement at a time (a method may run them from tasks at once): one connection
+        # does one thing at a time, and the first takes it from the pool.
+        self._turn = trio.StrictFIFOLock()
 
     @property
     def opened(self) -> bool:
@@ -119,7 +122,11 @@ class MethodTransaction:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in a worker thread on this call's connection (taken from
-        the pool by the first call, in the same thread hop)."""
+        the pool by the first call, in the same thread hop); calls made at once take turns."""
+        async with self._turn:
+            return await self._run(fn, *args)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._finished:
             raise RuntimeError("the method's transaction is already finished")
         conn = self._conn
