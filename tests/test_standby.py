@@ -2,7 +2,9 @@
 
 A PostgreSQL 17 primary and a standby streaming from it through a physical slot with
 ``hot_standby_feedback``, both from the Debian 13 root that ``./tests/run`` installs (Debian 12
-has only PostgreSQL 15, which cannot decode on a standby).
+has only PostgreSQL 15, which cannot decode on a standby). ``CDCDDP_STANDBY_BINDIR`` names
+another server's bin directory (16 or later, with wal2json in its ``pg_config --pkglibdir``)
+to run them on instead.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import select
 import shutil
 import signal
@@ -18,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -81,10 +85,18 @@ def _postgres17() -> Path:
     return PG17_ROOT
 
 
+def standby_server() -> dict[str, Any]:
+    """Where the primary and standby servers come from: ``throwaway_cluster``'s ``chroot``
+    and ``bindir`` (``CDCDDP_STANDBY_BINDIR``, or PostgreSQL 17 in its root)."""
+    bindir = os.environ.get("CDCDDP_STANDBY_BINDIR")
+    if bindir:
+        return {"bindir": Path(bindir)}
+    return {"chroot": _postgres17(), "bindir": PG17_BINDIR}
+
+
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    with throwaway_cluster("cdcddp-primary-", chroot=_postgres17(),
-                           bindir=PG17_BINDIR) as primary, \
+    with throwaway_cluster("cdcddp-primary-", **standby_server()) as primary, \
             streaming_standby(primary) as standby:
         yield Pair(primary, standby)
 
@@ -212,8 +224,7 @@ async def test_a_node_on_a_standby_carries_on_when_the_standby_is_promoted() -> 
     ``target_session_attrs=read-write``, so once the primary is gone and the standby
     promoted, the node's queries and methods reach the promoted server; its slot and stream
     (on the promoted server all along) carry on, with no change lost and no resync."""
-    with throwaway_cluster("cdcddp-primary-", chroot=_postgres17(),
-                           bindir=PG17_BINDIR) as primary, \
+    with throwaway_cluster("cdcddp-primary-", **standby_server()) as primary, \
             streaming_standby(primary) as standby:
         sql(primary.dsn(), "CREATE DATABASE failover")
         primary_dsn, standby_dsn = primary.dsn("failover"), standby.dsn("failover")
@@ -256,8 +267,7 @@ async def test_a_node_on_a_standby_follows_it_to_another_promoted_standby() -> N
     """Failover to *another* standby: the node's standby is pointed at the promoted one and
     follows it onto its new timeline; the node's slot there carries on (no change lost, no
     resync), and its queries and methods reach the new primary through ``primary_dsn``."""
-    with throwaway_cluster("cdcddp-primary-", chroot=_postgres17(),
-                           bindir=PG17_BINDIR) as primary, \
+    with throwaway_cluster("cdcddp-primary-", **standby_server()) as primary, \
             streaming_standby(primary) as node_standby, \
             streaming_standby(primary) as other:
         sql(primary.dsn(), "CREATE DATABASE follow")
@@ -383,10 +393,15 @@ async def test_a_slot_the_standby_invalidated_in_a_conflict_is_named_with_the_fi
         sql(pair.standby.dsn(), "ALTER SYSTEM SET hot_standby_feedback = on",
             "SELECT pg_reload_conf()")
 
+    if sql(standby_dsn, "SHOW server_version_num")[0][0] >= "170000":  # (same digit count)
+        # PostgreSQL 17 says which conflict (invalidation_reason)
+        cause, prevention = "the primary removed rows it still needed", "prevents it"
+    else:  # 16 only that there was one (conflicting)
+        cause = "the primary removed rows it still needed, or its wal_level went below logical"
+        prevention = "prevents the first"
     fix = (f"replication slot '{slot}' was invalidated by a conflict with recovery on this "
-           "standby (the primary removed rows it still needed): drop it (cdcddp slot drop "
-           f"--slot {slot}) and create a new one, then resync; hot_standby_feedback = on on the "
-           "standby prevents it.")
+           f"standby ({cause}): drop it (cdcddp slot drop --slot {slot}) and create a new one, "
+           f"then resync; hot_standby_feedback = on on the standby {prevention}.")
     done = await trio.to_thread.run_sync(lambda: subprocess.run(
         [*CDCDDP, "tail", "--dsn", standby_dsn, "--slot", slot, "--no-create"],
         capture_output=True, text=True, timeout=30, cwd=ROOT))
