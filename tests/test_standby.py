@@ -394,14 +394,18 @@ async def test_a_slot_the_standby_invalidated_in_a_conflict_is_named_with_the_fi
             "SELECT pg_reload_conf()")
 
     if sql(standby_dsn, "SHOW server_version_num")[0][0] >= "170000":  # (same digit count)
-        # PostgreSQL 17 says which conflict (invalidation_reason)
-        cause, prevention = "the primary removed rows it still needed", "prevents it"
-    else:  # 16 only that there was one (conflicting)
-        cause = "the primary removed rows it still needed, or its wal_level went below logical"
+        # PostgreSQL 17 says why (invalidation_reason)
+        cause = ("by a conflict with recovery on this standby (the primary removed rows it "
+                 "still needed)")
+        prevention = "prevents it"
+    else:  # 16 only that it was invalidated (conflicting)
+        cause = ("on this standby, by a conflict with recovery (the primary removed rows it "
+                 "still needed, or its wal_level went below logical) or for want of WAL "
+                 "(max_slot_wal_keep_size); PostgreSQL 16 does not say which")
         prevention = "prevents the first"
-    fix = (f"replication slot '{slot}' was invalidated by a conflict with recovery on this "
-           f"standby ({cause}): drop it (cdcddp slot drop --slot {slot}) and create a new one, "
-           f"then resync; hot_standby_feedback = on on the standby {prevention}.")
+    fix = (f"replication slot '{slot}' was invalidated {cause}: drop it (cdcddp slot drop "
+           f"--slot {slot}) and create a new one, then resync; hot_standby_feedback = on on the "
+           f"standby {prevention}.")
     done = await trio.to_thread.run_sync(lambda: subprocess.run(
         [*CDCDDP, "tail", "--dsn", standby_dsn, "--slot", slot, "--no-create"],
         capture_output=True, text=True, timeout=30, cwd=ROOT))

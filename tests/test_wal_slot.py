@@ -54,6 +54,44 @@ def test_busy_slot_cannot_be_dropped(db_dsn: str) -> None:
             repl.close()  # not "with": leaving it would COMMIT in the middle of COPY BOTH
 
 
+def test_postgresql_16s_invalidated_slots_are_told_apart_by_where_they_are(db_dsn: str
+                                                                          ) -> None:
+    """PostgreSQL 16 has no invalidation_reason and shows every invalidated logical slot as
+    ``conflicting``, WAL removal included (seen on 16.2). The status query, run here on this
+    server against a view with 16's columns (ahead of pg_catalog in the search path, with
+    pg_is_in_recovery() beside it), reads that as WAL removal on a primary, where conflicts
+    with recovery cannot happen, and as either cause on a standby."""
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA pg16")
+        conn.execute(
+            "CREATE VIEW pg16.pg_replication_slots AS SELECT 'gone'::name AS slot_name, "
+            "'wal2json'::name AS plugin, 'logical'::text AS slot_type, "
+            "current_database()::name AS database, false AS temporary, false AS active, "
+            "NULL::int AS active_pid, '0/16B3748'::pg_lsn AS confirmed_flush_lsn, "
+            "'0/16B3710'::pg_lsn AS restart_lsn, 'lost'::text AS wal_status, "
+            "NULL::bigint AS safe_wal_size, false AS two_phase, true AS conflicting")
+        conn.execute("CREATE FUNCTION pg16.pg_is_in_recovery() RETURNS boolean LANGUAGE sql "
+                     "AS $$ SELECT current_setting('pg16.in_recovery')::boolean $$")
+        conn.execute("SET search_path = pg16, pg_catalog, public")
+        found = {}
+        for in_recovery in ("off", "on"):
+            conn.execute("SELECT set_config('pg16.in_recovery', %s, false)", (in_recovery,))
+            status = slots.get_status(conn, "gone")
+            assert status is not None and status.invalidated
+            with pytest.raises(slots.SlotInvalidated) as raised:
+                slots.verify(status, status.database or "")
+            found[in_recovery] = (status.invalidation, str(raised.value))
+    assert found["off"] == ("wal_removed", (
+        "replication slot 'gone' is invalidated (wal_status = lost: the WAL it needed was "
+        "removed): drop it (cdcddp slot drop --slot gone) and create a new one, then resync."))
+    assert found["on"] == ("conflict", (
+        "replication slot 'gone' was invalidated on this standby, by a conflict with recovery "
+        "(the primary removed rows it still needed, or its wal_level went below logical) or "
+        "for want of WAL (max_slot_wal_keep_size); PostgreSQL 16 does not say which: drop it "
+        "(cdcddp slot drop --slot gone) and create a new one, then resync; "
+        "hot_standby_feedback = on on the standby prevents the first."))
+
+
 def test_a_timeline_history_says_where_each_ancestor_ended() -> None:
     # As TIMELINE_HISTORY returns it for timeline 3 (parent, switch point, reason).
     content = ("1\t0/3000148\tno recovery target specified\n\n"

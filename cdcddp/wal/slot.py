@@ -69,7 +69,8 @@ class SlotStatus:
     safe_wal_size: int | None  # bytes before invalidation; None when unlimited
     retained_wal_bytes: int | None  # the server's position (SERVER_LSN_SQL) - restart_lsn
     # Why it was invalidated: PostgreSQL 17's invalidation_reason (wal_removed, rows_removed,
-    # wal_level_insufficient, ...), "conflict" for 16's conflicting slots; None: it was not.
+    # wal_level_insufficient, ...); on 16, "wal_removed" on a primary and "conflict" (a conflict
+    # with recovery or WAL removal: 16 does not say) on a standby; None: it was not.
     invalidation: str | None = None
     failover: bool = False  # PostgreSQL 17+: synchronized to standbys (sync_replication_slots)
     synced: bool = False  # PostgreSQL 17+: a standby's copy of its primary's failover slot
@@ -95,14 +96,17 @@ class SlotStatus:
 
 # Every column as text, so rows read the same through pq (bytes) and psycopg (str). The
 # invalidation and failover columns differ by version (none before 16 and 17), hence read
-# through to_jsonb.
+# through to_jsonb. PostgreSQL 16 has no reason, and shows every invalidated logical slot as
+# ``conflicting``: on a primary that can only be WAL removal (conflicts with recovery happen
+# in recovery); on a standby it may be either ("conflict").
 _STATUS_SELECT = (
     "SELECT slot_name::text, plugin::text, slot_type::text, database::text, temporary::text, "
     "active::text, active_pid::text, confirmed_flush_lsn::text, restart_lsn::text, "
     "wal_status::text, safe_wal_size::text, "
     f"pg_wal_lsn_diff({SERVER_LSN_SQL}, restart_lsn)::bigint::text, "
     "COALESCE(to_jsonb(s) ->> 'invalidation_reason', "
-    "CASE WHEN to_jsonb(s) ->> 'conflicting' = 'true' THEN 'conflict' END), "
+    "CASE WHEN to_jsonb(s) ->> 'conflicting' = 'true' THEN "
+    "CASE WHEN pg_is_in_recovery() THEN 'conflict' ELSE 'wal_removed' END END), "
     "to_jsonb(s) ->> 'failover', to_jsonb(s) ->> 'synced' "
     "FROM pg_replication_slots AS s WHERE slot_name = "
 )
@@ -160,8 +164,9 @@ _INVALIDATION_CAUSES = {
     # (what happened, what prevents it next time)
     "rows_removed": ("by a conflict with recovery on this standby (the primary removed rows it "
                      "still needed)", "; hot_standby_feedback = on on the standby prevents it"),
-    "conflict": ("by a conflict with recovery on this standby (the primary removed rows it "
-                 "still needed, or its wal_level went below logical)",
+    "conflict": ("on this standby, by a conflict with recovery (the primary removed rows it "
+                 "still needed, or its wal_level went below logical) or for want of WAL "
+                 "(max_slot_wal_keep_size); PostgreSQL 16 does not say which",
                  "; hot_standby_feedback = on on the standby prevents the first"),
     "wal_level_insufficient": ("because wal_level on the primary went below logical",
                                "; set wal_level = logical there first"),
