@@ -22,9 +22,10 @@ import psycopg
 import pytest
 import trio
 
-from cdcddp.client import DDPClient, connect
+from cdcddp.client import DDPClient, MeteorError, connect
 from cdcddp.devcluster import PG17_BINDIR, LocalCluster, streaming_standby, throwaway_cluster
 from cdcddp.wal.preflight import Finding, check_failover_slot
+from cdcddp.wal.slot import running_xacts_logged
 from tests.pg_support import sql, wait_replayed
 from tests.test_serve import ROOT, TODOS, names, public_lists, serve_command, serving
 from tests.test_standby import _postgres17
@@ -193,3 +194,65 @@ async def test_commits_the_promoted_standby_never_got_are_taken_back_from_client
             output = served.output()
         assert "left timeline 1" in output, output
         assert "Traceback" not in output and "out of order" not in output, output
+
+
+async def test_a_method_committed_before_the_node_sees_the_fork_waits_for_its_change() -> None:
+    """The write fence across a forked failover. The node delivered a commit the promoted
+    server never got; the promoted server gives its xid again, to the first transaction it
+    runs: here a method's, committed before the node's stream is back (its slot there is
+    busy until then). ``updated`` must wait until the client has the method's change: the
+    delivered xid belongs to the history left behind, and the node can only tell once its
+    stream has reconnected and seen the fork. The stream's attempts while the slot is busy
+    must not make it forget which history it read: the fork is still told at the attempt
+    that succeeds."""
+    with failover_pair(synchronized=False) as (primary, standby, either):
+        async with serving(either, "shop_node", TODOS) as served, \
+                connect(served.url) as client:
+            await client.subscribe("lists.public")
+            # The node's slot on the standby, busy until the test lets the stream have it.
+            with running_xacts_logged(primary.dsn("shop")):
+                sql(standby.dsn("shop"), "SELECT pg_create_logical_replication_slot("
+                                         "'shop_node', 'wal2json')")
+            holder = psycopg.connect(standby.dsn("shop"), autocommit=True,
+                                     replication="database")
+            holder.execute("START_REPLICATION SLOT shop_node LOGICAL 0/0")
+            sql(standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''",
+                "SELECT pg_reload_conf()")
+            deadline = time.monotonic() + 10
+            while sql(standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") != [(0,)]:
+                assert time.monotonic() < deadline, "the standby kept receiving"
+                time.sleep(0.05)
+            (xid,), = sql(primary.dsn("shop"),
+                          "INSERT INTO lists (id, name) VALUES ('lost', 'only on the old primary') "
+                          "RETURNING pg_current_xact_id()::text")
+            await client.wait_for(lambda: "lost" in names(client), 10)
+            fail_over(primary, standby)
+            (next_xid,), = sql(standby.dsn("shop"), "SELECT pg_snapshot_xmax("
+                                                    "pg_current_snapshot())::text")
+            assert next_xid == xid  # the method's transaction is given the delivered xid
+
+            deadline = time.monotonic() + 20
+            while True:
+                call = await client.apply("lists.insert", [{"name": "by a method"}])
+                try:
+                    list_id = await call.result()
+                    break
+                except MeteorError as exc:  # the pool's connection to the lost primary
+                    assert exc.error == 503 and time.monotonic() < deadline, exc
+                    await trio.sleep(0.1)
+            (method_xid,), = sql(standby.dsn("shop"), "SELECT xmin::text FROM lists "
+                                                      "WHERE id = %s", params=(list_id,))
+            assert method_xid == xid
+            with trio.move_on_after(2):
+                await call.updated_received.wait()
+            # Before the stream is back, the change cannot have come: nor may `updated`.
+            assert list_id not in names(client)
+            assert not call.updated_received.is_set()
+            holder.close()  # (not "with": leaving it would COMMIT in the middle of COPY BOTH)
+            with trio.fail_after(30):
+                await call.updated_received.wait()
+            assert names(client).get(list_id) == "by a method"  # before `updated`
+            assert "lost" not in names(client)
+            output = served.output()
+        assert "left timeline 1" in output, output
+        assert "Traceback" not in output, output

@@ -1175,6 +1175,12 @@ class LiveData:
         The transaction must have committed (with changes: a read-only one has no xid).
         """
         xid &= 0xFFFFFFFF
+        stream = self.stream
+        if stream is not None and not stream.history_known:
+            # What was delivered may be of a history the server has left (a failover to a
+            # server that lacks commits delivered, and gives out their xids again): wait
+            # until the stream is back and has told whether it forked.
+            await stream.wait_history_known()
         if xid in self._applied:
             return
         horizon = self._gap_horizon

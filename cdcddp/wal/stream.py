@@ -231,6 +231,10 @@ class ReplicationStream:
         self.connected = False
         self.systemid: str | None = None
         self.timeline: int | None = None
+        # The server's timeline and role when the last session started streaming: what the
+        # stream read is of that history (a reconnect attempt that fails does not change it).
+        self._streamed_timeline: int | None = None
+        self._streamed_on_standby = False
         self.backend_pid: int | None = None
         self.wal_sender_timeout: float | None = None  # seconds; 0 = disabled
         self.last_error: str | None = None
@@ -264,6 +268,12 @@ class ReplicationStream:
         # sent before, i.e. until it receives the next session's control batch.
         self._ack_barrier = False
         self._barrier_batch: list[StreamEvent] | None = None
+        # Each session opens with one batch (its control events, maybe none); see
+        # history_known. The opening batch sent and not yet received; received and not yet
+        # all handled.
+        self._opening_batch: list[StreamEvent] | None = None
+        self._opening_pending = False
+        self._history_event = trio.Event()  # set while history_known
         self.backlog_skips = 0
         self.skipped_bytes = 0
 
@@ -309,6 +319,23 @@ class ReplicationStream:
         return self
 
     @property
+    def history_known(self) -> bool:
+        """Connected, and the consumer has handled the events that open the session (among
+        them a ``StreamGap`` telling that the server's history forked from the one streamed
+        before): what it was delivered can be trusted to be of the server's history. Until
+        then a server reached after a failover may give out again the xids of commits it
+        never had."""
+        return self.connected and self._history_event.is_set()
+
+    async def wait_history_known(self) -> None:
+        while not self.history_known:
+            await self._history_event.wait()
+
+    def _history_unknown(self) -> None:
+        if self._history_event.is_set():
+            self._history_event = trio.Event()
+
+    @property
     def has_buffered(self) -> bool:
         """Events already received that the consumer has not taken yet, or more waiting to
         be read (the reader's last batch was cut by size, not by an empty socket, or the
@@ -327,7 +354,10 @@ class ReplicationStream:
             return False
 
     async def __anext__(self) -> StreamEvent:
-        if not self._pending:
+        while not self._pending:
+            if self._opening_pending:  # the consumer is back from the session's opening
+                self._opening_pending = False
+                self._history_event.set()
             try:
                 batch = await self._receive.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -336,6 +366,9 @@ class ReplicationStream:
                 raise StopAsyncIteration from None
             if batch is self._barrier_batch:
                 self._ack_barrier, self._barrier_batch = False, None
+            if batch is self._opening_batch:
+                self._opening_batch = None
+                self._opening_pending = True
             self._pending.extend(batch)
         return self._pending.popleft()
 
@@ -414,7 +447,7 @@ class ReplicationStream:
                               f"was {self.systemid}): resync from a fresh slot.")
         if dbname is None:
             raise StreamError("the replication connection has no database: put dbname in --dsn.")
-        read_timeline, read_on_standby = self.timeline, self.in_recovery
+        read_timeline, read_on_standby = self._streamed_timeline, self._streamed_on_standby
         self.systemid, self.timeline = systemid, int(timeline or 0)
         pid, sender_timeout, in_recovery, version = (await self._execute(
             conn, "SELECT pg_backend_pid()::text, setting, pg_is_in_recovery()::text, "
@@ -597,6 +630,7 @@ class ReplicationStream:
         """Forget a replication connection; a transaction the consumer got part of
         (``open_xid``) is announced as restarted at the start of the next session."""
         self.connected = False
+        self._history_unknown()
         self._close_conn(conn)
         self._tracker.on_reconnect()
         if open_xid is not None:
@@ -642,12 +676,13 @@ class ReplicationStream:
         self._reader_full = False
         self._reader_poll = select.poll()
         self._reader_poll.register(sock, select.POLLIN)
-        if self._control:  # from the reconnect: delivered first, while status updates go on
-            control = list(self._control)
-            if self._ack_barrier:
-                self._barrier_batch = control
-            await send(control)
-            del self._control[:len(control)]
+        # The session's opening: the reconnect's control events (maybe none), delivered first
+        # while status updates go on.
+        control = self._opening_batch = list(self._control)
+        if self._ack_barrier:
+            self._barrier_batch = control
+        await send(control)
+        del self._control[:len(control)]
         try:
             while True:
                 n, buf = conn.get_copy_data(1)
@@ -895,6 +930,8 @@ class ReplicationStream:
             return conn
 
     def _mark_streaming(self) -> None:
+        self._history_unknown()  # until the consumer has handled the session's opening
+        self._streamed_timeline, self._streamed_on_standby = self.timeline, self.in_recovery
         self.connected = True
         self._ever_streamed = True
 
