@@ -225,6 +225,41 @@ async def test_reconnects_after_terminate_lose_and_duplicate_nothing(
         await wait_for(lambda: _ge(slot_row(db_dsn, slot), last))
 
 
+async def test_history_is_known_once_the_consumer_has_taken_a_sessions_opening(
+        db_dsn: str, pg_cluster: LocalCluster) -> None:
+    """``history_known`` (the write fence's guard across a failover): false from a dropped
+    connection until the consumer has handled the events the next session opens with."""
+    sql(db_dsn, "CREATE TABLE t (n int PRIMARY KEY)")
+    slot = new_slot()
+    async with open_stream(db_dsn, slot, **FAST) as stream:
+        collector = Collector(stream)
+        sql(db_dsn, "INSERT INTO t VALUES (1)")
+        with trio.fail_after(10):
+            await collector.run(until=lambda c: len(c.transactions) == 1)
+        assert stream.history_known
+        assert await _terminate_walsender(pg_cluster.dsn(), slot) == 1
+        with trio.fail_after(10):
+            while stream.reconnects < 1:
+                await trio.sleep(0.01)
+        assert stream.connected and not stream.history_known  # the consumer has not been back
+        known = trio.Event()
+
+        async def wait_known() -> None:
+            await stream.wait_history_known()
+            known.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_known)
+            await trio.sleep(0.1)
+            assert not known.is_set()
+            sql(db_dsn, "INSERT INTO t VALUES (2)")
+            with trio.fail_after(10):
+                await collector.run(until=lambda c: len(c.transactions) == 2)
+            with trio.fail_after(1):
+                await known.wait()
+        assert stream.history_known and collector.rows() == [1, 2]
+
+
 async def _ge(row: Any, lsn: int) -> bool:
     return (await row)[0] >= lsn
 

@@ -996,6 +996,7 @@ class ReplicationStream:
                 self._failure = exc
             finally:
                 self.connected = False
+                self._history_unknown()
                 if conn is not None:
                     self._close_conn(conn)
                 self._send.close()
