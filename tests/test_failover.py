@@ -90,6 +90,15 @@ def slot_finding(primary: LocalCluster, slot: str) -> Finding:
     return finding
 
 
+def cut_off(standby: LocalCluster) -> None:
+    """The standby stops receiving WAL: what the primary commits from now on it never gets."""
+    sql(standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''", "SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 10
+    while sql(standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") != [(0,)]:
+        assert time.monotonic() < deadline, "the standby kept receiving"
+        time.sleep(0.05)
+
+
 def fail_over(primary: LocalCluster, standby: LocalCluster) -> None:
     primary.stop("immediate")
     assert sql(standby.dsn(), "SELECT pg_promote()") == [(True,)]
@@ -162,12 +171,7 @@ async def test_commits_the_promoted_standby_never_got_are_taken_back_from_client
                                                             "failover_unsynchronized")
                 copy_slot_to_standby(primary, standby, "shop_node")
 
-            sql(standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''",
-                "SELECT pg_reload_conf()")
-            deadline = time.monotonic() + 10
-            while sql(standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") != [(0,)]:
-                assert time.monotonic() < deadline, "the standby kept receiving"
-                time.sleep(0.05)
+            cut_off(standby)
             # Megabytes of WAL the standby does not get, then commits the client sees (with
             # xids the promoted server will not give out soon: 2,000 are used up first).
             sql(primary.dsn("shop"), "DO $$ BEGIN FOR i IN 1..2000 LOOP "
@@ -216,12 +220,7 @@ async def test_a_method_committed_before_the_node_sees_the_fork_waits_for_its_ch
             holder = psycopg.connect(standby.dsn("shop"), autocommit=True,
                                      replication="database")
             holder.execute("START_REPLICATION SLOT shop_node LOGICAL 0/0")
-            sql(standby.dsn(), "ALTER SYSTEM SET primary_conninfo = ''",
-                "SELECT pg_reload_conf()")
-            deadline = time.monotonic() + 10
-            while sql(standby.dsn(), "SELECT count(*) FROM pg_stat_wal_receiver") != [(0,)]:
-                assert time.monotonic() < deadline, "the standby kept receiving"
-                time.sleep(0.05)
+            cut_off(standby)
             (xid,), = sql(primary.dsn("shop"),
                           "INSERT INTO lists (id, name) VALUES ('lost', 'only on the old primary') "
                           "RETURNING pg_current_xact_id()::text")
