@@ -352,3 +352,20 @@ class Database:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def transaction_statuses(conn: psycopg.Connection[Any], xid8s: list[int]) -> list[str | None]:
+    """Each transaction's status here: committed, aborted, in progress, or None (too old to
+    tell). An id this server never gave out (after a failover to a server that lacks it)
+    did not commit here: aborted (pg_xact_status raises for it, hence a savepoint each)."""
+    statuses: list[str | None] = []
+    for xid8 in xid8s:
+        try:
+            with conn.transaction():
+                row = conn.execute("SELECT pg_xact_status(%s::text::xid8)",
+                                   (str(xid8),)).fetchone()
+        except psycopg.errors.InvalidParameterValue:  # "transaction ID ... is in the future"
+            statuses.append("aborted")
+            continue
+        statuses.append(None if row is None else row[0])
+    return statuses

@@ -12,10 +12,14 @@ before them), resync, and stream the new history from where it parts.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -255,3 +259,57 @@ async def test_a_method_committed_before_the_node_sees_the_fork_waits_for_its_ch
             output = served.output()
         assert "left timeline 1" in output, output
         assert "Traceback" not in output, output
+
+
+def crash(cluster: LocalCluster) -> None:
+    """The server is lost at once, as with its machine: every process of it killed."""
+    postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+    children = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+                if _parent_pid(stat) == postmaster]
+    for pid in [postmaster, *children]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _parent_pid(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+async def test_a_method_whose_commit_a_failover_took_before_the_node_got_it_gets_updated(
+        ) -> None:
+    """A method commits on the primary, whose walsender for the node is stopped: the node
+    never receives the commit. The primary is lost and the standby, which never got it
+    either, promoted. The node resumes from its failover slot there: it had delivered
+    nothing the promoted server lacks (no fork, no resync), but the method's commit is gone
+    and its xid is one the promoted server has not given out: without asking, its write
+    fence would wait until some other transaction gets that xid. The node asks the new
+    primary about the commits its fences wait for (``TimelineSwitch``) and ends theirs."""
+    with failover_pair(synchronized=False) as (primary, standby, either):
+        async with serving(either, "shop_node", TODOS,
+                           env={"CDCDDP_FAILOVER_SLOT": "true"}) as served, \
+                connect(served.url) as client:
+            await client.subscribe("lists.public")
+            copy_slot_to_standby(primary, standby, "shop_node")
+            cut_off(standby)
+            (walsender,), = sql(primary.dsn(), "SELECT active_pid FROM pg_replication_slots "
+                                               "WHERE slot_name = 'shop_node'")
+            os.kill(walsender, signal.SIGSTOP)
+            call = await client.apply("lists.insert", [{"name": "taken by the failover"}])
+            list_id = await call.result()
+            with trio.move_on_after(1):
+                await call.updated_received.wait()
+            assert not call.updated_received.is_set() and list_id not in names(client)
+            crash(primary)
+            assert sql(standby.dsn(), "SELECT pg_promote()") == [(True,)]
+            with trio.fail_after(30):
+                await call.updated_received.wait()
+            assert list_id not in names(client)
+            sql(standby.dsn("shop"), "INSERT INTO lists (id, name) VALUES ('new1', 'first')")
+            await client.wait_for(lambda: "new1" in names(client), 10)
+            assert names(client) == public_lists(standby.dsn("shop"))
+            output = served.output()
+        assert "switched from timeline 1 to 2" in output, output
+        assert "resyncing" not in output and "Traceback" not in output, output

@@ -7,6 +7,7 @@ import time
 import psycopg
 import pytest
 
+from cdcddp.db import transaction_statuses
 from cdcddp.publish.snapshots import horizon_snapshot
 from cdcddp.publish.visibility import Snapshot
 from tests.pg_support import (
@@ -121,3 +122,28 @@ def test_horizon_snapshot_waits_for_written_commits_to_become_visible(
                     assert 0.25 <= waited < 5, waited
                     assert "still not visible" not in caplog.text
                 caplog.clear()
+
+
+def test_transaction_statuses_include_ids_this_server_never_gave_out(db_dsn: str) -> None:
+    """After a failover the new primary is asked about commits write fences wait for: one it
+    never gave out (past its next id) counts as aborted, where pg_xact_status would raise."""
+    with psycopg.connect(db_dsn, autocommit=True) as conn, \
+            psycopg.connect(db_dsn, autocommit=True) as other:
+        conn.execute("CREATE TABLE t (n int)")
+
+        def xid8(connection: psycopg.Connection, commit: bool) -> int:
+            with connection.transaction(force_rollback=not commit):
+                connection.execute("INSERT INTO t VALUES (1)")
+                (found,), = connection.execute("SELECT pg_current_xact_id()::text").fetchall()
+                return int(found)
+
+        committed, rolled_back = xid8(conn, True), xid8(conn, False)
+        other.execute("BEGIN")
+        other.execute("INSERT INTO t VALUES (2)")
+        (running,), = other.execute("SELECT pg_current_xact_id()::text").fetchall()
+        future = int(running) + 1000
+        with conn.transaction():  # as Database.run calls it
+            statuses = transaction_statuses(conn, [future, committed, int(running),
+                                                   rolled_back])
+        other.execute("ROLLBACK")
+    assert statuses == ["aborted", "committed", "in progress", "aborted"]

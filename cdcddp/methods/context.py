@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 import trio
 
-from cdcddp.db import Database, first_line, is_unavailable
+from cdcddp.db import Database, first_line, is_unavailable, transaction_statuses
 from cdcddp.ddp.messages import MeteorError
 from cdcddp.ddp.meteor_random import RandomStream
 
@@ -96,11 +96,8 @@ class CommitInfo:
 def _transaction_status(conn: psycopg.Connection[Any], xid8: int) -> str:
     """``pg_xact_status``: committed, aborted or in progress. An id this server never gave
     out (a failover to a standby that lacked it) did not commit here: aborted."""
-    try:
-        row = conn.execute("SELECT pg_xact_status(%s::text::xid8)", (str(xid8),)).fetchone()
-    except psycopg.errors.InvalidParameterValue:  # "transaction ID ... is in the future"
-        return "aborted"
-    return "unknown" if row is None or row[0] is None else str(row[0])
+    status = transaction_statuses(conn, [xid8])[0]
+    return "unknown" if status is None else status
 
 
 class MethodTransaction:

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import psycopg
 import trio
 
-from cdcddp.db import Database
+from cdcddp.db import Database, transaction_statuses
 from cdcddp.ddp import messages
 from cdcddp.ddp.mergebox import MergeBoxError
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects, storm_promotion
@@ -115,6 +115,7 @@ from cdcddp.wal.events import (
     Relation,
     RowChange,
     StreamGap,
+    TimelineSwitch,
     TransactionRestart,
     Truncate,
     Update,
@@ -378,6 +379,9 @@ class LiveData:
             trio.open_memory_channel[SnapshotRead](math.inf)
         self._snapshot_readers = max(1, database.size // 2)
         self._xid_waiters: dict[int, trio.Event] = {}
+        # The epoch-extended xids of the commits write fences wait for, when the caller gave
+        # them: a failover asks the new primary about them (_release_vanished_fences).
+        self._fence_xid8s: dict[int, int] = {}
         self._held_clients: set[LiveClient] = set()  # changed while the gate was closed
         # Clients applied commits changed, flushed by _flusher once the consumer waits.
         self._flush_due: set[LiveClient] = set()
@@ -431,7 +435,8 @@ class LiveData:
         self.behind_skips = 0
         self._skip_pending = False
         self._gap_horizon: Snapshot | None = None
-        self.fences_settled_by_gap = 0  # write fences passed by a gap's resync
+        # write fences passed by a gap's resync, or ended by a failover that took their commit
+        self.fences_settled_by_gap = 0
         self.resync_reasons: Counter[str] = Counter()  # observers resynced, by reason
         # (schema, table, change class) -> changes applied; counted per transaction, and only
         # with metrics (copied into Prometheus at scrape time).
@@ -902,6 +907,11 @@ class LiveData:
                 self._transaction_over()
             elif kind is Relation:
                 self._on_relation(event)  # type: ignore[arg-type]
+            elif kind is TimelineSwitch:
+                log.warning("the server's history switched from timeline %d to %d (a "
+                            "failover) after every commit delivered: nothing to resync",
+                            event.previous, event.timeline)  # type: ignore[union-attr]
+                await self._release_vanished_fences()
             elif kind is StreamGap:
                 log.warning("replication stream gap (%s): resyncing every observer",
                             event.reason)  # type: ignore[union-attr]
@@ -1167,12 +1177,14 @@ class LiveData:
             except Exception:
                 log.exception("row watcher failed")
 
-    async def wait_applied(self, xid: int) -> None:
+    async def wait_applied(self, xid: int, xid8: int | None = None) -> None:
         """Return once the transaction ``xid`` (32-bit, as ``txid_current() % 2^32``) has been
         applied and the clients it changed were flushed (or, busy, will flush before any
         ``after_flush`` action queued from now on) — the write fence's first half.
 
         The transaction must have committed (with changes: a read-only one has no xid).
+        ``xid8``, its epoch-extended id: with it, a commit a failover took away before the
+        stream delivered it is told apart (it will never come) and the wait ends.
         """
         xid &= 0xFFFFFFFF
         stream = self.stream
@@ -1189,7 +1201,33 @@ class LiveData:
         event = self._xid_waiters.get(xid)
         if event is None:
             event = self._xid_waiters[xid] = trio.Event()
-        await event.wait()
+        if xid8 is None:
+            await event.wait()
+            return
+        self._fence_xid8s[xid] = xid8
+        try:
+            await event.wait()
+        finally:
+            self._fence_xid8s.pop(xid, None)
+
+    async def _release_vanished_fences(self) -> None:
+        """After a ``TimelineSwitch``: write fences waiting for commits the new primary does
+        not have (made on the old timeline after the switch, never delivered) end; those it
+        has committed will come through the stream."""
+        waiting = {xid: xid8 for xid, xid8 in self._fence_xid8s.items()
+                   if xid in self._xid_waiters}
+        if not waiting:
+            return
+        try:
+            statuses = await self.database.run(transaction_statuses, list(waiting.values()))
+        except Exception as exc:
+            log.error("after a failover, could not ask the new primary about the commits "
+                      "%d write fence(s) wait for; they wait on", len(waiting), exc_info=exc)
+            return
+        for (xid, _), status in zip(waiting.items(), statuses, strict=True):
+            if status == "aborted" and xid in self._xid_waiters:
+                self._xid_waiters.pop(xid).set()
+                self.fences_settled_by_gap += 1
 
     def _note_delivered(self, xid: int, tables: AbstractSet[TableName] = frozenset()
                         ) -> None:

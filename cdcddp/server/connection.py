@@ -823,7 +823,7 @@ class Connection:
             else:
                 self._method_finished(event.method_id)
         else:
-            self._nursery.start_soon(self._fence, event.method_id, xid)
+            self._nursery.start_soon(self._fence, event.method_id, xid, outcome.commit.xid8)
 
     def _send_outcome(self, event: MethodRequested, outcome: InvocationOutcome) -> None:
         if outcome.error is not None:
@@ -835,11 +835,11 @@ class Connection:
             self.session.result(event.method_id,
                                 error=to_meteor_error(exc, f"method {event.name!r}"))
 
-    async def _fence(self, method_id: str, xid: int) -> None:
+    async def _fence(self, method_id: str, xid: int, xid8: int | None) -> None:
         """The write fence: ``updated`` once the stream applied the method's commit and this
         client's merge box flushed what it caused."""
         assert self.live is not None
-        await self.live.wait_applied(xid)
+        await self.live.wait_applied(xid, xid8)
         session = self.session
         self.client.after_flush(lambda: session.updated([method_id]))
         self.client.request_flush()

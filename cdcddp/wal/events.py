@@ -150,6 +150,19 @@ class StreamGap:
 
 
 @dataclass(slots=True)
+class TimelineSwitch:
+    """The server's history left timeline ``previous`` for ``timeline`` (a failover) after
+    every commit the stream delivered: nothing delivered is gone (else a forked ``StreamGap``
+    says so), but commits made on the old timeline after the switch, which the stream had
+    not yet delivered, are; their xids may be given to other transactions."""
+
+    slot: str
+    timeline: int
+    previous: int
+    action: Literal["L"] = "L"
+
+
+@dataclass(slots=True)
 class Relation:
     """The shape of a table's rows as the stream now carries them (wal2json streams no DDL).
 
@@ -174,5 +187,5 @@ class Relation:
     action: Literal["S"] = "S"
 
 
-StreamEvent = Event | TransactionRestart | StreamGap | Relation
+StreamEvent = Event | TransactionRestart | StreamGap | TimelineSwitch | Relation
 """What ``cdcddp.wal.stream`` yields: change events, the two control events, and shapes."""

@@ -23,6 +23,9 @@ Delivery contract across reconnects (the connection is re-established with backo
   where the histories part, so no commit of the new history is skipped.
   :meth:`ReplicationStream.skip_backlog` skips on purpose (the slot
   is advanced to the server's current WAL position) and says so with a ``StreamGap`` too;
+* a server whose history switched timeline after everything delivered (a failover with
+  nothing delivered lost) is announced by ``TimelineSwitch``: commits of the old timeline the
+  stream had not delivered yet may be gone;
 * with ``report_relations``, a ``Relation`` precedes the first change of each table after
   (re)connecting and any change whose columns differ from the table's last known shape (a
   schema change).
@@ -57,6 +60,7 @@ from cdcddp.wal.events import (
     Message,
     StreamEvent,
     StreamGap,
+    TimelineSwitch,
     TransactionRestart,
 )
 from cdcddp.wal.lsn import SERVER_LSN_SQL, format_lsn, parse_lsn
@@ -468,6 +472,9 @@ class ReplicationStream:
                 and not read_on_standby):
             assert read_timeline is not None
             forked_at, fork_reason = await self._history_fork(conn, read_timeline)
+            if not fork_reason:  # (a fork's gap tells the consumer more)
+                self._control[:] = [e for e in self._control if type(e) is not TimelineSwitch]
+                self._control.append(TimelineSwitch(self.slot, self.timeline, read_timeline))
 
         escaping = pq.Escaping(conn)
         literal = escaping.escape_literal(self.slot.encode()).decode()
