@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -258,6 +260,38 @@ async def test_history_is_known_once_the_consumer_has_taken_a_sessions_opening(
             with trio.fail_after(1):
                 await known.wait()
         assert stream.history_known and collector.rows() == [1, 2]
+
+
+async def test_a_server_that_stops_answering_is_left_and_found_again(
+        db_dsn: str, pg_cluster: LocalCluster) -> None:
+    """A walsender that stops (as a primary lost without closing its connections: its
+    machine, a partition) keeps the connection open but says nothing, even when asked: after
+    ``receive_timeout`` the stream leaves it and reconnects, instead of waiting minutes for
+    TCP keepalives. A consumer that is merely slow is not taken for a silent server."""
+    sql(db_dsn, "CREATE TABLE t (n int PRIMARY KEY)")
+    slot = new_slot()
+    async with open_stream(db_dsn, slot, receive_timeout=2, **FAST) as stream:
+        collector = Collector(stream)
+        sql(db_dsn, "INSERT INTO t SELECT generate_series(1, 20000)")
+        await trio.sleep(3)  # the consumer takes nothing for longer than the timeout
+        assert stream.reconnects == 0
+        with trio.fail_after(20):
+            await collector.run(until=lambda c: len(c.transactions) == 1)
+        (walsender,), = sql(pg_cluster.dsn(), "SELECT active_pid FROM pg_replication_slots "
+                                              f"WHERE slot_name = '{slot}'")
+        os.kill(walsender, signal.SIGSTOP)
+        try:
+            with trio.fail_after(10):
+                while stream.connected:
+                    await trio.sleep(0.05)
+            assert "sent nothing for 2 s" in (stream.last_error or "")
+        finally:
+            os.kill(walsender, signal.SIGCONT)  # it finds its connection gone and exits
+        sql(db_dsn, "INSERT INTO t VALUES (0)")
+        with trio.fail_after(20):
+            await collector.run(until=lambda c: len(c.transactions) == 2)
+        assert stream.reconnects == 1
+    assert sorted(collector.rows()) == list(range(0, 20001))
 
 
 async def _ge(row: Any, lsn: int) -> bool:

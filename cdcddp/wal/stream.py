@@ -38,6 +38,7 @@ acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import select
@@ -197,7 +198,7 @@ class ReplicationStream:
                  report_relations: bool = False,
                  type_catalog: SharedCatalog | None = None,
                  log_standby_snapshot: Callable[[], Awaitable[object]] | None = None,
-                 failover: bool = False) -> None:
+                 failover: bool = False, receive_timeout: float = 60.0) -> None:
         self.slot = slot
         self.create_slot = create_slot
         self.temporary = temporary
@@ -205,6 +206,11 @@ class ReplicationStream:
         self.start_lsn = start_lsn
         self.wal2json_options = {**WAL2JSON_OPTIONS, **(wal2json_options or {})}
         self.status_interval = status_interval
+        # A server silent this long, even when asked to answer, is taken for gone (as
+        # PostgreSQL's wal_receiver_timeout does): a primary lost without closing its
+        # connections (its machine, a partition) is otherwise noticed only by TCP keepalives,
+        # minutes later. 0: never.
+        self.receive_timeout = receive_timeout
         self.connect_timeout = connect_timeout
         self.busy_grace = busy_grace
         self.recreate_invalidated = recreate_invalidated
@@ -278,6 +284,7 @@ class ReplicationStream:
         self._opening_batch: list[StreamEvent] | None = None
         self._opening_pending = False
         self._history_event = trio.Event()  # set while history_known
+        self._heard_at = 0.0  # trio time the session last had bytes from the server
         self.backlog_skips = 0
         self.skipped_bytes = 0
 
@@ -756,8 +763,10 @@ class ReplicationStream:
                         batch = []
                     # Wake up now and then so a dead peer without RST is still noticed by
                     # the status task's writes.
-                    with trio.move_on_after(self.status_interval):
+                    with trio.move_on_after(self.status_interval) as idle:
                         await trio.lowlevel.wait_readable(sock)
+                    if not idle.cancelled_caught:
+                        self._heard_at = trio.current_time()
                     conn.consume_input()
                 else:
                     raise ConnectionLost(self._copy_end_reason(conn))
@@ -843,9 +852,10 @@ class ReplicationStream:
                 break
         return "; ".join(r for r in reasons if r) or "the server ended the replication stream"
 
-    async def _send_status(self, conn: pq.PGconn) -> None:
+    async def _send_status(self, conn: pq.PGconn, reply_requested: bool = False) -> None:
         t = self._tracker
-        msg = build_status_update(t.received_lsn, t.acknowledged_lsn, t.acknowledged_lsn)
+        msg = build_status_update(t.received_lsn, t.acknowledged_lsn, t.acknowledged_lsn,
+                                  reply_requested=reply_requested)
         while conn.put_copy_data(msg) == 0:
             await trio.lowlevel.wait_writable(conn.socket)
         await self._flush(conn)
@@ -860,11 +870,30 @@ class ReplicationStream:
     async def _status_loop(self, conn: pq.PGconn) -> None:
         # Independent of the reader: it runs while the reader is blocked on a slow consumer,
         # so wal_sender_timeout never fires because of back-pressure.
+        self._heard_at = trio.current_time()
         while True:
-            await self._send_status(conn)
-            with trio.move_on_after(self._status_period()):
+            await self._send_status(conn, reply_requested=self._silent_for() > 0.5)
+            period = self._status_period()
+            if self.receive_timeout:
+                period = min(period, self.receive_timeout / 4)
+            with trio.move_on_after(period):
                 await self._status_wakeup.wait()
             self._status_wakeup = trio.Event()
+            if self._silent_for() >= 1:
+                raise ConnectionLost(f"the server sent nothing for {self.receive_timeout:g} s, "
+                                     "even when asked to answer (receive_timeout)")
+
+    def _silent_for(self) -> float:
+        """How long the server has been silent, as a fraction of ``receive_timeout`` (0 when
+        disabled). Bytes waiting unread (the reader held up by a slow consumer) count as
+        heard."""
+        if not self.receive_timeout:
+            return 0.0
+        poller = self._reader_poll
+        with contextlib.suppress(OSError):
+            if poller is not None and any(e & select.POLLIN for _, e in poller.poll(0)):
+                self._heard_at = trio.current_time()
+        return (trio.current_time() - self._heard_at) / self.receive_timeout
 
     async def _session(self, conn: pq.PGconn) -> None:
         """Reader + status sender until the connection fails or the stream closes."""
