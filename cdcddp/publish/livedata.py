@@ -1201,10 +1201,8 @@ class LiveData:
         event = self._xid_waiters.get(xid)
         if event is None:
             event = self._xid_waiters[xid] = trio.Event()
-        if xid8 is None:
-            await event.wait()
-            return
-        self._fence_xid8s[xid] = xid8
+        if xid8 is not None:
+            self._fence_xid8s[xid] = xid8
         try:
             await event.wait()
         finally:
