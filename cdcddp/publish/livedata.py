@@ -1017,7 +1017,7 @@ class LiveData:
         """After a gap's resync (clients flushed): transactions ``horizon`` sees are in the
         observers now, delivered by the stream or not — their write fences may pass; so may
         those of ``gone``, commits a fork of the history took away (their clients were
-        resynced to the history without them)."""
+        resynced to the history without them, or never had them)."""
         if horizon is not None:
             self._gap_horizon = horizon
         for xid in [x for x in self._xid_waiters
@@ -1222,10 +1222,8 @@ class LiveData:
             log.error("after a failover, could not ask the new primary about the commits "
                       "%d write fence(s) wait for; they wait on", len(waiting), exc_info=exc)
             return
-        for (xid, _), status in zip(waiting.items(), statuses, strict=True):
-            if status == "aborted" and xid in self._xid_waiters:
-                self._xid_waiters.pop(xid).set()
-                self.fences_settled_by_gap += 1
+        self._settle_fences(None, gone={xid for xid, status in zip(waiting, statuses, strict=True)
+                                        if status == "aborted"})
 
     def _note_delivered(self, xid: int, tables: AbstractSet[TableName] = frozenset()
                         ) -> None:

@@ -38,7 +38,6 @@ acknowledged.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import select
@@ -356,6 +355,10 @@ class ReplicationStream:
             return True
         # The reader shares the consumer's thread: between two of its batches the channel is
         # empty although the server has sent more. A zero-timeout poll tells.
+        return self._socket_readable()
+
+    def _socket_readable(self) -> bool:
+        """The reader's socket holds bytes it has not read yet."""
         poller = self._reader_poll
         if poller is None:
             return False
@@ -889,10 +892,8 @@ class ReplicationStream:
         heard."""
         if not self.receive_timeout:
             return 0.0
-        poller = self._reader_poll
-        with contextlib.suppress(OSError):
-            if poller is not None and any(e & select.POLLIN for _, e in poller.poll(0)):
-                self._heard_at = trio.current_time()
+        if self._socket_readable():
+            self._heard_at = trio.current_time()
         return (trio.current_time() - self._heard_at) / self.receive_timeout
 
     async def _session(self, conn: pq.PGconn) -> None:
