@@ -144,8 +144,12 @@ class Connection(psycopg.Connection[TupleRow]):
 
 def connect(dsn: str, types: SharedCatalog, application_name: str = "cdcddp") -> Connection:
     """A connection as ``Database`` makes them (blocking)."""
+    # prepare_threshold=None: no statement is prepared behind the caller's back. A prepared
+    # SELECT whose columns a migration retypes (or a `SELECT *` that gains one) fails once on
+    # every connection ("cached plan must not change result type"), a method call's included;
+    # unprepared, the benchmarks run as fast.
     conn = Connection.connect(dsn, application_name=application_name, options=SESSION_OPTIONS,
-                              context=_ADAPTERS)
+                              context=_ADAPTERS, prepare_threshold=None)
     conn.types = types
     try:
         if types.version == 0:  # the first connection to the database: nothing loaded yet

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -221,12 +221,14 @@ class LiveServer:
 async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
                       server_config: ServerConfig | None = None,
                       metrics: Metrics | None = None, observer_errors: int = 0,
-                      resyncs: bool = False, primary_dsn: str | None = None,
+                      resyncs: bool | Collection[str] = False,
+                      primary_dsn: str | None = None,
                       **live_options: Any) -> AsyncIterator[LiveServer]:
     """A server with the engine. A test that ends normally must have seen exactly
     ``observer_errors`` observer failures (tests that inject one say so), and no resync at
-    all unless it says it may cause some (``resyncs``: stream gaps, schema changes): a
-    resync repairs the clients' state, so that state alone would hide a bug.
+    all unless it says it may cause some (``resyncs``: True, or the reasons it may cause,
+    such as ``{"schema_change"}``): a resync repairs the clients' state, so that state alone
+    would hide a bug.
     ``primary_dsn``: ``dsn`` is its standby, which the server streams from while every query
     goes to the primary (as ``cdcddp serve --primary-dsn`` does); the schema is replayed on
     the standby before the server starts."""
@@ -249,9 +251,10 @@ async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
             assert failures == observer_errors, (
                 f"{failures} observer failure(s) resynced during the test (see the log)")
             # (A limited cursor's rows read again are not a repair: they are how it works.)
+            allowed = {"limit_requery", *(() if isinstance(resyncs, bool) else resyncs)}
             unexpected = {reason: n for reason, n in server.live.resync_reasons.items()
-                          if n and reason != "limit_requery"}
-            assert resyncs or observer_errors or not unexpected, (
+                          if n and reason not in allowed}
+            assert resyncs is True or observer_errors or not unexpected, (
                 f"unexpected resyncs: {unexpected}")
         finally:
             nursery.cancel_scope.cancel()

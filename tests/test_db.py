@@ -62,6 +62,26 @@ async def test_an_idle_connection_the_server_ended_is_not_handed_out(db_dsn: str
         db.close()
 
 
+async def test_queries_repeated_before_a_migration_still_run_after_it(db_dsn: str) -> None:
+    """A migration elsewhere retypes a column, or adds one under a ``SELECT *``: a statement
+    psycopg had prepared on its own would now fail once on every pooled connection ("cached
+    plan must not change result type"), an engine read or a method call alike."""
+    db = Database(db_dsn, size=1)
+    try:
+        await db.execute("CREATE TABLE t (id int PRIMARY KEY, title text)")
+        await db.execute("INSERT INTO t VALUES (1, 'x')")
+        for _ in range(8):  # (psycopg's default: prepared from the 6th run on)
+            assert await db.fetchall("SELECT title FROM t WHERE id = %s", (1,)) == [("x",)]
+            assert await db.fetchall("SELECT * FROM t WHERE id = %s", (1,)) == [(1, "x")]
+        with psycopg.connect(db_dsn, autocommit=True) as other:
+            other.execute("ALTER TABLE t ALTER COLUMN title TYPE varchar(20)")
+            other.execute("ALTER TABLE t ADD COLUMN extra int DEFAULT 7")
+        assert await db.fetchall("SELECT title FROM t WHERE id = %s", (1,)) == [("x",)]
+        assert await db.fetchall("SELECT * FROM t WHERE id = %s", (1,)) == [(1, "x", 7)]
+    finally:
+        db.close()
+
+
 async def test_a_pooled_connection_past_descriptor_1023_is_reused(db_dsn: str) -> None:
     """A server with thousands of clients opens its pool's connections on high descriptors
     (select() refuses those): they are still checked and reused, not reopened each time."""

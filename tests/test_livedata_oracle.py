@@ -8,7 +8,8 @@ user, in a collection of its own too, as clients log in and out and the writers 
 owners), and the walsender is killed mid-way. One more writer's commits are *held*:
 decoded and delivered by the stream, yet not visible to new snapshots for a while (a
 synchronous standby that never answers holds them, until the oracle gives up waiting for it),
-PostgreSQL's widest window between the two.
+PostgreSQL's widest window between the two. With ``migrations``, schema changes race all
+of that (:func:`migrator`).
 At quiescence each client's store equals what SQL returns for its subscriptions, and its
 message log keeps the merge-box promises (no duplicate ``added``, no ``changed``/``removed``
 of a document it does not hold, no ``version`` going back).
@@ -24,6 +25,7 @@ import os
 import random
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +105,73 @@ def held_writer(dsn: str, seed: int, transactions: int, stop: list[bool]) -> int
     return committed
 
 
+def migrator(dsn: str, seed: int, stop: list[bool]) -> int:
+    """Schema changes racing the writers and the subscriptions, as a deploy's migrations do
+    on a live database: published columns change type (keeping their values), an unpublished
+    column comes (sometimes filled in the same transaction) and goes, the replica identity
+    changes, the table is rewritten. Returns how many were made.
+
+    A migration waits for its locks behind the writers' and the engine's transactions, never
+    for long: one that waits 10 s is a server holding a lock while it waits for something
+    queued behind the migration, and fails the oracle."""
+    rng = random.Random(seed)
+    made = 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET lock_timeout = '10s'")
+        while not stop:
+            time.sleep(0.1 + rng.random() * 0.4)
+            if stop:
+                break
+            try:
+                _random_migration(conn, rng)
+            except psycopg.errors.DeadlockDetected:
+                continue
+            except psycopg.errors.LockNotAvailable:
+                locks = conn.execute(
+                    "SELECT l.pid, l.mode, l.granted, a.application_name, a.state, a.query "
+                    "FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                    "WHERE l.relation = 'items'::regclass").fetchall()
+                raise AssertionError(f"a migration waited 10 s for its lock: {locks}") from None
+            made += 1
+    return made
+
+
+def _random_migration(conn: psycopg.Connection[Any], rng: random.Random) -> None:
+    def type_of(column: str) -> str | None:
+        found = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                             "WHERE attrelid = 'items'::regclass AND attname = %s "
+                             "AND NOT attisdropped", (column,)).fetchone()
+        return None if found is None else found[0]
+
+    choice = rng.random()
+    if choice < 0.1:
+        conn.execute("VACUUM FULL items")  # a rewrite the stream does not show
+        return
+    with conn.transaction():
+        if choice < 0.4:
+            if type_of("scratch") is None:
+                conn.execute("ALTER TABLE items ADD COLUMN scratch int DEFAULT 0")
+                if rng.random() < 0.5:  # filled in the same transaction: new-shape changes
+                    conn.execute("UPDATE items SET scratch = 1, version = version + 1 "
+                                 "WHERE id %% 4 = %s", (rng.randrange(4),))
+            else:
+                conn.execute("ALTER TABLE items DROP COLUMN scratch")
+        elif choice < 0.6:
+            new = "varchar(200)" if type_of("title") == "text" else "text"
+            conn.execute(f"ALTER TABLE items ALTER COLUMN title TYPE {new}")
+        elif choice < 0.75:
+            new = "bigint" if type_of("rank") == "integer" else "integer"
+            conn.execute(f"ALTER TABLE items ALTER COLUMN rank TYPE {new}")
+        elif choice < 0.85:
+            new = "bigint" if type_of("version") == "integer" else "integer"
+            conn.execute(f"ALTER TABLE items ALTER COLUMN version TYPE {new}")
+        else:
+            (identity,) = conn.execute("SELECT relreplident FROM pg_class "
+                                       "WHERE oid = 'items'::regclass").fetchone()  # type: ignore[misc]
+            conn.execute("ALTER TABLE items REPLICA IDENTITY "
+                         + ("DEFAULT" if identity == "f" else "FULL"))
+
+
 GATES = [1, 2, 3]
 
 
@@ -166,8 +235,10 @@ def _random_gate_change(conn: psycopg.Connection[Any], rng: random.Random) -> No
 
 async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
                      subscription_steps: int, clients: int, kills: int,
-                     temporary_slot: bool, primary_dsn: str | None = None) -> None:
-    """``primary_dsn``: the server decodes and reads on ``dsn``, a standby of that primary,
+                     temporary_slot: bool, migrations: bool = False,
+                     primary_dsn: str | None = None) -> None:
+    """``migrations``: schema changes race everything else (:func:`migrator`).
+    ``primary_dsn``: the server decodes and reads on ``dsn``, a standby of that primary,
     where everyone writes."""
     rng = random.Random(seed)
     writes = primary_dsn or dsn
@@ -177,13 +248,16 @@ async def run_oracle(dsn: str, *, seed: int, transactions: int, writers: int,
     with standby_that_never_answers(writes):
         await _run_oracle(dsn, rng, seed=seed, transactions=transactions, writers=writers,
                           subscription_steps=subscription_steps, clients=clients,
-                          kills=kills, temporary_slot=temporary_slot, writes=writes)
+                          kills=kills, temporary_slot=temporary_slot, migrations=migrations,
+                          writes=writes)
 
 
 async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: int,
                       writers: int, subscription_steps: int, clients: int, kills: int,
-                      temporary_slot: bool, writes: str) -> None:
-    async with live_server(dsn, temporary_slot=temporary_slot, resyncs=temporary_slot,
+                      temporary_slot: bool, migrations: bool, writes: str) -> None:
+    # A temporary slot is a new one after the walsender is killed: a stream gap.
+    resyncs: bool | set[str] = temporary_slot or ({"schema_change"} if migrations else False)
+    async with live_server(dsn, temporary_slot=temporary_slot, resyncs=resyncs,
                            primary_dsn=None if writes == dsn else writes) as server:
         await asql(writes, "INSERT INTO items (category, title, rank, body) "
                         "SELECT (ARRAY['a','b','c','d'])[1 + i % 4], 't' || i, i % 10, "
@@ -193,6 +267,7 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
         stop: list[bool] = []
         committed: list[int] = []
         held_committed: list[int] = []
+        migrated: list[int] = []
 
         async def write(n: int) -> None:
             committed.append(await trio.to_thread.run_sync(
@@ -201,6 +276,10 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
         async def write_held() -> None:
             held_committed.append(await trio.to_thread.run_sync(
                 held_writer, writes, seed * 100 + 99, transactions // 4, stop))
+
+        async def migrate() -> None:
+            migrated.append(await trio.to_thread.run_sync(
+                migrator, writes, seed * 100 + 98, stop))
 
         async def kill_walsender() -> None:
             for _ in range(kills):
@@ -235,6 +314,8 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
                 for n in range(writers):
                     nursery.start_soon(write, n)
                 nursery.start_soon(write_held)
+                if migrations:
+                    nursery.start_soon(migrate)
                 nursery.start_soon(kill_walsender)
                 await churn()
                 stop.append(True)  # writers finish their current transaction
@@ -272,6 +353,8 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
               f"{live.rows_fetched} rows fetched, {live.resyncs} resyncs, "
               f"{rekeyed} rows under a changed key at the end, "
               f"{sum(state.logins for state in states)} logins or logouts, "
+              f"{migrated[0] if migrated else 0} migrations "
+              f"({live.resync_reasons['schema_change']} observers resynced for them), "
               f"{live.stream.reconnects} reconnects")
 
 
@@ -324,8 +407,13 @@ async def test_oracle_short(db_dsn: str, temporary_slot: bool) -> None:
                      clients=8, kills=1, temporary_slot=temporary_slot)
 
 
+async def test_oracle_short_with_migrations(db_dsn: str) -> None:
+    await run_oracle(db_dsn, seed=SEED, transactions=200, writers=3, subscription_steps=60,
+                     clients=8, kills=1, temporary_slot=False, migrations=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [SEED, SEED + 1, SEED + 2])
 async def test_oracle_long(db_dsn: str, seed: int) -> None:
     await run_oracle(db_dsn, seed=seed, transactions=1500, writers=4, subscription_steps=300,
-                     clients=8, kills=3, temporary_slot=seed % 2 == 0)
+                     clients=8, kills=3, temporary_slot=seed % 2 == 0, migrations=seed % 3 == 0)
