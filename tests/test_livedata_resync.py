@@ -144,8 +144,9 @@ def test_decoder_reports_shapes_first_seen_and_changed_but_not_toast_omissions()
 # ---- schema changes -------------------------------------------------------------------------
 
 
-async def test_add_column_with_default_and_drop_of_an_unpublished_column(db_dsn: str) -> None:
-    async with live_server(db_dsn, resync_app(), resyncs=True) as server:
+async def test_columns_no_observer_reads_come_change_and_go_without_a_resync(db_dsn: str
+                                                                             ) -> None:
+    async with live_server(db_dsn, resync_app()) as server:
         await asql(db_dsn, "ALTER TABLE items ADD COLUMN junk text DEFAULT 'j'",
                    "INSERT INTO items (owner, category, title) VALUES ('ann', 'a', 'one'), "
                    "('bob', 'b', 'two')")
@@ -155,25 +156,29 @@ async def test_add_column_with_default_and_drop_of_an_unpublished_column(db_dsn:
             mark = len(client.messages or [])
             live = server.live
 
+            queries = live.snapshot_queries
+
             # ADD COLUMN with a default (no table rewrite, no change streamed for old rows).
             await asql(db_dsn, "ALTER TABLE items ADD COLUMN extra int NOT NULL DEFAULT 7")
             await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'three')")
             await live.sync()
             await wait_store(client, expected_view(db_dsn, ALL))
-            assert live.schema_changes == 1  # the stream showed a column the snapshot lacked
-            # Published fields are unchanged: the resync sent nothing, only the new row came.
+            # A column no observer reads: nothing to resync (a migration adding one to a
+            # table many subscriptions watch re-ran all their queries at once before).
+            assert live.schema_changes == 0 and live.snapshot_queries == queries
             assert [(m["msg"], m["id"]) for m in data_messages(client, mark)] == [("added", "3")]
 
-            # DROP COLUMN of a column nobody publishes.
+            # DROP COLUMN and a new type of columns nobody publishes.
             mark = len(client.messages or [])
-            await asql(db_dsn, "ALTER TABLE items DROP COLUMN junk")
-            # An UPDATE lacking a text column may just leave out an unchanged TOASTed value;
-            # the INSERT shows the column is gone.
+            await asql(db_dsn, "ALTER TABLE items DROP COLUMN junk",
+                       "ALTER TABLE items ALTER COLUMN extra TYPE bigint")
+            # (An UPDATE lacking a text column may just leave out an unchanged TOASTed value;
+            # the INSERT shows the column is gone.)
             await asql(db_dsn, "UPDATE items SET title = 'ONE', version = 1 WHERE id = 1")
             await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('b', 'four')")
             await live.sync()
             await wait_store(client, expected_view(db_dsn, ALL))
-            assert live.schema_changes == 2
+            assert live.schema_changes == 0 and live.snapshot_queries == queries
             assert [(m["msg"], m["id"], m.get("fields", {}).get("title"))
                     for m in data_messages(client, mark)] == [
                 ("changed", "1", "ONE"), ("added", "4", "four")]
@@ -182,6 +187,28 @@ async def test_add_column_with_default_and_drop_of_an_unpublished_column(db_dsn:
             # Later writes still flow.
             await asql(db_dsn, "DELETE FROM items WHERE id = 2",
                        "INSERT INTO items (category, title, extra) VALUES ('b', 'five', 1)")
+            await wait_store(client, expected_view(db_dsn, ALL))
+            check_message_log(client)
+
+
+async def test_a_migration_resyncs_the_observers_that_read_what_it_changed(db_dsn: str
+                                                                          ) -> None:
+    """Published, key and filter columns count; other columns of the table do not."""
+    async with live_server(db_dsn, resync_app(), resyncs={"schema_change"}) as server:
+        await asql(db_dsn, "INSERT INTO items (owner, category, title) VALUES "
+                           "('ann', 'a', 'one'), ('bob', 'c', 'two')")
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.all")  # every column
+            await client.subscribe("items.titles")  # title, version; category in its filter
+            live = server.live
+            await asql(db_dsn, "ALTER TABLE items ALTER COLUMN owner TYPE varchar(40)",
+                       "INSERT INTO items (owner, category, title) VALUES ('cy', 'b', 'three')")
+            await live.sync()
+            assert live.resync_reasons["schema_change"] == 1  # items.all's observer only
+            await asql(db_dsn, "ALTER TABLE items ALTER COLUMN category TYPE varchar(40)",
+                       "INSERT INTO items (owner, category, title) VALUES ('di', 'a', 'four')")
+            await live.sync()
+            assert live.resync_reasons["schema_change"] == 3  # both: items.titles filters on it
             await wait_store(client, expected_view(db_dsn, ALL))
             check_message_log(client)
 

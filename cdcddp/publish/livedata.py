@@ -802,7 +802,7 @@ class LiveData:
         self._routes.setdefault(entry.table, TableRoutes()).add(entry)
         entry.live = True
         relation = self._stream_shapes.get(entry.table)
-        if relation is not None and shape_differs(entry.shape, relation):
+        if relation is not None and shape_differs(entry.shape, relation, entry.bound.columns):
             # The stream already showed another shape than its snapshot saw (a schema change
             # around the snapshot): resync it at the next commit.
             self._reshaped.add(entry)
@@ -945,9 +945,10 @@ class LiveData:
         routes = self._routes.get(table)
         if routes is None:
             return
-        stale = {e for e in routes.entries if e.live and shape_differs(e.shape, relation)}
+        stale = {e for e in routes.entries
+                 if e.live and shape_differs(e.shape, relation, e.bound.columns)}
         if relation.absent and any(e.live and e not in stale and e.shape
-                                   and any(c in e.shape for c in relation.absent)
+                                   and any(c in e.bound.columns for c in relation.absent)
                                    for e in routes.entries):
             # An UPDATE lacked columns observers know: unchanged TOASTed values, or dropped
             # columns? Rare (once per such set of columns): the catalog says, at the commit.
@@ -978,7 +979,7 @@ class LiveData:
             if gone and routes is not None:
                 self._mark_reshaped(relation, {
                     e for e in routes.entries if e.live and e not in self._reshaped
-                    and any(c in (e.shape or ()) for c in gone)})
+                    and any(c in e.bound.columns for c in gone)})
 
     async def _resync_reshaped(self) -> None:
         """Re-run the queries of observers whose table changed shape, from a fresh snapshot

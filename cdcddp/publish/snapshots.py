@@ -294,19 +294,27 @@ def _transaction_failed(conn: psycopg.Connection[Any]) -> bool:
     return conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS
 
 
-def shape_differs(expected: TableShape | None, relation: Relation) -> bool:
-    """Does the stream's shape of a table contradict what an observer's snapshot saw?"""
+def shape_differs(expected: TableShape | None, relation: Relation,
+                  columns: Iterable[str]) -> bool:
+    """Does the stream's shape of a table contradict what an observer's snapshot saw of the
+    ``columns`` it reads (key, published, filter and sort columns)? The table's other columns
+    (added, dropped, retyped by a migration) change nothing it publishes or decides."""
     if expected is None:
         return False
     seen = dict(relation.columns)
-    for name, oid in seen.items():
+    for name in columns:
         known = expected.get(name)
-        if known is None or known[0] != oid:
-            return True  # a new or renamed column, or another type
-    # A column the stream lacks was dropped — unless the shape came from an UPDATE and the
-    # column may be an unchanged TOASTed value it left out.
-    return any(name not in seen and (relation.complete or not varlena)
-               for name, (_, varlena) in expected.items())
+        oid = seen.get(name)
+        if known is None:
+            return True  # (not expected: the snapshot selected it)
+        if oid is None:
+            # The stream lacks it: dropped or renamed — unless the shape came from an UPDATE
+            # and it may be an unchanged TOASTed value left out.
+            if relation.complete or not known[1]:
+                return True
+        elif oid != known[0]:
+            return True  # another type
+    return False
 
 
 def describe_shape_change(relation: Relation) -> str:
