@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import secrets
 import weakref
 from collections import Counter
@@ -23,6 +24,7 @@ from cdcddp.publish.snapshots import SnapshotRead
 from cdcddp.server.connection import Connection
 from tests.livedata_support import (
     FIELDS,
+    SCHEMA,
     asql,
     check_message_log,
     data_messages,
@@ -376,6 +378,42 @@ async def test_a_publication_whose_query_fails_stops_with_500_and_no_internals(
             await client.subscribe("items.all")  # the connection and the engine carry on
             await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'fine')")
             await wait_store(client, expected_view(db_dsn, [("items.all", [])]))
+
+
+async def test_row_security_that_applies_to_the_server_is_refused_with_the_fix_named(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The stream shows every row whatever the policies; a snapshot under a policy would
+    show the server's role fewer, and the stream would then bring the others in one by one
+    as they change. So such a snapshot fails, and the log says what to change."""
+    role = f"cdcddp_rls_{os.getpid()}"
+    await asql(db_dsn, f'CREATE ROLE "{role}" LOGIN REPLICATION', SCHEMA,
+               f'GRANT SELECT ON items, other TO "{role}"',
+               "ALTER TABLE items ENABLE ROW LEVEL SECURITY",
+               "CREATE POLICY only_ann ON items USING (owner = 'ann')",
+               "INSERT INTO items (owner, category, title) VALUES ('ann', 'a', 'hers'), "
+               "('bob', 'b', 'his')")
+    try:
+        async with live_server(db_dsn.replace("user=postgres", f"user={role}"),
+                               schema="") as server:
+            async with connect(server.ws_url) as client:
+                caplog.clear()
+                with pytest.raises(MeteorError) as refused:
+                    await client.subscribe("items.all")
+                assert refused.value.error == 500
+                (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+                assert record.exc_info is None and record.getMessage() == (
+                    'observer for public.items failed to start: query would be affected by '
+                    'row-level security policy for table "items": the server\'s database '
+                    "role is subject to the table's row-level security, so a snapshot would "
+                    "lack rows the stream shows: give it BYPASSRLS (ALTER ROLE ... BYPASSRLS) "
+                    "or make it the table's owner without FORCE ROW LEVEL SECURITY")
+
+                await asql(db_dsn, f'ALTER ROLE "{role}" BYPASSRLS')
+                await client.subscribe("items.all")
+                await wait_store(client, expected_view(db_dsn, [("items.all", [])]))
+                assert len(store(client)) == 2
+    finally:
+        await asql(db_dsn, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
 
 
 async def test_initial_result_larger_than_the_send_buffer_goes_out_in_pieces(

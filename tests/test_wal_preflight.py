@@ -107,6 +107,45 @@ def test_tables_without_identity(db_dsn: str) -> None:
                                          "table name.")
 
 
+def test_tables_the_role_cannot_read_or_reads_through_row_security(
+        db_dsn: str, pg_cluster: LocalCluster) -> None:
+    role = f"cdcddp_reader_{next(_roles)}"
+    pg_cluster.psql(f'CREATE ROLE "{role}" LOGIN REPLICATION')
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        for table in ("open", "hidden", "policed", "forced"):
+            conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        conn.execute(f'GRANT SELECT ON open, policed, forced TO "{role}"')
+        conn.execute(f'ALTER TABLE forced OWNER TO "{role}"')
+        for table in ("policed", "forced"):
+            conn.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+    as_role = db_dsn.replace("user=postgres", f"user={role}")
+    try:
+        tables = ["open", "hidden", "policed", "forced"]
+        found = run_preflight(as_role, tables=tables)[-4:]
+        # Its owner is not subject to a table's policies, unless they are forced on it.
+        assert [f.code for f in found] == ["table", "table_unreadable", "table_row_security",
+                                           "table"]
+        assert found[1].message == (f"role {role!r} cannot read table hidden: run GRANT "
+                                    f'SELECT ON hidden TO "{role}".')
+        assert found[2].message == (
+            f"row-level security on table policed applies to role {role!r}, so its snapshots "
+            f'would lack rows the stream shows: run ALTER ROLE "{role}" BYPASSRLS as a '
+            "superuser, or make the role the table's owner (without FORCE ROW LEVEL "
+            "SECURITY).")
+        with psycopg.connect(db_dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE forced FORCE ROW LEVEL SECURITY")
+        assert run_preflight(as_role, tables=["forced"])[-1].code == "table_row_security"
+        pg_cluster.psql(f'ALTER ROLE "{role}" BYPASSRLS')
+        assert [f.code for f in run_preflight(as_role, tables=tables)[-4:]] == [
+            "table", "table_unreadable", "table", "table"]
+        # A superuser reads everything.
+        assert [f.code for f in run_preflight(db_dsn, tables=tables)[-4:]] == ["table"] * 4
+    finally:
+        with psycopg.connect(db_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+        pg_cluster.psql(f'DROP ROLE "{role}"')
+
+
 @pytest.fixture(scope="module")
 def replica_cluster() -> Iterator[LocalCluster]:
     """A private cluster that starts at wal_level=replica (changing it needs a restart)."""

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import psycopg
 import trio
 
-from cdcddp.db import Database, transaction_statuses
+from cdcddp.db import Database, first_line, is_unavailable, transaction_statuses
 from cdcddp.ddp import messages
 from cdcddp.ddp.mergebox import MergeBoxError
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects, storm_promotion
@@ -99,6 +99,7 @@ from cdcddp.publish.snapshots import (
     fetch_row,
     horizon_snapshot,
     next_batch,
+    refused_read_advice,
     row_list,
     row_query,
     shape_differs,
@@ -239,6 +240,18 @@ def _left_out_earlier(change: Update, changes: Sequence[RowChange | Truncate],
         if _row_key(earlier.identity, pk) not in (key, None):  # type: ignore[union-attr]
             return None  # its key changed in this transaction
     return found, True
+
+
+def _log_read_failure(what: str, exc: BaseException) -> None:
+    """One sentence when PostgreSQL refused the server's role (naming the fix) or is out of
+    reach; else the traceback."""
+    advice = refused_read_advice(exc)
+    if advice is not None:
+        log.error("%s: %s: %s", what, first_line(exc), advice)
+    elif is_unavailable(exc):
+        log.warning("%s: the database is unavailable (%s)", what, first_line(exc))
+    else:
+        log.error("%s", what, exc_info=exc)
 
 
 def _epoch(timestamp: dt.datetime) -> float:
@@ -621,8 +634,11 @@ class LiveData:
                     self.snapshot_retries += 1
                     must_see = max(must_see, retry.must_see)
         except Exception as exc:
-            log.error("observer for %s.%s failed to start", *table, exc_info=exc)
-            entry.error = exc
+            _log_read_failure(f"observer for {table[0]}.{table[1]} failed to start", exc)
+            # Logged once here: the subscriptions waiting for it get an error that is not
+            # logged again per subscription (a 500 unless client-safe, or the database's 503).
+            entry.error = (exc if isinstance(exc, messages.MeteorError) or is_unavailable(exc)
+                           else messages.MeteorError.internal())
             if self._observers.get(entry.bound.key) is entry:
                 del self._observers[entry.bound.key]
         finally:
@@ -1609,8 +1625,8 @@ class LiveData:
                                 len(entry.subscribers))
                     error = messages.MeteorError("schema-changed", text)
                 else:
-                    log.error("resync of %s.%s failed; its subscriptions stop", *entry.table,
-                              exc_info=exc)
+                    _log_read_failure(f"resync of {entry.table[0]}.{entry.table[1]} failed; "
+                                      "its subscriptions stop", exc)
                 self._fail(entry, error)
                 continue
             if not entry.live:

@@ -36,6 +36,7 @@ __all__ = [
     "fetch_row",
     "horizon_snapshot",
     "next_batch",
+    "refused_read_advice",
     "row_list",
     "row_query",
     "shape_differs",
@@ -50,7 +51,11 @@ __all__ = [
 # pg_current_snapshot() (they are kept as subtransactions, which it leaves out), so it could
 # not be matched to the stream; a node that decodes on a standby queries its primary
 # (LiveData), and this fails loudly ("recovery is in progress") if that is ever not so.
-_SNAPSHOT_SQL: Final = "SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text"
+# It also turns row-level security off for the transaction: the stream shows every row, so
+# a read that a policy would filter must fail (loudly: "query would be affected by row-level
+# security policy") rather than show fewer rows than the stream then changes.
+_SNAPSHOT_SQL: Final = ("SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn()::text, "
+                        "set_config('row_security', 'off', true)")
 
 
 def _repeatable_read(conn: psycopg.Connection[Any]) -> None:
@@ -248,7 +253,7 @@ def snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
                     found = conn.execute(_SNAPSHOT_SHAPE_SQL, table).fetchone()
                     assert found is not None
                     snapshot, lsn = Snapshot.parse(found[0]), parse_lsn(found[1])
-                    columns = found[2]
+                    columns = found[-1]
                 else:
                     found = conn.execute(_TABLE_COLUMNS_SQL, table).fetchone()
                     assert found is not None
@@ -292,6 +297,19 @@ def snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
 def _transaction_failed(conn: psycopg.Connection[Any]) -> bool:
     """An error ended the transaction (PostgreSQL's, or the connection's)."""
     return conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS
+
+
+def refused_read_advice(exc: BaseException) -> str | None:
+    """What an operator should change when PostgreSQL refused a read of a published table
+    to the server's role (None: not such a refusal)."""
+    if not isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return None
+    if exc.diag.source_function == "check_enable_rls":  # (not translated, unlike the message)
+        return ("the server's database role is subject to the table's row-level security, "
+                "so a snapshot would lack rows the stream shows: give it BYPASSRLS (ALTER "
+                "ROLE ... BYPASSRLS) or make it the table's owner without FORCE ROW LEVEL "
+                "SECURITY")
+    return "grant the server's database role SELECT on the table (GRANT SELECT ON ... TO ...)"
 
 
 def shape_differs(expected: TableShape | None, relation: Relation,

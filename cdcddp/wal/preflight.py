@@ -122,12 +122,13 @@ def check_failover_slot(conn: psycopg.Connection, slot: str) -> Finding | None:
 def check_table(conn: psycopg.Connection, table: str) -> Finding:
     row = conn.execute(
         "SELECT c.oid::regclass::text, c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i "
-        "WHERE i.indrelid = c.oid AND i.indisprimary) FROM pg_class c "
+        "WHERE i.indrelid = c.oid AND i.indisprimary), has_table_privilege(c.oid, 'SELECT'), "
+        "row_security_active(c.oid), current_user FROM pg_class c "
         "WHERE c.oid = to_regclass(%s)", (table,)).fetchone()
     if row is None:
         return Finding("error", "table_missing",
                        f"table {table} does not exist: create it or fix the table name.")
-    name, identity, has_pk = row
+    name, identity, has_pk, readable, row_security, role = row
     if identity == "n":
         return Finding("error", "table_identity_nothing",
                        f"table {name} has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs "
@@ -137,7 +138,17 @@ def check_table(conn: psycopg.Connection, table: str) -> Finding:
                        f"table {name} has no primary key, so its UPDATEs and DELETEs are not "
                        f"streamed: add one (ALTER TABLE {name} ADD PRIMARY KEY (...)) or set "
                        "REPLICA IDENTITY USING INDEX or FULL.")
-    return Finding("ok", "table", f"table {name} has a replica identity.")
+    if not readable:
+        return Finding("error", "table_unreadable",
+                       f"role {role!r} cannot read table {name}: run GRANT SELECT ON {name} "
+                       f'TO "{role}".')
+    if row_security:
+        return Finding("error", "table_row_security",
+                       f"row-level security on table {name} applies to role {role!r}, so its "
+                       "snapshots would lack rows the stream shows: run ALTER ROLE "
+                       f'"{role}" BYPASSRLS as a superuser, or make the role the table\'s '
+                       "owner (without FORCE ROW LEVEL SECURITY).")
+    return Finding("ok", "table", f"table {name} has a replica identity and is readable.")
 
 
 def check_wal_keep_size(conn: psycopg.Connection) -> Finding:
