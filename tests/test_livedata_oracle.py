@@ -269,9 +269,13 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
         held_committed: list[int] = []
         migrated: list[int] = []
 
+        migrations_over: list[bool] = []  # once the writers are done, or the churn
+
         async def write(n: int) -> None:
             committed.append(await trio.to_thread.run_sync(
                 writer, writes, seed * 100 + n, transactions, stop))
+            if len(committed) == writers:
+                migrations_over.append(True)
 
         async def write_held() -> None:
             held_committed.append(await trio.to_thread.run_sync(
@@ -279,7 +283,7 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
 
         async def migrate() -> None:
             migrated.append(await trio.to_thread.run_sync(
-                migrator, writes, seed * 100 + 98, stop))
+                migrator, writes, seed * 100 + 98, migrations_over))
 
         async def kill_walsender() -> None:
             for _ in range(kills):
@@ -319,6 +323,7 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
                 nursery.start_soon(kill_walsender)
                 await churn()
                 stop.append(True)  # writers finish their current transaction
+                migrations_over.append(True)
             try:
                 await server.live.sync(timeout=30)
             except trio.TooSlowError:

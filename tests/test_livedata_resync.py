@@ -4,7 +4,10 @@ consumer that falls too far behind. Real PostgreSQL, the server with its slot, r
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -213,6 +216,42 @@ async def test_a_migration_resyncs_the_observers_that_read_what_it_changed(db_ds
             check_message_log(client)
 
 
+async def test_a_resynced_observer_is_not_resynced_again_for_the_migrations_it_has_seen(
+        db_dsn: str) -> None:
+    """The stream behind a run of migrations: the first new shape it shows resyncs the
+    observer, from a snapshot that sees the later migrations too; the shapes the stream
+    shows on its way to them are older than that snapshot, and its rows there are skipped:
+    no more resyncs (one per migration before, for every observer of the table, and new
+    subscriptions waited behind them)."""
+    async with live_server(db_dsn, resync_app(), resyncs={"schema_change"}) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'one')")
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("items.all")
+            live = server.live
+            live.hold = trio.Event()  # the consumer stops at the next commit
+            await asql(db_dsn, "UPDATE items SET version = 1")
+            for column in ("title TYPE varchar(200)", "rank TYPE bigint",
+                           "version TYPE bigint"):
+                await asql(db_dsn, f"ALTER TABLE items ALTER COLUMN {column}",
+                           "UPDATE items SET version = version + 1")
+            live.hold.set()
+            live.hold = None
+            await live.sync()
+            assert live.resync_reasons["schema_change"] == 1
+            await wait_store(client, expected_view(db_dsn, ALL))
+            assert store(client)["1"]["version"] == 4
+            check_message_log(client)
+            # A subscription whose snapshot saw a migration the stream shows no change after
+            # yet: not resynced when it registers, nor when the stream catches up with it.
+            await asql(db_dsn, "ALTER TABLE items ALTER COLUMN title TYPE text")
+            await client.subscribe("items.titles")
+            await asql(db_dsn, "UPDATE items SET version = version + 1")
+            await live.sync()
+            assert live.resync_reasons["schema_change"] == 2  # items.all's only
+            await wait_store(client, expected_view(db_dsn, ALL))
+            check_message_log(client)
+
+
 async def test_type_change_of_a_published_column_sends_changed(db_dsn: str) -> None:
     metrics = Metrics()
     async with live_server(db_dsn, resync_app(), metrics=metrics, resyncs=True) as server:
@@ -370,6 +409,51 @@ async def test_stream_skip_backlog_advances_the_slot_and_says_so(db_dsn: str) ->
     assert after and all(c.end_lsn > collector.gaps[0].lsn for c in after)
     assert confirmed is not None and parse_lsn(confirmed[0]) >= collector.gaps[0].lsn
     assert stream.skipped_bytes > 100_000
+
+
+async def test_a_subscription_whose_catch_up_mark_a_stream_gap_took_gets_ready(
+        db_dsn: str) -> None:
+    """A new subscription waits until the stream has delivered everything its snapshot saw:
+    until a mark committed after the snapshot comes through. A stream gap (here a temporary
+    slot made anew) skips WAL, that mark's with it; as long as other commits kept the
+    consumer moving, such a subscription waited for its mark for ever."""
+    async with live_server(db_dsn, temporary_slot=True, resyncs=True) as server:
+        live = server.live
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'one')")
+        stop: list[bool] = []
+
+        def keep_committing() -> None:
+            with psycopg.connect(db_dsn, autocommit=True) as conn:
+                while not stop:
+                    conn.execute("INSERT INTO other (note) VALUES ('tick')")
+                    time.sleep(0.01)
+
+        async with connect(server.ws_url, log_messages=True) as client, \
+                trio.open_nursery() as nursery:
+            await client.subscribe("items.byCategory", {"category": "b"})  # items watched
+            nursery.start_soon(trio.to_thread.run_sync, keep_committing)
+            ((walsender,),) = await asql(db_dsn, "SELECT active_pid FROM pg_replication_slots "
+                                                 "WHERE slot_name = %s", params=(live.config.slot,))
+            os.kill(walsender, signal.SIGSTOP)  # nothing committed from now on is sent
+
+            async def end_the_stream(entry: Any) -> None:
+                # The snapshot is taken and its mark committed: the walsender is ended
+                # before it sends them, and its temporary slot with it.
+                live.after_snapshot = None
+                await trio.sleep(0.3)
+                await asql(db_dsn, "SELECT pg_terminate_backend(%s)", params=(walsender,))
+                os.kill(walsender, signal.SIGCONT)
+
+            live.after_snapshot = end_the_stream
+            reconnects = live.stream.reconnects if live.stream else 0
+            try:
+                with trio.fail_after(live.config.catch_up_limit):
+                    await client.subscribe("items.all")
+            finally:
+                stop.append(True)
+            assert live.stream is not None and live.stream.reconnects > reconnects
+            await wait_store(client, expected_view(db_dsn, [("items.all", [])]))
+            check_message_log(client)
 
 
 @pytest.mark.parametrize("temporary", [True, False], ids=["temporary-slot", "persistent-slot"])

@@ -242,6 +242,20 @@ def _left_out_earlier(change: Update, changes: Sequence[RowChange | Truncate],
     return found, True
 
 
+def _contradicts(entry: ObserverEntry, relation: Relation, shown_by: tuple[int, int] | None
+                 ) -> bool:
+    """Does the stream's shape of a table, shown by transaction ``shown_by`` (xid, end LSN),
+    contradict what ``entry``'s snapshot saw of the columns it reads? Not when that snapshot
+    already shows the transaction: the snapshot is then the newer of the two (it saw a
+    migration the stream has not reached yet), and skips those rows anyway. (Resyncing
+    then took a snapshot newer still: under a run of migrations every observer of the
+    table resynced at every change, and new subscriptions waited behind them.)"""
+    if not shape_differs(entry.shape, relation, entry.bound.columns):
+        return False
+    observer = entry.observer
+    return shown_by is None or observer is None or not observer.sees(*shown_by)
+
+
 def _log_read_failure(what: str, exc: BaseException) -> None:
     """One sentence when PostgreSQL refused the server's role (naming the fix) or is out of
     reach; else the traceback."""
@@ -437,7 +451,9 @@ class LiveData:
         self.commits_out_of_order = 0  # the stream broke its contract (should stay 0)
         # Schema changes: the last shape the stream showed per table; observers whose
         # snapshot saw another one, resynced at the next commit.
-        self._stream_shapes: dict[TableName, Relation] = {}
+        # Each table's last shape in the stream, and the transaction (xid, end LSN) that
+        # showed it (None: outside one).
+        self._stream_shapes: dict[TableName, tuple[Relation, tuple[int, int] | None]] = {}
         self._reshaped: set[ObserverEntry] = set()
         self._absent_checks: list[Relation] = []  # catalog checks due at the next commit
         self.schema_changes = 0  # Relations that contradicted an observer's snapshot
@@ -766,6 +782,9 @@ class LiveData:
                 applied = self.last_commit_end_lsn
                 if applied <= checked_at:
                     return  # held, or stalled in a transaction too big to buffer
+                if checked_at > lsn:
+                    return  # past the mark a whole check ago, and no mark: lost
+                    # (a stream gap releases its marks; this is for a loss it did not see)
                 rate = (applied - started_at) / elapsed  # WAL bytes per second
                 if elapsed + (lsn - applied) / rate > self.config.catch_up_limit:
                     return
@@ -817,8 +836,8 @@ class LiveData:
         self._interest[entry.table] += 1
         self._routes.setdefault(entry.table, TableRoutes()).add(entry)
         entry.live = True
-        relation = self._stream_shapes.get(entry.table)
-        if relation is not None and shape_differs(entry.shape, relation, entry.bound.columns):
+        shown = self._stream_shapes.get(entry.table)
+        if shown is not None and _contradicts(entry, *shown):
             # The stream already showed another shape than its snapshot saw (a schema change
             # around the snapshot): resync it at the next commit.
             self._reshaped.add(entry)
@@ -933,6 +952,10 @@ class LiveData:
                             event.reason)  # type: ignore[union-attr]
                 self._skip_pending = False
                 self.ring.break_pins()
+                # Catch-up marks not reached yet may be in the WAL the gap skipped: their
+                # waiters go on now (their pins are broken: they take new snapshots).
+                for reached in self._marks.values():
+                    reached.set()
                 forked: bool = event.forked  # type: ignore[union-attr]
                 # (after a fork: the write fences waiting now are of commits that may be gone)
                 lost = (self._forget_history(event.lsn)  # type: ignore[union-attr]
@@ -957,12 +980,13 @@ class LiveData:
 
         No await here: the consumer is in the middle of a transaction."""
         table = (relation.schema, relation.table)
-        self._stream_shapes[table] = relation
+        txn = self._open_txn
+        shown_by = None if txn is None else (txn.xid, txn.end_lsn)
+        self._stream_shapes[table] = (relation, shown_by)
         routes = self._routes.get(table)
         if routes is None:
             return
-        stale = {e for e in routes.entries
-                 if e.live and shape_differs(e.shape, relation, e.bound.columns)}
+        stale = {e for e in routes.entries if e.live and _contradicts(e, relation, shown_by)}
         if relation.absent and any(e.live and e not in stale and e.shape
                                    and any(c in e.bound.columns for c in relation.absent)
                                    for e in routes.entries):

@@ -255,6 +255,14 @@ class Observer:
             return True
         return not snapshot.is_visible(xid)
 
+    def sees(self, xid: int, end_lsn: int) -> bool:
+        """Does its snapshot already show this committed transaction (so that it skips it)?
+        As :meth:`wants_transaction` says, without forgetting the snapshot."""
+        snapshot = self.snapshot
+        return (snapshot is not None and not (self.snapshot_lsn is not None
+                                              and end_lsn > self.snapshot_lsn)
+                and snapshot.is_visible(xid))
+
     def begin_transaction(self, xid: int, end_lsn: int | None = None) -> None:
         """Forget fetch snapshots the stream has passed (see :meth:`wants_transaction`)."""
         if self.fetched and end_lsn is not None:
