@@ -449,10 +449,9 @@ class LiveData:
         # Lookups told a row they read changed (each runs again), by publication.
         self.row_watches_fired: Counter[str] = Counter()
         self.commits_out_of_order = 0  # the stream broke its contract (should stay 0)
-        # Schema changes: the last shape the stream showed per table; observers whose
-        # snapshot saw another one, resynced at the next commit.
-        # Each table's last shape in the stream, and the transaction (xid, end LSN) that
-        # showed it (None: outside one).
+        # Schema changes: the last shape the stream showed per table, with the transaction
+        # (xid, end LSN) that showed it; observers whose snapshot saw another one (and not
+        # that transaction), resynced at the next commit.
         self._stream_shapes: dict[TableName, tuple[Relation, tuple[int, int] | None]] = {}
         self._reshaped: set[ObserverEntry] = set()
         self._absent_checks: list[Relation] = []  # catalog checks due at the next commit
@@ -782,9 +781,10 @@ class LiveData:
                 applied = self.last_commit_end_lsn
                 if applied <= checked_at:
                     return  # held, or stalled in a transaction too big to buffer
+                # Past the mark a whole check ago, and no mark: lost (a stream gap releases
+                # its marks; this is for a loss no gap told of).
                 if checked_at > lsn:
-                    return  # past the mark a whole check ago, and no mark: lost
-                    # (a stream gap releases its marks; this is for a loss it did not see)
+                    return
                 rate = (applied - started_at) / elapsed  # WAL bytes per second
                 if elapsed + (lsn - applied) / rate > self.config.catch_up_limit:
                     return

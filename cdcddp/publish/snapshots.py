@@ -324,7 +324,7 @@ def shape_differs(expected: TableShape | None, relation: Relation,
         known = expected.get(name)
         oid = seen.get(name)
         if known is None:
-            return True  # (not expected: the snapshot selected it)
+            return True  # its snapshot read no such column: take no chances
         if oid is None:
             # The stream lacks it: dropped or renamed — unless the shape came from an UPDATE
             # and it may be an unchanged TOASTed value left out.
