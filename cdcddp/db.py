@@ -17,7 +17,9 @@ shared with the stream and reloaded when a query meets a type it does not know.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import select
 import threading
 from collections.abc import Callable, Iterable
@@ -144,12 +146,8 @@ class Connection(psycopg.Connection[TupleRow]):
 
 def connect(dsn: str, types: SharedCatalog, application_name: str = "cdcddp") -> Connection:
     """A connection as ``Database`` makes them (blocking)."""
-    # prepare_threshold=None: no statement is prepared behind the caller's back. A prepared
-    # SELECT whose columns a migration retypes (or a `SELECT *` that gains one) fails once on
-    # every connection ("cached plan must not change result type"), a method call's included;
-    # unprepared, the benchmarks run as fast.
     conn = Connection.connect(dsn, application_name=application_name, options=SESSION_OPTIONS,
-                              context=_ADAPTERS, prepare_threshold=None)
+                              context=_ADAPTERS)
     conn.types = types
     try:
         if types.version == 0:  # the first connection to the database: nothing loaded yet
@@ -196,19 +194,43 @@ def ensure_types(conn: psycopg.Connection[Any], oids: Iterable[int]) -> None:
         load_types(conn)
 
 
+# psycopg prepares a statement on a connection once it ran there five times. A prepared
+# statement that returns rows then fails, once per connection, when a migration retypes
+# their columns (or adds one under a `SELECT *`): "cached plan must not change result type".
+# A statement that returns none is planned again without failing, and keeps the speed (the
+# methods benchmark: about a tenth more calls per second than with nothing prepared).
+_RETURNS_NO_ROWS: Final = re.compile(r"\s*(?:INSERT|UPDATE|DELETE|MERGE)\b(?!.*\bRETURNING\b)",
+                                     re.IGNORECASE | re.DOTALL)
+
+
+def preparable(query: Query) -> bool | None:
+    """psycopg's ``prepare`` argument for ``query``: None (its default: prepared from the
+    sixth run) for a plain INSERT, UPDATE, DELETE or MERGE without RETURNING, which returns no
+    rows; False (never prepared) for anything else."""
+    if isinstance(query, bytes):
+        query = query.decode("utf-8", "replace")
+    return _preparable_text(query) if isinstance(query, str) else False
+
+
+@functools.lru_cache(maxsize=1024)  # a method runs the same few texts again and again
+def _preparable_text(query: str) -> bool | None:
+    return None if _RETURNS_NO_ROWS.match(query) else False
+
+
 def execute_as_decoded(conn: psycopg.Connection[Any], query: Query, params: Any = None
                        ) -> psycopg.Cursor[Any]:
-    """``conn.execute(query, params)``; run again when the result had a column of a type the
-    connection's catalog did not know (its values were not loaded as the decoder does)."""
+    """``conn.execute(query, params)``, never prepared (it reads rows: see
+    :func:`preparable`); run again when the result had a column of a type the connection's
+    catalog did not know (its values were not loaded as the decoder does)."""
     sync_loaders(conn)
     used: TypeCatalog | None = getattr(conn, "types_catalog", None)
-    cursor = conn.execute(query, params)
+    cursor = conn.execute(query, params, prepare=False)
     description = cursor.description
     if used is not None and description:
         oids = [column.type_code for column in description]
         if not used.resolves(oids):
             ensure_types(conn, oids)
-            cursor = conn.execute(query, params)
+            cursor = conn.execute(query, params, prepare=False)
     return cursor
 
 
@@ -347,7 +369,7 @@ class Database:
 
     async def execute(self, query: Any, params: Any = None) -> None:
         def go(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(query, params)
+            conn.execute(query, params, prepare=preparable(query))
         await self.run(go)
 
     def close(self) -> None:

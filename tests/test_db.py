@@ -3,12 +3,14 @@
 import os
 import resource
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
 import trio
+from psycopg import sql
 
-from cdcddp.db import Database
+from cdcddp.db import Database, preparable
 
 
 async def test_run_commits_and_rolls_back(db_dsn: str) -> None:
@@ -78,8 +80,32 @@ async def test_queries_repeated_before_a_migration_still_run_after_it(db_dsn: st
             other.execute("ALTER TABLE t ADD COLUMN extra int DEFAULT 7")
         assert await db.fetchall("SELECT title FROM t WHERE id = %s", (1,)) == [("x",)]
         assert await db.fetchall("SELECT * FROM t WHERE id = %s", (1,)) == [(1, "x", 7)]
+        # A statement that returns no rows stays prepared: it is planned again, not refused.
+        for _ in range(8):
+            await db.execute("UPDATE t SET title = %s WHERE id = %s", ("y", 1))
+        with psycopg.connect(db_dsn, autocommit=True) as other:
+            other.execute("ALTER TABLE t ALTER COLUMN title TYPE text")
+        await db.execute("UPDATE t SET title = %s WHERE id = %s", ("z", 1))
+        assert await db.fetchall("SELECT title FROM t") == [("z",)]
     finally:
         db.close()
+
+
+@pytest.mark.parametrize(("query", "prepare"), [
+    ("UPDATE t SET a = %s", None),
+    ("  insert into t values (%s)", None),
+    ("DELETE FROM t WHERE id = %s", None),
+    (b"UPDATE t SET a = 1", None),
+    ("UPDATE t SET a = 1\nRETURNING a", False),
+    ("insert into t values (1) returning *", False),
+    ("SELECT 1", False),
+    ("WITH x AS (DELETE FROM t RETURNING *) SELECT count(*) FROM x", False),
+    ("updated", False),
+    (sql.SQL("UPDATE t SET a = 1"), False),  # (not read: never prepared)
+])
+def test_only_statements_that_return_no_rows_are_prepared(query: Any, prepare: bool | None
+                                                          ) -> None:
+    assert preparable(query) is prepare
 
 
 async def test_a_pooled_connection_past_descriptor_1023_is_reused(db_dsn: str) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
+import psycopg
 import pytest
 import trio
 from pydantic import BaseModel, Field
@@ -95,6 +97,18 @@ async def insert_together(ctx: MethodContext, texts: list[str]) -> list[int]:
         for text in texts:
             nursery.start_soon(insert, text)
     return xids
+
+
+@methods.method("things.texts")
+async def things_texts(ctx: MethodContext, thing_id: str) -> list[object]:
+    """The same thing read each way a method can: every one a statement run many times."""
+    def read(conn: Any) -> object:
+        return conn.execute("SELECT text FROM things WHERE id = %s", (thing_id,)).fetchone()[0]
+
+    await ctx.execute("UPDATE things SET list_id = list_id WHERE id = %s", (thing_id,))
+    return [await ctx.fetchval("SELECT text FROM things WHERE id = %s", (thing_id,)),
+            (await ctx.fetchall("SELECT * FROM things WHERE id = %s", (thing_id,)))[0][2],
+            await ctx.run_sync(read)]
 
 
 @methods.method("noop")
@@ -229,6 +243,21 @@ async def test_each_call_is_its_own_transaction(client: Client) -> None:
     second = await client.call("things.insert", {"listId": "l", "text": "b"})
     assert first.xid is not None and second.xid is not None and first.xid != second.xid
     assert await client.ok("count") == 2
+
+
+async def test_a_migration_between_calls_fails_none_of_their_statements(
+        client: Client, database: Database) -> None:  # noqa: F811
+    """psycopg prepares a statement run often enough; prepared, a read whose columns a
+    migration retyped would fail once on each pooled connection."""
+    await client.ok("things.insert", {"listId": "l", "text": "a"}, random_seed="seed")
+    (thing_id,), = await database.fetchall("SELECT id FROM things")
+    for _ in range(8):
+        assert await client.ok("things.texts", thing_id) == ["a", "a", "a"]
+    with psycopg.connect(database.dsn, autocommit=True) as other:
+        other.execute("ALTER TABLE things ALTER COLUMN text TYPE varchar(100)")
+        other.execute("ALTER TABLE things ALTER COLUMN list_id TYPE varchar(100)")
+    for _ in range(3):
+        assert await client.ok("things.texts", thing_id) == ["a", "a", "a"]
 
 
 async def test_statements_run_at_once_by_one_call_share_its_transaction(
