@@ -309,7 +309,8 @@ def refused_read_advice(exc: BaseException) -> str | None:
                 "so a snapshot would lack rows the stream shows: give it BYPASSRLS (ALTER "
                 "ROLE ... BYPASSRLS) or make it the table's owner without FORCE ROW LEVEL "
                 "SECURITY")
-    return "grant the server's database role SELECT on the table (GRANT SELECT ON ... TO ...)"
+    return ("grant the server's database role what the message names (SELECT on the table, "
+            "USAGE on its schema)")
 
 
 def shape_differs(expected: TableShape | None, relation: Relation,
