@@ -426,6 +426,50 @@ async def test_a_table_the_server_may_not_read_whole_is_refused_with_the_fix_nam
         await asql(db_dsn, f'DROP OWNED BY "{role}"', f'DROP ROLE "{role}"')
 
 
+async def test_a_relation_whose_changes_are_never_streamed_is_refused_with_the_fix_named(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A partitioned table (its changes stream under its partitions' names), an UNLOGGED
+    table (not in the WAL), a view: a subscription would get rows that never change."""
+    from cdcddp.publish.definition import Cursor, Publication
+    from tests.livedata_support import build_live_app
+
+    app = build_live_app()
+    for name in ("events", "scratch", "titles"):
+        app.add_publication(Publication(name, Cursor(name, fields=["title"])))
+    await asql(db_dsn, "CREATE TABLE events (id int PRIMARY KEY, title text) "
+                       "PARTITION BY RANGE (id)",
+               "CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (1000)",
+               "CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY, title text)",
+               "INSERT INTO scratch VALUES (1, 'one')")
+    async with live_server(db_dsn, app) as server:
+        await asql(db_dsn, "CREATE VIEW titles AS SELECT id, title FROM items")
+        async with connect(server.ws_url) as client:
+            for name, reason in (
+                    ("events", "public.events is a partitioned table: its rows' changes are "
+                               "streamed under its partitions' names, which cdcddp does not "
+                               "follow: publish the partitions (a collection each), or an "
+                               "ordinary table"),
+                    ("scratch", "public.scratch is UNLOGGED: its changes are not written to "
+                                "the WAL, so never streamed: run ALTER TABLE public.scratch "
+                                "SET LOGGED"),
+                    ("titles", "public.titles is a view: only tables' changes are streamed: "
+                               "publish the table(s) it reads")):
+                caplog.clear()
+                with pytest.raises(MeteorError) as refused:
+                    await client.subscribe(name)
+                assert refused.value.error == 500
+                (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+                assert record.exc_info is None
+                assert record.getMessage() == (
+                    f"observer for public.{name} failed to start: {reason}")
+            # Once it is streamed, it is published, and followed.
+            await asql(db_dsn, "ALTER TABLE scratch SET LOGGED")
+            await client.subscribe("scratch")
+            assert store(client, "scratch") == {"1": {"title": "one"}}
+            await asql(db_dsn, "UPDATE scratch SET title = 'ONE'")
+            await client.wait_for(lambda: store(client, "scratch")["1"]["title"] == "ONE", 10)
+
+
 async def test_initial_result_larger_than_the_send_buffer_goes_out_in_pieces(
         db_dsn: str) -> None:
     # 10,000 documents of ~130 bytes each: about 1.3 MB of `added`, against a 512 kB bound on

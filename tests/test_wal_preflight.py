@@ -107,6 +107,22 @@ def test_tables_without_identity(db_dsn: str) -> None:
                                          "table name.")
 
 
+def test_relations_whose_changes_are_never_streamed(db_dsn: str) -> None:
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY LIST (id)")
+        conn.execute("CREATE TABLE parted_1 PARTITION OF parted FOR VALUES IN (1)")
+        conn.execute("CREATE UNLOGGED TABLE loose (id int PRIMARY KEY)")
+        conn.execute("CREATE VIEW seen AS SELECT 1 AS id")
+        conn.execute("CREATE MATERIALIZED VIEW kept AS SELECT 1 AS id")
+    found = run_preflight(db_dsn, tables=["parted", "parted_1", "loose", "seen", "kept"])[-5:]
+    assert [f.code for f in found] == ["table_not_streamed", "table", "table_not_streamed",
+                                       "table_not_streamed", "table_not_streamed"]
+    assert found[2].message == ("loose is UNLOGGED: its changes are not written to the WAL, "
+                                "so never streamed: run ALTER TABLE loose SET LOGGED.")
+    assert found[0].message.startswith("parted is a partitioned table: ")
+    assert found[4].message.startswith("kept is a materialized view: ")
+
+
 def test_tables_the_role_cannot_read_or_reads_through_row_security(
         db_dsn: str, pg_cluster: LocalCluster) -> None:
     role = f"cdcddp_reader_{next(_roles)}"

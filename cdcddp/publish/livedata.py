@@ -94,6 +94,8 @@ from cdcddp.publish.routes import ObserverEntry, TableRoutes
 from cdcddp.publish.snapshots import (
     ReadsInterrupted,
     SnapshotRead,
+    TableNotStreamed,
+    check_streamed,
     current_wal_lsn,
     describe_shape_change,
     fetch_row,
@@ -257,11 +259,13 @@ def _contradicts(entry: ObserverEntry, relation: Relation, shown_by: tuple[int, 
 
 
 def _log_read_failure(what: str, exc: BaseException) -> None:
-    """One sentence when PostgreSQL refused the server's role (naming the fix) or is out of
-    reach; else the traceback."""
+    """One sentence when PostgreSQL refused the server's role or the table is never streamed
+    (naming the fix), or the database is out of reach; else the traceback."""
     advice = refused_read_advice(exc)
     if advice is not None:
         log.error("%s: %s: %s", what, first_line(exc), advice)
+    elif isinstance(exc, TableNotStreamed):
+        log.error("%s: %s", what, exc)
     elif is_unavailable(exc):
         log.warning("%s: the database is unavailable (%s)", what, first_line(exc))
     else:
@@ -454,6 +458,7 @@ class LiveData:
         # that transaction), resynced at the next commit.
         self._stream_shapes: dict[TableName, tuple[Relation, tuple[int, int] | None]] = {}
         self._reshaped: set[ObserverEntry] = set()
+        self._streamed_tables: set[TableName] = set()  # published tables found streamed
         self._absent_checks: list[Relation] = []  # catalog checks due at the next commit
         self.schema_changes = 0  # Relations that contradicted an observer's snapshot
         # Falling behind (resync_behind_bytes): the last measured distance, the skips asked
@@ -640,6 +645,9 @@ class LiveData:
             self._kept_whole_from[table] = self.ring.kept_count + (1 if receiving is None else 2)
         self._interest[table] += 1  # from the pin on, the ring keeps this table's changes
         try:
+            if table not in self._streamed_tables:  # (checked again until it is)
+                await self.database.run(check_streamed, table)
+                self._streamed_tables.add(table)
             must_see = 0
             while True:
                 try:

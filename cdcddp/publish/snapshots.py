@@ -25,12 +25,15 @@ from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Relation
 from cdcddp.wal.lsn import SERVER_LSN_SQL, parse_lsn
 from cdcddp.wal.pgtypes import BINARY_LOADS_AS_DECODED
+from cdcddp.wal.preflight import unstreamed_reason
 
 __all__ = [
     "ReadsInterrupted",
     "SnapshotRead",
+    "TableNotStreamed",
     "TableShape",
     "begin_snapshot",
+    "check_streamed",
     "current_wal_lsn",
     "describe_shape_change",
     "fetch_row",
@@ -297,6 +300,26 @@ def snapshot_reads(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
 def _transaction_failed(conn: psycopg.Connection[Any]) -> bool:
     """An error ended the transaction (PostgreSQL's, or the connection's)."""
     return conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS
+
+
+class TableNotStreamed(Exception):
+    """A published relation whose changes never reach the stream (see
+    :func:`cdcddp.wal.preflight.unstreamed_reason`): its snapshot would never change."""
+
+
+_RELATION_KIND_SQL: Final = (
+    "SELECT c.relkind::text, c.relpersistence::text FROM pg_class c "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s")
+
+
+def check_streamed(conn: psycopg.Connection[Any], table: TableName) -> None:
+    """Raise :class:`TableNotStreamed` when no change to ``table`` is ever streamed (a
+    missing table is left to the snapshot query to report)."""
+    found = conn.execute(_RELATION_KIND_SQL, table).fetchone()
+    if found is not None:
+        reason = unstreamed_reason(f"{table[0]}.{table[1]}", *found)
+        if reason is not None:
+            raise TableNotStreamed(reason)
 
 
 def refused_read_advice(exc: BaseException) -> str | None:

@@ -119,16 +119,39 @@ def check_failover_slot(conn: psycopg.Connection, slot: str) -> Finding | None:
         "standbys' physical slots in synchronized_standby_slots.")
 
 
+def unstreamed_reason(name: str, relkind: str, persistence: str) -> str | None:
+    """Why no change to relation ``name`` (``pg_class.relkind``, ``relpersistence``) is
+    ever streamed, with what to do; None for an ordinary logged table, whose changes are."""
+    if relkind == "p":
+        return (f"{name} is a partitioned table: its rows' changes are streamed under its "
+                "partitions' names, which cdcddp does not follow: publish the partitions "
+                "(a collection each), or an ordinary table")
+    if relkind in ("v", "m"):
+        kind = "view" if relkind == "v" else "materialized view"
+        return (f"{name} is a {kind}: only tables' changes are streamed: publish the "
+                "table(s) it reads")
+    if relkind == "f":
+        return (f"{name} is a foreign table: its changes are not in this database's WAL: "
+                "publish a table of the database that holds them, from a server on it")
+    if persistence == "u":
+        return (f"{name} is UNLOGGED: its changes are not written to the WAL, so never "
+                f"streamed: run ALTER TABLE {name} SET LOGGED")
+    return None
+
+
 def check_table(conn: psycopg.Connection, table: str) -> Finding:
     row = conn.execute(
         "SELECT c.oid::regclass::text, c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i "
         "WHERE i.indrelid = c.oid AND i.indisprimary), has_table_privilege(c.oid, 'SELECT'), "
-        "row_security_active(c.oid), current_user FROM pg_class c "
-        "WHERE c.oid = to_regclass(%s)", (table,)).fetchone()
+        "row_security_active(c.oid), current_user, c.relkind::text, c.relpersistence::text "
+        "FROM pg_class c WHERE c.oid = to_regclass(%s)", (table,)).fetchone()
     if row is None:
         return Finding("error", "table_missing",
                        f"table {table} does not exist: create it or fix the table name.")
-    name, identity, has_pk, readable, row_security, role = row
+    name, identity, has_pk, readable, row_security, role, relkind, persistence = row
+    unstreamed = unstreamed_reason(name, relkind, persistence)
+    if unstreamed is not None:
+        return Finding("error", "table_not_streamed", f"{unstreamed}.")
     if identity == "n":
         return Finding("error", "table_identity_nothing",
                        f"table {name} has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs "
