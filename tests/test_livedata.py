@@ -3,6 +3,7 @@ real WebSocket clients (cdcddp.client)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -464,6 +465,15 @@ async def test_a_relation_whose_changes_are_never_streamed_is_refused_with_the_f
                     f"observer for public.{name} failed to start: {reason}")
             # Once it is streamed, it is published, and followed.
             await asql(db_dsn, "ALTER TABLE scratch SET LOGGED")
+            checks = server.live.streamed_checks
+            async with contextlib.AsyncExitStack() as stack:
+                others = [await stack.enter_async_context(connect(server.ws_url))
+                          for _ in range(8)]
+                async with trio.open_nursery() as nursery:  # at once: one catalog read
+                    for other, category in zip(others, "abcdefgh", strict=True):
+                        nursery.start_soon(other.subscribe, "items.byCategory",
+                                           {"category": category})
+            assert server.live.streamed_checks == checks + 1
             await client.subscribe("scratch")
             assert store(client, "scratch") == {"1": {"title": "one"}}
             await asql(db_dsn, "UPDATE scratch SET title = 'ONE'")

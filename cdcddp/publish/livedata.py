@@ -458,7 +458,11 @@ class LiveData:
         # that transaction), resynced at the next commit.
         self._stream_shapes: dict[TableName, tuple[Relation, tuple[int, int] | None]] = {}
         self._reshaped: set[ObserverEntry] = set()
-        self._streamed_tables: set[TableName] = set()  # published tables found streamed
+        # Published tables found streamed, and the checks under way (one per table: a
+        # thousand subscriptions at once to a new table ask once).
+        self._streamed_tables: set[TableName] = set()
+        self._streamed_checks: dict[TableName, trio.Event] = {}
+        self.streamed_checks = 0  # catalog reads of that (tests)
         self._absent_checks: list[Relation] = []  # catalog checks due at the next commit
         self.schema_changes = 0  # Relations that contradicted an observer's snapshot
         # Falling behind (resync_behind_bytes): the last measured distance, the skips asked
@@ -645,9 +649,7 @@ class LiveData:
             self._kept_whole_from[table] = self.ring.kept_count + (1 if receiving is None else 2)
         self._interest[table] += 1  # from the pin on, the ring keeps this table's changes
         try:
-            if table not in self._streamed_tables:  # (checked again until it is)
-                await self.database.run(check_streamed, table)
-                self._streamed_tables.add(table)
+            await self._check_streamed(table)
             must_see = 0
             while True:
                 try:
@@ -669,6 +671,23 @@ class LiveData:
             entry.ready.set()
         if entry.error is None and entry.leases <= 0:
             self._drop(entry)
+
+    async def _check_streamed(self, table: TableName) -> None:
+        """Raise ``TableNotStreamed`` if no change to ``table`` is ever streamed; asked of
+        the catalog until it is (an UNLOGGED table may be SET LOGGED meanwhile)."""
+        while table not in self._streamed_tables:
+            under_way = self._streamed_checks.get(table)
+            if under_way is not None:
+                await under_way.wait()
+                continue
+            under_way = self._streamed_checks[table] = trio.Event()
+            try:
+                self.streamed_checks += 1
+                await self.database.run(check_streamed, table)
+                self._streamed_tables.add(table)
+            finally:
+                del self._streamed_checks[table]
+                under_way.set()
 
     async def _snapshot_and_register(self, entry: ObserverEntry, at_least: int = 0) -> None:
         bound = entry.bound
