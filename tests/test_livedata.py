@@ -361,7 +361,7 @@ async def test_a_stuck_client_costs_its_view_delays_nobody_and_is_dropped(db_dsn
 
 
 async def test_a_publication_whose_query_fails_stops_with_500_and_no_internals(
-        db_dsn: str) -> None:
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     from cdcddp.publish.definition import Cursor, Publication
     from tests.livedata_support import build_live_app
 
@@ -376,6 +376,13 @@ async def test_a_publication_whose_query_fails_stops_with_500_and_no_internals(
             else:
                 raise AssertionError("subscribed to a publication whose query fails")
             assert "no_such_table" not in str(client.messages)
+            # The log says it in one line (no traceback), with what to do.
+            (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert record.exc_info is None and record.getMessage() == (
+                'observer for public.no_such_table failed to start: relation '
+                '"public.no_such_table" does not exist: the publication\'s cursor names what '
+                "the database lacks: fix the cursor or the schema (cdcddp check lists such "
+                "problems)")
             await client.subscribe("items.all")  # the connection and the engine carry on
             await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'fine')")
             await wait_store(client, expected_view(db_dsn, [("items.all", [])]))

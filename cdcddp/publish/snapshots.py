@@ -324,7 +324,10 @@ def check_streamed(conn: psycopg.Connection[Any], table: TableName) -> None:
 
 def refused_read_advice(exc: BaseException) -> str | None:
     """What an operator should change when PostgreSQL refused a read of a published table
-    to the server's role (None: not such a refusal)."""
+    to the server's role, or found no such table or column (None: another error)."""
+    if isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)):
+        return ("the publication's cursor names what the database lacks: fix the cursor or "
+                "the schema (cdcddp check lists such problems)")
     if not isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return None
     if exc.diag.source_function == "check_enable_rls":  # (not translated, unlike the message)
