@@ -247,6 +247,11 @@ def is_transient(exc: BaseException) -> bool:
                             psycopg.errors.SerializationFailure))
 
 
+class DatabaseSetupError(Exception):
+    """The database is not set up as the server needs; the message says what to change. It
+    is logged in one line and never shown to a client (who gets a 500)."""
+
+
 def first_line(exc: BaseException) -> str:
     """An error's first line (PostgreSQL's message without its DETAIL and HINT lines), for
     one-line logs and answers."""

@@ -439,11 +439,19 @@ async def test_a_relation_whose_changes_are_never_streamed_is_refused_with_the_f
     """A partitioned table (its changes stream under its partitions' names), an UNLOGGED
     table (not in the WAL), a view: a subscription would get rows that never change."""
     from cdcddp.publish.definition import Cursor, Publication
+    from cdcddp.publish.filters import C
+    from cdcddp.publish.lookup import RowLookup
     from tests.livedata_support import build_live_app
 
     app = build_live_app()
     for name in ("events", "scratch", "titles"):
         app.add_publication(Publication(name, Cursor(name, fields=["title"])))
+
+    def looked_up(params: None, user_id: str | None, lookup: RowLookup) -> Cursor:
+        found = lookup.row("scratch", 1, columns=["title"])
+        return Cursor("items", fields=["title"], filter=C("title") == found["title"])
+
+    app.add_publication(Publication("scratch.lookedUp", looked_up))
     await asql(db_dsn, "CREATE TABLE events (id int PRIMARY KEY, title text) "
                        "PARTITION BY RANGE (id)",
                "CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (1000)",
@@ -470,6 +478,16 @@ async def test_a_relation_whose_changes_are_never_streamed_is_refused_with_the_f
                 assert record.exc_info is None
                 assert record.getMessage() == (
                     f"observer for public.{name} failed to start: {reason}")
+            # A function that looks up a row of it: it would never run again.
+            caplog.clear()
+            with pytest.raises(MeteorError) as refused:
+                await client.subscribe("scratch.lookedUp")
+            assert refused.value.error == 500
+            (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert record.exc_info is None and record.getMessage() == (
+                "publication 'scratch.lookedUp' failed: public.scratch is UNLOGGED: its changes "
+                "are not written to the WAL, so never streamed: run ALTER TABLE public.scratch "
+                "SET LOGGED")
             # Once it is streamed, it is published, and followed.
             await asql(db_dsn, "ALTER TABLE scratch SET LOGGED")
             checks = server.live.streamed_checks

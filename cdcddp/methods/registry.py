@@ -46,7 +46,7 @@ from typing import Any
 import pydantic
 import trio
 
-from cdcddp.db import Database, first_line, is_unavailable
+from cdcddp.db import Database, DatabaseSetupError, first_line, is_unavailable
 from cdcddp.ddp import ejson
 from cdcddp.ddp.messages import UNDEFINED, MeteorError
 from cdcddp.ddp.meteor_random import RandomStream
@@ -79,6 +79,9 @@ def to_meteor_error(exc: BaseException, where: str) -> MeteorError:
     is logged with its traceback and becomes 500, without internals."""
     if isinstance(exc, MeteorError):
         return exc
+    if isinstance(exc, DatabaseSetupError):
+        log.error("%s failed: %s", where, exc)
+        return MeteorError.internal()
     if is_unavailable(exc):
         log.warning("%s failed: the database is unavailable (%s)", where, first_line(exc))
         return MeteorError.unavailable()

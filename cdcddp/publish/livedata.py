@@ -70,7 +70,13 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import psycopg
 import trio
 
-from cdcddp.db import Database, first_line, is_unavailable, transaction_statuses
+from cdcddp.db import (
+    Database,
+    DatabaseSetupError,
+    first_line,
+    is_unavailable,
+    transaction_statuses,
+)
 from cdcddp.ddp import messages
 from cdcddp.ddp.mergebox import MergeBoxError
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects, storm_promotion
@@ -94,7 +100,6 @@ from cdcddp.publish.routes import ObserverEntry, TableRoutes
 from cdcddp.publish.snapshots import (
     ReadsInterrupted,
     SnapshotRead,
-    TableNotStreamed,
     check_streamed,
     current_wal_lsn,
     describe_shape_change,
@@ -264,7 +269,7 @@ def _log_read_failure(what: str, exc: BaseException) -> None:
     advice = refused_read_advice(exc)
     if advice is not None:
         log.error("%s: %s: %s", what, first_line(exc), advice)
-    elif isinstance(exc, TableNotStreamed):
+    elif isinstance(exc, DatabaseSetupError):
         log.error("%s: %s", what, exc)
     elif is_unavailable(exc):
         log.warning("%s: the database is unavailable (%s)", what, first_line(exc))

@@ -32,7 +32,7 @@ from psycopg import sql
 from cdcddp.db import Database, execute_as_decoded, is_transient
 from cdcddp.publish.definition import PublicationError, TableName, split_table
 from cdcddp.publish.filters import quoted
-from cdcddp.publish.snapshots import begin_snapshot, next_batch
+from cdcddp.publish.snapshots import begin_snapshot, check_streamed, next_batch
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Row
 
@@ -145,6 +145,8 @@ class SqlRowLookup:
         if pk is None:
             relation = sql.SQL("{}.{}").format(quoted(schema), quoted(name)).as_string(
                 self._conn)
+            # A row whose changes are never streamed would never run the function again.
+            check_streamed(self._conn, (schema, name))
             pk = self._primary_keys[(schema, name)] = tuple(
                 r[0] for r in self._conn.execute(_PRIMARY_KEY_SQL, (relation,)))
         return pk

@@ -16,7 +16,7 @@ import psycopg
 import trio
 from psycopg import sql
 
-from cdcddp.db import ensure_types, execute_as_decoded, is_transient
+from cdcddp.db import DatabaseSetupError, ensure_types, execute_as_decoded, is_transient
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor, TableName
 from cdcddp.publish.filters import quoted
@@ -302,7 +302,7 @@ def _transaction_failed(conn: psycopg.Connection[Any]) -> bool:
     return conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS
 
 
-class TableNotStreamed(Exception):
+class TableNotStreamed(DatabaseSetupError):
     """A published relation whose changes never reach the stream (see
     :func:`cdcddp.wal.preflight.unstreamed_reason`): its snapshot would never change."""
 
