@@ -80,15 +80,18 @@ class SqlRowLookup:
     """Reads rows on a psycopg connection (in a worker thread) and records what it read.
 
     ``reads`` and ``primary_keys``: shared by the lookups that run under one snapshot
-    (:class:`BatchedLookups`), so that a row many functions read is read once."""
+    (:class:`BatchedLookups`), so that a row many functions read is read once; ``streamed``:
+    the tables found streamed so far (shared by all batches)."""
 
     def __init__(self, conn: psycopg.Connection[Any],
                  reads: dict[_ReadKey, dict[str, Any] | None] | None = None,
-                 primary_keys: dict[TableName, tuple[str, ...]] | None = None) -> None:
+                 primary_keys: dict[TableName, tuple[str, ...]] | None = None,
+                 streamed: set[TableName] | None = None) -> None:
         self._conn = conn
         self.dependencies: ReadRows = {}
         self._reads = {} if reads is None else reads
         self._primary_keys = {} if primary_keys is None else primary_keys
+        self._streamed = set() if streamed is None else streamed
 
     def row(self, table: str | tuple[str, str], key: Any,
             columns: Sequence[str] | None = None,
@@ -145,8 +148,10 @@ class SqlRowLookup:
         if pk is None:
             relation = sql.SQL("{}.{}").format(quoted(schema), quoted(name)).as_string(
                 self._conn)
-            # A row whose changes are never streamed would never run the function again.
-            check_streamed(self._conn, (schema, name))
+            if (schema, name) not in self._streamed:
+                # A row whose changes are never streamed would never run the function again.
+                check_streamed(self._conn, (schema, name))
+                self._streamed.add((schema, name))
             pk = self._primary_keys[(schema, name)] = tuple(
                 r[0] for r in self._conn.execute(_PRIMARY_KEY_SQL, (relation,)))
         return pk
@@ -297,6 +302,7 @@ class BatchedLookups:
         self._changed_since = changed_since
         # same_as -> (when it was computed, its result), oldest first.
         self._recent: OrderedDict[Hashable, tuple[float, LookupResult[Any]]] = OrderedDict()
+        self._streamed: set[TableName] = set()  # tables looked up and found streamed
         self._send, self._receive = trio.open_memory_channel[_LookupRun](math.inf)
         self.batches = 0  # transactions run (figures, tests)
         # Runs by publication and by what became of them (metrics): "ok" and "error" (the
@@ -377,6 +383,7 @@ class BatchedLookups:
                     self.batches += 1
                     try:
                         await self._database.run(_run_batch, pending, self._delivered(),
+                                                 self._streamed,
                                                  snapshot=True)
                         pending = []
                     except _Interrupted as interrupted:
@@ -401,7 +408,7 @@ class BatchedLookups:
 
 
 def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
-               delivered_before: int) -> None:
+               delivered_before: int, streamed: set[TableName]) -> None:
     """(In a worker thread.) Each run's function under one snapshot; results and errors
     go to the runs (``too_early`` to those whose transaction the snapshot lacks)."""
     snapshot = begin_snapshot(conn)
@@ -421,7 +428,7 @@ def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
             run.result = result
             run.shared = True
             continue
-        lookup = SqlRowLookup(conn, reads, primary_keys)
+        lookup = SqlRowLookup(conn, reads, primary_keys, streamed)
         try:
             run.result = LookupResult(run.resolve(lookup), lookup.dependencies, guard)
         except Exception as exc:
