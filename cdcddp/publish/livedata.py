@@ -103,10 +103,10 @@ from cdcddp.publish.snapshots import (
     check_streamed,
     current_wal_lsn,
     describe_shape_change,
+    failed_read_advice,
     fetch_row,
     horizon_snapshot,
     next_batch,
-    refused_read_advice,
     row_list,
     row_query,
     shape_differs,
@@ -266,7 +266,7 @@ def _contradicts(entry: ObserverEntry, relation: Relation, shown_by: tuple[int, 
 def _log_read_failure(what: str, exc: BaseException) -> None:
     """One sentence when PostgreSQL refused the server's role or the table is never streamed
     (naming the fix), or the database is out of reach; else the traceback."""
-    advice = refused_read_advice(exc)
+    advice = failed_read_advice(exc)
     if advice is not None:
         log.error("%s: %s: %s", what, first_line(exc), advice)
     elif isinstance(exc, DatabaseSetupError):

@@ -36,10 +36,10 @@ __all__ = [
     "check_streamed",
     "current_wal_lsn",
     "describe_shape_change",
+    "failed_read_advice",
     "fetch_row",
     "horizon_snapshot",
     "next_batch",
-    "refused_read_advice",
     "row_list",
     "row_query",
     "shape_differs",
@@ -322,7 +322,7 @@ def check_streamed(conn: psycopg.Connection[Any], table: TableName) -> None:
             raise TableNotStreamed(reason)
 
 
-def refused_read_advice(exc: BaseException) -> str | None:
+def failed_read_advice(exc: BaseException) -> str | None:
     """What an operator should change when PostgreSQL refused a read of a published table
     to the server's role, or found no such table or column (None: another error)."""
     if isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)):
