@@ -432,8 +432,13 @@ class LiveData:
         self._row_changes = RecentRowChanges()
         # Publication functions that read rows, run in batches by a quarter of the pool's
         # threads at most (see BatchedLookups).
+        # Published or looked-up tables found streamed, and the checks under way (one per
+        # table: a thousand subscriptions at once to a new table ask once).
+        self._streamed_tables: set[TableName] = set()
+        self._streamed_checks: dict[TableName, trio.Event] = {}
+        self.streamed_checks = 0  # catalog reads of that (tests)
         self.lookups = BatchedLookups(database, lambda: self._commits_seen,
-                                      self._tables_changed_since)
+                                      self._tables_changed_since, self._streamed_tables)
         self._lookup_runners = max(1, database.size // 4)
         self._last_gap = 0  # delivery number a stream gap took (lookup guard)
         # Delivery number of the last transaction that changed each table (lookup guard).
@@ -463,11 +468,6 @@ class LiveData:
         # that transaction), resynced at the next commit.
         self._stream_shapes: dict[TableName, tuple[Relation, tuple[int, int] | None]] = {}
         self._reshaped: set[ObserverEntry] = set()
-        # Published tables found streamed, and the checks under way (one per table: a
-        # thousand subscriptions at once to a new table ask once).
-        self._streamed_tables: set[TableName] = set()
-        self._streamed_checks: dict[TableName, trio.Event] = {}
-        self.streamed_checks = 0  # catalog reads of that (tests)
         self._absent_checks: list[Relation] = []  # catalog checks due at the next commit
         self.schema_changes = 0  # Relations that contradicted an observer's snapshot
         # Falling behind (resync_behind_bytes): the last measured distance, the skips asked

@@ -293,8 +293,8 @@ class BatchedLookups:
     """
 
     def __init__(self, database: Database, delivered: Callable[[], int],
-                 changed_since: Callable[[Iterable[TableName], int], bool] | None = None
-                 ) -> None:
+                 changed_since: Callable[[Iterable[TableName], int], bool] | None = None,
+                 streamed: set[TableName] | None = None) -> None:
         self._database = database
         self._delivered = delivered  # transactions the stream has delivered so far
         # (tables, delivery number) -> did a transaction delivered after it change one?
@@ -302,7 +302,8 @@ class BatchedLookups:
         self._changed_since = changed_since
         # same_as -> (when it was computed, its result), oldest first.
         self._recent: OrderedDict[Hashable, tuple[float, LookupResult[Any]]] = OrderedDict()
-        self._streamed: set[TableName] = set()  # tables looked up and found streamed
+        # Tables found streamed (the engine's set: its observers' tables too).
+        self._streamed: set[TableName] = set() if streamed is None else streamed
         self._send, self._receive = trio.open_memory_channel[_LookupRun](math.inf)
         self.batches = 0  # transactions run (figures, tests)
         # Runs by publication and by what became of them (metrics): "ok" and "error" (the
