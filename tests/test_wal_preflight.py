@@ -108,12 +108,10 @@ def test_tables_without_identity(db_dsn: str) -> None:
 
 
 def test_relations_whose_changes_are_never_streamed(db_dsn: str) -> None:
-    with psycopg.connect(db_dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY LIST (id)")
-        conn.execute("CREATE TABLE parted_1 PARTITION OF parted FOR VALUES IN (1)")
-        conn.execute("CREATE UNLOGGED TABLE loose (id int PRIMARY KEY)")
-        conn.execute("CREATE VIEW seen AS SELECT 1 AS id")
-        conn.execute("CREATE MATERIALIZED VIEW kept AS SELECT 1 AS id")
+    sql(db_dsn, "CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY LIST (id)",
+        "CREATE TABLE parted_1 PARTITION OF parted FOR VALUES IN (1)",
+        "CREATE UNLOGGED TABLE loose (id int PRIMARY KEY)",
+        "CREATE VIEW seen AS SELECT 1 AS id", "CREATE MATERIALIZED VIEW kept AS SELECT 1 AS id")
     found = run_preflight(db_dsn, tables=["parted", "parted_1", "loose", "seen", "kept"])[-5:]
     assert [f.code for f in found] == ["table_not_streamed", "table", "table_not_streamed",
                                        "table_not_streamed", "table_not_streamed"]
