@@ -23,7 +23,7 @@ import re
 import select
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, Self, TypeVar
 
 import psycopg
 import trio
@@ -128,10 +128,46 @@ def register_loaders(adapters: AdaptersMap, catalog: TypeCatalog) -> None:
         adapters.register_loader(oid, loader)
 
 
+# psycopg prepares a statement on a connection once it ran there five times. A prepared
+# statement that returns rows then fails, once per connection, when a migration retypes
+# their columns (or adds one under a `SELECT *`): "cached plan must not change result type".
+# A statement that returns none is planned again without failing, and keeps the speed (the
+# methods benchmark: about a tenth more calls per second than with nothing prepared). Every
+# pooled connection's cursor applies this rule (:class:`Cursor`), engine reads and method
+# statements alike.
+_RETURNS_NO_ROWS: Final = re.compile(r"\s*(?:INSERT|UPDATE|DELETE|MERGE)\b(?!.*\bRETURNING\b)",
+                                     re.IGNORECASE | re.DOTALL)
+
+
+def preparable(query: Query) -> bool | None:
+    """psycopg's ``prepare`` argument for ``query``: None (its default: prepared from the
+    sixth run) for a plain INSERT, UPDATE, DELETE or MERGE without RETURNING, which returns no
+    rows; False (never prepared) for anything else."""
+    if isinstance(query, bytes):
+        query = query.decode("utf-8", "replace")
+    return _preparable_text(query) if isinstance(query, str) else False
+
+
+@functools.lru_cache(maxsize=1024)  # a method runs the same few texts again and again
+def _preparable_text(query: str) -> bool | None:
+    return None if _RETURNS_NO_ROWS.match(query) else False
+
+
 # Template for every pooled connection: built-in loaders set once (catalog ones per
 # connection, as the catalog changes).
 _ADAPTERS: Final = AdaptersMap(psycopg.adapters)
 register_loaders(_ADAPTERS, TypeCatalog())
+
+
+class Cursor(psycopg.Cursor[TupleRow]):
+    """A pooled connection's cursor: unless told otherwise, prepares only what
+    :func:`preparable` allows."""
+
+    def execute(self, query: Query, params: Any = None, *, prepare: bool | None = None,
+                binary: bool | None = None) -> Self:  # type: ignore[override]
+        if prepare is None:
+            prepare = preparable(query)
+        return super().execute(query, params, prepare=prepare, binary=binary)
 
 
 class Connection(psycopg.Connection[TupleRow]):
@@ -147,7 +183,7 @@ class Connection(psycopg.Connection[TupleRow]):
 def connect(dsn: str, types: SharedCatalog, application_name: str = "cdcddp") -> Connection:
     """A connection as ``Database`` makes them (blocking)."""
     conn = Connection.connect(dsn, application_name=application_name, options=SESSION_OPTIONS,
-                              context=_ADAPTERS)
+                              context=_ADAPTERS, cursor_factory=Cursor)
     conn.types = types
     try:
         if types.version == 0:  # the first connection to the database: nothing loaded yet
@@ -194,43 +230,19 @@ def ensure_types(conn: psycopg.Connection[Any], oids: Iterable[int]) -> None:
         load_types(conn)
 
 
-# psycopg prepares a statement on a connection once it ran there five times. A prepared
-# statement that returns rows then fails, once per connection, when a migration retypes
-# their columns (or adds one under a `SELECT *`): "cached plan must not change result type".
-# A statement that returns none is planned again without failing, and keeps the speed (the
-# methods benchmark: about a tenth more calls per second than with nothing prepared).
-_RETURNS_NO_ROWS: Final = re.compile(r"\s*(?:INSERT|UPDATE|DELETE|MERGE)\b(?!.*\bRETURNING\b)",
-                                     re.IGNORECASE | re.DOTALL)
-
-
-def preparable(query: Query) -> bool | None:
-    """psycopg's ``prepare`` argument for ``query``: None (its default: prepared from the
-    sixth run) for a plain INSERT, UPDATE, DELETE or MERGE without RETURNING, which returns no
-    rows; False (never prepared) for anything else."""
-    if isinstance(query, bytes):
-        query = query.decode("utf-8", "replace")
-    return _preparable_text(query) if isinstance(query, str) else False
-
-
-@functools.lru_cache(maxsize=1024)  # a method runs the same few texts again and again
-def _preparable_text(query: str) -> bool | None:
-    return None if _RETURNS_NO_ROWS.match(query) else False
-
-
 def execute_as_decoded(conn: psycopg.Connection[Any], query: Query, params: Any = None
                        ) -> psycopg.Cursor[Any]:
-    """``conn.execute(query, params)``, never prepared (it reads rows: see
-    :func:`preparable`); run again when the result had a column of a type the connection's
-    catalog did not know (its values were not loaded as the decoder does)."""
+    """``conn.execute(query, params)``; run again when the result had a column of a type the
+    connection's catalog did not know (its values were not loaded as the decoder does)."""
     sync_loaders(conn)
     used: TypeCatalog | None = getattr(conn, "types_catalog", None)
-    cursor = conn.execute(query, params, prepare=False)
+    cursor = conn.execute(query, params)
     description = cursor.description
     if used is not None and description:
         oids = [column.type_code for column in description]
         if not used.resolves(oids):
             ensure_types(conn, oids)
-            cursor = conn.execute(query, params, prepare=False)
+            cursor = conn.execute(query, params)
     return cursor
 
 
@@ -374,7 +386,7 @@ class Database:
 
     async def execute(self, query: Any, params: Any = None) -> None:
         def go(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(query, params, prepare=preparable(query))
+            conn.execute(query, params)
         await self.run(go)
 
     def close(self) -> None:

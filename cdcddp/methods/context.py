@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 import trio
 
-from cdcddp.db import Database, first_line, is_unavailable, preparable, transaction_statuses
+from cdcddp.db import Database, first_line, is_unavailable, transaction_statuses
 from cdcddp.ddp.messages import MeteorError
 from cdcddp.ddp.meteor_random import RandomStream
 
@@ -147,17 +147,17 @@ class MethodTransaction:
     async def execute(self, query: Query, params: Params = None) -> int:
         """Run a statement; returns its row count."""
         def go(conn: psycopg.Connection[Any]) -> int:
-            return conn.execute(query, params, prepare=preparable(query)).rowcount
+            return conn.execute(query, params).rowcount
         return await self.run(go)
 
     async def fetchone(self, query: Query, params: Params = None) -> tuple[Any, ...] | None:
         def go(conn: psycopg.Connection[Any]) -> tuple[Any, ...] | None:
-            return conn.execute(query, params, prepare=False).fetchone()
+            return conn.execute(query, params).fetchone()
         return await self.run(go)
 
     async def fetchall(self, query: Query, params: Params = None) -> list[tuple[Any, ...]]:
         def go(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
-            return conn.execute(query, params, prepare=False).fetchall()
+            return conn.execute(query, params).fetchall()
         return await self.run(go)
 
     async def fetchval(self, query: Query, params: Params = None) -> Any:
@@ -182,7 +182,8 @@ class MethodTransaction:
         def go() -> CommitInfo:
             nonlocal xid8
             # Assigned only once the transaction wrote; read before the commit ends it.
-            row = conn.execute("SELECT pg_current_xact_id_if_assigned()::text").fetchone()
+            row = conn.execute("SELECT pg_current_xact_id_if_assigned()::text",
+                               prepare=True).fetchone()  # (its one text column never changes)
             xid8 = None if row is None or row[0] is None else int(row[0])
             conn.commit()
             if xid8 is None:
@@ -334,11 +335,5 @@ class MethodContext:
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(conn, *args)`` in a worker thread on the call's connection (for psycopg
         features the helpers above do not cover: ``copy``, ``executemany``, row factories).
-        Nothing ``fn`` runs is prepared (see :func:`cdcddp.db.preparable`)."""
-        def unprepared(conn: psycopg.Connection[Any], *args: Any) -> T:
-            threshold, conn.prepare_threshold = conn.prepare_threshold, None
-            try:
-                return fn(conn, *args)
-            finally:
-                conn.prepare_threshold = threshold
-        return await self.transaction.run(unprepared, *args)
+        Its cursors prepare no statement that returns rows (see :func:`cdcddp.db.preparable`)."""
+        return await self.transaction.run(fn, *args)

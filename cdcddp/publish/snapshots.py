@@ -148,7 +148,7 @@ def _result_rows(cursor: psycopg.Cursor[Any], query: sql.Composed, params: list[
     """The query's rows as they arrive, in chunks where libpq can (so loading them overlaps
     the server's reading and sending them)."""
     if not _STREAM_CHUNKED:
-        yield cursor.execute(query, params, prepare=False).fetchall()  # (see db.preparable)
+        yield cursor.execute(query, params).fetchall()
         return
     stream = cursor.stream(query, params, size=_SNAPSHOT_CHUNK_ROWS)
     try:
