@@ -436,15 +436,15 @@ async def test_a_table_the_server_may_not_read_whole_is_refused_with_the_fix_nam
 
 async def test_a_relation_whose_changes_are_never_streamed_is_refused_with_the_fix_named(
         db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A partitioned table (its changes stream under its partitions' names), an UNLOGGED
-    table (not in the WAL), a view: a subscription would get rows that never change."""
+    """An UNLOGGED table (not in the WAL), a view: a subscription would get rows that never
+    change. (Partitioned tables: tests/test_livedata_partitions.py.)"""
     from cdcddp.publish.definition import Cursor, Publication
     from cdcddp.publish.filters import C
     from cdcddp.publish.lookup import RowLookup
     from tests.livedata_support import build_live_app
 
     app = build_live_app()
-    for name in ("events", "scratch", "titles"):
+    for name in ("scratch", "titles"):
         app.add_publication(Publication(name, Cursor(name, fields=["title"])))
 
     def looked_up(params: None, user_id: str | None, lookup: RowLookup) -> Cursor:
@@ -452,19 +452,12 @@ async def test_a_relation_whose_changes_are_never_streamed_is_refused_with_the_f
         return Cursor("items", fields=["title"], filter=C("title") == found["title"])
 
     app.add_publication(Publication("scratch.lookedUp", looked_up))
-    await asql(db_dsn, "CREATE TABLE events (id int PRIMARY KEY, title text) "
-                       "PARTITION BY RANGE (id)",
-               "CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (1000)",
-               "CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY, title text)",
+    await asql(db_dsn, "CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY, title text)",
                "INSERT INTO scratch VALUES (1, 'one')")
     async with live_server(db_dsn, app) as server:
         await asql(db_dsn, "CREATE VIEW titles AS SELECT id, title FROM items")
         async with connect(server.ws_url) as client:
             for name, reason in (
-                    ("events", "public.events is a partitioned table: its rows' changes are "
-                               "streamed under its partitions' names, which cdcddp does not "
-                               "follow: publish the partitions (a collection each), or an "
-                               "ordinary table"),
                     ("scratch", "public.scratch is UNLOGGED: its changes are not written to "
                                 "the WAL, so never streamed: run ALTER TABLE public.scratch "
                                 "SET LOGGED"),

@@ -108,17 +108,40 @@ def test_tables_without_identity(db_dsn: str) -> None:
 
 
 def test_relations_whose_changes_are_never_streamed(db_dsn: str) -> None:
-    sql(db_dsn, "CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY LIST (id)",
-        "CREATE TABLE parted_1 PARTITION OF parted FOR VALUES IN (1)",
-        "CREATE UNLOGGED TABLE loose (id int PRIMARY KEY)",
+    sql(db_dsn, "CREATE UNLOGGED TABLE loose (id int PRIMARY KEY)",
         "CREATE VIEW seen AS SELECT 1 AS id", "CREATE MATERIALIZED VIEW kept AS SELECT 1 AS id")
-    found = run_preflight(db_dsn, tables=["parted", "parted_1", "loose", "seen", "kept"])[-5:]
-    assert [f.code for f in found] == ["table_not_streamed", "table", "table_not_streamed",
-                                       "table_not_streamed", "table_not_streamed"]
-    assert found[2].message == ("loose is UNLOGGED: its changes are not written to the WAL, "
+    found = run_preflight(db_dsn, tables=["loose", "seen", "kept"])[-3:]
+    assert [f.code for f in found] == ["table_not_streamed"] * 3
+    assert found[0].message == ("loose is UNLOGGED: its changes are not written to the WAL, "
                                 "so never streamed: run ALTER TABLE loose SET LOGGED.")
-    assert found[0].message.startswith("parted is a partitioned table: ")
-    assert found[4].message.startswith("kept is a materialized view: ")
+    assert found[2].message.startswith("kept is a materialized view: ")
+
+
+def test_a_partitioned_table_is_checked_partition_by_partition(db_dsn: str) -> None:
+    """Its changes are its leaf partitions', at every level: each must be streamed, with a
+    replica identity of its own (a partitioned table's is not theirs)."""
+    sql(db_dsn, "CREATE TABLE parted (id int PRIMARY KEY, region text) PARTITION BY RANGE (id)",
+        "CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (10) "
+        "PARTITION BY RANGE (id)",
+        "CREATE TABLE parted_1a PARTITION OF parted_1 FOR VALUES FROM (0) TO (5)",
+        "CREATE TABLE parted_2 PARTITION OF parted FOR VALUES FROM (10) TO (20)")
+    found = run_preflight(db_dsn, tables=["parted", "parted_1"])[-2:]
+    assert [(f.code, f.message) for f in found] == [
+        ("table", "table parted has a replica identity and is readable."),
+        ("table", "table parted_1 has a replica identity and is readable.")]
+    sql(db_dsn, "ALTER TABLE parted_1a REPLICA IDENTITY NOTHING")
+    (found,) = run_preflight(db_dsn, tables=["parted"])[-1:]
+    assert (found.code, found.message) == (
+        "table_identity_nothing", "table public.parted_1a (a partition of parted) has REPLICA "
+        "IDENTITY NOTHING, so its UPDATEs and DELETEs are not streamed: run ALTER TABLE "
+        "public.parted_1a REPLICA IDENTITY DEFAULT.")
+    sql(db_dsn, "ALTER TABLE parted_1a REPLICA IDENTITY DEFAULT",
+        "CREATE UNLOGGED TABLE parted_3 PARTITION OF parted FOR VALUES FROM (20) TO (30)")
+    (found,) = run_preflight(db_dsn, tables=["parted"])[-1:]
+    assert (found.code, found.message) == (
+        "table_not_streamed", "public.parted_3 (a partition of parted) is UNLOGGED: its "
+        "changes are not written to the WAL, so never streamed: run ALTER TABLE "
+        "public.parted_3 SET LOGGED.")
 
 
 def test_tables_the_role_cannot_read_or_reads_through_row_security(

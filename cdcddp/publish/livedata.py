@@ -96,6 +96,7 @@ from cdcddp.publish.lookup import (
     read_differs,
 )
 from cdcddp.publish.observer import DocOp, NeedsRow, Observer, Row, Values, make_observer
+from cdcddp.publish.partitions import Leaves, StreamedTables, as_change_of, as_relation_of
 from cdcddp.publish.routes import ObserverEntry, TableRoutes
 from cdcddp.publish.snapshots import (
     ReadsInterrupted,
@@ -107,6 +108,7 @@ from cdcddp.publish.snapshots import (
     fetch_row,
     horizon_snapshot,
     next_batch,
+    read_partitions,
     row_list,
     row_query,
     shape_differs,
@@ -178,6 +180,10 @@ class LiveDataConfig:
     # skip the backlog and resync every observer (as for a stream gap). None: never.
     resync_behind_bytes: int | None = None
     behind_check_interval: float = 1.0  # seconds between checks of the distance
+    # Seconds between reads of the partitions of the partitioned tables followed: a
+    # partition attached, detached, created or dropped shows in their subscriptions this
+    # late at most (the stream carries no DDL).
+    partition_check_interval: float = 1.0
     # A new observer waits until the stream has delivered everything its snapshot saw, so it
     # is never ahead of the stream (see LiveData._catch_up): this long at least; longer while
     # the consumer moves and is on course to get there within catch_up_limit (seconds).
@@ -434,11 +440,16 @@ class LiveData:
         # threads at most (see BatchedLookups).
         # Published or looked-up tables found streamed, and the checks under way (one per
         # table: a thousand subscriptions at once to a new table ask once).
-        self._streamed_tables: set[TableName] = set()
+        self._streamed = StreamedTables()
         self._streamed_checks: dict[TableName, trio.Event] = {}
         self.streamed_checks = 0  # catalog reads of that (tests)
+        # Partitioned tables' new leaf partitions, polled (_watch_partitions) and followed
+        # from the next commit the consumer applies (with a resync of their observers).
+        # (leaves, why one's changes are never streamed, if so)
+        self._partitions_due: dict[TableName, tuple[Leaves, str | None]] = {}
+        self.partition_changes = 0  # trees found changed (tests)
         self.lookups = BatchedLookups(database, lambda: self._commits_seen,
-                                      self._tables_changed_since, self._streamed_tables)
+                                      self._tables_changed_since, self._streamed)
         self._lookup_runners = max(1, database.size // 4)
         self._last_gap = 0  # delivery number a stream gap took (lookup guard)
         # Delivery number of the last transaction that changed each table (lookup guard).
@@ -467,7 +478,9 @@ class LiveData:
         # (xid, end LSN) that showed it; observers whose snapshot saw another one (and not
         # that transaction), resynced at the next commit.
         self._stream_shapes: dict[TableName, tuple[Relation, tuple[int, int] | None]] = {}
-        self._reshaped: set[ObserverEntry] = set()
+        # Observers to read again before the next commit, each with why (a resync reason):
+        # their rows changed in a way the stream shows no row change for.
+        self._resync_due: dict[ObserverEntry, str] = {}
         self._absent_checks: list[Relation] = []  # catalog checks due at the next commit
         self.schema_changes = 0  # Relations that contradicted an observer's snapshot
         # Falling behind (resync_behind_bytes): the last measured distance, the skips asked
@@ -515,6 +528,7 @@ class LiveData:
                 self._started.set()
                 task_status.started()
                 nursery.start_soon(self._watch_behind, stream)
+                nursery.start_soon(self._watch_partitions)
                 await self._consume(stream)
             nursery.cancel_scope.cancel()
 
@@ -645,16 +659,15 @@ class LiveData:
 
     async def _create(self, entry: ObserverEntry) -> None:
         table = entry.table
-        if table not in self._interest:
-            # Kept whole from the next transaction on; or the one after, if one is being
-            # received: its earlier changes to `table` were not kept.
-            receiving = self._open_txn
-            if receiving is not None:
-                receiving.interest_grew = True
-            self._kept_whole_from[table] = self.ring.kept_count + (1 if receiving is None else 2)
-        self._interest[table] += 1  # from the pin on, the ring keeps this table's changes
+        interested = False
         try:
+            # First: a partitioned table's partitions' changes are given to it before the
+            # ring keeps its changes.
             await self._check_streamed(table)
+            if table not in self._interest:
+                self._keep_whole_from_next(table)
+            self._interest[table] += 1  # from the pin on, the ring keeps this table's changes
+            interested = True
             must_see = 0
             while True:
                 try:
@@ -672,15 +685,24 @@ class LiveData:
             if self._observers.get(entry.bound.key) is entry:
                 del self._observers[entry.bound.key]
         finally:
-            self._lose_interest(table)
+            if interested:
+                self._lose_interest(table)
             entry.ready.set()
         if entry.error is None and entry.leases <= 0:
             self._drop(entry)
 
+    def _keep_whole_from_next(self, table: TableName) -> None:
+        """The ring keeps ``table``'s changes whole from the next transaction on; or the one
+        after, if one is being received: its earlier changes to ``table`` were not kept."""
+        receiving = self._open_txn
+        if receiving is not None:
+            receiving.interest_grew = True
+        self._kept_whole_from[table] = self.ring.kept_count + (1 if receiving is None else 2)
+
     async def _check_streamed(self, table: TableName) -> None:
         """Raise ``TableNotStreamed`` if no change to ``table`` is ever streamed; asked of
         the catalog until it is (an UNLOGGED table may be SET LOGGED meanwhile)."""
-        while table not in self._streamed_tables:
+        while table not in self._streamed:
             under_way = self._streamed_checks.get(table)
             if under_way is not None:
                 await under_way.wait()
@@ -688,8 +710,7 @@ class LiveData:
             under_way = self._streamed_checks[table] = trio.Event()
             try:
                 self.streamed_checks += 1
-                await self.database.run(check_streamed, table)
-                self._streamed_tables.add(table)
+                self._streamed.add(table, await self.database.run(check_streamed, table))
             finally:
                 del self._streamed_checks[table]
                 under_way.set()
@@ -844,6 +865,8 @@ class LiveData:
             if (change.schema, change.table) != table:
                 continue
             if type(change) is Truncate:
+                if change.partition is not None:  # type: ignore[union-attr]
+                    raise _RetrySnapshot(txn.delivery)  # the other partitions' rows stay
                 observer.clear()
                 continue
             result = observer.apply(change)  # type: ignore[arg-type]
@@ -872,7 +895,7 @@ class LiveData:
         if shown is not None and _contradicts(entry, *shown):
             # The stream already showed another shape than its snapshot saw (a schema change
             # around the snapshot): resync it at the next commit.
-            self._reshaped.add(entry)
+            self._resync_due[entry] = "schema_change"
 
     def _drop(self, entry: ObserverEntry) -> None:
         if self._observers.get(entry.bound.key) is entry:
@@ -903,20 +926,30 @@ class LiveData:
         changed_rows: dict[Dependency, Row | None] = {}  # row -> its last image (None: gone)
         truncated: set[TableName] = set()
         touched: set[TableName] = set()
+        # leaf partition -> the partitioned tables followed that it is part of
+        partitioned_as = self._streamed.partitions.ancestors
         async for event in stream:
             kind = type(event)
             if kind is Insert or kind is Update or kind is Delete or kind is Truncate:
                 table = (event.schema, event.table)  # type: ignore[union-attr]
-                touched.add(table)
-                if logged and table in logged:
-                    if kind is Truncate:
-                        truncated.add(table)
-                    else:
-                        self._rows_changed(event, changed_rows)
-                if txn is not None and table in interest:
-                    txn.changes.append(event)  # type: ignore[arg-type]
-                    if len(txn.changes) >= chunk:
-                        await self._apply_chunk(txn)
+                # A partition's change is its partitioned tables' too: given again to each.
+                also = partitioned_as.get(table)
+                leaf = event
+                while True:
+                    touched.add(table)
+                    if logged and table in logged:
+                        if kind is Truncate:
+                            truncated.add(table)
+                        else:
+                            self._rows_changed(event, changed_rows)
+                    if txn is not None and table in interest:
+                        txn.changes.append(event)  # type: ignore[arg-type]
+                        if len(txn.changes) >= chunk:
+                            await self._apply_chunk(txn)
+                    if not also:
+                        break
+                    table, also = also[0], also[1:]
+                    event = as_change_of(leaf, table)  # type: ignore[arg-type]
             elif kind is Begin:
                 changed_rows.clear()
                 truncated.clear()
@@ -933,8 +966,10 @@ class LiveData:
                     await self.hold.wait()
                 if self._absent_checks:
                     await self._check_absent_columns()
-                if self._reshaped and (txn is None or not txn.chunked):
-                    await self._resync_reshaped()  # before this transaction: it may see it
+                if self._partitions_due:
+                    self._follow_partitions_due()
+                if self._resync_due and (txn is None or not txn.chunked):
+                    await self._resync_due_observers()  # before this transaction: it may see it
                 if txn is not None:
                     await self._commit(txn, event)  # type: ignore[arg-type]
                 txn = self._open_txn = None
@@ -947,8 +982,8 @@ class LiveData:
                 if changed_rows or truncated:
                     due = self._log_row_changes(changed_rows, truncated,
                                                 event.xid)  # type: ignore[union-attr]
-                if self._reshaped:
-                    await self._resync_reshaped()  # after a chunked one: it sees it whole
+                if self._resync_due:
+                    await self._resync_due_observers()  # after a chunked one: it sees it whole
                 stream.acknowledge(event.end_lsn)  # type: ignore[union-attr]
                 self._open_commit_time = None
                 self.last_commit_time = event.timestamp  # type: ignore[union-attr]
@@ -974,6 +1009,9 @@ class LiveData:
                 self._transaction_over()
             elif kind is Relation:
                 self._on_relation(event)  # type: ignore[arg-type]
+                for table in partitioned_as.get(
+                        (event.schema, event.table), ()):  # type: ignore[union-attr]
+                    self._on_relation(as_relation_of(event, table))  # type: ignore[arg-type]
             elif kind is TimelineSwitch:
                 log.warning("the server's history switched from timeline %d to %d (a "
                             "failover) after every commit delivered: nothing to resync",
@@ -997,7 +1035,7 @@ class LiveData:
                 # Taken first, so every resync snapshot sees what it sees: the transactions
                 # the stream skipped (committed before the gap's position) included.
                 horizon = await self._gap_snapshot()
-                self._reshaped.clear()  # every observer is resynced now
+                self._resync_due.clear()  # every observer is resynced now
                 reason = "history_fork" if forked else "stream_gap"
                 await self._with_gate_closed(self._resync(set(self.observers()), reason))
                 self._settle_fences(horizon, gone=lost)
@@ -1030,7 +1068,7 @@ class LiveData:
     def _mark_reshaped(self, relation: Relation, stale: set[ObserverEntry]) -> None:
         if stale:
             self.schema_changes += 1
-            self._reshaped |= stale
+            self._resync_due.update(dict.fromkeys(stale, "schema_change"))
             log.warning("table %s.%s changed shape (%s): resyncing its %d observer(s)",
                         relation.schema, relation.table, describe_shape_change(relation),
                         len(stale))
@@ -1050,18 +1088,23 @@ class LiveData:
             routes = self._routes.get(table)
             if gone and routes is not None:
                 self._mark_reshaped(relation, {
-                    e for e in routes.entries if e.live and e not in self._reshaped
+                    e for e in routes.entries if e.live and e not in self._resync_due
                     and any(c in e.bound.columns for c in gone)})
 
-    async def _resync_reshaped(self) -> None:
-        """Re-run the queries of observers whose table changed shape, from a fresh snapshot
-        taken between two stream transactions (as any resync: later transactions it already
-        sees are skipped, the others applied). A query that no longer runs stops its
-        subscriptions with a ``nosub`` error."""
-        entries, self._reshaped = self._reshaped, set()
+    async def _resync_due_observers(self) -> None:
+        """Re-run the queries of observers whose rows changed unseen by the stream (their
+        table changed shape, or partitions), from a fresh snapshot taken between two stream
+        transactions (as any resync: later transactions it already sees are skipped, the
+        others applied). A query that no longer runs stops its subscriptions with a ``nosub``
+        error."""
+        due, self._resync_due = self._resync_due, {}
         self.ring.break_pins()  # a snapshot being handed off may predate the change
-        await self._with_gate_closed(self._resync(entries, "schema_change"))
-        tables = {e.table for e in entries}
+        by_reason: dict[str, set[ObserverEntry]] = {}
+        for entry, reason in due.items():
+            by_reason.setdefault(reason, set()).add(entry)
+        for reason, entries in by_reason.items():
+            await self._with_gate_closed(self._resync(entries, reason))
+        tables = {e.table for e in due}
         self._run_row_watchers(self._watchers_of(
             d for d in self._row_watchers if (d[0], d[1]) in tables), 0)
 
@@ -1097,6 +1140,61 @@ class LiveData:
                     if x in gone or (horizon is not None and horizon.is_visible(x))]:
             self._xid_waiters.pop(xid).set()
             self.fences_settled_by_gap += 1
+
+    async def _watch_partitions(self) -> None:
+        """Read the leaf partitions of the partitioned tables followed, every
+        ``partition_check_interval``: the stream shows no DDL, yet a partition attached,
+        created, detached or dropped changes a table's rows. A change is followed from the
+        next commit the consumer applies (a logical message makes one)."""
+        partitions = self._streamed.partitions
+        while True:
+            await trio.sleep(self.config.partition_check_interval)
+            tables = partitions.roots()
+            if not tables:
+                continue
+            try:
+                trees, unstreamed = await self.database.run(read_partitions, tables)
+            except Exception as exc:
+                log.debug("cannot read the partitions of partitioned tables: %s", exc)
+                continue
+            due = {table: (leaves, unstreamed.get(table)) for table, leaves in trees.items()
+                   if leaves != partitions.leaves(table)
+                   or (table in unstreamed and table in self._streamed)}
+            if due:
+                self._partitions_due.update(due)
+                with contextlib.suppress(Exception):  # (else at the next commit)
+                    await self._write_mark(secrets.token_hex(8))
+
+    def _follow_partitions_due(self) -> None:
+        """(At a commit, before it is applied.) Follow the partitions polled: the observers
+        of their tables are read again (or stop, if a partition's changes are never
+        streamed), rows of theirs that lookups read are deemed changed, and snapshots being
+        handed off are taken again (the ring kept changes under the old partitions)."""
+        due, self._partitions_due = self._partitions_due, {}
+        self._commits_seen += 1  # a number of its own: lookups running now are stale
+        changed = self._commits_seen
+        for table, (leaves, unstreamed) in due.items():
+            if not self._streamed.partitions.set_leaves(table, leaves) and unstreamed is None:
+                continue  # changed back meanwhile
+            self.partition_changes += 1
+            routes = self._routes.get(table)
+            entries = [e for e in routes.entries if e.live] if routes is not None else []
+            if unstreamed is not None:
+                self._streamed.discard(table)  # new subscriptions are refused
+                log.error("%s: %d observer(s) of %s.%s stop", unstreamed, len(entries), *table)
+                for entry in entries:
+                    self._fail(entry, messages.MeteorError.internal())
+            else:
+                log.info("the partitions of %s.%s changed: resyncing its %d observer(s)",
+                         *table, len(entries))
+                self._resync_due.update(dict.fromkeys(entries, "partitions_changed"))
+            if table in self._interest:
+                self._keep_whole_from_next(table)
+            self._table_changed_at[table] = changed
+            self._row_changes.restart(table, changed)
+            self._run_row_watchers(self._watchers_of(
+                d for d in self._row_watchers if (d[0], d[1]) == table), 0)
+        self.ring.break_pins()
 
     async def _watch_behind(self, stream: ReplicationStream) -> None:
         """Skip the backlog when the applied position falls more than
@@ -1489,8 +1587,8 @@ class LiveData:
 
     async def _apply_chunk(self, txn: _OpenTransaction) -> None:
         # Too big to hold: apply now, keep the gate closed (clients see it at the commit).
-        if self._reshaped and not txn.chunked:
-            await self._resync_reshaped()  # before any of it is applied
+        if self._resync_due and not txn.chunked:
+            await self._resync_due_observers()  # before any of it is applied
         self.gate.closed = True
         changes, txn.changes = txn.changes, []
         partial = txn.partial  # (read before this chunk marks it chunked)
@@ -1530,8 +1628,9 @@ class LiveData:
         clients whose boxes changed. ``partial``: see :attr:`_OpenTransaction.partial`."""
         clients: set[LiveClient] = set()
         wanted: dict[ObserverEntry, bool] = {}
-        failed: set[ObserverEntry] = set()  # and limited ones to read again (skipped alike)
-        requery: set[ObserverEntry] = set()
+        failed: set[ObserverEntry] = set()  # and those read again below (skipped alike)
+        requery: set[ObserverEntry] = set()  # limited ones
+        partly_truncated: set[ObserverEntry] = set()  # a partition of their table
         if self.change_counts is not None:  # metrics: one C-speed count per transaction
             self.change_counts.update(map(_TABLE_AND_KIND, changes))
         routes_by_table = self._routes
@@ -1554,15 +1653,20 @@ class LiveData:
                 continue  # a table only pinned, not (yet) observed
             if type(change) is Truncate:
                 for entry in list(routes.entries):
-                    if entry.live and wants(entry):
-                        touched_entries.add(entry)
-                        # Empty at this point of commit order; the snapshot still decides
-                        # about later transactions.
-                        observer = entry.observer
-                        assert observer is not None
-                        self._deliver(entry, self._reload(
-                            entry, routes, (), observer.snapshot, observer.snapshot_lsn),
-                            clients)
+                    if not entry.live or entry in failed or not wants(entry):
+                        continue
+                    touched_entries.add(entry)
+                    if change.partition is not None:  # type: ignore[union-attr]
+                        partly_truncated.add(entry)  # read again: the rest stays
+                        failed.add(entry)
+                        continue
+                    # Empty at this point of commit order; the snapshot still decides
+                    # about later transactions.
+                    observer = entry.observer
+                    assert observer is not None
+                    self._deliver(entry, self._reload(
+                        entry, routes, (), observer.snapshot, observer.snapshot_lsn),
+                        clients)
                 continue
             self.changes_applied += 1
             for entry in routes.candidates(change):  # type: ignore[arg-type]
@@ -1594,11 +1698,14 @@ class LiveData:
                     self._deliver(entry, result, clients)
         if failed:
             # From a snapshot that sees this transaction: it is not applied to them again.
-            failed -= requery
+            failed -= requery | partly_truncated
             if failed:
                 clients |= await self._resync(failed, seeing=xid)
             if requery:
                 clients |= await self._resync(requery, "limit_requery", seeing=xid)
+            if partly_truncated:
+                clients |= await self._resync(partly_truncated, "partition_truncate",
+                                              seeing=xid)
         return clients
 
     async def _fetch_into(self, observer: Observer, change: Update, needs: NeedsRow,

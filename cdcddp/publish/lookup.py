@@ -32,6 +32,7 @@ from psycopg import sql
 from cdcddp.db import Database, execute_as_decoded, is_transient
 from cdcddp.publish.definition import PublicationError, TableName, split_table
 from cdcddp.publish.filters import quoted
+from cdcddp.publish.partitions import StreamedTables
 from cdcddp.publish.snapshots import begin_snapshot, check_streamed, next_batch
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Row
@@ -86,12 +87,12 @@ class SqlRowLookup:
     def __init__(self, conn: psycopg.Connection[Any],
                  reads: dict[_ReadKey, dict[str, Any] | None] | None = None,
                  primary_keys: dict[TableName, tuple[str, ...]] | None = None,
-                 streamed: set[TableName] | None = None) -> None:
+                 streamed: StreamedTables | None = None) -> None:
         self._conn = conn
         self.dependencies: ReadRows = {}
         self._reads = {} if reads is None else reads
         self._primary_keys = {} if primary_keys is None else primary_keys
-        self._streamed = set() if streamed is None else streamed
+        self._streamed = StreamedTables() if streamed is None else streamed
 
     def row(self, table: str | tuple[str, str], key: Any,
             columns: Sequence[str] | None = None,
@@ -150,8 +151,7 @@ class SqlRowLookup:
                 self._conn)
             if (schema, name) not in self._streamed:
                 # A row whose changes are never streamed would never run the function again.
-                check_streamed(self._conn, (schema, name))
-                self._streamed.add((schema, name))
+                self._streamed.add((schema, name), check_streamed(self._conn, (schema, name)))
             pk = self._primary_keys[(schema, name)] = tuple(
                 r[0] for r in self._conn.execute(_PRIMARY_KEY_SQL, (relation,)))
         return pk
@@ -294,7 +294,7 @@ class BatchedLookups:
 
     def __init__(self, database: Database, delivered: Callable[[], int],
                  changed_since: Callable[[Iterable[TableName], int], bool] | None = None,
-                 streamed: set[TableName] | None = None) -> None:
+                 streamed: StreamedTables | None = None) -> None:
         self._database = database
         self._delivered = delivered  # transactions the stream has delivered so far
         # (tables, delivery number) -> did a transaction delivered after it change one?
@@ -303,7 +303,7 @@ class BatchedLookups:
         # same_as -> (when it was computed, its result), oldest first.
         self._recent: OrderedDict[Hashable, tuple[float, LookupResult[Any]]] = OrderedDict()
         # Tables found streamed (the engine's set: its observers' tables too).
-        self._streamed: set[TableName] = set() if streamed is None else streamed
+        self._streamed = StreamedTables() if streamed is None else streamed
         self._send, self._receive = trio.open_memory_channel[_LookupRun](math.inf)
         self.batches = 0  # transactions run (figures, tests)
         # Runs by publication and by what became of them (metrics): "ok" and "error" (the
@@ -409,9 +409,10 @@ class BatchedLookups:
 
 
 def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
-               delivered_before: int, streamed: set[TableName]) -> None:
+               delivered_before: int, streamed: StreamedTables) -> None:
     """(In a worker thread.) Each run's function under one snapshot; results and errors
     go to the runs (``too_early`` to those whose transaction the snapshot lacks)."""
+    follows = streamed.follows  # (read first: the snapshot is newer)
     snapshot = begin_snapshot(conn)
     reads: dict[_ReadKey, dict[str, Any] | None] = {}
     primary_keys: dict[TableName, tuple[str, ...]] = {}
@@ -438,5 +439,11 @@ def _run_batch(conn: psycopg.Connection[Any], runs: list[_LookupRun],
             run.error = exc
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             raise _Interrupted(runs[index + 1:])
+        if streamed.followed_since(((d[0], d[1]) for d in lookup.dependencies), follows):
+            # It read a partitioned table first followed after its snapshot was taken: the
+            # guards know nothing of the changes to its partitions before. Queued again.
+            run.result = run.error = None
+            run.too_early = True
+            continue
         if same_as is not None and run.result is not None:
             results[same_as] = run.result

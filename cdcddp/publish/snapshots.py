@@ -21,11 +21,12 @@ from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor, TableName
 from cdcddp.publish.filters import quoted
 from cdcddp.publish.observer import Key, Row, Values
+from cdcddp.publish.partitions import Leaf
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Relation
 from cdcddp.wal.lsn import SERVER_LSN_SQL, parse_lsn
 from cdcddp.wal.pgtypes import BINARY_LOADS_AS_DECODED
-from cdcddp.wal.preflight import unstreamed_reason
+from cdcddp.wal.preflight import leaf_partitions, unstreamed_partition, unstreamed_reason
 
 __all__ = [
     "ReadsInterrupted",
@@ -40,6 +41,7 @@ __all__ = [
     "fetch_row",
     "horizon_snapshot",
     "next_batch",
+    "read_partitions",
     "row_list",
     "row_query",
     "shape_differs",
@@ -312,14 +314,36 @@ _RELATION_KIND_SQL: Final = (
     "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s")
 
 
-def check_streamed(conn: psycopg.Connection[Any], table: TableName) -> None:
+def check_streamed(conn: psycopg.Connection[Any], table: TableName
+                   ) -> frozenset[Leaf] | None:
     """Raise :class:`TableNotStreamed` when no change to ``table`` is ever streamed (a
-    missing table is left to the snapshot query to report)."""
+    missing table is left to the snapshot query to report). A partitioned table's changes
+    are its leaf partitions': returns them (None for a table that is not partitioned)."""
     found = conn.execute(_RELATION_KIND_SQL, table).fetchone()
-    if found is not None:
-        reason = unstreamed_reason(f"{table[0]}.{table[1]}", *found)
-        if reason is not None:
-            raise TableNotStreamed(reason)
+    if found is None:
+        return None
+    name = f"{table[0]}.{table[1]}"
+    reason = unstreamed_reason(name, *found)
+    if reason is not None:
+        raise TableNotStreamed(reason)
+    if found[0] != "p":
+        return None
+    trees, unstreamed = read_partitions(conn, [table])
+    if table in unstreamed:
+        raise TableNotStreamed(unstreamed[table])
+    return trees[table]
+
+
+def read_partitions(conn: psycopg.Connection[Any], tables: Sequence[TableName]
+                    ) -> tuple[dict[TableName, frozenset[Leaf]], dict[TableName, str]]:
+    """The leaf partitions of each of partitioned ``tables`` (none for one that is gone or
+    no longer partitioned), and why the changes of those with a leaf that is never streamed
+    are not (an UNLOGGED or foreign partition)."""
+    found = leaf_partitions(conn, tables)
+    unstreamed = {table: reason for table, leaves in found.items()
+                  if (reason := unstreamed_partition(f"{table[0]}.{table[1]}", leaves))}
+    return ({table: frozenset((leaf.schema, leaf.table, leaf.oid) for leaf in leaves)
+             for table, leaves in found.items()}, unstreamed)
 
 
 def failed_read_advice(exc: BaseException) -> str | None:

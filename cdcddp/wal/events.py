@@ -98,6 +98,9 @@ class Truncate:
     schema: str
     table: str
     action: Literal["T"] = "T"
+    # Set on a partition's TRUNCATE given as its partitioned table's (cdcddp.publish.
+    # partitions): (schema, table) of the partition, whose rows alone went.
+    partition: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)

@@ -119,23 +119,92 @@ def check_failover_slot(conn: psycopg.Connection, slot: str) -> Finding | None:
         "standbys' physical slots in synchronized_standby_slots.")
 
 
-def unstreamed_reason(name: str, relkind: str, persistence: str) -> str | None:
+def unstreamed_reason(name: str, relkind: str, persistence: str,
+                      partition_of: str | None = None) -> str | None:
     """Why no change to relation ``name`` (``pg_class.relkind``, ``relpersistence``) is
-    ever streamed, with what to do; None for an ordinary logged table, whose changes are."""
-    if relkind == "p":
-        return (f"{name} is a partitioned table: its rows' changes are streamed under its "
-                "partitions' names, which cdcddp does not follow: publish the partitions "
-                "(a collection each), or an ordinary table")
+    ever streamed, with what to do; None for a logged table, whose changes are, or a
+    partitioned table (its partitions' are). ``partition_of``: the partitioned table
+    ``name`` is a leaf partition of."""
+    what = name if partition_of is None else f"{name} (a partition of {partition_of})"
     if relkind in ("v", "m"):
         kind = "view" if relkind == "v" else "materialized view"
         return (f"{name} is a {kind}: only tables' changes are streamed: publish the "
                 "table(s) it reads")
     if relkind == "f":
-        return (f"{name} is a foreign table: its changes are not in this database's WAL: "
+        return (f"{what} is a foreign table: its changes are not in this database's WAL: "
                 "publish a table of the database that holds them, from a server on it")
     if persistence == "u":
-        return (f"{name} is UNLOGGED: its changes are not written to the WAL, so never "
+        return (f"{what} is UNLOGGED: its changes are not written to the WAL, so never "
                 f"streamed: run ALTER TABLE {name} SET LOGGED")
+    return None
+
+
+@dataclass(slots=True, frozen=True)
+class Partition:
+    """A leaf partition of a partitioned table: the relation a row is stored in, whose name
+    the stream gives its changes."""
+
+    schema: str
+    table: str
+    oid: int
+    relkind: str
+    persistence: str
+    identity: str  # pg_class.relreplident
+    has_pk: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+_PARTITIONS_SQL = (
+    "SELECT r.nspname, r.relname, n.nspname, c.relname, c.oid::int8, c.relkind::text, "
+    "c.relpersistence::text, c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i "
+    "WHERE i.indrelid = c.oid AND i.indisprimary) "
+    "FROM unnest(%s::text[], %s::text[]) AS r(nspname, relname) "
+    "JOIN pg_namespace rn ON rn.nspname = r.nspname "
+    "JOIN pg_class rc ON rc.relnamespace = rn.oid AND rc.relname = r.relname "
+    "AND rc.relkind = 'p' "
+    "CROSS JOIN LATERAL pg_partition_tree(rc.oid) t "
+    "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE t.isleaf")
+
+
+def leaf_partitions(conn: psycopg.Connection, tables: Iterable[tuple[str, str]]
+                    ) -> dict[tuple[str, str], list[Partition]]:
+    """The leaf partitions of each partitioned table of ``tables`` ((schema, name) pairs),
+    at every level below it; a table that is not partitioned (or no longer exists) has
+    none."""
+    tables = list(tables)
+    found: dict[tuple[str, str], list[Partition]] = {table: [] for table in tables}
+    rows = conn.execute(_PARTITIONS_SQL, ([t[0] for t in tables], [t[1] for t in tables]))
+    for schema, name, *leaf in rows:
+        found[(schema, name)].append(Partition(*leaf))
+    return found
+
+
+def unstreamed_partition(table: str, partitions: Iterable[Partition]) -> str | None:
+    """Why the changes to a leaf of partitioned ``table`` are never streamed, if one's are
+    not (see :func:`unstreamed_reason`)."""
+    for leaf in partitions:
+        reason = unstreamed_reason(leaf.name, leaf.relkind, leaf.persistence, table)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _identity_finding(name: str, identity: str, has_pk: bool, partition_of: str | None = None
+                      ) -> Finding | None:
+    what = name if partition_of is None else f"{name} (a partition of {partition_of})"
+    if identity == "n":
+        return Finding("error", "table_identity_nothing",
+                       f"table {what} has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs "
+                       f"are not streamed: run ALTER TABLE {name} REPLICA IDENTITY DEFAULT.")
+    if identity == "d" and not has_pk:
+        return Finding("error", "table_no_identity",
+                       f"table {what} has no primary key, so its UPDATEs and DELETEs are not "
+                       f"streamed: add one (ALTER TABLE {name} ADD PRIMARY KEY (...)) or set "
+                       "REPLICA IDENTITY USING INDEX or FULL.")
     return None
 
 
@@ -143,24 +212,31 @@ def check_table(conn: psycopg.Connection, table: str) -> Finding:
     row = conn.execute(
         "SELECT c.oid::regclass::text, c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i "
         "WHERE i.indrelid = c.oid AND i.indisprimary), has_table_privilege(c.oid, 'SELECT'), "
-        "row_security_active(c.oid), current_user, c.relkind::text, c.relpersistence::text "
-        "FROM pg_class c WHERE c.oid = to_regclass(%s)", (table,)).fetchone()
+        "row_security_active(c.oid), current_user, c.relkind::text, c.relpersistence::text, "
+        "n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = to_regclass(%s)", (table,)).fetchone()
     if row is None:
         return Finding("error", "table_missing",
                        f"table {table} does not exist: create it or fix the table name.")
-    name, identity, has_pk, readable, row_security, role, relkind, persistence = row
+    (name, identity, has_pk, readable, row_security, role, relkind, persistence,
+     schema, relname) = row
     unstreamed = unstreamed_reason(name, relkind, persistence)
     if unstreamed is not None:
         return Finding("error", "table_not_streamed", f"{unstreamed}.")
-    if identity == "n":
-        return Finding("error", "table_identity_nothing",
-                       f"table {name} has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs "
-                       f"are not streamed: run ALTER TABLE {name} REPLICA IDENTITY DEFAULT.")
-    if identity == "d" and not has_pk:
-        return Finding("error", "table_no_identity",
-                       f"table {name} has no primary key, so its UPDATEs and DELETEs are not "
-                       f"streamed: add one (ALTER TABLE {name} ADD PRIMARY KEY (...)) or set "
-                       "REPLICA IDENTITY USING INDEX or FULL.")
+    if relkind == "p":
+        # Each partition's own replica identity says what its UPDATEs and DELETEs carry.
+        partitions = leaf_partitions(conn, [(schema, relname)])[(schema, relname)]
+        unstreamed = unstreamed_partition(name, partitions)
+        if unstreamed is not None:
+            return Finding("error", "table_not_streamed", f"{unstreamed}.")
+        for leaf in partitions:
+            finding = _identity_finding(leaf.name, leaf.identity, leaf.has_pk, name)
+            if finding is not None:
+                return finding
+    else:
+        finding = _identity_finding(name, identity, has_pk)
+        if finding is not None:
+            return finding
     if not readable:
         return Finding("error", "table_unreadable",
                        f"role {role!r} cannot read table {name}: run GRANT SELECT ON {name} "

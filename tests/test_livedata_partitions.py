@@ -1,0 +1,329 @@
+"""Partitioned tables end to end: their rows' changes stream under their leaf partitions'
+names, and their partitions come and go by DDL the stream does not show (real PostgreSQL,
+the server with its slot, real WebSocket clients)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+from pydantic import BaseModel
+
+from cdcddp.app import App
+from cdcddp.client import DDPClient, MeteorError, connect
+from cdcddp.publish.definition import Cursor, Publication
+from cdcddp.publish.filters import C, Param
+from cdcddp.publish.ids import pk_to_wire_id
+from cdcddp.publish.lookup import RowLookup
+from tests.livedata_support import (
+    asql,
+    build_live_app,
+    check_message_log,
+    live_server,
+    store,
+    wait_store,
+)
+from tests.pg_support import sql
+
+# Two levels: a list of regions, the eu region's rows by ranges of ids, and a default
+# partition; a row moves between partitions when its region changes.
+SCHEMA = """
+CREATE TABLE events (
+    region text NOT NULL,
+    id int NOT NULL,
+    title text,
+    body text,
+    version int NOT NULL DEFAULT 0,
+    PRIMARY KEY (region, id)
+) PARTITION BY LIST (region);
+CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu') PARTITION BY RANGE (id);
+CREATE TABLE events_eu_1 PARTITION OF events_eu FOR VALUES FROM (0) TO (1000);
+CREATE TABLE events_eu_2 PARTITION OF events_eu FOR VALUES FROM (1000) TO (2000);
+CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us');
+CREATE TABLE events_other PARTITION OF events DEFAULT;
+"""
+
+FIELDS = ["title", "body", "version"]
+KEY = ("region", "id")
+# A value stored out of line (TOASTed): an UPDATE that leaves it unchanged does not carry it.
+BIG = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 2000) g)"
+
+
+class TitleParams(BaseModel):
+    title: str
+
+
+# publication -> (collection, table, SQL filter)
+VIEWS: dict[str, tuple[str, str, str]] = {
+    "events.all": ("events", "events", "TRUE"),
+    "events.titled": ("titled", "events", "title = %(title)s"),
+    "events.eu": ("eu", "events_eu", "TRUE"),  # an intermediate partitioned table
+    "events.us": ("us", "events_us", "TRUE"),  # a leaf partition, published as a table
+}
+
+
+def build_app() -> App:
+    app = build_live_app()
+    for name, (collection, table, _) in VIEWS.items():
+        app.add_publication(Publication(
+            name, Cursor(table, collection=collection, fields=FIELDS, primary_key=KEY,
+                         filter=C("title") == Param("title") if name == "events.titled"
+                         else None),
+            params=TitleParams if name == "events.titled" else None))
+    return app
+
+
+def expected(dsn: str, collection: str, params: dict[str, Any] | None = None
+             ) -> dict[str, dict[str, Any]]:
+    ((table, where),) = [(t, w) for c, t, w in VIEWS.values() if c == collection]
+    rows = sql(dsn, f"SELECT region, id, {', '.join(FIELDS)} FROM {table} WHERE {where}",
+               params=params or {})
+    return {pk_to_wire_id(r[:2]): dict(zip(FIELDS, r[2:], strict=True)) for r in rows}
+
+
+async def subscribe_all(client: DDPClient) -> None:
+    for name in VIEWS:
+        await client.subscribe(name, *([{"title": "hot"}] if name == "events.titled" else []))
+
+
+async def all_as_expected(client: DDPClient, dsn: str) -> None:
+    for collection in ("events", "titled", "eu", "us"):
+        await wait_store(client, expected(dsn, collection, {"title": "hot"}), collection)
+        check_message_log(client, collection)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """(For what no message to a client tells of.)"""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def test_a_partitioned_table_is_published_and_followed_through_its_partitions(
+        db_dsn: str) -> None:
+    await asql(db_dsn, SCHEMA, "INSERT INTO events (region, id, title, body) VALUES "
+                               "('eu', 1, 'one', 'short'), ('us', 1, 'us one', NULL), "
+                               "('zz', 1, 'elsewhere', NULL)",
+               f"INSERT INTO events VALUES ('eu', 1500, 'long', {BIG})")
+    async with live_server(db_dsn, build_app(), resyncs={"partition_truncate"}) as server:
+        async with connect(server.ws_url, log_messages=True) as client:
+            await subscribe_all(client)
+            assert set(store(client, "events")) == {
+                pk_to_wire_id(k) for k in (("eu", 1), ("eu", 1500), ("us", 1), ("zz", 1))}
+            await all_as_expected(client, db_dsn)
+
+            # One transaction over three partitions at two levels. The TOASTed body moves
+            # into events.titled without its value: fetched by key, from the table.
+            await asql(db_dsn, "BEGIN; INSERT INTO events VALUES ('eu', 2, 'hot', 'new'); "
+                               "UPDATE events SET title = 'hot', version = 1 "
+                               "WHERE region = 'eu' AND id = 1500; "
+                               "DELETE FROM events WHERE region = 'us'; "
+                               "UPDATE events SET version = 2 WHERE region = 'zz'; COMMIT")
+            await all_as_expected(client, db_dsn)
+            assert len(store(client, "titled")[pk_to_wire_id(("eu", 1500))]["body"]) == 64000
+
+            # A row that moves to another partition (its region, so its key, changes).
+            await asql(db_dsn, "UPDATE events SET region = 'us' WHERE region = 'eu' AND id = 2",
+                       "INSERT INTO events VALUES ('us', 7, 'hot', NULL)")
+            await all_as_expected(client, db_dsn)
+            assert pk_to_wire_id(("us", 2)) in store(client, "us")
+
+            # A partition's TRUNCATE empties it alone; the table's, every partition.
+            live = server.live
+            await asql(db_dsn, "TRUNCATE events_us")
+            await all_as_expected(client, db_dsn)
+            assert store(client, "us") == {} and len(store(client, "events")) == 3
+            assert live.resync_reasons["partition_truncate"] == 2  # events.all, titled
+            await asql(db_dsn, "INSERT INTO events VALUES ('us', 3, 'three', NULL)",
+                       "TRUNCATE events")
+            await all_as_expected(client, db_dsn)
+            assert all(store(client, c) == {} for c in ("events", "titled", "eu", "us"))
+            assert live.streamed_checks == 3  # the first subscription to each table
+
+
+async def test_partitions_attached_created_detached_and_dropped_show_in_subscriptions(
+        db_dsn: str) -> None:
+    """The stream carries no DDL: the partitions of the tables followed are read every
+    ``partition_check_interval``, and their observers are read again when they changed."""
+    await asql(db_dsn, SCHEMA, "INSERT INTO events (region, id, title) VALUES "
+                               "('eu', 1, 'hot'), ('eu', 1001, 'eu two'), ('us', 1, 'hot')",
+               "CREATE TABLE events_ca (LIKE events INCLUDING ALL)",
+               "INSERT INTO events_ca (region, id, title) VALUES ('ca', 1, 'hot'), "
+               "('ca', 2, 'cold')")
+    async with live_server(db_dsn, build_app(), resyncs={"partitions_changed"},
+                           partition_check_interval=0.1) as server:
+        async with connect(server.ws_url, log_messages=True) as client:
+            await subscribe_all(client)
+            await all_as_expected(client, db_dsn)
+            live = server.live
+
+            # A partition created and filled in one transaction; then another, filled after.
+            await asql(db_dsn, "BEGIN; CREATE TABLE events_eu_3 PARTITION OF events_eu "
+                               "FOR VALUES FROM (2000) TO (3000); "
+                               "INSERT INTO events VALUES ('eu', 2500, 'hot', NULL); COMMIT")
+            await all_as_expected(client, db_dsn)
+            await asql(db_dsn, "CREATE TABLE events_eu_4 PARTITION OF events_eu "
+                               "FOR VALUES FROM (3000) TO (4000)")
+            await eventually(lambda: live.partition_changes == 4)  # events and events_eu
+            await asql(db_dsn, "INSERT INTO events VALUES ('eu', 3500, 'hot', NULL)")
+            await all_as_expected(client, db_dsn)
+
+            # A table with rows attached; a partition detached, then one dropped.
+            await asql(db_dsn, "ALTER TABLE events ATTACH PARTITION events_ca "
+                               "FOR VALUES IN ('ca')")
+            await all_as_expected(client, db_dsn)
+            assert pk_to_wire_id(("ca", 1)) in store(client, "titled")
+            await asql(db_dsn, "UPDATE events SET version = 5 WHERE region = 'ca'")
+            await all_as_expected(client, db_dsn)
+            await asql(db_dsn, "ALTER TABLE events DETACH PARTITION events_us")
+            await all_as_expected(client, db_dsn)
+            # (published by itself, it is a table like any other: still followed)
+            assert store(client, "us") == {pk_to_wire_id(("us", 1)): {
+                "title": "hot", "body": None, "version": 0}}
+            await asql(db_dsn, "UPDATE events_us SET version = 1")
+            await all_as_expected(client, db_dsn)
+            await asql(db_dsn, "DROP TABLE events_eu_2")
+            await all_as_expected(client, db_dsn)
+
+            # Dropped and made again under the same name: another partition (told by oid).
+            await asql(db_dsn, "BEGIN; DROP TABLE events_eu_3; CREATE TABLE events_eu_3 "
+                               "PARTITION OF events_eu FOR VALUES FROM (2000) TO (3000); COMMIT")
+            await all_as_expected(client, db_dsn)
+            assert pk_to_wire_id(("eu", 2500)) not in store(client, "events")
+            # Renamed: its changes stream under the new name.
+            await asql(db_dsn, "ALTER TABLE events_eu_4 RENAME TO events_eu_later")
+            renamed_from = live.partition_changes
+            await eventually(lambda: live.partition_changes == renamed_from + 2)
+            await asql(db_dsn, "UPDATE events SET version = 9 WHERE id = 3500")
+            await all_as_expected(client, db_dsn)
+            assert live.resync_reasons["partitions_changed"] > 0
+
+
+async def test_a_partition_whose_changes_are_never_streamed_stops_its_table(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An UNLOGGED partition: its rows would never change. Refused at subscribe; and when
+    one is attached, the subscriptions to the table stop, saying why in the log."""
+    await asql(db_dsn, SCHEMA, "INSERT INTO events (region, id, title) VALUES ('eu', 1, 'hot')",
+               "CREATE UNLOGGED TABLE events_ca PARTITION OF events FOR VALUES IN ('ca')")
+    async with live_server(db_dsn, build_app(), partition_check_interval=0.1) as server:
+        async with connect(server.ws_url) as client:
+            caplog.clear()
+            with pytest.raises(MeteorError) as refused:
+                await client.subscribe("events.all")
+            assert refused.value.error == 500
+            (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert record.exc_info is None and record.getMessage() == (
+                "observer for public.events failed to start: public.events_ca (a partition of "
+                "public.events) is UNLOGGED: its changes are not written to the WAL, so never "
+                "streamed: run ALTER TABLE public.events_ca SET LOGGED")
+
+            await asql(db_dsn, "ALTER TABLE events_ca SET LOGGED")
+            await client.subscribe("events.all", sub_id="all")
+            await client.subscribe("events.eu", sub_id="eu")
+            caplog.clear()
+            await asql(db_dsn, "CREATE UNLOGGED TABLE events_eu_3 PARTITION OF events_eu "
+                               "FOR VALUES FROM (2000) TO (3000)")
+            await client.wait_for(lambda: {"all", "eu"} <= set(client.stopped_subs))
+            for sub in ("all", "eu"):
+                stopped = client.stopped_subs[sub]
+                assert stopped is not None and stopped.error == 500
+            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+                f"public.events_eu_3 (a partition of public.{table}) is UNLOGGED: its changes "
+                "are not written to the WAL, so never streamed: run ALTER TABLE "
+                f"public.events_eu_3 SET LOGGED: 1 observer(s) of public.{table} stop"
+                for table in ("events", "events_eu")]
+
+
+class RegionParams(BaseModel):
+    region: str
+    id: int
+
+
+async def test_a_publication_function_follows_the_row_it_read_of_a_partitioned_table(
+        db_dsn: str) -> None:
+    app = build_app()
+
+    def by_event_title(params: RegionParams, user_id: str | None, lookup: RowLookup
+                       ) -> Cursor | None:
+        found = lookup.row("events", (params.region, params.id), columns=["title"],
+                           key_columns=KEY)
+        if found is None:
+            return None
+        return Cursor("items", fields=["title"], filter=C("category") == found["title"])
+
+    app.add_publication(Publication("items.byEventTitle", by_event_title, params=RegionParams))
+    await asql(db_dsn, SCHEMA, "INSERT INTO events (region, id, title) VALUES ('eu', 1, 'a')")
+    async with live_server(db_dsn, app, partition_check_interval=0.1) as server:
+        await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'in a'), "
+                           "('b', 'in b')")
+        async with connect(server.ws_url) as client:
+            await client.subscribe("items.byEventTitle", {"region": "eu", "id": 1})
+            assert store(client) == {"1": {"title": "in a"}}
+            await asql(db_dsn, "UPDATE events SET title = 'b' WHERE id = 1")
+            await wait_store(client, {"2": {"title": "in b"}})
+            # Its partition detached: the row is no longer the table's.
+            await asql(db_dsn, "ALTER TABLE events_eu DETACH PARTITION events_eu_1")
+            await wait_store(client, {})
+            await asql(db_dsn, "ALTER TABLE events_eu ATTACH PARTITION events_eu_1 "
+                               "FOR VALUES FROM (0) TO (1000)")
+            await wait_store(client, {"2": {"title": "in b"}})
+
+
+async def test_subscriptions_racing_partition_changes_end_as_sql_says(db_dsn: str) -> None:
+    """Writers into every partition while a partition is attached and detached and clients
+    subscribe and unsubscribe: at quiescence every client holds what SQL says."""
+    await asql(db_dsn, SCHEMA, "CREATE TABLE events_ca (LIKE events INCLUDING ALL)",
+               "INSERT INTO events (region, id, title) SELECT r, g, 'hot' FROM "
+               "unnest(ARRAY['eu', 'us', 'zz']) r, generate_series(1, 20) g")
+    async with live_server(db_dsn, build_app(), resyncs={"partitions_changed"},
+                           partition_check_interval=0.05) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(connect(server.ws_url,
+                                                               log_messages=True))
+                       for _ in range(4)]
+            await subscribe_all(clients[0])
+            stop = trio.Event()
+
+            async def write(region: str) -> None:
+                for n in range(100, 1000):
+                    if stop.is_set():
+                        return
+                    await asql(db_dsn, f"INSERT INTO events VALUES ('{region}', {n}, "
+                                       f"'{'hot' if n % 2 else 'cold'}', NULL)",
+                               "UPDATE events SET version = version + 1, title = CASE title "
+                               "WHEN 'hot' THEN 'cold' ELSE 'hot' END "
+                               f"WHERE region = '{region}' AND id = {n % 20 + 1}")
+
+            async def repartition() -> None:
+                for n in range(1, 9):  # (while detached, ('ca', n) goes to events_ca itself)
+                    insert = f"VALUES ('ca', {n}, 'hot', NULL, 0)"
+                    if n % 2:
+                        await asql(db_dsn, f"INSERT INTO events_ca {insert}",
+                                   "ALTER TABLE events ATTACH PARTITION events_ca "
+                                   "FOR VALUES IN ('ca')")
+                    else:
+                        await asql(db_dsn, f"INSERT INTO events {insert}",
+                                   "ALTER TABLE events DETACH PARTITION events_ca")
+                    await trio.sleep(0.15)
+                stop.set()
+
+            async def churn(client: DDPClient) -> None:
+                while not stop.is_set():
+                    await subscribe_all(client)
+                    await trio.sleep(0.05)
+                    for sub in list(client.ready_subs):
+                        await client.unsubscribe(sub)
+                await subscribe_all(client)
+
+            async with trio.open_nursery() as nursery:
+                for region in ("eu", "us", "zz"):
+                    nursery.start_soon(write, region)
+                nursery.start_soon(repartition)
+                for client in clients[1:]:
+                    nursery.start_soon(churn, client)
+            for client in clients:
+                await all_as_expected(client, db_dsn)
