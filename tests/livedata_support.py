@@ -44,6 +44,18 @@ CREATE TABLE items (
 CREATE TABLE other (id serial PRIMARY KEY, note text);
 """
 
+# The same items, partitioned (see cdcddp.publish.partitions), at two levels, by a hash of
+# the id: a row whose id changes moves to another partition.
+PARTITIONED_SCHEMA = SCHEMA.replace("""    version int NOT NULL DEFAULT 0
+);""", """    version int NOT NULL DEFAULT 0
+) PARTITION BY HASH (id);
+CREATE TABLE items_h0 PARTITION OF items FOR VALUES WITH (MODULUS 2, REMAINDER 0)
+    PARTITION BY HASH (id);
+CREATE TABLE items_h0_0 PARTITION OF items_h0 FOR VALUES WITH (MODULUS 4, REMAINDER 0);
+CREATE TABLE items_h0_2 PARTITION OF items_h0 FOR VALUES WITH (MODULUS 4, REMAINDER 2);
+CREATE TABLE items_h1 PARTITION OF items FOR VALUES WITH (MODULUS 2, REMAINDER 1);""")
+assert PARTITIONED_SCHEMA != SCHEMA
+
 FIELDS = ["owner", "category", "title", "body", "rank", "version"]
 TOP_LIMIT = 3  # items.top's limit
 COLUMNS = ", ".join(["id", *FIELDS])

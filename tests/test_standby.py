@@ -444,7 +444,8 @@ async def test_the_oracle_holds_on_a_standby_long(pair: Pair, seed: int) -> None
     try:
         await run_oracle(standby_dsn, primary_dsn=primary_dsn, seed=seed, transactions=1500,
                          writers=4, subscription_steps=300, clients=8, kills=3,
-                         temporary_slot=seed % 2 == 0, migrations=seed % 3 == 0)
+                         temporary_slot=seed % 2 == 0, migrations=seed % 3 == 0,
+                         partitioned=seed % 4 == 1)
     finally:
         pair.drop_slots(standby_dsn)
 
