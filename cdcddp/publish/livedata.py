@@ -1160,8 +1160,11 @@ class LiveData:
             due = {table: (leaves, unstreamed.get(table)) for table, leaves in trees.items()
                    if leaves != partitions.leaves(table)
                    or (table in unstreamed and table in self._streamed)}
-            if due:
-                self._partitions_due.update(due)
+            for table in trees.keys() - due.keys():
+                self._partitions_due.pop(table, None)  # changed back before it was followed
+            new = {table: d for table, d in due.items() if self._partitions_due.get(table) != d}
+            if new:
+                self._partitions_due.update(new)
                 with contextlib.suppress(Exception):  # (else at the next commit)
                     await self._write_mark(secrets.token_hex(8))
 
@@ -1171,11 +1174,14 @@ class LiveData:
         streamed), rows of theirs that lookups read are deemed changed, and snapshots being
         handed off are taken again (the ring kept changes under the old partitions)."""
         due, self._partitions_due = self._partitions_due, {}
+        partitions = self._streamed.partitions
+        changed = {table: unstreamed for table, (leaves, unstreamed) in due.items()
+                   if partitions.set_leaves(table, leaves) or unstreamed is not None}
+        if not changed:
+            return  # changed back meanwhile
         self._commits_seen += 1  # a number of its own: lookups running now are stale
-        changed = self._commits_seen
-        for table, (leaves, unstreamed) in due.items():
-            if not self._streamed.partitions.set_leaves(table, leaves) and unstreamed is None:
-                continue  # changed back meanwhile
+        number = self._commits_seen
+        for table, unstreamed in changed.items():
             self.partition_changes += 1
             routes = self._routes.get(table)
             entries = [e for e in routes.entries if e.live] if routes is not None else []
@@ -1190,8 +1196,8 @@ class LiveData:
                 self._resync_due.update(dict.fromkeys(entries, "partitions_changed"))
             if table in self._interest:
                 self._keep_whole_from_next(table)
-            self._table_changed_at[table] = changed
-            self._row_changes.restart(table, changed)
+            self._table_changed_at[table] = number
+            self._row_changes.restart(table, number)
             self._run_row_watchers(self._watchers_of(
                 d for d in self._row_watchers if (d[0], d[1]) == table), 0)
         self.ring.break_pins()

@@ -2,13 +2,16 @@
 
     .venv/bin/python tests/bench/filtered.py [--dsn DSN] [--clients 1000] [--subs-per-client 10]
                                              [--changes 100000] [--repeat 5]
-                                             [--rows-per-transaction 10]
+                                             [--rows-per-transaction 10] [--partitions 0]
 
 Without --dsn it starts a throwaway cluster. Table ``items`` holds 2 rows per owner for
 ``clients x subs-per-client`` owners (N owners); publication ``items.byOwner`` (positional
 param ``owner``) publishes ``owner = k``. The cdcddp server (live engine) runs in a child
 process; the clients run in another child (raw-socket swarm, see ddpbench.py), each with
-``subs-per-client`` subscriptions to distinct owners.
+``subs-per-client`` subscriptions to distinct owners. With ``--partitions N``, ``items`` is
+a table partitioned by a hash of the id into N partitions: the stream names the partitions,
+and the server gives each change to the table (what following a partitioned table costs,
+against the same pg_recvlogical baseline).
 
 How one backlog is measured (a "run"): ``VACUUM items``; a fresh logical slot is created for
 ``pg_recvlogical``; the server process is stopped (SIGSTOP); a backlog of --changes row updates
@@ -176,11 +179,14 @@ class ServerChild:
         ddpbench.stop_child(self.proc)
 
 
-def prepare(dsn: str, owners: int) -> None:
+def prepare(dsn: str, owners: int, partitions: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS items")
         conn.execute("CREATE TABLE items (id int PRIMARY KEY, owner int NOT NULL, v int, "
-                     "label text)")
+                     "label text)" + (" PARTITION BY HASH (id)" if partitions else ""))
+        for i in range(partitions):
+            conn.execute(f"CREATE TABLE items_p{i} PARTITION OF items "
+                         f"FOR VALUES WITH (MODULUS {partitions}, REMAINDER {i})")
         conn.execute("INSERT INTO items SELECT g, g / %s, 0, 'item ' || g "
                      "FROM generate_series(0, %s) g", (ROWS_PER_OWNER, owners * ROWS_PER_OWNER - 1))
         conn.execute("CREATE INDEX ON items (owner)")
@@ -296,6 +302,8 @@ def main() -> None:
                         help="rows each backlog transaction updates")
     parser.add_argument("--repeat", type=int, default=5,
                         help="runs of each phase (medians are reported)")
+    parser.add_argument("--partitions", type=int, default=0,
+                        help="items partitioned into this many partitions (0: not)")
     parser.add_argument("--profile", metavar="FILE",
                         help="write a cProfile of the server process to FILE")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -321,7 +329,7 @@ def run(args: argparse.Namespace, dsn: str) -> None:
     per_tx = args.rows_per_transaction
     changes = args.changes - args.changes % per_tx
     repeat = args.repeat
-    prepare(dsn, owners)
+    prepare(dsn, owners, args.partitions)
     server = ServerChild(dsn, args.profile)
     small_swarm: ddpbench.Swarm | None = None
     rest: ddpbench.Swarm | None = None
