@@ -322,7 +322,7 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
         *(["partitions_changed", "partition_truncate"] if partitioned else [])}
     async with live_server(dsn, schema=PARTITIONED_SCHEMA if partitioned else SCHEMA,
                            temporary_slot=temporary_slot, resyncs=resyncs,
-                           partition_check_interval=0.2,
+                           catalog_check_interval=0.2,
                            primary_dsn=None if writes == dsn else writes) as server:
         await asql(writes, "INSERT INTO items (category, title, rank, body) "
                         "SELECT (ARRAY['a','b','c','d'])[1 + i % 4], 't' || i, i % 10, "

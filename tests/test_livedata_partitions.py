@@ -148,14 +148,14 @@ async def test_a_partitioned_table_is_published_and_followed_through_its_partiti
 async def test_partitions_attached_created_detached_and_dropped_show_in_subscriptions(
         db_dsn: str) -> None:
     """The stream carries no DDL: the partitions of the tables followed are read every
-    ``partition_check_interval``, and their observers are read again when they changed."""
+    ``catalog_check_interval``, and their observers are read again when they changed."""
     await asql(db_dsn, SCHEMA, "INSERT INTO events (region, id, title) VALUES "
                                "('eu', 1, 'hot'), ('eu', 1001, 'eu two'), ('us', 1, 'hot')",
                "CREATE TABLE events_ca (LIKE events INCLUDING ALL)",
                "INSERT INTO events_ca (region, id, title) VALUES ('ca', 1, 'hot'), "
                "('ca', 2, 'cold')")
     async with live_server(db_dsn, build_app(), resyncs={"partitions_changed"},
-                           partition_check_interval=0.1) as server:
+                           catalog_check_interval=0.1) as server:
         async with connect(server.ws_url, log_messages=True) as client:
             await subscribe_all(client)
             await all_as_expected(client, db_dsn)
@@ -209,7 +209,7 @@ async def test_a_partition_whose_changes_are_never_streamed_stops_its_table(
     one is attached, the subscriptions to the table stop, saying why in the log."""
     await asql(db_dsn, SCHEMA, "INSERT INTO events (region, id, title) VALUES ('eu', 1, 'hot')",
                "CREATE UNLOGGED TABLE events_ca PARTITION OF events FOR VALUES IN ('ca')")
-    async with live_server(db_dsn, build_app(), partition_check_interval=0.1) as server:
+    async with live_server(db_dsn, build_app(), catalog_check_interval=0.1) as server:
         async with connect(server.ws_url) as client:
             caplog.clear()
             with pytest.raises(MeteorError) as refused:
@@ -257,7 +257,7 @@ async def test_a_publication_function_follows_the_row_it_read_of_a_partitioned_t
 
     app.add_publication(Publication("items.byEventTitle", by_event_title, params=RegionParams))
     await asql(db_dsn, SCHEMA, "INSERT INTO events (region, id, title) VALUES ('eu', 1, 'a')")
-    async with live_server(db_dsn, app, partition_check_interval=0.1) as server:
+    async with live_server(db_dsn, app, catalog_check_interval=0.1) as server:
         await asql(db_dsn, "INSERT INTO items (category, title) VALUES ('a', 'in a'), "
                            "('b', 'in b')")
         async with connect(server.ws_url) as client:
@@ -280,7 +280,7 @@ async def test_subscriptions_racing_partition_changes_end_as_sql_says(db_dsn: st
                "INSERT INTO events (region, id, title) SELECT r, g, 'hot' FROM "
                "unnest(ARRAY['eu', 'us', 'zz']) r, generate_series(1, 20) g")
     async with live_server(db_dsn, build_app(), resyncs={"partitions_changed"},
-                           partition_check_interval=0.05) as server:
+                           catalog_check_interval=0.05) as server:
         async with contextlib.AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(connect(server.ws_url,
                                                                log_messages=True))

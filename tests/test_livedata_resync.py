@@ -284,6 +284,44 @@ async def test_type_change_of_a_published_column_sends_changed(db_dsn: str) -> N
             assert scraped(metrics, "cdcddp_resyncs_total", reason="schema_change") == 1
 
 
+async def test_a_column_changed_while_nobody_writes_reaches_clients(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The stream shows a retyped column only with the table's next change, and a new type
+    modifier (values rounded by the rewrite) never: the catalog, read every
+    ``catalog_check_interval``, shows both at once. A table dropped stops its
+    subscriptions."""
+    caplog.set_level(logging.WARNING, "cdcddp.publish.livedata")
+    app = build_live_app()
+    app.add_publication(Publication("prices.all", Cursor("prices", fields=["price"])))
+    await asql(db_dsn, "CREATE TABLE prices (id int PRIMARY KEY, price numeric(10,2))",
+               "INSERT INTO prices VALUES (1, 1.25), (2, 2.50)")
+    async with live_server(db_dsn, app, resyncs={"schema_change"},
+                           catalog_check_interval=0.1) as server:
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("prices.all", sub_id="prices")
+            before = sql_view(db_dsn, "prices", ["price"])
+            await wait_store(client, {k: {"price": float(v["price"])} for k, v in before.items()},
+                             "prices")
+
+            await asql(db_dsn, "ALTER TABLE prices ALTER COLUMN price TYPE numeric(10,0)")
+            await wait_store(client, {"1": {"price": 1}, "2": {"price": 3}}, "prices")
+            assert [r.getMessage() for r in caplog.records] == [
+                "table public.prices changed in the catalog (price type modifier 655366 -> "
+                "655364): resyncing its 1 observer(s)"]
+            await asql(db_dsn, "ALTER TABLE prices ALTER COLUMN price TYPE text "
+                               "USING price || ' EUR'")
+            await wait_store(client, {"1": {"price": "1 EUR"}, "2": {"price": "3 EUR"}},
+                             "prices")
+            live = server.live
+            assert live.resync_reasons["schema_change"] == 2 and live.schema_changes == 2
+            check_message_log(client, "prices")
+
+            await asql(db_dsn, "DROP TABLE prices")
+            error = await wait_nosub(client, "prices")
+            assert error.error == "schema-changed" and "prices" in error.reason
+            await wait_store(client, {}, "prices")
+
+
 async def test_rename_or_drop_of_a_published_column_stops_its_subscriptions(
         db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "cdcddp.publish.livedata")

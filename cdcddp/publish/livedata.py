@@ -101,6 +101,7 @@ from cdcddp.publish.routes import ObserverEntry, TableRoutes
 from cdcddp.publish.snapshots import (
     ReadsInterrupted,
     SnapshotRead,
+    catalog_change,
     check_streamed,
     current_wal_lsn,
     describe_shape_change,
@@ -114,6 +115,7 @@ from cdcddp.publish.snapshots import (
     shape_differs,
     snapshot_reads,
     table_columns,
+    table_shapes,
 )
 from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import (
@@ -180,10 +182,11 @@ class LiveDataConfig:
     # skip the backlog and resync every observer (as for a stream gap). None: never.
     resync_behind_bytes: int | None = None
     behind_check_interval: float = 1.0  # seconds between checks of the distance
-    # Seconds between reads of the partitions of the partitioned tables followed: a
-    # partition attached, detached, created or dropped shows in their subscriptions this
-    # late at most (the stream carries no DDL).
-    partition_check_interval: float = 1.0
+    # Seconds between reads of the catalog (the stream carries no DDL): the partitions of
+    # the partitioned tables followed (a partition attached, detached, created or dropped),
+    # and the columns of the tables observed (a column retyped while nobody writes, or its
+    # type modifier changed) show in their subscriptions this late at most.
+    catalog_check_interval: float = 1.0
     # A new observer waits until the stream has delivered everything its snapshot saw, so it
     # is never ahead of the stream (see LiveData._catch_up): this long at least; longer while
     # the consumer moves and is on course to get there within catch_up_limit (seconds).
@@ -528,7 +531,7 @@ class LiveData:
                 self._started.set()
                 task_status.started()
                 nursery.start_soon(self._watch_behind, stream)
-                nursery.start_soon(self._watch_partitions)
+                nursery.start_soon(self._watch_catalog)
                 await self._consume(stream)
             nursery.cancel_scope.cancel()
 
@@ -1056,7 +1059,8 @@ class LiveData:
         routes = self._routes.get(table)
         if routes is None:
             return
-        stale = {e for e in routes.entries if e.live and _contradicts(e, relation, shown_by)}
+        stale = {e for e in routes.entries if e.live and e not in self._resync_due
+                 and _contradicts(e, relation, shown_by)}
         if relation.absent and any(e.live and e not in stale and e.shape
                                    and any(c in e.bound.columns for c in relation.absent)
                                    for e in routes.entries):
@@ -1141,32 +1145,73 @@ class LiveData:
             self._xid_waiters.pop(xid).set()
             self.fences_settled_by_gap += 1
 
-    async def _watch_partitions(self) -> None:
-        """Read the leaf partitions of the partitioned tables followed, every
-        ``partition_check_interval``: the stream shows no DDL, yet a partition attached,
-        created, detached or dropped changes a table's rows. A change is followed from the
-        next commit the consumer applies (a logical message makes one)."""
-        partitions = self._streamed.partitions
+    async def _watch_catalog(self) -> None:
+        """Read the catalog every ``catalog_check_interval``: the stream shows no DDL, yet
+        a partition attached, created, detached or dropped changes a table's rows, and so
+        may a column retyped (or given another type modifier) while nobody writes the table.
+        What changed is followed from the next commit the consumer applies (a logical
+        message makes one)."""
         while True:
-            await trio.sleep(self.config.partition_check_interval)
-            tables = partitions.roots()
-            if not tables:
-                continue
+            await trio.sleep(self.config.catalog_check_interval)
             try:
-                trees, unstreamed = await self.database.run(read_partitions, tables)
+                changed = await self._poll_partitions()
+                changed = await self._poll_shapes() or changed
             except Exception as exc:
-                log.debug("cannot read the partitions of partitioned tables: %s", exc)
+                log.debug("cannot read the catalog: %s", exc)
                 continue
-            due = {table: (leaves, unstreamed.get(table)) for table, leaves in trees.items()
-                   if leaves != partitions.leaves(table)
-                   or (table in unstreamed and table in self._streamed)}
-            for table in trees.keys() - due.keys():
-                self._partitions_due.pop(table, None)  # changed back before it was followed
-            new = {table: d for table, d in due.items() if self._partitions_due.get(table) != d}
-            if new:
-                self._partitions_due.update(new)
+            if changed:
                 with contextlib.suppress(Exception):  # (else at the next commit)
                     await self._write_mark(secrets.token_hex(8))
+
+    async def _poll_partitions(self) -> bool:
+        """Whether the partitions of a partitioned table followed changed (since the last
+        poll: they are followed at the next commit, :meth:`_follow_partitions_due`)."""
+        partitions = self._streamed.partitions
+        tables = partitions.roots()
+        if not tables:
+            return False
+        trees, unstreamed = await self.database.run(read_partitions, tables)
+        due = {table: (leaves, unstreamed.get(table)) for table, leaves in trees.items()
+               if leaves != partitions.leaves(table)
+               or (table in unstreamed and table in self._streamed)}
+        for table in trees.keys() - due.keys():
+            self._partitions_due.pop(table, None)  # changed back before it was followed
+        new = {table: d for table, d in due.items() if self._partitions_due.get(table) != d}
+        self._partitions_due.update(new)
+        return bool(new)
+
+    async def _poll_shapes(self) -> bool:
+        """Whether observers' snapshots saw other columns than the catalog shows now: they
+        are resynced at the next commit (the stream shows a retyped column only with the
+        table's next change, and a type modifier never)."""
+        tables = list(self._routes)
+        if not tables:
+            return False
+        shapes = await self.database.run(table_shapes, tables)
+        found = False
+        for table in tables:
+            routes = self._routes.get(table)
+            if routes is None:
+                continue
+            current = shapes.get(table, {})
+            verdicts: dict[tuple[int, tuple[str, ...]], str | None] = {}  # (shared shapes)
+            stale: dict[ObserverEntry, str] = {}
+            for entry in routes.entries:
+                if not entry.live or entry in self._resync_due or entry.shape == current:
+                    continue
+                key = (id(entry.shape), entry.bound.columns)
+                if key not in verdicts:
+                    verdicts[key] = catalog_change(entry.shape, current, entry.bound.columns)
+                if verdicts[key] is not None:
+                    stale[entry] = verdicts[key]  # type: ignore[assignment]
+            if stale:
+                found = True
+                self.schema_changes += 1
+                self._resync_due.update(dict.fromkeys(stale, "schema_change"))
+                log.warning("table %s.%s changed in the catalog (%s): resyncing its %d "
+                            "observer(s)", *table, "; ".join(sorted(set(stale.values()))),
+                            len(stale))
+        return found
 
     def _follow_partitions_due(self) -> None:
         """(At a commit, before it is applied.) Follow the partitions polled: the observers

@@ -34,6 +34,7 @@ __all__ = [
     "TableNotStreamed",
     "TableShape",
     "begin_snapshot",
+    "catalog_change",
     "check_streamed",
     "current_wal_lsn",
     "describe_shape_change",
@@ -47,6 +48,7 @@ __all__ = [
     "shape_differs",
     "snapshot_reads",
     "table_columns",
+    "table_shapes",
 ]
 
 
@@ -100,9 +102,11 @@ def begin_snapshot(conn: psycopg.Connection[Any]) -> Snapshot:
     return _begin_snapshot(conn)[0]
 
 
-# A table's columns: (name, type oid, varlena) triples, NULL when the table is gone.
+# A table's columns: (name, type oid, varlena, type modifier), NULL when the table is gone.
+_COLUMN_ARRAY: Final = ("array_agg(array[a.attname::text, a.atttypid::text, "
+                        "(a.attlen < 0)::text, a.atttypmod::text])")
 _TABLE_COLUMNS_SQL: Final = (
-    "SELECT array_agg(array[a.attname::text, a.atttypid::text, (a.attlen < 0)::text]) "
+    f"SELECT {_COLUMN_ARRAY} "
     "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
     "JOIN pg_namespace n ON n.oid = c.relnamespace "
     "WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped")
@@ -112,7 +116,8 @@ _TABLE_COLUMNS_SQL: Final = (
 # stream.
 _SNAPSHOT_SHAPE_SQL: Final = f"{_SNAPSHOT_SQL}, ({_TABLE_COLUMNS_SQL})"
 
-TableShape = dict[str, tuple[int, bool]]  # column -> (type oid, varlena: may be TOASTed)
+# column -> (type oid, varlena: may be TOASTed, type modifier: numeric(10,2)'s precision...)
+TableShape = dict[str, tuple[int, bool, int]]
 
 
 def row_list(rows: Iterable[Values], snapshot: Snapshot, lsn: int) -> list[Values]:
@@ -127,8 +132,9 @@ _SNAPSHOT_CHUNK_ROWS: Final = 2_000
 _STREAM_CHUNKED: Final = psycopg.capabilities.has_stream_chunked()  # libpq 17 or later
 
 
-def _table_shape(columns: Iterable[tuple[str, str, str]] | None) -> TableShape:
-    return {name: (int(oid), varlena == "true") for name, oid, varlena in columns or ()}
+def _table_shape(columns: Iterable[tuple[str, str, str, str]] | None) -> TableShape:
+    return {name: (int(oid), varlena == "true", int(typmod))
+            for name, oid, varlena, typmod in columns or ()}
 
 
 def _result_cursor(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableShape
@@ -396,6 +402,42 @@ def describe_shape_change(relation: Relation) -> str:
     if not parts and relation.absent:
         parts = [f"{n} not in an UPDATE" for n in relation.absent]
     return ", ".join(parts) or "columns differ from the snapshot"
+
+
+_TABLES_COLUMNS_SQL: Final = (
+    f"SELECT r.nspname, r.relname, {_COLUMN_ARRAY} "
+    "FROM unnest(%s::text[], %s::text[]) AS r(nspname, relname) "
+    "JOIN pg_namespace n ON n.nspname = r.nspname "
+    "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.relname "
+    "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+    "GROUP BY r.nspname, r.relname")
+
+
+def table_shapes(conn: psycopg.Connection[Any], tables: Sequence[TableName]
+                 ) -> dict[TableName, TableShape]:
+    """The shapes of ``tables`` now (a table that is gone has none)."""
+    rows = conn.execute(_TABLES_COLUMNS_SQL, ([t[0] for t in tables], [t[1] for t in tables]))
+    return {(schema, name): _table_shape(columns) for schema, name, columns in rows}
+
+
+def catalog_change(expected: TableShape | None, current: TableShape, columns: Iterable[str]
+                   ) -> str | None:
+    """How the catalog's shape of a table contradicts what an observer's snapshot saw of the
+    ``columns`` it reads, if it does. Unlike the stream's it shows type modifiers (a column
+    made numeric(10,0) from numeric(10,2) has its values rounded, with no row change in the
+    stream), and a change to a table nobody writes."""
+    if expected is None:
+        return None
+    parts = []
+    for name in columns:
+        known, now = expected.get(name), current.get(name)
+        if now is None:
+            parts.append(f"{name} gone")
+        elif known is None or known[0] != now[0]:
+            parts.append(f"{name} type oid {known and known[0]} -> {now[0]}")
+        elif known[2] != now[2]:
+            parts.append(f"{name} type modifier {known[2]} -> {now[2]}")
+    return ", ".join(parts) or None
 
 
 def table_columns(conn: psycopg.Connection[Any], table: TableName) -> set[str]:
