@@ -4,6 +4,7 @@ with the engine on a test database, and SQL helpers for expected results."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ import trio
 from pydantic import BaseModel
 
 from cdcddp.app import App, PublicationContext
-from cdcddp.client import DDPClient
+from cdcddp.client import DDPClient, MeteorError
 from cdcddp.db import Database
 from cdcddp.methods import MethodContext, Methods
 from cdcddp.metrics import Metrics
@@ -272,6 +273,19 @@ async def live_server(dsn: str, app: App | None = None, *, schema: str = SCHEMA,
             nursery.cancel_scope.cancel()
             if server.database is not None:
                 server.database.close()
+
+
+async def refused_in_one_line(client: DDPClient, caplog: pytest.LogCaptureFixture, name: str,
+                              *params: Any) -> str:
+    """Subscribe to ``name``: it must be refused with a 500, and the log must say why in one
+    error line (no traceback), which is returned."""
+    caplog.clear()
+    with pytest.raises(MeteorError) as refused:
+        await client.subscribe(name, *params)
+    assert refused.value.error == 500
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.exc_info is None
+    return record.getMessage()
 
 
 def store(client: DDPClient, collection: str = "items") -> dict[str, dict[str, Any]]:

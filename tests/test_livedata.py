@@ -31,6 +31,7 @@ from tests.livedata_support import (
     data_messages,
     expected_view,
     live_server,
+    refused_in_one_line,
     store,
     wait_store,
 )
@@ -404,13 +405,7 @@ async def test_a_table_the_server_may_not_read_whole_is_refused_with_the_fix_nam
                                schema="") as server:
             async with connect(server.ws_url) as client:
                 async def refused() -> str:
-                    caplog.clear()
-                    with pytest.raises(MeteorError) as refusal:
-                        await client.subscribe("items.all")
-                    assert refusal.value.error == 500
-                    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
-                    assert record.exc_info is None  # one line, not a traceback
-                    return record.getMessage()
+                    return await refused_in_one_line(client, caplog, "items.all")
 
                 assert await refused() == (
                     "observer for public.items failed to start: permission denied for table "
@@ -463,21 +458,10 @@ async def test_a_relation_whose_changes_are_never_streamed_is_refused_with_the_f
                                 "SET LOGGED"),
                     ("titles", "public.titles is a view: only tables' changes are streamed: "
                                "publish the table(s) it reads")):
-                caplog.clear()
-                with pytest.raises(MeteorError) as refused:
-                    await client.subscribe(name)
-                assert refused.value.error == 500
-                (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
-                assert record.exc_info is None
-                assert record.getMessage() == (
+                assert await refused_in_one_line(client, caplog, name) == (
                     f"observer for public.{name} failed to start: {reason}")
             # A function that looks up a row of it: it would never run again.
-            caplog.clear()
-            with pytest.raises(MeteorError) as refused:
-                await client.subscribe("scratch.lookedUp")
-            assert refused.value.error == 500
-            (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
-            assert record.exc_info is None and record.getMessage() == (
+            assert await refused_in_one_line(client, caplog, "scratch.lookedUp") == (
                 "publication 'scratch.lookedUp' failed: public.scratch is UNLOGGED: its changes "
                 "are not written to the WAL, so never streamed: run ALTER TABLE public.scratch "
                 "SET LOGGED")
