@@ -234,6 +234,48 @@ async def test_a_partition_whose_changes_are_never_streamed_stops_its_table(
                 for table in ("events", "events_eu")]
 
 
+async def test_a_table_with_inheritance_children_is_followed_with_their_rows(
+        db_dsn: str) -> None:
+    """A query of a table reads its inheritance children's rows too (TimescaleDB's chunks
+    are such children), whose changes stream under their own names; a child may come (made
+    or INHERIT) and go (NO INHERIT, dropped) by DDL the stream does not show."""
+    app = build_live_app()
+    app.add_publication(Publication("cities.all", Cursor("cities",
+                                                         fields=["name", "population"])))
+    await asql(db_dsn, "CREATE TABLE cities (id int PRIMARY KEY, name text, population int)",
+               "CREATE TABLE capitals (state text, PRIMARY KEY (id)) INHERITS (cities)",
+               "INSERT INTO cities VALUES (1, 'Springfield', 30)",
+               "INSERT INTO capitals VALUES (2, 'Paris', 2100, 'IDF')")
+
+    def cities() -> dict[str, dict[str, Any]]:
+        rows = sql(db_dsn, "SELECT id, name, population FROM cities")
+        return {str(i): {"name": n, "population": p} for i, n, p in rows}
+
+    async with live_server(db_dsn, app, resyncs={"partitions_changed", "partition_truncate"},
+                           catalog_check_interval=0.1) as server:
+        async with connect(server.ws_url, log_messages=True) as client:
+            await client.subscribe("cities.all")
+            assert store(client, "cities") == cities() and len(cities()) == 2
+            for statement in (
+                    "UPDATE cities SET population = population + 1",  # both tables' rows
+                    "INSERT INTO capitals VALUES (3, 'Rome', 2800, 'LAZ')",
+                    "DELETE FROM cities WHERE id = 2",
+                    "TRUNCATE ONLY cities",  # its own rows: its children's stay
+                    "BEGIN; CREATE TABLE towns (PRIMARY KEY (id)) INHERITS (cities); "
+                    "INSERT INTO towns VALUES (4, 'Shelbyville', 20); COMMIT",
+                    "UPDATE cities SET population = 21 WHERE id = 4",
+                    "ALTER TABLE towns NO INHERIT cities",
+                    "ALTER TABLE towns INHERIT cities",
+                    "DROP TABLE capitals"):
+                await asql(db_dsn, statement)
+                await wait_store(client, cities(), "cities")
+            assert store(client, "cities") == {"4": {"name": "Shelbyville", "population": 21}}
+            check_message_log(client, "cities")
+            live = server.live
+            assert live.resync_reasons["partition_truncate"] == 1
+            assert live.resync_reasons["partitions_changed"] == 4
+
+
 class RegionParams(BaseModel):
     region: str
     id: int

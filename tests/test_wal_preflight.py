@@ -144,6 +144,21 @@ def test_a_partitioned_table_is_checked_partition_by_partition(db_dsn: str) -> N
         "public.parted_3 SET LOGGED.")
 
 
+def test_a_tables_inheritance_children_are_checked_too(db_dsn: str) -> None:
+    """A query of a table reads its children's rows: each needs a replica identity of its
+    own (a primary key is not inherited) and must be streamed."""
+    sql(db_dsn, "CREATE TABLE cities (id int PRIMARY KEY, name text)",
+        "CREATE TABLE capitals (state text) INHERITS (cities)")
+    (found,) = run_preflight(db_dsn, tables=["cities"])[-1:]
+    assert (found.code, found.message) == (
+        "table_no_identity", "table public.capitals (a child table of cities) has no primary "
+        "key, so its UPDATEs and DELETEs are not streamed: add one (ALTER TABLE "
+        "public.capitals ADD PRIMARY KEY (...)) or set REPLICA IDENTITY USING INDEX or FULL.")
+    sql(db_dsn, "ALTER TABLE capitals ADD PRIMARY KEY (id)")
+    (found,) = run_preflight(db_dsn, tables=["cities"])[-1:]
+    assert found.code == "table"
+
+
 def test_tables_the_role_cannot_read_or_reads_through_row_security(
         db_dsn: str, pg_cluster: LocalCluster) -> None:
     role = f"cdcddp_reader_{next(_roles)}"

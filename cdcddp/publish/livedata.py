@@ -929,14 +929,19 @@ class LiveData:
         changed_rows: dict[Dependency, Row | None] = {}  # row -> its last image (None: gone)
         truncated: set[TableName] = set()
         touched: set[TableName] = set()
-        # leaf partition -> the partitioned tables followed that it is part of
-        partitioned_as = self._streamed.partitions.ancestors
+        # partition -> the tables followed that it is part of
+        partitions = self._streamed.partitions
+        partitioned_as = partitions.ancestors
         async for event in stream:
             kind = type(event)
             if kind is Insert or kind is Update or kind is Delete or kind is Truncate:
                 table = (event.schema, event.table)  # type: ignore[union-attr]
-                # A partition's change is its partitioned tables' too: given again to each.
+                # A partition's change is its tables' too: given again to each.
                 also = partitioned_as.get(table)
+                if kind is Truncate and partitions.leaves(table):
+                    # (TRUNCATE ONLY of a table with inheritance children: theirs stay)
+                    event = Truncate(event.xid, event.lsn, *table,  # type: ignore[union-attr]
+                                     partition=table)
                 leaf = event
                 while True:
                     touched.add(table)

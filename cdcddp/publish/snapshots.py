@@ -26,7 +26,7 @@ from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Relation
 from cdcddp.wal.lsn import SERVER_LSN_SQL, parse_lsn
 from cdcddp.wal.pgtypes import BINARY_LOADS_AS_DECODED
-from cdcddp.wal.preflight import leaf_partitions, unstreamed_partition, unstreamed_reason
+from cdcddp.wal.preflight import partitions_of, unstreamed_partition, unstreamed_reason
 
 __all__ = [
     "ReadsInterrupted",
@@ -323,17 +323,15 @@ _RELATION_KIND_SQL: Final = (
 def check_streamed(conn: psycopg.Connection[Any], table: TableName
                    ) -> frozenset[Leaf] | None:
     """Raise :class:`TableNotStreamed` when no change to ``table`` is ever streamed (a
-    missing table is left to the snapshot query to report). A partitioned table's changes
-    are its leaf partitions': returns them (None for a table that is not partitioned)."""
+    missing table is left to the snapshot query to report). Its partitions' (or inheritance
+    children's) changes are its too, under their names: returns them (None for a missing
+    table)."""
     found = conn.execute(_RELATION_KIND_SQL, table).fetchone()
     if found is None:
         return None
-    name = f"{table[0]}.{table[1]}"
-    reason = unstreamed_reason(name, *found)
+    reason = unstreamed_reason(f"{table[0]}.{table[1]}", *found)
     if reason is not None:
         raise TableNotStreamed(reason)
-    if found[0] != "p":
-        return None
     trees, unstreamed = read_partitions(conn, [table])
     if table in unstreamed:
         raise TableNotStreamed(unstreamed[table])
@@ -342,10 +340,10 @@ def check_streamed(conn: psycopg.Connection[Any], table: TableName
 
 def read_partitions(conn: psycopg.Connection[Any], tables: Sequence[TableName]
                     ) -> tuple[dict[TableName, frozenset[Leaf]], dict[TableName, str]]:
-    """The leaf partitions of each of partitioned ``tables`` (none for one that is gone or
-    no longer partitioned), and why the changes of those with a leaf that is never streamed
-    are not (an UNLOGGED or foreign partition)."""
-    found = leaf_partitions(conn, tables)
+    """The partitions with rows of each of ``tables`` (or inheritance children: see
+    :func:`cdcddp.wal.preflight.partitions_of`), and why the changes of those with one
+    whose changes are never streamed are not (an UNLOGGED or foreign partition)."""
+    found = partitions_of(conn, tables)
     unstreamed = {table: reason for table, leaves in found.items()
                   if (reason := unstreamed_partition(f"{table[0]}.{table[1]}", leaves))}
     return ({table: frozenset((leaf.schema, leaf.table, leaf.oid) for leaf in leaves)

@@ -98,8 +98,9 @@ class Truncate:
     schema: str
     table: str
     action: Literal["T"] = "T"
-    # Set on a partition's TRUNCATE given as its partitioned table's (cdcddp.publish.
-    # partitions): (schema, table) of the partition, whose rows alone went.
+    # Set when the table's rows did not all go (cdcddp.publish.partitions): a partition's
+    # TRUNCATE given as its table's, or a table's own rows only (its partitions' stay):
+    # (schema, table) of the one whose rows alone went.
     partition: tuple[str, str] | None = None
 
 

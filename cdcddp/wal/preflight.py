@@ -120,12 +120,12 @@ def check_failover_slot(conn: psycopg.Connection, slot: str) -> Finding | None:
 
 
 def unstreamed_reason(name: str, relkind: str, persistence: str,
-                      partition_of: str | None = None) -> str | None:
+                      part_of: str | None = None) -> str | None:
     """Why no change to relation ``name`` (``pg_class.relkind``, ``relpersistence``) is
     ever streamed, with what to do; None for a logged table, whose changes are, or a
-    partitioned table (its partitions' are). ``partition_of``: the partitioned table
-    ``name`` is a leaf partition of."""
-    what = name if partition_of is None else f"{name} (a partition of {partition_of})"
+    partitioned table (its partitions' are). ``part_of``: what ``name`` is to the table
+    published ("a partition of public.events")."""
+    what = name if part_of is None else f"{name} ({part_of})"
     if relkind in ("v", "m"):
         kind = "view" if relkind == "v" else "materialized view"
         return (f"{name} is a {kind}: only tables' changes are streamed: publish the "
@@ -141,12 +141,13 @@ def unstreamed_reason(name: str, relkind: str, persistence: str,
 
 @dataclass(slots=True, frozen=True)
 class Partition:
-    """A leaf partition of a partitioned table: the relation a row is stored in, whose name
-    the stream gives its changes."""
+    """A table whose rows a query of another also reads: a partition of it (at any level
+    below it), or an inheritance child. The stream gives its rows' changes its own name."""
 
     schema: str
     table: str
     oid: int
+    is_partition: bool  # (not an inheritance child)
     relkind: str
     persistence: str
     identity: str  # pg_class.relreplident
@@ -156,25 +157,35 @@ class Partition:
     def name(self) -> str:
         return f"{self.schema}.{self.table}"
 
+    def part_of(self, table: str) -> str:
+        return f"{'a partition' if self.is_partition else 'a child table'} of {table}"
 
+
+# The tables below each of the tables named, through pg_inherits (partitions and inheritance
+# children alike), save partitioned ones: those have no rows of their own.
 _PARTITIONS_SQL = (
-    "SELECT r.nspname, r.relname, n.nspname, c.relname, c.oid::int8, c.relkind::text, "
-    "c.relpersistence::text, c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i "
-    "WHERE i.indrelid = c.oid AND i.indisprimary) "
-    "FROM unnest(%s::text[], %s::text[]) AS r(nspname, relname) "
-    "JOIN pg_namespace rn ON rn.nspname = r.nspname "
-    "JOIN pg_class rc ON rc.relnamespace = rn.oid AND rc.relname = r.relname "
-    "AND rc.relkind = 'p' "
-    "CROSS JOIN LATERAL pg_partition_tree(rc.oid) t "
-    "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE t.isleaf")
+    "WITH RECURSIVE named AS ("
+    " SELECT r.nspname, r.relname, c.oid FROM unnest(%s::text[], %s::text[]) "
+    " AS r(nspname, relname) JOIN pg_namespace n ON n.nspname = r.nspname "
+    " JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.relname), "
+    "below AS ("
+    " SELECT t.nspname, t.relname, i.inhrelid FROM named t "
+    " JOIN pg_inherits i ON i.inhparent = t.oid "
+    " UNION "
+    " SELECT b.nspname, b.relname, i.inhrelid FROM below b "
+    " JOIN pg_inherits i ON i.inhparent = b.inhrelid) "
+    "SELECT b.nspname, b.relname, n.nspname, c.relname, c.oid::int8, c.relispartition, "
+    "c.relkind::text, c.relpersistence::text, c.relreplident::text, EXISTS (SELECT 1 "
+    "FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) "
+    "FROM below b JOIN pg_class c ON c.oid = b.inhrelid "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind <> 'p'")
 
 
-def leaf_partitions(conn: psycopg.Connection, tables: Iterable[tuple[str, str]]
-                    ) -> dict[tuple[str, str], list[Partition]]:
-    """The leaf partitions of each partitioned table of ``tables`` ((schema, name) pairs),
-    at every level below it; a table that is not partitioned (or no longer exists) has
-    none."""
+def partitions_of(conn: psycopg.Connection, tables: Iterable[tuple[str, str]]
+                  ) -> dict[tuple[str, str], list[Partition]]:
+    """The tables whose rows a query of each of ``tables`` ((schema, name) pairs) also
+    reads: its partitions at every level (the leaves: those with rows), or its inheritance
+    children and theirs. None for a table without (or that no longer exists)."""
     tables = list(tables)
     found: dict[tuple[str, str], list[Partition]] = {table: [] for table in tables}
     rows = conn.execute(_PARTITIONS_SQL, ([t[0] for t in tables], [t[1] for t in tables]))
@@ -184,18 +195,19 @@ def leaf_partitions(conn: psycopg.Connection, tables: Iterable[tuple[str, str]]
 
 
 def unstreamed_partition(table: str, partitions: Iterable[Partition]) -> str | None:
-    """Why the changes to a leaf of partitioned ``table`` are never streamed, if one's are
-    not (see :func:`unstreamed_reason`)."""
+    """Why the changes to a partition of ``table`` are never streamed, if one's are not
+    (see :func:`unstreamed_reason`)."""
     for leaf in partitions:
-        reason = unstreamed_reason(leaf.name, leaf.relkind, leaf.persistence, table)
+        reason = unstreamed_reason(leaf.name, leaf.relkind, leaf.persistence,
+                                   leaf.part_of(table))
         if reason is not None:
             return reason
     return None
 
 
-def _identity_finding(name: str, identity: str, has_pk: bool, partition_of: str | None = None
+def _identity_finding(name: str, identity: str, has_pk: bool, part_of: str | None = None
                       ) -> Finding | None:
-    what = name if partition_of is None else f"{name} (a partition of {partition_of})"
+    what = name if part_of is None else f"{name} ({part_of})"
     if identity == "n":
         return Finding("error", "table_identity_nothing",
                        f"table {what} has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs "
@@ -223,20 +235,20 @@ def check_table(conn: psycopg.Connection, table: str) -> Finding:
     unstreamed = unstreamed_reason(name, relkind, persistence)
     if unstreamed is not None:
         return Finding("error", "table_not_streamed", f"{unstreamed}.")
-    if relkind == "p":
-        # Each partition's own replica identity says what its UPDATEs and DELETEs carry.
-        partitions = leaf_partitions(conn, [(schema, relname)])[(schema, relname)]
-        unstreamed = unstreamed_partition(name, partitions)
-        if unstreamed is not None:
-            return Finding("error", "table_not_streamed", f"{unstreamed}.")
-        for leaf in partitions:
-            finding = _identity_finding(leaf.name, leaf.identity, leaf.has_pk, name)
-            if finding is not None:
-                return finding
-    else:
-        finding = _identity_finding(name, identity, has_pk)
-        if finding is not None:
-            return finding
+    # Its partitions' rows (or inheritance children's) are its rows too, streamed under
+    # their names: each is checked, with its own replica identity (a partitioned table has
+    # no rows of its own).
+    partitions = partitions_of(conn, [(schema, relname)])[(schema, relname)]
+    unstreamed = unstreamed_partition(name, partitions)
+    if unstreamed is not None:
+        return Finding("error", "table_not_streamed", f"{unstreamed}.")
+    findings = [_identity_finding(leaf.name, leaf.identity, leaf.has_pk, leaf.part_of(name))
+                for leaf in partitions]
+    if relkind != "p":
+        findings.insert(0, _identity_finding(name, identity, has_pk))
+    finding = next((f for f in findings if f is not None), None)
+    if finding is not None:
+        return finding
     if not readable:
         return Finding("error", "table_unreadable",
                        f"role {role!r} cannot read table {name}: run GRANT SELECT ON {name} "
