@@ -117,6 +117,12 @@ def test_relations_whose_changes_are_never_streamed(db_dsn: str) -> None:
     assert found[2].message.startswith("kept is a materialized view: ")
 
 
+def table_finding(dsn: str, table: str) -> tuple[str, str]:
+    """The code and message of ``cdcddp check``'s finding about ``table``."""
+    (found,) = run_preflight(dsn, tables=[table])[-1:]
+    return found.code, found.message
+
+
 def test_a_partitioned_table_is_checked_partition_by_partition(db_dsn: str) -> None:
     """Its changes are its leaf partitions', at every level: each must be streamed, with a
     replica identity of its own (a partitioned table's is not theirs)."""
@@ -130,15 +136,13 @@ def test_a_partitioned_table_is_checked_partition_by_partition(db_dsn: str) -> N
         ("table", "table parted has a replica identity and is readable."),
         ("table", "table parted_1 has a replica identity and is readable.")]
     sql(db_dsn, "ALTER TABLE parted_1a REPLICA IDENTITY NOTHING")
-    (found,) = run_preflight(db_dsn, tables=["parted"])[-1:]
-    assert (found.code, found.message) == (
+    assert table_finding(db_dsn, "parted") == (
         "table_identity_nothing", "table public.parted_1a (a partition of parted) has REPLICA "
         "IDENTITY NOTHING, so its UPDATEs and DELETEs are not streamed: run ALTER TABLE "
         "public.parted_1a REPLICA IDENTITY DEFAULT.")
     sql(db_dsn, "ALTER TABLE parted_1a REPLICA IDENTITY DEFAULT",
         "CREATE UNLOGGED TABLE parted_3 PARTITION OF parted FOR VALUES FROM (20) TO (30)")
-    (found,) = run_preflight(db_dsn, tables=["parted"])[-1:]
-    assert (found.code, found.message) == (
+    assert table_finding(db_dsn, "parted") == (
         "table_not_streamed", "public.parted_3 (a partition of parted) is UNLOGGED: its "
         "changes are not written to the WAL, so never streamed: run ALTER TABLE "
         "public.parted_3 SET LOGGED.")
@@ -149,14 +153,12 @@ def test_a_tables_inheritance_children_are_checked_too(db_dsn: str) -> None:
     own (a primary key is not inherited) and must be streamed."""
     sql(db_dsn, "CREATE TABLE cities (id int PRIMARY KEY, name text)",
         "CREATE TABLE capitals (state text) INHERITS (cities)")
-    (found,) = run_preflight(db_dsn, tables=["cities"])[-1:]
-    assert (found.code, found.message) == (
+    assert table_finding(db_dsn, "cities") == (
         "table_no_identity", "table public.capitals (a child table of cities) has no primary "
         "key, so its UPDATEs and DELETEs are not streamed: add one (ALTER TABLE "
         "public.capitals ADD PRIMARY KEY (...)) or set REPLICA IDENTITY USING INDEX or FULL.")
     sql(db_dsn, "ALTER TABLE capitals ADD PRIMARY KEY (id)")
-    (found,) = run_preflight(db_dsn, tables=["cities"])[-1:]
-    assert found.code == "table"
+    assert table_finding(db_dsn, "cities")[0] == "table"
 
 
 def test_tables_the_role_cannot_read_or_reads_through_row_security(
