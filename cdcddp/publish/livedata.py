@@ -1072,14 +1072,18 @@ class LiveData:
             # An UPDATE lacked columns observers know: unchanged TOASTed values, or dropped
             # columns? Rare (once per such set of columns): the catalog says, at the commit.
             self._absent_checks.append(relation)
-        self._mark_reshaped(relation, stale)
+        if stale:
+            self._mark_reshaped(table, stale, f"shape ({describe_shape_change(relation)})")
 
-    def _mark_reshaped(self, relation: Relation, stale: set[ObserverEntry]) -> None:
+    def _mark_reshaped(self, table: TableName, stale: Iterable[ObserverEntry], how: str
+                       ) -> None:
+        """Resync ``stale`` observers of ``table`` at the next commit: it changed ``how``
+        (seen in the stream, or in the catalog)."""
+        stale = set(stale)
         if stale:
             self.schema_changes += 1
             self._resync_due.update(dict.fromkeys(stale, "schema_change"))
-            log.warning("table %s.%s changed shape (%s): resyncing its %d observer(s)",
-                        relation.schema, relation.table, describe_shape_change(relation),
+            log.warning("table %s.%s changed %s: resyncing its %d observer(s)", *table, how,
                         len(stale))
 
     async def _check_absent_columns(self) -> None:
@@ -1096,9 +1100,10 @@ class LiveData:
             gone = {c for c in relation.absent if c not in existing}
             routes = self._routes.get(table)
             if gone and routes is not None:
-                self._mark_reshaped(relation, {
+                self._mark_reshaped(table, (
                     e for e in routes.entries if e.live and e not in self._resync_due
-                    and any(c in e.bound.columns for c in gone)})
+                    and any(c in e.bound.columns for c in gone)),
+                    f"shape ({describe_shape_change(relation)})")
 
     async def _resync_due_observers(self) -> None:
         """Re-run the queries of observers whose rows changed unseen by the stream (their
@@ -1113,9 +1118,7 @@ class LiveData:
             by_reason.setdefault(reason, set()).add(entry)
         for reason, entries in by_reason.items():
             await self._with_gate_closed(self._resync(entries, reason))
-        tables = {e.table for e in due}
-        self._run_row_watchers(self._watchers_of(
-            d for d in self._row_watchers if (d[0], d[1]) in tables), 0)
+        self._run_row_watchers(self._watchers_of_tables({e.table for e in due}), 0)
 
     async def _gap_snapshot(self) -> Snapshot | None:
         try:
@@ -1211,11 +1214,8 @@ class LiveData:
                     stale[entry] = verdicts[key]  # type: ignore[assignment]
             if stale:
                 found = True
-                self.schema_changes += 1
-                self._resync_due.update(dict.fromkeys(stale, "schema_change"))
-                log.warning("table %s.%s changed in the catalog (%s): resyncing its %d "
-                            "observer(s)", *table, "; ".join(sorted(set(stale.values()))),
-                            len(stale))
+                self._mark_reshaped(table, stale, "in the catalog "
+                                    f"({'; '.join(sorted(set(stale.values())))})")
         return found
 
     def _follow_partitions_due(self) -> None:
@@ -1231,6 +1231,7 @@ class LiveData:
             return  # changed back meanwhile
         self._commits_seen += 1  # a number of its own: lookups running now are stale
         number = self._commits_seen
+        unresynced: set[TableName] = set()  # (the others' lookups run at their resync)
         for table, unstreamed in changed.items():
             self.partition_changes += 1
             routes = self._routes.get(table)
@@ -1244,12 +1245,13 @@ class LiveData:
                 log.info("the partitions of %s.%s changed: resyncing its %d observer(s)",
                          *table, len(entries))
                 self._resync_due.update(dict.fromkeys(entries, "partitions_changed"))
+            if unstreamed is not None or not entries:
+                unresynced.add(table)
             if table in self._interest:
                 self._keep_whole_from_next(table)
             self._table_changed_at[table] = number
             self._row_changes.restart(table, number)
-            self._run_row_watchers(self._watchers_of(
-                d for d in self._row_watchers if (d[0], d[1]) == table), 0)
+        self._run_row_watchers(self._watchers_of_tables(unresynced), 0)
         self.ring.break_pins()
 
     async def _watch_behind(self, stream: ReplicationStream) -> None:
@@ -1384,10 +1386,15 @@ class LiveData:
                            if read_differs(read, image))
         for table in truncated:
             self._row_changes.restart(table, delivered)
-            due |= self._watchers_of(d for d in watchers if (d[0], d[1]) == table)
+        if truncated:
+            due |= self._watchers_of_tables(truncated)
         rows.clear()
         truncated.clear()
         return due
+
+    def _watchers_of_tables(self, tables: AbstractSet[TableName]) -> set[RowWatcher]:
+        """The watchers of any row of ``tables``."""
+        return self._watchers_of(d for d in self._row_watchers if (d[0], d[1]) in tables)
 
     def _watchers_of(self, rows: Iterable[Dependency]) -> set[RowWatcher]:
         due: set[RowWatcher] = set()
