@@ -85,11 +85,12 @@ def writer(dsn: str, seed: int, transactions: int, stop: list[bool], partitioned
     return committed
 
 
-def held_writer(dsn: str, seed: int, transactions: int, stop: list[bool]) -> int:
+def held_writer(dsn: str, seed: int, transactions: int, stop: list[bool],
+                progress: list[bool]) -> int:
     """Like :func:`writer`, but each commit waits for a synchronous standby that does not
     exist (``synchronous_standby_names`` names nobody) until another session cancels the wait
     a random moment later: the commit is written, decoded and streamed, and only then
-    becomes visible. Returns how many committed."""
+    becomes visible. Returns how many committed; appends to ``progress`` at each commit."""
     rng = random.Random(seed)
     committed = 0
     with psycopg.connect(dsn, autocommit=True) as conn, \
@@ -108,6 +109,7 @@ def held_writer(dsn: str, seed: int, transactions: int, stop: list[bool]) -> int
                     for _ in range(rng.choice([1, 1, 2, 3])):
                         _random_change(conn, rng)
                 committed += 1  # (the cancelled wait is a warning: the commit stands)
+                progress.append(True)
             except (*_CONFLICTS, psycopg.errors.QueryCanceled):
                 pass
             finally:
@@ -332,6 +334,7 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
         stop: list[bool] = []
         committed: list[int] = []
         held_committed: list[int] = []
+        held_progress: list[bool] = []
         migrated: list[int] = []
 
         migrations_over: list[bool] = []  # once the writers are done, or the churn
@@ -344,7 +347,7 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
 
         async def write_held() -> None:
             held_committed.append(await trio.to_thread.run_sync(
-                held_writer, writes, seed * 100 + 99, transactions // 4, stop))
+                held_writer, writes, seed * 100 + 99, transactions // 4, stop, held_progress))
 
         async def migrate() -> None:
             migrated.append(await trio.to_thread.run_sync(
@@ -388,6 +391,12 @@ async def _run_oracle(dsn: str, rng: random.Random, *, seed: int, transactions: 
                 nursery.start_soon(kill_walsender)
                 try:
                     await churn()
+                    # A short churn must not cut the writes short (a deadlock between writers
+                    # stalls them all for deadlock_timeout, 1 s): the writers run all their
+                    # transactions, the held one until one of its commits went through.
+                    with trio.move_on_after(60):
+                        while len(committed) < writers or not (held_progress or held_committed):
+                            await trio.sleep(0.05)
                 finally:  # (also when a task failed: the threads cannot be cancelled)
                     stop.append(True)  # writers finish their current transaction
                     migrations_over.append(True)
