@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 from pydantic import BaseModel
@@ -19,6 +20,7 @@ from cdcddp.publish.definition import Cursor, Publication
 from cdcddp.publish.filters import C, Param
 from cdcddp.publish.ids import pk_to_wire_id
 from cdcddp.publish.lookup import RowLookup
+from cdcddp.publish.snapshots import quiet_partitions
 from tests.livedata_support import (
     asql,
     build_live_app,
@@ -204,6 +206,85 @@ async def test_partitions_attached_created_detached_and_dropped_show_in_subscrip
             assert live.resync_reasons["partitions_changed"] > 0
 
 
+async def test_a_partition_made_ahead_costs_no_resync(db_dsn: str) -> None:
+    """A partition that never held a row (a monthly one made ahead, created or attached) is
+    followed with no resync of its table's observers; one whose rows the stream showed under
+    its name (emptied since) or that held rows still costs one."""
+    await asql(db_dsn, SCHEMA, "INSERT INTO events (region, id, title) VALUES "
+                               "('eu', 1, 'hot'), ('us', 1, 'hot')",
+               "CREATE TABLE events_ca (LIKE events INCLUDING ALL)",
+               "CREATE TABLE events_mx (LIKE events INCLUDING ALL)")
+    async with live_server(db_dsn, build_app(), resyncs={"partitions_changed"},
+                           catalog_check_interval=0.1) as server:
+        async with connect(server.ws_url, log_messages=True) as client:
+            await subscribe_all(client)
+            await all_as_expected(client, db_dsn)
+            live = server.live
+            await asql(db_dsn, "CREATE TABLE events_eu_3 PARTITION OF events_eu "
+                               "FOR VALUES FROM (2000) TO (3000)")
+            await eventually(lambda: live.partitions_added_quietly == 2)  # events, events_eu
+            await asql(db_dsn, "ALTER TABLE events ATTACH PARTITION events_ca "
+                               "FOR VALUES IN ('ca')")
+            await eventually(lambda: live.partitions_added_quietly == 3)
+            assert live.resync_reasons["partitions_changed"] == 0
+            await asql(db_dsn, "INSERT INTO events VALUES ('eu', 2500, 'hot'), ('ca', 1, 'hot')",
+                       "UPDATE events SET version = 2 WHERE id = 2500")
+            await all_as_expected(client, db_dsn)
+            assert live.resync_reasons["partitions_changed"] == 0
+
+            # Empty again, but a row of it was streamed (it has no page: the stream is what
+            # tells): a snapshot may have seen that row, so its observers are read again.
+            await asql(db_dsn, "INSERT INTO events_mx VALUES ('mx', 1, 'hot')",
+                       "TRUNCATE events_mx",
+                       "ALTER TABLE events ATTACH PARTITION events_mx FOR VALUES IN ('mx')")
+            await eventually(lambda: live.resync_reasons["partitions_changed"] == 2)  # all, titled
+            assert live.partitions_added_quietly == 3
+            await asql(db_dsn, "INSERT INTO events VALUES ('mx', 2, 'hot')")
+            await all_as_expected(client, db_dsn)
+            # One with rows left: resynced (events, eu and titled).
+            await asql(db_dsn, "ALTER TABLE events_eu DETACH PARTITION events_eu_3")
+            await all_as_expected(client, db_dsn)
+            assert live.resync_reasons["partitions_changed"] == 5
+
+
+def test_quiet_partitions_are_those_that_never_held_a_row_nor_were_renamed(
+        db_dsn: str) -> None:
+    """The catalog half of the quiet test: no page, and the name its pg_inherits row saw."""
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute("CREATE TABLE events_eu_3 PARTITION OF events_eu "
+                     "FOR VALUES FROM (2000) TO (3000)")  # quiet
+        conn.execute("CREATE TABLE events_ca (LIKE events INCLUDING ALL)")
+        conn.execute("ALTER TABLE events_ca RENAME TO events_canada")  # before: kept since
+        conn.execute("ALTER TABLE events ATTACH PARTITION events_canada FOR VALUES IN ('ca')")
+        conn.execute("CREATE TABLE events_mx (LIKE events INCLUDING ALL)")
+        conn.execute("ALTER TABLE events ATTACH PARTITION events_mx FOR VALUES IN ('mx')")
+        conn.execute("ALTER TABLE events_mx RENAME TO events_mexico")  # after: not quiet
+        conn.execute("CREATE SCHEMA north")
+        conn.execute("CREATE TABLE north.events_fr (LIKE events INCLUDING ALL)")
+        conn.execute("ALTER TABLE events ATTACH PARTITION north.events_fr "
+                     "FOR VALUES IN ('fr')")
+        conn.execute("ALTER SCHEMA north RENAME TO nord")  # its name changed: not quiet
+        conn.execute("INSERT INTO events VALUES ('us', 1, 'a')")  # held a row: not quiet
+        conn.execute("CREATE TABLE events_de (LIKE events INCLUDING ALL)")
+        conn.execute("INSERT INTO events_de VALUES ('de', 1, 'a')")
+        conn.execute("DELETE FROM events_de")  # a page left: not quiet
+        conn.execute("ALTER TABLE events ATTACH PARTITION events_de FOR VALUES IN ('de')")
+        names = ["events_eu_1", "events_eu_3", "events_canada", "events_mexico", "nord.events_fr",
+                 "events_us", "events_de"]
+        oids = {name: conn.execute("SELECT %s::regclass::oid::int8", (name,)).fetchone()[0]
+                for name in names}  # type: ignore[index]
+        with conn.transaction():
+            quiet = quiet_partitions(conn, oids.values())
+        assert {name for name, oid in oids.items() if oid in quiet} == {
+            "events_eu_1", "events_eu_3", "events_canada"}
+        # Locked by someone's DDL: not quiet, at once.
+        with psycopg.connect(db_dsn) as ddl:
+            ddl.execute("LOCK TABLE events_eu_3 IN ACCESS EXCLUSIVE MODE")
+            with conn.transaction():
+                assert quiet_partitions(conn, [oids["events_eu_3"]]) == frozenset()
+
+
 async def test_a_partition_whose_changes_are_never_streamed_stops_its_table(
         db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     """An UNLOGGED partition: its rows would never change. Refused at subscribe; and when
@@ -346,6 +427,15 @@ async def test_subscriptions_racing_partition_changes_end_as_sql_says(db_dsn: st
                     else:
                         await asql(db_dsn, f"INSERT INTO events {insert}",
                                    "ALTER TABLE events DETACH PARTITION events_ca")
+                    # A partition made ahead, written to a moment later: before the poll
+                    # sees it, after, or after the engine follows it.
+                    low = (n + 1) * 1000
+                    await asql(db_dsn, f"CREATE TABLE events_eu_{n + 2} PARTITION OF "
+                                       f"events_eu FOR VALUES FROM ({low}) TO ({low + 1000})")
+                    await trio.sleep(0.02 * n)
+                    await asql(db_dsn, f"INSERT INTO events VALUES ('eu', {low + 1}, 'hot', "
+                                       f"NULL), ('eu', {low + 2}, 'cold', NULL)",
+                               f"UPDATE events SET title = 'cold' WHERE id = {low + 1}")
                     await trio.sleep(0.15)
                 stop.set()
 
@@ -365,3 +455,6 @@ async def test_subscriptions_racing_partition_changes_end_as_sql_says(db_dsn: st
                     nursery.start_soon(churn, client)
             for client in clients:
                 await all_as_expected(client, db_dsn)
+            live = server.live
+            print(f"{live.partitions_added_quietly} of {live.partition_changes} partition "
+                  "changes needed no resync")

@@ -109,6 +109,7 @@ from cdcddp.publish.snapshots import (
     fetch_row,
     horizon_snapshot,
     next_batch,
+    quiet_partitions,
     read_partitions,
     row_list,
     row_query,
@@ -446,11 +447,12 @@ class LiveData:
         self._streamed = StreamedTables()
         self._streamed_checks: dict[TableName, trio.Event] = {}
         self.streamed_checks = 0  # catalog reads of that (tests)
-        # Partitioned tables' new leaf partitions, polled (_watch_partitions) and followed
+        # Partitioned tables' new leaf partitions, polled (_watch_catalog) and followed
         # from the next commit the consumer applies (with a resync of their observers).
-        # (leaves, why one's changes are never streamed, if so)
-        self._partitions_due: dict[TableName, tuple[Leaves, str | None]] = {}
+        # (leaves, why one's changes are never streamed if so, the new ones found quiet)
+        self._partitions_due: dict[TableName, tuple[Leaves, str | None, frozenset[int]]] = {}
         self.partition_changes = 0  # trees found changed (tests)
+        self.partitions_added_quietly = 0  # of those, changes needing no resync (tests)
         self.lookups = BatchedLookups(database, lambda: self._commits_seen,
                                       self._tables_changed_since, self._streamed)
         self._lookup_runners = max(1, database.size // 4)
@@ -975,7 +977,7 @@ class LiveData:
                 if self._absent_checks:
                     await self._check_absent_columns()
                 if self._partitions_due:
-                    self._follow_partitions_due()
+                    self._follow_partitions_due(touched)
                 if self._resync_due and (txn is None or not txn.chunked):
                     await self._resync_due_observers()  # before this transaction: it may see it
                 if txn is not None:
@@ -1184,9 +1186,17 @@ class LiveData:
                or (table in unstreamed and table in self._streamed)}
         for table in trees.keys() - due.keys():
             self._partitions_due.pop(table, None)  # changed back before it was followed
-        new = {table: d for table, d in due.items() if self._partitions_due.get(table) != d}
-        self._partitions_due.update(new)
-        return bool(new)
+        new = {table: d for table, d in due.items()
+               if self._partitions_due.get(table, (None, None))[:2] != d}
+        if not new:
+            return False
+        added = [oid for table, (leaves, _) in new.items()
+                 for _, _, oid in leaves - partitions.leaves(table)]
+        # (read after the trees: under a snapshot that sees them)
+        quiet = await self.database.run(quiet_partitions, added) if added else frozenset()
+        self._partitions_due.update({table: (leaves, why, quiet)
+                                     for table, (leaves, why) in new.items()})
+        return True
 
     async def _poll_shapes(self) -> bool:
         """Whether observers' snapshots saw other columns than the catalog shows now: they
@@ -1218,17 +1228,28 @@ class LiveData:
                                     f"({'; '.join(sorted(set(stale.values())))})")
         return found
 
-    def _follow_partitions_due(self) -> None:
-        """(At a commit, before it is applied.) Follow the partitions polled: the observers
-        of their tables are read again (or stop, if a partition's changes are never
-        streamed), rows of theirs that lookups read are deemed changed, and snapshots being
-        handed off are taken again (the ring kept changes under the old partitions)."""
+    def _follow_partitions_due(self, touched: set[TableName]) -> None:
+        """(At a commit, before it is applied; ``touched``: the tables it changed.) Follow
+        the partitions polled: the observers of their tables are read again (or stop, if a
+        partition's changes are never streamed), rows of theirs that lookups read are deemed
+        changed, and snapshots being handed off are taken again (the ring kept changes under
+        the old partitions) — unless partitions were only added, each quiet
+        (:meth:`_quietly_added`): a monthly partition made ahead costs no resync."""
         due, self._partitions_due = self._partitions_due, {}
         partitions = self._streamed.partitions
-        changed = {table: unstreamed for table, (leaves, unstreamed) in due.items()
-                   if partitions.set_leaves(table, leaves) or unstreamed is not None}
+        changed: dict[TableName, str | None] = {}
+        for table, (leaves, unstreamed, quiet) in due.items():
+            before = partitions.leaves(table)
+            if not partitions.set_leaves(table, leaves) and unstreamed is None:
+                continue  # changed back meanwhile
+            if unstreamed is None and self._quietly_added(before, leaves, quiet, touched):
+                self.partition_changes += 1
+                self.partitions_added_quietly += 1
+                log.info("partitions of %s.%s added, none with rows: followed", *table)
+                continue
+            changed[table] = unstreamed
         if not changed:
-            return  # changed back meanwhile
+            return
         self._commits_seen += 1  # a number of its own: lookups running now are stale
         number = self._commits_seen
         unresynced: set[TableName] = set()  # (the others' lookups run at their resync)
@@ -1253,6 +1274,20 @@ class LiveData:
             self._row_changes.restart(table, number)
         self._run_row_watchers(self._watchers_of_tables(unresynced), 0)
         self.ring.break_pins()
+
+    def _quietly_added(self, before: Leaves, after: Leaves, quiet: frozenset[int],
+                       touched: set[TableName]) -> bool:
+        """Were partitions only added, each quiet: no row in it ever (when polled, after
+        it became one), its name kept since it became one, and no change to it streamed
+        under that name before now (this server's stream; ``touched``: the transaction
+        being applied)? Then no snapshot read before now saw a row of it that a change no
+        one gave to its table altered since, and every change to it from now on is given
+        to its table: its observers hold what they should, as do the lookups."""
+        if not before <= after:
+            return False  # one left (or was renamed): its rows went with it
+        changed_at = self._table_changed_at
+        return all(oid in quiet and (schema, name) not in changed_at
+                   and (schema, name) not in touched for schema, name, oid in after - before)
 
     async def _watch_behind(self, stream: ReplicationStream) -> None:
         """Skip the backlog when the applied position falls more than

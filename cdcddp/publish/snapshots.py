@@ -350,6 +350,33 @@ def read_partitions(conn: psycopg.Connection[Any], tables: Sequence[TableName]
              for table, leaves in found.items()}, unstreamed)
 
 
+# Of these partitions, those that never held a row (no page: a table TRUNCATE empties has
+# none either) and that kept their names since they became partitions: neither their table's
+# pg_class row nor their schema's is newer than their pg_inherits rows (xmin ages: older is
+# larger). A rename writes the row anew; ATTACH writes the partition's row too, in the
+# transaction that makes its pg_inherits row.
+_QUIET_PARTITIONS_SQL: Final = (
+    "SELECT c.oid::int8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.oid = ANY(%s::oid[]) AND pg_relation_size(c.oid) = 0 "
+    "AND EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid) "
+    "AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid "
+    "AND (age(i.xmin) > age(c.xmin) OR age(i.xmin) > age(n.xmin)))")
+
+
+def quiet_partitions(conn: psycopg.Connection[Any], oids: Iterable[int]) -> frozenset[int]:
+    """Of these partitions' oids, those that never held a row and kept their names since
+    they became partitions (so every change to their rows since is streamed under the name
+    the catalog shows): see :meth:`LiveData._follow_partitions_due`. A partition locked
+    by someone's DDL counts as not quiet rather than hold the catalog poll up."""
+    try:
+        with conn.transaction():  # (a savepoint: a lock timeout leaves the rest usable)
+            conn.execute("SET LOCAL lock_timeout = '200ms'")  # (pg_relation_size locks)
+            rows = conn.execute(_QUIET_PARTITIONS_SQL, (list(oids),)).fetchall()
+    except psycopg.errors.LockNotAvailable:
+        return frozenset()
+    return frozenset(oid for (oid,) in rows)
+
+
 def failed_read_advice(exc: BaseException) -> str | None:
     """What an operator should change when PostgreSQL refused a read of a published table
     to the server's role, or found no such table or column (None: another error)."""
