@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -40,17 +41,21 @@ from cdcddp.publish.filters import (
     not_,
     or_,
 )
+from cdcddp.publish.snapshots import inexact_columns, table_shapes
 
 # --------------------------------------------------------------------------- helpers
 
 TABLE_DDL = """
+CREATE COLLATION IF NOT EXISTS case_blind
+    (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
 CREATE TABLE t (
     id int PRIMARY KEY,
     i int4, big int8, n numeric, f float8,
     s text COLLATE "und-x-icu",  -- a linguistic collation: 'a' < 'B' here, not in Python
+    ci text COLLATE case_blind,  -- nondeterministic: 'a' = 'A' here, not in Python
     b boolean, ts timestamptz
 )"""
-COLUMNS = ("i", "big", "n", "f", "s", "b", "ts")
+COLUMNS = ("i", "big", "n", "f", "s", "ci", "b", "ts")
 
 
 @pytest.fixture
@@ -65,21 +70,27 @@ def load(conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> list[dict
     conn.execute("DELETE FROM t")
     with conn.cursor() as cur:
         cur.executemany(
-            "INSERT INTO t (id, i, big, n, f, s, b, ts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            f"INSERT INTO t (id, {', '.join(COLUMNS)}) VALUES (%s{', %s' * len(COLUMNS)})",
             [(n, *(r.get(c) for c in COLUMNS)) for n, r in enumerate(rows)])
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute("SELECT * FROM t ORDER BY id").fetchall()
 
 
+@functools.cache
+def inexact(conn: psycopg.Connection[Any]) -> frozenset[str]:
+    """The table's columns the server compares as "C" (read as the server reads them)."""
+    return inexact_columns(table_shapes(conn, [("public", "t")])[("public", "t")])
+
+
 def sql_ids(conn: psycopg.Connection[Any], bound: BoundFilter) -> set[int]:
-    where, params = bound.where()
+    where, params = bound.where(inexact(conn))
     query = sql.SQL("SELECT id FROM t WHERE {}").format(where)
     return {r[0] for r in conn.execute(query, params)}
 
 
 def sql_truth(conn: psycopg.Connection[Any], bound: BoundFilter) -> bool | None:
     """The SQL value of the condition on the table's single row."""
-    where, params = bound.where()
+    where, params = bound.where(inexact(conn))
     (row,) = conn.execute(sql.SQL("SELECT {} FROM t").format(where), params).fetchall()
     return row[0]
 
@@ -117,10 +128,10 @@ numbers = st.one_of(tricky_numbers, tricky_numbers, small_ints, bigs, numerics, 
 offset_instants = st.builds(lambda d, h: d.astimezone(timezone(timedelta(hours=h))),
                             instants, st.integers(-12, 12))
 
-COLUMN_VALUES = {"i": ints, "big": bigs, "n": numerics, "f": floats, "s": texts, "b": bools,
-                 "ts": instants}
+COLUMN_VALUES = {"i": ints, "big": bigs, "n": numerics, "f": floats, "s": texts, "ci": texts,
+                 "b": bools, "ts": instants}
 OPERAND_VALUES = {"i": numbers, "big": numbers, "n": numbers, "f": numbers, "s": texts,
-                  "b": bools, "ts": st.one_of(instants, offset_instants)}
+                  "ci": texts, "b": bools, "ts": st.one_of(instants, offset_instants)}
 
 
 def nullable(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -156,7 +167,7 @@ def filter_cases(draw: st.DrawFn) -> tuple[Condition, dict[str, Any], Any]:
                 return C(column).in_(value_or_param(items) if items else items)
             return C(column).in_([value_or_param(v) for v in items])
         op = draw(st.sampled_from(list(Op)))
-        if column == "s" and draw(st.integers(0, 4)) == 0:
+        if column in ("s", "ci") and draw(st.integers(0, 4)) == 0:
             return Compare(column, op, UserId())
         value = None if draw(st.integers(0, 9)) == 0 else draw(values)
         return Compare(column, op, _wrap(value_or_param(value)))
@@ -223,7 +234,7 @@ def test_numbers_of_every_type_against_every_numeric_column(
 
 # --------------------------------------------------------------------------- NULL logic
 
-ROW = {"i": None, "big": 1, "n": Decimal("NaN"), "f": math.nan, "s": "B", "b": None,
+ROW = {"i": None, "big": 1, "n": Decimal("NaN"), "f": math.nan, "s": "B", "ci": "B", "b": None,
        "ts": datetime(2020, 1, 1, tzinfo=UTC)}
 
 NULL_LOGIC_CASES: list[tuple[str, Condition, dict[str, Any], bool | None]] = [
@@ -251,6 +262,9 @@ NULL_LOGIC_CASES: list[tuple[str, Condition, dict[str, Any], bool | None]] = [
     ("empty AND is TRUE", TRUE, {}, True),
     ("empty OR is FALSE", FALSE, {}, False),
     ("text order is code-point order ('B' < 'a')", C("s") < "a", {}, True),
+    ("text equality is exact under a nondeterministic collation", C("ci") == "b", {}, False),
+    ("and so is IN", C("ci").in_(["b", "c"]), {}, False),
+    ("and !=", C("ci") != "b", {}, True),
     ("float NaN = NaN", C("f") == math.nan, {}, True),
     ("float NaN > Infinity", C("f") > math.inf, {}, True),
     ("numeric NaN > every number", C("n") > 10**30, {}, True),

@@ -33,11 +33,12 @@ from tests.livedata_support import (
     wait_store,
 )
 from tests.pg_support import held_commit
-from tests.test_publish_filters import COLUMN_VALUES, COLUMNS, TABLE_DDL, nullable
+from tests.test_publish_filters import COLUMN_VALUES, COLUMNS, TABLE_DDL, load, nullable
 
 # The oids of the property test table's columns (see TABLE_DDL).
 SHAPE = {"id": (23, False), "i": (23, False), "big": (20, False), "n": (1700, True),
-         "f": (701, False), "s": (25, True), "b": (16, False), "ts": (1184, False)}
+         "f": (701, False), "s": (25, True), "ci": (25, True), "b": (16, False),
+         "ts": (1184, False)}
 
 
 @pytest.fixture
@@ -69,12 +70,7 @@ def test_sql_order_and_python_ranks_agree(conn: psycopg.Connection[Any]) -> None
     @example(rows=[{**dict.fromkeys(COLUMN_VALUES), "f": v} for v in (math.nan, 1.0, None)],
              sort=[("f", "desc")], limit=1)
     def agree(rows: list[dict[str, Any]], sort: list[tuple[str, str]], limit: int) -> None:
-        conn.execute("DELETE FROM t")
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO t (id, i, big, n, f, s, b, ts) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                [(n, *(r.get(c) for c in COLUMNS)) for n, r in enumerate(rows)])
+        load(conn, rows)
         bound = Cursor("t", fields=list(COLUMNS), sort=sort, limit=limit).bind()
         query, params = bound.snapshot_query(shape=SHAPE)
         got = conn.execute(query, params).fetchall()

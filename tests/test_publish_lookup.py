@@ -98,6 +98,21 @@ def test_lookup_keys_are_primary_keys(db_dsn: str) -> None:
             lookup.row("notes", "x", key_columns=["body"])
 
 
+def test_a_text_key_is_read_exactly_under_a_nondeterministic_collation(db_dsn: str) -> None:
+    """The stream names a row by its exact key: a lookup of 'ann' finds no row 'ANN' that a
+    case-blind key's = would match (it would never be re-run for that row's changes)."""
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("CREATE COLLATION case_blind "
+                     "(provider = icu, locale = 'und-u-ks-level2', deterministic = false)")
+        conn.execute("CREATE TABLE users (name text COLLATE case_blind PRIMARY KEY, n int)")
+        conn.execute("INSERT INTO users VALUES ('ANN', 1)")
+        lookup = SqlRowLookup(conn)
+        assert lookup.row("users", "ann", key_columns=["name"]) is None
+        assert lookup.row("users", "ANN", key_columns=["name"]) == {"name": "ANN", "n": 1}
+        assert lookup.dependencies == {("public", "users", ("ann",)): None,
+                                       ("public", "users", ("ANN",)): {"name": "ANN", "n": 1}}
+
+
 def test_a_change_concerns_a_lookup_only_where_it_read() -> None:
     read = {"id": "l1", "user_id": None}
     assert not read_differs(read, {"id": "l1", "user_id": None, "incomplete_count": 3})

@@ -239,13 +239,15 @@ class BoundCursor:
         return self.cursor.columns_for(self.filter)
 
     def snapshot_query(self, tag: int | None = None,
-                       shape: dict[str, tuple[int, bool]] | None = None
+                       shape: Mapping[str, tuple[Any, ...]] | None = None,
+                       inexact: frozenset[str] = frozenset()
                        ) -> tuple[sql.Composed, list[Any]]:
         """``SELECT <columns> FROM <schema>.<table> WHERE <filter>`` and its parameters; with a
         ``tag``, each row starts with that number (reads combined in one statement). A limited
         cursor adds ``ORDER BY ... LIMIT``, for which it needs the table's ``shape`` (column ->
-        (type oid, varlena)): text sorts by code point."""
-        where, params = self.filter.where()
+        (type oid, ...)): text sorts by code point. ``inexact``: the table's columns with a
+        nondeterministic collation (see :mod:`cdcddp.publish.filters`)."""
+        where, params = self.filter.where(inexact)
         cursor = self.cursor
         columns = sql.SQL(", ").join(map(quoted, self.columns))
         if tag is not None:

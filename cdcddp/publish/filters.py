@@ -30,8 +30,10 @@ How the two sides are kept identical:
   both sides compare as float8 (PostgreSQL casts numeric and integers to float8); NaN equals
   NaN and sorts above every other number (float8 and numeric alike).
 * Text ordering uses ``COLLATE "C"`` in SQL, which is code-point order, as in Python; equality
-  is byte equality under any deterministic collation. ``char(n)`` (blank-padded) columns are
-  not supported in filters.
+  is byte equality under any deterministic collation, and ``COLLATE "C"`` too for a column
+  whose collation is nondeterministic (case-insensitive, say: ``inexact`` columns, which the
+  caller reads from the catalog), where SQL's ``=`` would match what Python's does not.
+  ``char(n)`` (blank-padded) columns are not supported in filters.
 * ``IN`` with an empty list is FALSE (even for NULL), as ``= ANY('{}')`` is.
 
 The predicate needs every column the filter references (:attr:`BoundFilter.columns`) to be
@@ -714,13 +716,14 @@ def quoted(name: str) -> sql.SQL:
     return sql.SQL(sql.Identifier(name).as_string(None).replace("%", "%%"))
 
 
-def _sql(node: BoundNode, params: list[Any]) -> sql.Composable:
+def _sql(node: BoundNode, params: list[Any], inexact: frozenset[str]) -> sql.Composable:
     if isinstance(node, BoundCompare):
         if node.value is None:
             return sql.SQL("NULL::boolean")  # x <op> NULL is NULL whatever x is
         params.append(node.value)
         type_name = _sql_type(node.value)
-        collate = (' COLLATE "C"' if node.op in _ORDERING and type_name == "text" else "")
+        collate = (' COLLATE "C"' if type_name == "text"
+                   and (node.op in _ORDERING or node.column in inexact) else "")
         return sql.SQL("({} {} {}::{}{})").format(
             quoted(node.column), sql.SQL(node.op.value), sql.Placeholder(),
             sql.SQL(type_name), sql.SQL(collate))
@@ -728,18 +731,20 @@ def _sql(node: BoundNode, params: list[Any]) -> sql.Composable:
         if not node.values:
             return sql.SQL("NULL::boolean" if node.has_null else "FALSE")
         params.append([*node.values, None] if node.has_null else list(node.values))
-        return sql.SQL("({} = ANY({}::{}[]))").format(
-            quoted(node.column), sql.Placeholder(), sql.SQL(_sql_type(node.values[0])))
+        type_name = _sql_type(node.values[0])
+        collate = ' COLLATE "C"' if type_name == "text" and node.column in inexact else ""
+        return sql.SQL("({}{} = ANY({}::{}[]))").format(
+            quoted(node.column), sql.SQL(collate), sql.Placeholder(), sql.SQL(type_name))
     if isinstance(node, BoundIsNull):
         return sql.SQL("({} IS NOT NULL)" if node.negated else "({} IS NULL)").format(
             quoted(node.column))
     if isinstance(node, BoundNot):
-        return sql.SQL("(NOT {})").format(_sql(node.item, params))
+        return sql.SQL("(NOT {})").format(_sql(node.item, params, inexact))
     if isinstance(node, BoundAnd | BoundOr):
         if not node.items:
             return sql.SQL("TRUE" if isinstance(node, BoundAnd) else "FALSE")
         joiner = sql.SQL(" AND " if isinstance(node, BoundAnd) else " OR ")
-        return sql.SQL("({})").format(joiner.join(_sql(i, params) for i in node.items))
+        return sql.SQL("({})").format(joiner.join(_sql(i, params, inexact) for i in node.items))
     raise FilterError(f"not a bound filter node: {node!r}")
 
 
@@ -799,10 +804,11 @@ class BoundFilter:
                 found.add(node.column)
         return frozenset(found)
 
-    def where(self) -> tuple[sql.Composed, list[Any]]:
-        """The WHERE condition (without the keyword) and its parameters, in order."""
+    def where(self, inexact: frozenset[str] = frozenset()) -> tuple[sql.Composed, list[Any]]:
+        """The WHERE condition (without the keyword) and its parameters, in order.
+        ``inexact``: columns whose collation is nondeterministic (compared as ``"C"``)."""
         params: list[Any] = []
-        clause = _sql(self.node, params)
+        clause = _sql(self.node, params, inexact)
         return sql.Composed([clause]), params
 
     @cached_property

@@ -23,7 +23,7 @@ import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import psycopg
 import trio
@@ -66,6 +66,7 @@ class RowLookup(Protocol):
 
 _WHY_PRIMARY_KEY = ("a lookup is re-run when its row changes, and changed rows are known by "
                     "primary key")
+_TEXT_TYPE_OIDS: Final = frozenset({25, 1043})  # text, varchar: keys compared exactly
 _PRIMARY_KEY_SQL = (
     "SELECT a.attname::text FROM pg_index i "
     "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
@@ -141,8 +142,15 @@ class SqlRowLookup:
         found = cursor.fetchone()
         if found is None:
             return None
-        names = [d.name for d in cursor.description or ()]
-        return dict(zip(names, found, strict=True))
+        description = cursor.description or ()
+        row = dict(zip([d.name for d in description], found, strict=True))
+        # A text key with a nondeterministic collation matches other spellings ('A' for
+        # 'a'); the stream names rows by their exact key, and filters compare exactly.
+        text_columns = {d.name for d in description if d.type_code in _TEXT_TYPE_OIDS}
+        if any(row[c] != v for c, v in zip(key_columns, key_values, strict=True)
+               if c in text_columns):
+            return None
+        return row
 
     def _primary_key(self, schema: str, name: str) -> tuple[str, ...]:
         pk = self._primary_keys.get((schema, name))

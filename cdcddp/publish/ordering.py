@@ -18,7 +18,7 @@ names the column.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from psycopg import sql
@@ -97,7 +97,7 @@ def read_limit(limit: int) -> int:
 
 
 def order_by(order: Sequence[tuple[str, bool]], key_columns: Sequence[str],
-             shape: dict[str, tuple[int, bool]] | None) -> sql.Composed:
+             shape: Mapping[str, tuple[Any, ...]] | None) -> sql.Composed:
     """``ORDER BY`` for ``order`` then the key (ascending), for a table whose columns have
     the type oids ``shape`` gives; :class:`SortError` for a column that cannot be sorted."""
     terms = []

@@ -41,6 +41,7 @@ __all__ = [
     "failed_read_advice",
     "fetch_row",
     "horizon_snapshot",
+    "inexact_columns",
     "next_batch",
     "read_partitions",
     "row_list",
@@ -102,9 +103,12 @@ def begin_snapshot(conn: psycopg.Connection[Any]) -> Snapshot:
     return _begin_snapshot(conn)[0]
 
 
-# A table's columns: (name, type oid, varlena, type modifier), NULL when the table is gone.
+# A table's columns: (name, type oid, varlena, type modifier, nondeterministic collation),
+# NULL when the table is gone. (100: the database's default collation, deterministic.)
 _COLUMN_ARRAY: Final = ("array_agg(array[a.attname::text, a.atttypid::text, "
-                        "(a.attlen < 0)::text, a.atttypmod::text])")
+                        "(a.attlen < 0)::text, a.atttypmod::text, "
+                        "(a.attcollation NOT IN (0, 100) AND NOT (SELECT collisdeterministic "
+                        "FROM pg_collation WHERE oid = a.attcollation))::text])")
 _TABLE_COLUMNS_SQL: Final = (
     f"SELECT {_COLUMN_ARRAY} "
     "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
@@ -116,8 +120,14 @@ _TABLE_COLUMNS_SQL: Final = (
 # stream.
 _SNAPSHOT_SHAPE_SQL: Final = f"{_SNAPSHOT_SQL}, ({_TABLE_COLUMNS_SQL})"
 
-# column -> (type oid, varlena: may be TOASTed, type modifier: numeric(10,2)'s precision...)
-TableShape = dict[str, tuple[int, bool, int]]
+# column -> (type oid, varlena: may be TOASTed, type modifier: numeric(10,2)'s precision...,
+# inexact: its collation is nondeterministic, so SQL's = is not Python's)
+TableShape = dict[str, tuple[int, bool, int, bool]]
+
+
+def inexact_columns(shape: TableShape | None) -> frozenset[str]:
+    """Columns whose collation is nondeterministic (see :mod:`cdcddp.publish.filters`)."""
+    return frozenset(name for name, column in (shape or {}).items() if column[3])
 
 
 def row_list(rows: Iterable[Values], snapshot: Snapshot, lsn: int) -> list[Values]:
@@ -132,9 +142,9 @@ _SNAPSHOT_CHUNK_ROWS: Final = 2_000
 _STREAM_CHUNKED: Final = psycopg.capabilities.has_stream_chunked()  # libpq 17 or later
 
 
-def _table_shape(columns: Iterable[tuple[str, str, str, str]] | None) -> TableShape:
-    return {name: (int(oid), varlena == "true", int(typmod))
-            for name, oid, varlena, typmod in columns or ()}
+def _table_shape(columns: Iterable[tuple[str, str, str, str, str]] | None) -> TableShape:
+    return {name: (int(oid), varlena == "true", int(typmod), inexact == "true")
+            for name, oid, varlena, typmod, inexact in columns or ()}
 
 
 def _result_cursor(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableShape
@@ -175,7 +185,7 @@ def _read_rows(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableSh
     transaction under way (whose snapshot, WAL position and table shape are given).
     ``take`` gets the rows as they arrive."""
     cursor = _result_cursor(conn, bound, shape)
-    query, params = bound.snapshot_query(shape=shape)
+    query, params = bound.snapshot_query(shape=shape, inexact=inexact_columns(shape))
     with _result_rows(cursor, query, params) as rows, gc_paused():  # (see cdcddp.gcpause)
         return take(rows, snapshot, lsn)
 
@@ -190,7 +200,7 @@ def _read_together(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
     queries = []
     params: list[Any] = []
     for tag, read in enumerate(reads):
-        query, read_params = read.bound.snapshot_query(tag, shape)
+        query, read_params = read.bound.snapshot_query(tag, shape, inexact_columns(shape))
         queries.append(sql.SQL("({})").format(query))
         params += read_params
     rows_of: list[list[Values]] = [[] for _ in reads]
@@ -450,7 +460,8 @@ def catalog_change(expected: TableShape | None, current: TableShape, columns: It
     """How the catalog's shape of a table contradicts what an observer's snapshot saw of the
     ``columns`` it reads, if it does. Unlike the stream's it shows type modifiers (a column
     made numeric(10,0) from numeric(10,2) has its values rounded, with no row change in the
-    stream), and a change to a table nobody writes."""
+    stream), and a change to a table nobody writes. (A collation changes nothing a filter
+    decides: text compares by code point, see :mod:`cdcddp.publish.filters`.)"""
     if expected is None:
         return None
     parts = []
