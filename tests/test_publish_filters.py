@@ -17,6 +17,8 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from cdcddp.publish.filters import (
+    COLLATED,
+    ENUM,
     FALSE,
     TRUE,
     And,
@@ -41,21 +43,24 @@ from cdcddp.publish.filters import (
     not_,
     or_,
 )
-from cdcddp.publish.snapshots import inexact_columns, table_shapes
+from cdcddp.publish.snapshots import table_shapes, text_columns
 
 # --------------------------------------------------------------------------- helpers
 
-TABLE_DDL = """
+MOODS = ["sad", "ok", "Happy", "é"]  # declared out of code-point order
+TABLE_DDL = f"""
 CREATE COLLATION IF NOT EXISTS case_blind
     (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+CREATE TYPE mood AS ENUM ({", ".join(f"'{m}'" for m in MOODS)});
 CREATE TABLE t (
     id int PRIMARY KEY,
     i int4, big int8, n numeric, f float8,
     s text COLLATE "und-x-icu",  -- a linguistic collation: 'a' < 'B' here, not in Python
     ci text COLLATE case_blind,  -- nondeterministic: 'a' = 'A' here, not in Python
+    e mood,  -- no mood = text in SQL; labels ordered as declared
     b boolean, ts timestamptz
 )"""
-COLUMNS = ("i", "big", "n", "f", "s", "ci", "b", "ts")
+COLUMNS = ("i", "big", "n", "f", "s", "ci", "e", "b", "ts")
 
 
 @pytest.fixture
@@ -77,20 +82,22 @@ def load(conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> list[dict
 
 
 @functools.cache
-def inexact(conn: psycopg.Connection[Any]) -> frozenset[str]:
-    """The table's columns the server compares as "C" (read as the server reads them)."""
-    return inexact_columns(table_shapes(conn, [("public", "t")])[("public", "t")])
+def compared_as_text(conn: psycopg.Connection[Any]) -> dict[str, str]:
+    """How the server's queries compare the table's columns with text (read as it does)."""
+    found = text_columns(table_shapes(conn, [("public", "t")])[("public", "t")])
+    assert found == {"ci": COLLATED, "e": ENUM}
+    return found
 
 
 def sql_ids(conn: psycopg.Connection[Any], bound: BoundFilter) -> set[int]:
-    where, params = bound.where(inexact(conn))
+    where, params = bound.where(compared_as_text(conn))
     query = sql.SQL("SELECT id FROM t WHERE {}").format(where)
     return {r[0] for r in conn.execute(query, params)}
 
 
 def sql_truth(conn: psycopg.Connection[Any], bound: BoundFilter) -> bool | None:
     """The SQL value of the condition on the table's single row."""
-    where, params = bound.where(inexact(conn))
+    where, params = bound.where(compared_as_text(conn))
     (row,) = conn.execute(sql.SQL("SELECT {} FROM t").format(where), params).fetchall()
     return row[0]
 
@@ -128,10 +135,12 @@ numbers = st.one_of(tricky_numbers, tricky_numbers, small_ints, bigs, numerics, 
 offset_instants = st.builds(lambda d, h: d.astimezone(timezone(timedelta(hours=h))),
                             instants, st.integers(-12, 12))
 
+moods = st.sampled_from(MOODS)
 COLUMN_VALUES = {"i": ints, "big": bigs, "n": numerics, "f": floats, "s": texts, "ci": texts,
-                 "b": bools, "ts": instants}
+                 "e": moods, "b": bools, "ts": instants}
 OPERAND_VALUES = {"i": numbers, "big": numbers, "n": numbers, "f": numbers, "s": texts,
-                  "ci": texts, "b": bools, "ts": st.one_of(instants, offset_instants)}
+                  "ci": texts, "e": st.one_of(moods, texts), "b": bools,
+                  "ts": st.one_of(instants, offset_instants)}
 
 
 def nullable(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -167,7 +176,7 @@ def filter_cases(draw: st.DrawFn) -> tuple[Condition, dict[str, Any], Any]:
                 return C(column).in_(value_or_param(items) if items else items)
             return C(column).in_([value_or_param(v) for v in items])
         op = draw(st.sampled_from(list(Op)))
-        if column in ("s", "ci") and draw(st.integers(0, 4)) == 0:
+        if column in ("s", "ci", "e") and draw(st.integers(0, 4)) == 0:
             return Compare(column, op, UserId())
         value = None if draw(st.integers(0, 9)) == 0 else draw(values)
         return Compare(column, op, _wrap(value_or_param(value)))
@@ -234,8 +243,8 @@ def test_numbers_of_every_type_against_every_numeric_column(
 
 # --------------------------------------------------------------------------- NULL logic
 
-ROW = {"i": None, "big": 1, "n": Decimal("NaN"), "f": math.nan, "s": "B", "ci": "B", "b": None,
-       "ts": datetime(2020, 1, 1, tzinfo=UTC)}
+ROW = {"i": None, "big": 1, "n": Decimal("NaN"), "f": math.nan, "s": "B", "ci": "B",
+       "e": "Happy", "b": None, "ts": datetime(2020, 1, 1, tzinfo=UTC)}
 
 NULL_LOGIC_CASES: list[tuple[str, Condition, dict[str, Any], bool | None]] = [
     ("NULL = 1 is NULL", C("i") == 1, {}, None),
@@ -265,6 +274,10 @@ NULL_LOGIC_CASES: list[tuple[str, Condition, dict[str, Any], bool | None]] = [
     ("text equality is exact under a nondeterministic collation", C("ci") == "b", {}, False),
     ("and so is IN", C("ci").in_(["b", "c"]), {}, False),
     ("and !=", C("ci") != "b", {}, True),
+    ("an enum equals its label", C("e") == "Happy", {}, True),
+    ("an enum is IN its label", C("e").in_(["x", "Happy"]), {}, True),
+    ("an enum orders by its label's code points", C("e") < "ok", {}, True),
+    ("an enum is not a label it does not have", C("e") == "nope", {}, False),
     ("float NaN = NaN", C("f") == math.nan, {}, True),
     ("float NaN > Infinity", C("f") > math.inf, {}, True),
     ("numeric NaN > every number", C("n") > 10**30, {}, True),

@@ -48,7 +48,8 @@ def conn(db_dsn: str) -> Iterator[psycopg.Connection[Any]]:
         yield connection
 
 
-sort_specs = st.lists(st.tuples(st.sampled_from(COLUMNS), st.sampled_from(["asc", "desc"])),
+SORTABLE = [c for c in COLUMNS if c != "e"]  # (an enum's order is its declaration's: refused)
+sort_specs = st.lists(st.tuples(st.sampled_from(SORTABLE), st.sampled_from(["asc", "desc"])),
                       min_size=1, max_size=3, unique_by=lambda e: e[0])
 table_rows = st.lists(
     st.fixed_dictionaries({c: nullable(s) for c, s in COLUMN_VALUES.items()}), max_size=14)

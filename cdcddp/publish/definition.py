@@ -240,14 +240,14 @@ class BoundCursor:
 
     def snapshot_query(self, tag: int | None = None,
                        shape: Mapping[str, tuple[Any, ...]] | None = None,
-                       inexact: frozenset[str] = frozenset()
+                       text_columns: Mapping[str, str] | None = None
                        ) -> tuple[sql.Composed, list[Any]]:
         """``SELECT <columns> FROM <schema>.<table> WHERE <filter>`` and its parameters; with a
         ``tag``, each row starts with that number (reads combined in one statement). A limited
         cursor adds ``ORDER BY ... LIMIT``, for which it needs the table's ``shape`` (column ->
-        (type oid, ...)): text sorts by code point. ``inexact``: the table's columns with a
-        nondeterministic collation (see :mod:`cdcddp.publish.filters`)."""
-        where, params = self.filter.where(inexact)
+        (type oid, ...)): text sorts by code point. ``text_columns``: those of the table's
+        columns that compare with text otherwise (see :mod:`cdcddp.publish.filters`)."""
+        where, params = self.filter.where(text_columns)
         cursor = self.cursor
         columns = sql.SQL(", ").join(map(quoted, self.columns))
         if tag is not None:

@@ -30,10 +30,13 @@ How the two sides are kept identical:
   both sides compare as float8 (PostgreSQL casts numeric and integers to float8); NaN equals
   NaN and sorts above every other number (float8 and numeric alike).
 * Text ordering uses ``COLLATE "C"`` in SQL, which is code-point order, as in Python; equality
-  is byte equality under any deterministic collation, and ``COLLATE "C"`` too for a column
-  whose collation is nondeterministic (case-insensitive, say: ``inexact`` columns, which the
-  caller reads from the catalog), where SQL's ``=`` would match what Python's does not.
-  ``char(n)`` (blank-padded) columns are not supported in filters.
+  is byte equality under any deterministic collation. Two kinds of column compare with text
+  otherwise in SQL, and are told apart by the caller, which reads the catalog
+  (``text_columns`` of :meth:`BoundFilter.where`): one with a nondeterministic collation
+  (:data:`COLLATED`: case-blind, say, where SQL's ``=`` matches what Python's does not) is
+  compared ``COLLATE "C"``; an enum (:data:`ENUM`: PostgreSQL has no enum = text, and
+  orders labels by declaration) is compared by its label, ``::text``, as the stream's
+  values are. ``char(n)`` (blank-padded) columns are not supported in filters.
 * ``IN`` with an empty list is FALSE (even for NULL), as ``= ANY('{}')`` is.
 
 The predicate needs every column the filter references (:attr:`BoundFilter.columns`) to be
@@ -716,35 +719,56 @@ def quoted(name: str) -> sql.SQL:
     return sql.SQL(sql.Identifier(name).as_string(None).replace("%", "%%"))
 
 
-def _sql(node: BoundNode, params: list[Any], inexact: frozenset[str]) -> sql.Composable:
+# How a column compares with text in SQL, when not as its own type (see the module's notes).
+COLLATED: Final = "collated"  # a nondeterministic collation: compared COLLATE "C"
+ENUM: Final = "enum"  # an enum: compared by its label
+
+
+def _text_operand(column: str, text_columns: Mapping[str, str]) -> sql.Composable:
+    """The column as the left side of a comparison with text."""
+    how = text_columns.get(column)
+    if how == COLLATED:
+        return sql.SQL('{} COLLATE "C"').format(quoted(column))
+    if how == ENUM:
+        return sql.SQL("{}::text").format(quoted(column))
+    return quoted(column)
+
+
+def _sql(node: BoundNode, params: list[Any], text_columns: Mapping[str, str]
+         ) -> sql.Composable:
     if isinstance(node, BoundCompare):
         if node.value is None:
             return sql.SQL("NULL::boolean")  # x <op> NULL is NULL whatever x is
         params.append(node.value)
         type_name = _sql_type(node.value)
-        collate = (' COLLATE "C"' if type_name == "text"
-                   and (node.op in _ORDERING or node.column in inexact) else "")
-        return sql.SQL("({} {} {}::{}{})").format(
-            quoted(node.column), sql.SQL(node.op.value), sql.Placeholder(),
-            sql.SQL(type_name), sql.SQL(collate))
+        if type_name != "text":
+            return sql.SQL("({} {} {}::{})").format(
+                quoted(node.column), sql.SQL(node.op.value), sql.Placeholder(),
+                sql.SQL(type_name))
+        collate = ' COLLATE "C"' if node.op in _ORDERING else ""
+        return sql.SQL("({} {} {}::text{})").format(
+            _text_operand(node.column, text_columns), sql.SQL(node.op.value),
+            sql.Placeholder(), sql.SQL(collate))
     if isinstance(node, BoundIn):
         if not node.values:
             return sql.SQL("NULL::boolean" if node.has_null else "FALSE")
         params.append([*node.values, None] if node.has_null else list(node.values))
         type_name = _sql_type(node.values[0])
-        collate = ' COLLATE "C"' if type_name == "text" and node.column in inexact else ""
-        return sql.SQL("({}{} = ANY({}::{}[]))").format(
-            quoted(node.column), sql.SQL(collate), sql.Placeholder(), sql.SQL(type_name))
+        column = (_text_operand(node.column, text_columns) if type_name == "text"
+                  else quoted(node.column))
+        return sql.SQL("({} = ANY({}::{}[]))").format(
+            column, sql.Placeholder(), sql.SQL(type_name))
     if isinstance(node, BoundIsNull):
         return sql.SQL("({} IS NOT NULL)" if node.negated else "({} IS NULL)").format(
             quoted(node.column))
     if isinstance(node, BoundNot):
-        return sql.SQL("(NOT {})").format(_sql(node.item, params, inexact))
+        return sql.SQL("(NOT {})").format(_sql(node.item, params, text_columns))
     if isinstance(node, BoundAnd | BoundOr):
         if not node.items:
             return sql.SQL("TRUE" if isinstance(node, BoundAnd) else "FALSE")
         joiner = sql.SQL(" AND " if isinstance(node, BoundAnd) else " OR ")
-        return sql.SQL("({})").format(joiner.join(_sql(i, params, inexact) for i in node.items))
+        return sql.SQL("({})").format(joiner.join(_sql(i, params, text_columns)
+                                                       for i in node.items))
     raise FilterError(f"not a bound filter node: {node!r}")
 
 
@@ -804,11 +828,13 @@ class BoundFilter:
                 found.add(node.column)
         return frozenset(found)
 
-    def where(self, inexact: frozenset[str] = frozenset()) -> tuple[sql.Composed, list[Any]]:
+    def where(self, text_columns: Mapping[str, str] | None = None
+              ) -> tuple[sql.Composed, list[Any]]:
         """The WHERE condition (without the keyword) and its parameters, in order.
-        ``inexact``: columns whose collation is nondeterministic (compared as ``"C"``)."""
+        ``text_columns``: columns that compare with text otherwise than as their own type
+        (:data:`COLLATED`, :data:`ENUM`)."""
         params: list[Any] = []
-        clause = _sql(self.node, params, inexact)
+        clause = _sql(self.node, params, text_columns or {})
         return sql.Composed([clause]), params
 
     @cached_property

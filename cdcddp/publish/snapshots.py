@@ -19,7 +19,7 @@ from psycopg import sql
 from cdcddp.db import DatabaseSetupError, ensure_types, execute_as_decoded, is_transient
 from cdcddp.gcpause import LARGE_RESULT_ROWS, gc_paused, promote_young_objects
 from cdcddp.publish.definition import BoundCursor, TableName
-from cdcddp.publish.filters import quoted
+from cdcddp.publish.filters import COLLATED, ENUM, quoted
 from cdcddp.publish.observer import Key, Row, Values
 from cdcddp.publish.partitions import Leaf
 from cdcddp.publish.visibility import Snapshot
@@ -41,7 +41,6 @@ __all__ = [
     "failed_read_advice",
     "fetch_row",
     "horizon_snapshot",
-    "inexact_columns",
     "next_batch",
     "read_partitions",
     "row_list",
@@ -50,6 +49,7 @@ __all__ = [
     "snapshot_reads",
     "table_columns",
     "table_shapes",
+    "text_columns",
 ]
 
 
@@ -103,12 +103,14 @@ def begin_snapshot(conn: psycopg.Connection[Any]) -> Snapshot:
     return _begin_snapshot(conn)[0]
 
 
-# A table's columns: (name, type oid, varlena, type modifier, nondeterministic collation),
-# NULL when the table is gone. (100: the database's default collation, deterministic.)
-_COLUMN_ARRAY: Final = ("array_agg(array[a.attname::text, a.atttypid::text, "
-                        "(a.attlen < 0)::text, a.atttypmod::text, "
-                        "(a.attcollation NOT IN (0, 100) AND NOT (SELECT collisdeterministic "
-                        "FROM pg_collation WHERE oid = a.attcollation))::text])")
+# A table's columns: (name, type oid, varlena, type modifier, how it compares with text),
+# NULL when the table is gone. (Collation 100: the database's default, deterministic.)
+_COLUMN_ARRAY: Final = (
+    "array_agg(array[a.attname::text, a.atttypid::text, (a.attlen < 0)::text, "
+    "a.atttypmod::text, CASE "
+    f"WHEN (SELECT typtype FROM pg_type WHERE oid = a.atttypid) = 'e' THEN '{ENUM}' "
+    "WHEN a.attcollation NOT IN (0, 100) AND NOT (SELECT collisdeterministic "
+    f"FROM pg_collation WHERE oid = a.attcollation) THEN '{COLLATED}' ELSE '' END])")
 _TABLE_COLUMNS_SQL: Final = (
     f"SELECT {_COLUMN_ARRAY} "
     "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
@@ -121,13 +123,14 @@ _TABLE_COLUMNS_SQL: Final = (
 _SNAPSHOT_SHAPE_SQL: Final = f"{_SNAPSHOT_SQL}, ({_TABLE_COLUMNS_SQL})"
 
 # column -> (type oid, varlena: may be TOASTed, type modifier: numeric(10,2)'s precision...,
-# inexact: its collation is nondeterministic, so SQL's = is not Python's)
-TableShape = dict[str, tuple[int, bool, int, bool]]
+# how it compares with text if not as its own type: filters.COLLATED, filters.ENUM or "")
+TableShape = dict[str, tuple[int, bool, int, str]]
 
 
-def inexact_columns(shape: TableShape | None) -> frozenset[str]:
-    """Columns whose collation is nondeterministic (see :mod:`cdcddp.publish.filters`)."""
-    return frozenset(name for name, column in (shape or {}).items() if column[3])
+def text_columns(shape: TableShape | None) -> dict[str, str]:
+    """The columns a filter compares with text otherwise than as their own type (see
+    :mod:`cdcddp.publish.filters`), and how."""
+    return {name: column[3] for name, column in (shape or {}).items() if column[3]}
 
 
 def row_list(rows: Iterable[Values], snapshot: Snapshot, lsn: int) -> list[Values]:
@@ -143,8 +146,8 @@ _STREAM_CHUNKED: Final = psycopg.capabilities.has_stream_chunked()  # libpq 17 o
 
 
 def _table_shape(columns: Iterable[tuple[str, str, str, str, str]] | None) -> TableShape:
-    return {name: (int(oid), varlena == "true", int(typmod), inexact == "true")
-            for name, oid, varlena, typmod, inexact in columns or ()}
+    return {name: (int(oid), varlena == "true", int(typmod), as_text)
+            for name, oid, varlena, typmod, as_text in columns or ()}
 
 
 def _result_cursor(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableShape
@@ -185,7 +188,7 @@ def _read_rows(conn: psycopg.Connection[Any], bound: BoundCursor, shape: TableSh
     transaction under way (whose snapshot, WAL position and table shape are given).
     ``take`` gets the rows as they arrive."""
     cursor = _result_cursor(conn, bound, shape)
-    query, params = bound.snapshot_query(shape=shape, inexact=inexact_columns(shape))
+    query, params = bound.snapshot_query(shape=shape, text_columns=text_columns(shape))
     with _result_rows(cursor, query, params) as rows, gc_paused():  # (see cdcddp.gcpause)
         return take(rows, snapshot, lsn)
 
@@ -200,7 +203,7 @@ def _read_together(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
     queries = []
     params: list[Any] = []
     for tag, read in enumerate(reads):
-        query, read_params = read.bound.snapshot_query(tag, shape, inexact_columns(shape))
+        query, read_params = read.bound.snapshot_query(tag, shape, text_columns(shape))
         queries.append(sql.SQL("({})").format(query))
         params += read_params
     rows_of: list[list[Values]] = [[] for _ in reads]
