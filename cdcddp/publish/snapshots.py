@@ -363,11 +363,12 @@ def read_partitions(conn: psycopg.Connection[Any], tables: Sequence[TableName]
              for table, leaves in found.items()}, unstreamed)
 
 
-# Of these partitions, those that never held a row (no page: a table TRUNCATE empties has
-# none either) and that kept their names since they became partitions: neither their table's
-# pg_class row nor their schema's is newer than their pg_inherits rows (xmin ages: older is
-# larger). A rename writes the row anew; ATTACH writes the partition's row too, in the
-# transaction that makes its pg_inherits row.
+# Of these partitions, those with no page (no row written since the table was made, or
+# TRUNCATEd: the engine also asks whether the stream showed one) and that kept their names
+# since they became partitions: neither their table's pg_class row nor their schema's is
+# newer than their pg_inherits rows (xmin ages: older is larger). A rename writes the row
+# anew; ATTACH writes the partition's row too, in the transaction that makes its
+# pg_inherits row.
 _QUIET_PARTITIONS_SQL: Final = (
     "SELECT c.oid::int8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
     "WHERE c.oid = ANY(%s::oid[]) AND pg_relation_size(c.oid) = 0 "
