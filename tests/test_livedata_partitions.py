@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psycopg
@@ -19,6 +19,7 @@ from cdcddp.client import DDPClient, connect
 from cdcddp.publish.definition import Cursor, Publication
 from cdcddp.publish.filters import C, Param
 from cdcddp.publish.ids import pk_to_wire_id
+from cdcddp.publish.livedata import LiveData
 from cdcddp.publish.lookup import RowLookup
 from cdcddp.publish.snapshots import quiet_partitions
 from tests.livedata_support import (
@@ -99,6 +100,19 @@ async def all_as_expected(client: DDPClient, dsn: str) -> None:
         check_message_log(client, collection)
 
 
+@contextlib.asynccontextmanager
+async def subscribed(db_dsn: str, resyncs: set[str]
+                     ) -> AsyncIterator[tuple[LiveData, DDPClient]]:
+    """The server (``resyncs``: the reasons it may resync for) with a client subscribed to
+    every publication, holding what SQL says."""
+    async with live_server(db_dsn, build_app(), resyncs=resyncs,
+                           catalog_check_interval=0.1) as server:
+        async with connect(server.ws_url, log_messages=True) as client:
+            await subscribe_all(client)
+            await all_as_expected(client, db_dsn)
+            yield server.live, client
+
+
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """(For what no message to a client tells of.)"""
     with trio.fail_after(timeout):
@@ -112,40 +126,36 @@ async def test_a_partitioned_table_is_published_and_followed_through_its_partiti
                                "('eu', 1, 'one', 'short'), ('us', 1, 'us one', NULL), "
                                "('zz', 1, 'elsewhere', NULL)",
                f"INSERT INTO events VALUES ('eu', 1500, 'long', {BIG})")
-    async with live_server(db_dsn, build_app(), resyncs={"partition_truncate"}) as server:
-        async with connect(server.ws_url, log_messages=True) as client:
-            await subscribe_all(client)
-            assert set(store(client, "events")) == {
-                pk_to_wire_id(k) for k in (("eu", 1), ("eu", 1500), ("us", 1), ("zz", 1))}
-            await all_as_expected(client, db_dsn)
+    async with subscribed(db_dsn, resyncs={"partition_truncate"}) as (live, client):
+        assert set(store(client, "events")) == {
+            pk_to_wire_id(k) for k in (("eu", 1), ("eu", 1500), ("us", 1), ("zz", 1))}
 
-            # One transaction over three partitions at two levels. The TOASTed body moves
-            # into events.titled without its value: fetched by key, from the table.
-            await asql(db_dsn, "BEGIN; INSERT INTO events VALUES ('eu', 2, 'hot', 'new'); "
-                               "UPDATE events SET title = 'hot', version = 1 "
-                               "WHERE region = 'eu' AND id = 1500; "
-                               "DELETE FROM events WHERE region = 'us'; "
-                               "UPDATE events SET version = 2 WHERE region = 'zz'; COMMIT")
-            await all_as_expected(client, db_dsn)
-            assert len(store(client, "titled")[pk_to_wire_id(("eu", 1500))]["body"]) == 64000
+        # One transaction over three partitions at two levels. The TOASTed body moves
+        # into events.titled without its value: fetched by key, from the table.
+        await asql(db_dsn, "BEGIN; INSERT INTO events VALUES ('eu', 2, 'hot', 'new'); "
+                           "UPDATE events SET title = 'hot', version = 1 "
+                           "WHERE region = 'eu' AND id = 1500; "
+                           "DELETE FROM events WHERE region = 'us'; "
+                           "UPDATE events SET version = 2 WHERE region = 'zz'; COMMIT")
+        await all_as_expected(client, db_dsn)
+        assert len(store(client, "titled")[pk_to_wire_id(("eu", 1500))]["body"]) == 64000
 
-            # A row that moves to another partition (its region, so its key, changes).
-            await asql(db_dsn, "UPDATE events SET region = 'us' WHERE region = 'eu' AND id = 2",
-                       "INSERT INTO events VALUES ('us', 7, 'hot', NULL)")
-            await all_as_expected(client, db_dsn)
-            assert pk_to_wire_id(("us", 2)) in store(client, "us")
+        # A row that moves to another partition (its region, so its key, changes).
+        await asql(db_dsn, "UPDATE events SET region = 'us' WHERE region = 'eu' AND id = 2",
+                   "INSERT INTO events VALUES ('us', 7, 'hot', NULL)")
+        await all_as_expected(client, db_dsn)
+        assert pk_to_wire_id(("us", 2)) in store(client, "us")
 
-            # A partition's TRUNCATE empties it alone; the table's, every partition.
-            live = server.live
-            await asql(db_dsn, "TRUNCATE events_us")
-            await all_as_expected(client, db_dsn)
-            assert store(client, "us") == {} and len(store(client, "events")) == 3
-            assert live.resync_reasons["partition_truncate"] == 2  # events.all, titled
-            await asql(db_dsn, "INSERT INTO events VALUES ('us', 3, 'three', NULL)",
-                       "TRUNCATE events")
-            await all_as_expected(client, db_dsn)
-            assert all(store(client, c) == {} for c in ("events", "titled", "eu", "us"))
-            assert live.streamed_checks == 3  # the first subscription to each table
+        # A partition's TRUNCATE empties it alone; the table's, every partition.
+        await asql(db_dsn, "TRUNCATE events_us")
+        await all_as_expected(client, db_dsn)
+        assert store(client, "us") == {} and len(store(client, "events")) == 3
+        assert live.resync_reasons["partition_truncate"] == 2  # events.all, titled
+        await asql(db_dsn, "INSERT INTO events VALUES ('us', 3, 'three', NULL)",
+                   "TRUNCATE events")
+        await all_as_expected(client, db_dsn)
+        assert all(store(client, c) == {} for c in ("events", "titled", "eu", "us"))
+        assert live.streamed_checks == 3  # the first subscription to each table
 
 
 async def test_partitions_attached_created_detached_and_dropped_show_in_subscriptions(
@@ -157,53 +167,48 @@ async def test_partitions_attached_created_detached_and_dropped_show_in_subscrip
                "CREATE TABLE events_ca (LIKE events INCLUDING ALL)",
                "INSERT INTO events_ca (region, id, title) VALUES ('ca', 1, 'hot'), "
                "('ca', 2, 'cold')")
-    async with live_server(db_dsn, build_app(), resyncs={"partitions_changed"},
-                           catalog_check_interval=0.1) as server:
-        async with connect(server.ws_url, log_messages=True) as client:
-            await subscribe_all(client)
-            await all_as_expected(client, db_dsn)
-            live = server.live
+    async with subscribed(db_dsn, resyncs={"partitions_changed"}) as (live, client):
 
-            # A partition created and filled in one transaction; then another, filled after.
-            await asql(db_dsn, "BEGIN; CREATE TABLE events_eu_3 PARTITION OF events_eu "
-                               "FOR VALUES FROM (2000) TO (3000); "
-                               "INSERT INTO events VALUES ('eu', 2500, 'hot', NULL); COMMIT")
-            await all_as_expected(client, db_dsn)
-            await asql(db_dsn, "CREATE TABLE events_eu_4 PARTITION OF events_eu "
-                               "FOR VALUES FROM (3000) TO (4000)")
-            await eventually(lambda: live.partition_changes == 4)  # events and events_eu
-            await asql(db_dsn, "INSERT INTO events VALUES ('eu', 3500, 'hot', NULL)")
-            await all_as_expected(client, db_dsn)
+        # A partition created and filled in one transaction; then another, filled after.
+        await asql(db_dsn, "BEGIN; CREATE TABLE events_eu_3 PARTITION OF events_eu "
+                           "FOR VALUES FROM (2000) TO (3000); "
+                           "INSERT INTO events VALUES ('eu', 2500, 'hot', NULL); COMMIT")
+        await all_as_expected(client, db_dsn)
+        await asql(db_dsn, "CREATE TABLE events_eu_4 PARTITION OF events_eu "
+                           "FOR VALUES FROM (3000) TO (4000)")
+        await eventually(lambda: live.partition_changes == 4)  # events and events_eu
+        await asql(db_dsn, "INSERT INTO events VALUES ('eu', 3500, 'hot', NULL)")
+        await all_as_expected(client, db_dsn)
 
-            # A table with rows attached; a partition detached, then one dropped.
-            await asql(db_dsn, "ALTER TABLE events ATTACH PARTITION events_ca "
-                               "FOR VALUES IN ('ca')")
-            await all_as_expected(client, db_dsn)
-            assert pk_to_wire_id(("ca", 1)) in store(client, "titled")
-            await asql(db_dsn, "UPDATE events SET version = 5 WHERE region = 'ca'")
-            await all_as_expected(client, db_dsn)
-            await asql(db_dsn, "ALTER TABLE events DETACH PARTITION events_us")
-            await all_as_expected(client, db_dsn)
-            # (published by itself, it is a table like any other: still followed)
-            assert store(client, "us") == {pk_to_wire_id(("us", 1)): {
-                "title": "hot", "body": None, "version": 0}}
-            await asql(db_dsn, "UPDATE events_us SET version = 1")
-            await all_as_expected(client, db_dsn)
-            await asql(db_dsn, "DROP TABLE events_eu_2")
-            await all_as_expected(client, db_dsn)
+        # A table with rows attached; a partition detached, then one dropped.
+        await asql(db_dsn, "ALTER TABLE events ATTACH PARTITION events_ca "
+                           "FOR VALUES IN ('ca')")
+        await all_as_expected(client, db_dsn)
+        assert pk_to_wire_id(("ca", 1)) in store(client, "titled")
+        await asql(db_dsn, "UPDATE events SET version = 5 WHERE region = 'ca'")
+        await all_as_expected(client, db_dsn)
+        await asql(db_dsn, "ALTER TABLE events DETACH PARTITION events_us")
+        await all_as_expected(client, db_dsn)
+        # (published by itself, it is a table like any other: still followed)
+        assert store(client, "us") == {pk_to_wire_id(("us", 1)): {
+            "title": "hot", "body": None, "version": 0}}
+        await asql(db_dsn, "UPDATE events_us SET version = 1")
+        await all_as_expected(client, db_dsn)
+        await asql(db_dsn, "DROP TABLE events_eu_2")
+        await all_as_expected(client, db_dsn)
 
-            # Dropped and made again under the same name: another partition (told by oid).
-            await asql(db_dsn, "BEGIN; DROP TABLE events_eu_3; CREATE TABLE events_eu_3 "
-                               "PARTITION OF events_eu FOR VALUES FROM (2000) TO (3000); COMMIT")
-            await all_as_expected(client, db_dsn)
-            assert pk_to_wire_id(("eu", 2500)) not in store(client, "events")
-            # Renamed: its changes stream under the new name.
-            await asql(db_dsn, "ALTER TABLE events_eu_4 RENAME TO events_eu_later")
-            renamed_from = live.partition_changes
-            await eventually(lambda: live.partition_changes == renamed_from + 2)
-            await asql(db_dsn, "UPDATE events SET version = 9 WHERE id = 3500")
-            await all_as_expected(client, db_dsn)
-            assert live.resync_reasons["partitions_changed"] > 0
+        # Dropped and made again under the same name: another partition (told by oid).
+        await asql(db_dsn, "BEGIN; DROP TABLE events_eu_3; CREATE TABLE events_eu_3 "
+                           "PARTITION OF events_eu FOR VALUES FROM (2000) TO (3000); COMMIT")
+        await all_as_expected(client, db_dsn)
+        assert pk_to_wire_id(("eu", 2500)) not in store(client, "events")
+        # Renamed: its changes stream under the new name.
+        await asql(db_dsn, "ALTER TABLE events_eu_4 RENAME TO events_eu_later")
+        renamed_from = live.partition_changes
+        await eventually(lambda: live.partition_changes == renamed_from + 2)
+        await asql(db_dsn, "UPDATE events SET version = 9 WHERE id = 3500")
+        await all_as_expected(client, db_dsn)
+        assert live.resync_reasons["partitions_changed"] > 0
 
 
 async def test_a_partition_made_ahead_costs_no_resync(db_dsn: str) -> None:
@@ -214,37 +219,32 @@ async def test_a_partition_made_ahead_costs_no_resync(db_dsn: str) -> None:
                                "('eu', 1, 'hot'), ('us', 1, 'hot')",
                "CREATE TABLE events_ca (LIKE events INCLUDING ALL)",
                "CREATE TABLE events_mx (LIKE events INCLUDING ALL)")
-    async with live_server(db_dsn, build_app(), resyncs={"partitions_changed"},
-                           catalog_check_interval=0.1) as server:
-        async with connect(server.ws_url, log_messages=True) as client:
-            await subscribe_all(client)
-            await all_as_expected(client, db_dsn)
-            live = server.live
-            await asql(db_dsn, "CREATE TABLE events_eu_3 PARTITION OF events_eu "
-                               "FOR VALUES FROM (2000) TO (3000)")
-            await eventually(lambda: live.partitions_added_quietly == 2)  # events, events_eu
-            await asql(db_dsn, "ALTER TABLE events ATTACH PARTITION events_ca "
-                               "FOR VALUES IN ('ca')")
-            await eventually(lambda: live.partitions_added_quietly == 3)
-            assert live.resync_reasons["partitions_changed"] == 0
-            await asql(db_dsn, "INSERT INTO events VALUES ('eu', 2500, 'hot'), ('ca', 1, 'hot')",
-                       "UPDATE events SET version = 2 WHERE id = 2500")
-            await all_as_expected(client, db_dsn)
-            assert live.resync_reasons["partitions_changed"] == 0
+    async with subscribed(db_dsn, resyncs={"partitions_changed"}) as (live, client):
+        await asql(db_dsn, "CREATE TABLE events_eu_3 PARTITION OF events_eu "
+                           "FOR VALUES FROM (2000) TO (3000)")
+        await eventually(lambda: live.partitions_added_quietly == 2)  # events, events_eu
+        await asql(db_dsn, "ALTER TABLE events ATTACH PARTITION events_ca "
+                           "FOR VALUES IN ('ca')")
+        await eventually(lambda: live.partitions_added_quietly == 3)
+        assert live.resync_reasons["partitions_changed"] == 0
+        await asql(db_dsn, "INSERT INTO events VALUES ('eu', 2500, 'hot'), ('ca', 1, 'hot')",
+                   "UPDATE events SET version = 2 WHERE id = 2500")
+        await all_as_expected(client, db_dsn)
+        assert live.resync_reasons["partitions_changed"] == 0
 
-            # Empty again, but a row of it was streamed (it has no page: the stream is what
-            # tells): a snapshot may have seen that row, so its observers are read again.
-            await asql(db_dsn, "INSERT INTO events_mx VALUES ('mx', 1, 'hot')",
-                       "TRUNCATE events_mx",
-                       "ALTER TABLE events ATTACH PARTITION events_mx FOR VALUES IN ('mx')")
-            await eventually(lambda: live.resync_reasons["partitions_changed"] == 2)  # all, titled
-            assert live.partitions_added_quietly == 3
-            await asql(db_dsn, "INSERT INTO events VALUES ('mx', 2, 'hot')")
-            await all_as_expected(client, db_dsn)
-            # One with rows left: resynced (events, eu and titled).
-            await asql(db_dsn, "ALTER TABLE events_eu DETACH PARTITION events_eu_3")
-            await all_as_expected(client, db_dsn)
-            assert live.resync_reasons["partitions_changed"] == 5
+        # Empty again, but a row of it was streamed (it has no page: the stream is what
+        # tells): a snapshot may have seen that row, so its observers are read again.
+        await asql(db_dsn, "INSERT INTO events_mx VALUES ('mx', 1, 'hot')",
+                   "TRUNCATE events_mx",
+                   "ALTER TABLE events ATTACH PARTITION events_mx FOR VALUES IN ('mx')")
+        await eventually(lambda: live.resync_reasons["partitions_changed"] == 2)  # all, titled
+        assert live.partitions_added_quietly == 3
+        await asql(db_dsn, "INSERT INTO events VALUES ('mx', 2, 'hot')")
+        await all_as_expected(client, db_dsn)
+        # One with rows left: resynced (events, eu and titled).
+        await asql(db_dsn, "ALTER TABLE events_eu DETACH PARTITION events_eu_3")
+        await all_as_expected(client, db_dsn)
+        assert live.resync_reasons["partitions_changed"] == 5
 
 
 def test_quiet_partitions_are_those_that_never_held_a_row_nor_were_renamed(
