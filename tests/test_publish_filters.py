@@ -52,15 +52,17 @@ TABLE_DDL = f"""
 CREATE COLLATION IF NOT EXISTS case_blind
     (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
 CREATE TYPE mood AS ENUM ({", ".join(f"'{m}'" for m in MOODS)});
+CREATE DOMAIN known_mood AS mood;
 CREATE TABLE t (
     id int PRIMARY KEY,
     i int4, big int8, n numeric, f float8,
     s text COLLATE "und-x-icu",  -- a linguistic collation: 'a' < 'B' here, not in Python
     ci text COLLATE case_blind,  -- nondeterministic: 'a' = 'A' here, not in Python
     e mood,  -- no mood = text in SQL; labels ordered as declared
+    de known_mood,  -- a domain over it: the same
     b boolean, ts timestamptz
 )"""
-COLUMNS = ("i", "big", "n", "f", "s", "ci", "e", "b", "ts")
+COLUMNS = ("i", "big", "n", "f", "s", "ci", "e", "de", "b", "ts")
 
 
 @pytest.fixture
@@ -85,7 +87,7 @@ def load(conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> list[dict
 def compared_as_text(conn: psycopg.Connection[Any]) -> dict[str, str]:
     """How the server's queries compare the table's columns with text (read as it does)."""
     found = text_columns(table_shapes(conn, [("public", "t")])[("public", "t")])
-    assert found == {"ci": COLLATED, "e": ENUM}
+    assert found == {"ci": COLLATED, "e": ENUM, "de": ENUM}
     return found
 
 
@@ -137,9 +139,10 @@ offset_instants = st.builds(lambda d, h: d.astimezone(timezone(timedelta(hours=h
 
 moods = st.sampled_from(MOODS)
 COLUMN_VALUES = {"i": ints, "big": bigs, "n": numerics, "f": floats, "s": texts, "ci": texts,
-                 "e": moods, "b": bools, "ts": instants}
+                 "e": moods, "de": moods, "b": bools, "ts": instants}
 OPERAND_VALUES = {"i": numbers, "big": numbers, "n": numbers, "f": numbers, "s": texts,
-                  "ci": texts, "e": st.one_of(moods, texts), "b": bools,
+                  "ci": texts, "e": st.one_of(moods, texts), "de": st.one_of(moods, texts),
+                  "b": bools,
                   "ts": st.one_of(instants, offset_instants)}
 
 
@@ -176,7 +179,7 @@ def filter_cases(draw: st.DrawFn) -> tuple[Condition, dict[str, Any], Any]:
                 return C(column).in_(value_or_param(items) if items else items)
             return C(column).in_([value_or_param(v) for v in items])
         op = draw(st.sampled_from(list(Op)))
-        if column in ("s", "ci", "e") and draw(st.integers(0, 4)) == 0:
+        if column in ("s", "ci", "e", "de") and draw(st.integers(0, 4)) == 0:
             return Compare(column, op, UserId())
         value = None if draw(st.integers(0, 9)) == 0 else draw(values)
         return Compare(column, op, _wrap(value_or_param(value)))

@@ -48,7 +48,7 @@ def conn(db_dsn: str) -> Iterator[psycopg.Connection[Any]]:
         yield connection
 
 
-SORTABLE = [c for c in COLUMNS if c != "e"]  # (an enum's order is its declaration's: refused)
+SORTABLE = [c for c in COLUMNS if c not in ("e", "de")]  # (enums: refused, see ordering)
 sort_specs = st.lists(st.tuples(st.sampled_from(SORTABLE), st.sampled_from(["asc", "desc"])),
                       min_size=1, max_size=3, unique_by=lambda e: e[0])
 table_rows = st.lists(

@@ -108,7 +108,9 @@ def begin_snapshot(conn: psycopg.Connection[Any]) -> Snapshot:
 _COLUMN_ARRAY: Final = (
     "array_agg(array[a.attname::text, a.atttypid::text, (a.attlen < 0)::text, "
     "a.atttypmod::text, CASE "
-    f"WHEN (SELECT typtype FROM pg_type WHERE oid = a.atttypid) = 'e' THEN '{ENUM}' "
+    "WHEN (SELECT CASE t.typtype WHEN 'd' THEN (SELECT b.typtype FROM pg_type b "
+    "WHERE b.oid = t.typbasetype) ELSE t.typtype END FROM pg_type t WHERE t.oid = a.atttypid)"
+    f" = 'e' THEN '{ENUM}' "  # (an enum, or a domain over one)
     "WHEN a.attcollation NOT IN (0, 100) AND NOT (SELECT collisdeterministic "
     f"FROM pg_collation WHERE oid = a.attcollation) THEN '{COLLATED}' ELSE '' END])")
 _TABLE_COLUMNS_SQL: Final = (
