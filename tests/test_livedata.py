@@ -432,6 +432,35 @@ async def test_a_publication_whose_query_fails_stops_with_500_and_no_internals(
             await wait_store(client, expected_view(db_dsn, [("items.all", [])]))
 
 
+async def test_a_filter_comparing_a_column_with_another_type_is_refused_with_the_fix_named(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A str parameter against a uuid column: PostgreSQL has no such operator. One log line
+    says so and what to change; the client gets a 500."""
+    from pydantic import BaseModel
+
+    from cdcddp.publish.definition import Cursor, Publication
+    from cdcddp.publish.filters import C, Param
+    from tests.livedata_support import build_live_app
+
+    class ByToken(BaseModel):
+        token: str  # (the column is a uuid)
+
+    app = build_live_app()
+    app.add_publication(Publication("tokens", Cursor("tokens", fields=["note"],
+                                                     filter=C("token") == Param("token")),
+                                    params=ByToken))
+    async with live_server(db_dsn, app) as server:
+        await asql(db_dsn, "CREATE TABLE tokens (id int PRIMARY KEY, token uuid, note text)")
+        async with connect(server.ws_url) as client:
+            line = await refused_in_one_line(
+                client, caplog, "tokens", {"token": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"})
+            assert line.startswith("observer for public.tokens failed to start: operator "
+                                   "does not exist: uuid = text")
+            assert line.endswith("give the parameter that type in the publication's params "
+                                 "model (UUID for a uuid column, datetime for a timestamp, "
+                                 "int for an integer) or compare with a literal of it")
+
+
 async def test_a_table_the_server_may_not_read_whole_is_refused_with_the_fix_named(
         db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     """No SELECT privilege; then row-level security. The stream shows every row whatever the

@@ -395,10 +395,16 @@ def quiet_partitions(conn: psycopg.Connection[Any], oids: Iterable[int]) -> froz
 
 def failed_read_advice(exc: BaseException) -> str | None:
     """What an operator should change when PostgreSQL refused a read of a published table
-    to the server's role, or found no such table or column (None: another error)."""
+    to the server's role, found no such table or column, or no operator for a filter's
+    comparison (None: another error)."""
     if isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)):
         return ("the publication's cursor names what the database lacks: fix the cursor or "
                 "the schema (cdcddp check lists such problems)")
+    if isinstance(exc, psycopg.errors.UndefinedFunction):  # ("operator does not exist")
+        return ("the publication's filter compares a column with a value of another type: "
+                "give the parameter that type in the publication's params model (UUID for a "
+                "uuid column, datetime for a timestamp, int for an integer) or compare with "
+                "a literal of it")
     if not isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return None
     if exc.diag.source_function == "check_enable_rls":  # (not translated, unlike the message)
