@@ -76,3 +76,49 @@ def test_a_limited_cursors_sort_columns_are_checked(db_dsn: str) -> None:
             "or add the column(s).",
             "publication 'p': cannot sort by doc (jsonb): sort by numbers, text, varchar, bool, "
             "bytea, date, time, timestamp, timestamptz or uuid columns."]
+
+
+def test_a_filter_is_run_with_values_of_its_parameters_declared_types(db_dsn: str) -> None:
+    """A str parameter compared with a uuid column has no operator in PostgreSQL: named at
+    check time, with the fix. Declared types that fit (an enum compared with str, Optional,
+    lists for IN) pass; a parameter of a type with no sample value is not probed."""
+    import uuid
+
+    from pydantic import BaseModel
+
+    from cdcddp.publish.check import check_cursor
+    from cdcddp.publish.definition import Cursor
+    from cdcddp.publish.filters import C, Param
+
+    class AsText(BaseModel):
+        token: str
+        tokens: list[str]
+
+    class Typed(BaseModel):
+        token: uuid.UUID | None
+        tokens: list[uuid.UUID]
+        status: str
+        odd: dict[str, int]
+
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TYPE status AS ENUM ('open', 'done')")
+        conn.execute("CREATE TABLE grants (id int PRIMARY KEY, token uuid, status status)")
+
+        def errors(cursor: Cursor, params: type[BaseModel]) -> list[str]:
+            return [f.message for f in check_cursor(conn, "p", cursor, params)
+                    if f.severity == "error"]
+
+        def cursor(condition: object) -> Cursor:
+            return Cursor("grants", fields=["status"], filter=condition)  # type: ignore[arg-type]
+
+        fix = ("give the parameter the column's type in the publication's params model (UUID "
+               "for a uuid column, datetime for a timestamp, int for an integer), or compare "
+               "with a literal of it.")
+        assert errors(cursor(C("token") == Param("token")), AsText) == [
+            "publication 'p': its filter fails: operator does not exist: uuid = text: " + fix]
+        assert errors(cursor(C("token").in_(Param("tokens"))), AsText) == [
+            "publication 'p': its filter fails: operator does not exist: uuid = text: " + fix]
+        for condition in (C("token") == Param("token"), C("token").in_(Param("tokens")),
+                          (C("status") == Param("status")) & (C("status") != "done"),
+                          C("token") == Param("odd")):  # (not probed)
+            assert errors(cursor(condition), Typed) == [], condition
