@@ -118,6 +118,9 @@ def test_a_filter_is_run_with_values_of_its_parameters_declared_types(db_dsn: st
             "publication 'p': its filter fails: operator does not exist: uuid = text: " + fix]
         assert errors(cursor(C("token").in_(Param("tokens"))), AsText) == [
             "publication 'p': its filter fails: operator does not exist: uuid = text: " + fix]
+        limited = Cursor("grants", fields=["status"], filter=C("token") == Param("token"),
+                         sort=["id"], limit=3)  # (its query as the server runs it)
+        assert len(errors(limited, AsText)) == 1 and errors(limited, Typed) == []
         for condition in (C("token") == Param("token"), C("token").in_(Param("tokens")),
                           (C("status") == Param("status")) & (C("status") != "done"),
                           C("token") == Param("odd")):  # (not probed)

@@ -25,7 +25,7 @@ from psycopg import sql
 
 from cdcddp.db import first_line
 from cdcddp.publish.definition import Cursor, Publication
-from cdcddp.publish.filters import FilterError, quoted
+from cdcddp.publish.filters import FilterError
 from cdcddp.publish.ordering import SORTABLE_TYPE_OIDS, SORTABLE_TYPES
 from cdcddp.publish.snapshots import table_shapes, text_columns
 from cdcddp.wal.preflight import Finding, check_table
@@ -69,25 +69,24 @@ def _columns(conn: psycopg.Connection, schema: str, table: str) -> dict[str, tup
 
 def _filter_finding(conn: psycopg.Connection, publication: str, cursor: Cursor,
                     params: type[pydantic.BaseModel] | None) -> Finding | None:
-    """Run the cursor's filter (``LIMIT 0``) with values of its parameters' declared types:
-    a comparison PostgreSQL has no operator for is named now, not at a first subscription."""
-    condition = cursor.condition
+    """Run the cursor's snapshot query (``LIMIT 0``) with values of its parameters' declared
+    types: a comparison PostgreSQL has no operator for is named now, not at a first
+    subscription."""
     fields = params.model_fields if params is not None else {}
     samples = {name: _sample(fields[name].annotation) if name in fields else _UNKNOWN
-               for name in condition.param_names}
+               for name in cursor.condition.param_names}
     if _UNKNOWN in samples.values():
         return None
     try:
-        bound = condition.bind(samples, "")
+        bound = cursor.bind(samples, "")
     except FilterError:
         return None  # (a value the filter refuses: reported when it is bound)
     table = (cursor.schema_name, cursor.table_name)
-    where, values = bound.where(text_columns(table_shapes(conn, [table]).get(table)))
-    query = sql.SQL("SELECT FROM {}.{} WHERE {} LIMIT 0").format(
-        quoted(cursor.schema_name), quoted(cursor.table_name), where)
+    shape = table_shapes(conn, [table]).get(table)
+    query, values = bound.snapshot_query(shape=shape, text_columns=text_columns(shape))
     try:
         with conn.transaction():
-            conn.execute(query, values)
+            conn.execute(sql.SQL("SELECT FROM ({}) AS probe LIMIT 0").format(query), values)
     except psycopg.errors.UndefinedFunction as exc:
         return Finding("error", "filter_type", (
             f"publication {publication!r}: its filter fails: {first_line(exc)}: give the "
