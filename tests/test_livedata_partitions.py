@@ -247,6 +247,38 @@ async def test_a_partition_made_ahead_costs_no_resync(db_dsn: str) -> None:
         assert live.resync_reasons["partitions_changed"] == 5
 
 
+async def test_a_partition_detached_concurrently_leaves_at_its_first_commit(
+        db_dsn: str) -> None:
+    """DETACH ... CONCURRENTLY commits twice: from the first commit on, queries of the table
+    omit the partition (still in pg_inherits, "detach pending"), while the second waits for
+    transactions using the table, or for ever if interrupted. The partition's rows leave
+    the subscriptions at the first, and its changes are not the table's from then."""
+    await asql(db_dsn, SCHEMA, "INSERT INTO events (region, id, title) VALUES "
+                               "('eu', 1, 'hot'), ('eu', 1001, 'hot'), ('eu', 1002, 'cold')")
+    async with subscribed(db_dsn, resyncs={"partitions_changed"}) as (live, client):
+        assert pk_to_wire_id(("eu", 1001)) in store(client, "events")
+        # An open transaction that read the table: the second commit waits for it.
+        blocker = await trio.to_thread.run_sync(psycopg.connect, db_dsn)
+        await trio.to_thread.run_sync(blocker.execute, "SELECT count(*) FROM events")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(asql, db_dsn, "ALTER TABLE events_eu DETACH PARTITION "
+                                             "events_eu_2 CONCURRENTLY")  # (no default)
+            try:
+                await eventually(lambda: sql(db_dsn, "SELECT count(*) FROM pg_inherits WHERE "
+                                                     "inhdetachpending") == [(1,)])
+                await all_as_expected(client, db_dsn)
+                assert pk_to_wire_id(("eu", 1001)) not in store(client, "events")
+                await asql(db_dsn, "UPDATE events_eu_2 SET version = 1 WHERE id = 1001",
+                           "INSERT INTO events_eu_2 VALUES ('eu', 1003, 'hot', NULL)")
+                await live.sync()
+                await all_as_expected(client, db_dsn)
+            finally:  # (the DETACH's thread ends only then)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(blocker.close)
+        await live.sync()
+        await all_as_expected(client, db_dsn)
+
+
 def test_quiet_partitions_are_those_that_never_held_a_row_nor_were_renamed(
         db_dsn: str) -> None:
     """The catalog half of the quiet test: no page, and the name its pg_inherits row saw."""

@@ -162,7 +162,10 @@ class Partition:
 
 
 # The tables below each of the tables named, through pg_inherits (partitions and inheritance
-# children alike), save partitioned ones: those have no rows of their own.
+# children alike), save partitioned ones: those have no rows of their own. A partition being
+# detached CONCURRENTLY is left out from its first transaction's commit on: queries of the
+# table omit it from then (while the second waits for older transactions, or for ever if it
+# was interrupted: until DETACH ... FINALIZE).
 _PARTITIONS_SQL = (
     "WITH RECURSIVE named AS ("
     " SELECT r.nspname, r.relname, c.oid FROM unnest(%s::text[], %s::text[]) "
@@ -170,10 +173,10 @@ _PARTITIONS_SQL = (
     " JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.relname), "
     "below AS ("
     " SELECT t.nspname, t.relname, i.inhrelid FROM named t "
-    " JOIN pg_inherits i ON i.inhparent = t.oid "
+    " JOIN pg_inherits i ON i.inhparent = t.oid AND NOT i.inhdetachpending "
     " UNION "
     " SELECT b.nspname, b.relname, i.inhrelid FROM below b "
-    " JOIN pg_inherits i ON i.inhparent = b.inhrelid) "
+    " JOIN pg_inherits i ON i.inhparent = b.inhrelid AND NOT i.inhdetachpending) "
     "SELECT b.nspname, b.relname, n.nspname, c.relname, c.oid::int8, c.relispartition, "
     "c.relkind::text, c.relpersistence::text, c.relreplident::text, EXISTS (SELECT 1 "
     "FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) "
