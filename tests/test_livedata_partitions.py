@@ -346,6 +346,20 @@ async def test_a_partition_whose_changes_are_never_streamed_stops_its_table(
                 f"public.events_eu_3 SET LOGGED: 1 observer(s) of public.{table} stop"
                 for table in ("events", "events_eu")]
 
+            # A published table made UNLOGGED itself (its rows, rewritten, stay): the same.
+            await client.subscribe("events.us", sub_id="us")
+            caplog.clear()
+            await asql(db_dsn, "ALTER TABLE events_us SET UNLOGGED")
+            await client.wait_for(lambda: "us" in client.stopped_subs)
+            stopped = client.stopped_subs["us"]
+            assert stopped is not None and stopped.error == 500
+            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+                "public.events_us is UNLOGGED: its changes are not written to the WAL, so never "
+                "streamed: run ALTER TABLE public.events_us SET LOGGED: 1 observer(s) of "
+                "public.events_us stop"]
+            await asql(db_dsn, "ALTER TABLE events_us SET LOGGED")  # subscribable again
+            await client.subscribe("events.us")
+
 
 async def test_a_table_with_inheritance_children_is_followed_with_their_rows(
         db_dsn: str) -> None:

@@ -330,9 +330,20 @@ class TableNotStreamed(DatabaseSetupError):
     :func:`cdcddp.wal.preflight.unstreamed_reason`): its snapshot would never change."""
 
 
-_RELATION_KIND_SQL: Final = (
-    "SELECT c.relkind::text, c.relpersistence::text FROM pg_class c "
-    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s")
+_RELATION_KINDS_SQL: Final = (
+    "SELECT n.nspname, c.relname, c.relkind::text, c.relpersistence::text "
+    "FROM unnest(%s::text[], %s::text[]) AS r(nspname, relname) "
+    "JOIN pg_namespace n ON n.nspname = r.nspname "
+    "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.relname")
+
+
+def _unstreamed_reasons(conn: psycopg.Connection[Any], tables: Sequence[TableName]
+                        ) -> dict[TableName, str | None]:
+    """For each of ``tables`` that exists, why no change to it is streamed (None: they
+    are)."""
+    rows = conn.execute(_RELATION_KINDS_SQL, ([t[0] for t in tables], [t[1] for t in tables]))
+    return {(schema, name): unstreamed_reason(f"{schema}.{name}", relkind, persistence)
+            for schema, name, relkind, persistence in rows}
 
 
 def check_streamed(conn: psycopg.Connection[Any], table: TableName
@@ -341,12 +352,11 @@ def check_streamed(conn: psycopg.Connection[Any], table: TableName
     missing table is left to the snapshot query to report). Its partitions' (or inheritance
     children's) changes are its too, under their names: returns them (None for a missing
     table)."""
-    found = conn.execute(_RELATION_KIND_SQL, table).fetchone()
-    if found is None:
+    reasons = _unstreamed_reasons(conn, [table])
+    if table not in reasons:
         return None
-    reason = unstreamed_reason(f"{table[0]}.{table[1]}", *found)
-    if reason is not None:
-        raise TableNotStreamed(reason)
+    if reasons[table] is not None:
+        raise TableNotStreamed(reasons[table])
     trees, unstreamed = read_partitions(conn, [table])
     if table in unstreamed:
         raise TableNotStreamed(unstreamed[table])
@@ -356,11 +366,15 @@ def check_streamed(conn: psycopg.Connection[Any], table: TableName
 def read_partitions(conn: psycopg.Connection[Any], tables: Sequence[TableName]
                     ) -> tuple[dict[TableName, frozenset[Leaf]], dict[TableName, str]]:
     """The partitions with rows of each of ``tables`` (or inheritance children: see
-    :func:`cdcddp.wal.preflight.partitions_of`), and why the changes of those with one
-    whose changes are never streamed are not (an UNLOGGED or foreign partition)."""
+    :func:`cdcddp.wal.preflight.partitions_of`), and why the changes of those that has one
+    whose changes are never streamed (an UNLOGGED or foreign partition), or that is such a
+    table itself (made UNLOGGED since it was followed), are not."""
     found = partitions_of(conn, tables)
     unstreamed = {table: reason for table, leaves in found.items()
                   if (reason := unstreamed_partition(f"{table[0]}.{table[1]}", leaves))}
+    for table, reason in _unstreamed_reasons(conn, tables).items():
+        if reason is not None:
+            unstreamed[table] = reason
     return ({table: frozenset((leaf.schema, leaf.table, leaf.oid) for leaf in leaves)
              for table, leaves in found.items()}, unstreamed)
 
