@@ -554,6 +554,40 @@ async def test_a_relation_whose_changes_are_never_streamed_is_refused_with_the_f
             await client.wait_for(lambda: store(client, "scratch")["1"]["title"] == "ONE", 10)
 
 
+async def test_a_table_whose_updates_and_deletes_are_never_streamed_is_refused(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """No primary key (or REPLICA IDENTITY NOTHING): wal2json drops the table's UPDATEs and
+    DELETEs, so a subscription would keep rows that changed or went. Refused with the fix;
+    and when a subscribed table loses its identity, its subscriptions stop."""
+    from cdcddp.publish.definition import Cursor, Publication
+    from tests.livedata_support import build_live_app
+
+    app = build_live_app()
+    app.add_publication(Publication("notes", Cursor("notes", fields=["title"])))
+    await asql(db_dsn, "CREATE TABLE notes (id int NOT NULL, title text)",
+               "INSERT INTO notes VALUES (1, 'one')")
+    async with live_server(db_dsn, app, catalog_check_interval=0.1) as server:
+        async with connect(server.ws_url) as client:
+            assert await refused_in_one_line(client, caplog, "notes") == (
+                "observer for public.notes failed to start: table public.notes has no primary "
+                "key, so its UPDATEs and DELETEs are not streamed: add one (ALTER TABLE "
+                "public.notes ADD PRIMARY KEY (...)) or set REPLICA IDENTITY USING INDEX or "
+                "FULL")
+            await asql(db_dsn, "ALTER TABLE notes ADD PRIMARY KEY (id)")
+            await client.subscribe("notes", sub_id="notes")
+            await asql(db_dsn, "UPDATE notes SET title = 'ONE'")
+            await client.wait_for(lambda: store(client, "notes")["1"]["title"] == "ONE", 10)
+            caplog.clear()
+            await asql(db_dsn, "ALTER TABLE notes REPLICA IDENTITY NOTHING")
+            await client.wait_for(lambda: "notes" in client.stopped_subs)
+            stopped = client.stopped_subs["notes"]
+            assert stopped is not None and stopped.error == 500
+            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+                "table public.notes has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs "
+                "are not streamed: run ALTER TABLE public.notes REPLICA IDENTITY DEFAULT: 1 "
+                "observer(s) of public.notes stop"]
+
+
 async def test_initial_result_larger_than_the_send_buffer_goes_out_in_pieces(
         db_dsn: str) -> None:
     # 10,000 documents of ~130 bytes each: about 1.3 MB of `added`, against a 512 kB bound on

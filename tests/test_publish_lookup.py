@@ -15,6 +15,7 @@ from cdcddp.publish import lookup as lookup_module
 from cdcddp.publish.definition import Cursor, PublicationError, Publications
 from cdcddp.publish.filters import C
 from cdcddp.publish.lookup import BatchedLookups, RecentRowChanges, SqlRowLookup, read_differs
+from cdcddp.publish.snapshots import TableNotStreamed
 from cdcddp.publish.visibility import Snapshot
 from tests.livedata_support import count_row_reads
 from tests.pg_support import held_commit, sql
@@ -94,8 +95,12 @@ def test_lookup_keys_are_primary_keys(db_dsn: str) -> None:
         with pytest.raises(PublicationError, match=r"\['title'\] are not the table's primary "
                                                    r"key \['site', 'slug'\]"):
             lookup.row("pages", "Home", key_columns=["title"])
-        with pytest.raises(PublicationError, match="has no primary key"):
+        # (Its UPDATEs and DELETEs are not even streamed: refused for that first.)
+        with pytest.raises(TableNotStreamed, match="has no primary key, so its UPDATEs"):
             lookup.row("notes", "x", key_columns=["body"])
+        conn.execute("ALTER TABLE notes REPLICA IDENTITY FULL")  # streamed, but no key
+        with pytest.raises(PublicationError, match="has no primary key"):
+            SqlRowLookup(conn).row("notes", "x", key_columns=["body"])
 
 
 def test_a_text_key_is_read_exactly_under_a_nondeterministic_collation(db_dsn: str) -> None:

@@ -26,7 +26,13 @@ from cdcddp.publish.visibility import Snapshot
 from cdcddp.wal.events import Relation
 from cdcddp.wal.lsn import SERVER_LSN_SQL, parse_lsn
 from cdcddp.wal.pgtypes import BINARY_LOADS_AS_DECODED
-from cdcddp.wal.preflight import partitions_of, unstreamed_partition, unstreamed_reason
+from cdcddp.wal.preflight import (
+    partitions_of,
+    unidentified_partition,
+    unidentified_reason,
+    unstreamed_partition,
+    unstreamed_reason,
+)
 
 __all__ = [
     "ReadsInterrupted",
@@ -331,7 +337,9 @@ class TableNotStreamed(DatabaseSetupError):
 
 
 _RELATION_KINDS_SQL: Final = (
-    "SELECT n.nspname, c.relname, c.relkind::text, c.relpersistence::text "
+    "SELECT n.nspname, c.relname, c.relkind::text, c.relpersistence::text, "
+    "c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid "
+    "AND i.indisprimary) "
     "FROM unnest(%s::text[], %s::text[]) AS r(nspname, relname) "
     "JOIN pg_namespace n ON n.nspname = r.nspname "
     "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.relname")
@@ -339,11 +347,13 @@ _RELATION_KINDS_SQL: Final = (
 
 def _unstreamed_reasons(conn: psycopg.Connection[Any], tables: Sequence[TableName]
                         ) -> dict[TableName, str | None]:
-    """For each of ``tables`` that exists, why no change to it is streamed (None: they
-    are)."""
+    """For each of ``tables`` that exists, why its changes (or its UPDATEs and DELETEs:
+    no replica identity) are not streamed (None: they are)."""
     rows = conn.execute(_RELATION_KINDS_SQL, ([t[0] for t in tables], [t[1] for t in tables]))
     return {(schema, name): unstreamed_reason(f"{schema}.{name}", relkind, persistence)
-            for schema, name, relkind, persistence in rows}
+            or (unidentified_reason(f"{schema}.{name}", identity, has_pk)
+                if relkind == "r" else None)
+            for schema, name, relkind, persistence, identity, has_pk in rows}
 
 
 def check_streamed(conn: psycopg.Connection[Any], table: TableName
@@ -371,7 +381,8 @@ def read_partitions(conn: psycopg.Connection[Any], tables: Sequence[TableName]
     table itself (made UNLOGGED since it was followed), are not."""
     found = partitions_of(conn, tables)
     unstreamed = {table: reason for table, leaves in found.items()
-                  if (reason := unstreamed_partition(f"{table[0]}.{table[1]}", leaves))}
+                  if (reason := unstreamed_partition(f"{table[0]}.{table[1]}", leaves)
+                      or unidentified_partition(f"{table[0]}.{table[1]}", leaves))}
     for table, reason in _unstreamed_reasons(conn, tables).items():
         if reason is not None:
             unstreamed[table] = reason

@@ -208,19 +208,40 @@ def unstreamed_partition(table: str, partitions: Iterable[Partition]) -> str | N
     return None
 
 
-def _identity_finding(name: str, identity: str, has_pk: bool, part_of: str | None = None
-                      ) -> Finding | None:
+def unidentified_reason(name: str, identity: str, has_pk: bool, part_of: str | None = None
+                        ) -> str | None:
+    """Why the UPDATEs and DELETEs of table ``name`` (``pg_class.relreplident``, whether it
+    has a primary key) are not streamed (wal2json drops them: no identity), with what to do;
+    None when they are."""
     what = name if part_of is None else f"{name} ({part_of})"
     if identity == "n":
-        return Finding("error", "table_identity_nothing",
-                       f"table {what} has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs "
-                       f"are not streamed: run ALTER TABLE {name} REPLICA IDENTITY DEFAULT.")
+        return (f"table {what} has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs are "
+                f"not streamed: run ALTER TABLE {name} REPLICA IDENTITY DEFAULT")
     if identity == "d" and not has_pk:
-        return Finding("error", "table_no_identity",
-                       f"table {what} has no primary key, so its UPDATEs and DELETEs are not "
-                       f"streamed: add one (ALTER TABLE {name} ADD PRIMARY KEY (...)) or set "
-                       "REPLICA IDENTITY USING INDEX or FULL.")
+        return (f"table {what} has no primary key, so its UPDATEs and DELETEs are not "
+                f"streamed: add one (ALTER TABLE {name} ADD PRIMARY KEY (...)) or set "
+                "REPLICA IDENTITY USING INDEX or FULL")
     return None
+
+
+def unidentified_partition(table: str, partitions: Iterable[Partition]) -> str | None:
+    """Why the UPDATEs and DELETEs of a partition of ``table`` are not streamed, if one's
+    are not (see :func:`unidentified_reason`)."""
+    for leaf in partitions:
+        reason = unidentified_reason(leaf.name, leaf.identity, leaf.has_pk,
+                                     leaf.part_of(table))
+        if reason is not None:
+            return reason
+    return None
+
+
+def _identity_finding(name: str, identity: str, has_pk: bool, part_of: str | None = None
+                      ) -> Finding | None:
+    reason = unidentified_reason(name, identity, has_pk, part_of)
+    if reason is None:
+        return None
+    code = "table_identity_nothing" if identity == "n" else "table_no_identity"
+    return Finding("error", code, f"{reason}.")
 
 
 def check_table(conn: psycopg.Connection, table: str) -> Finding:
