@@ -1184,8 +1184,9 @@ class LiveData:
         due = {table: (leaves, unstreamed.get(table)) for table, leaves in trees.items()
                if leaves != partitions.leaves(table)
                or (table in unstreamed and table in self._streamed)}
-        for table in trees.keys() - due.keys():
-            self._partitions_due.pop(table, None)  # changed back before it was followed
+        for table in set(tables) - due.keys():
+            # Changed back before it was followed (or gone: its observers stop for that).
+            self._partitions_due.pop(table, None)
         new = {table: d for table, d in due.items()
                if self._partitions_due.get(table, (None, None))[:2] != d}
         if not new:

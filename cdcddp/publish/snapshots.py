@@ -362,30 +362,25 @@ def check_streamed(conn: psycopg.Connection[Any], table: TableName
     missing table is left to the snapshot query to report). Its partitions' (or inheritance
     children's) changes are its too, under their names: returns them (None for a missing
     table)."""
-    reasons = _unstreamed_reasons(conn, [table])
-    if table not in reasons:
-        return None
-    if reasons[table] is not None:
-        raise TableNotStreamed(reasons[table])
     trees, unstreamed = read_partitions(conn, [table])
     if table in unstreamed:
         raise TableNotStreamed(unstreamed[table])
-    return trees[table]
+    return trees.get(table)
 
 
 def read_partitions(conn: psycopg.Connection[Any], tables: Sequence[TableName]
                     ) -> tuple[dict[TableName, frozenset[Leaf]], dict[TableName, str]]:
-    """The partitions with rows of each of ``tables`` (or inheritance children: see
-    :func:`cdcddp.wal.preflight.partitions_of`), and why the changes of those that has one
-    whose changes are never streamed (an UNLOGGED or foreign partition), or that is such a
-    table itself (made UNLOGGED since it was followed), are not."""
-    found = partitions_of(conn, tables)
+    """The partitions with rows of each of ``tables`` that exists (or inheritance children:
+    see :func:`cdcddp.wal.preflight.partitions_of`), and why the changes of those whose
+    changes (or UPDATEs and DELETEs) are not all streamed are not: one of them is an
+    UNLOGGED, foreign or unidentified table, or a partition or child of theirs is."""
+    own = _unstreamed_reasons(conn, tables)
+    found = {table: leaves for table, leaves in partitions_of(conn, tables).items()
+             if table in own}
     unstreamed = {table: reason for table, leaves in found.items()
-                  if (reason := unstreamed_partition(f"{table[0]}.{table[1]}", leaves)
+                  if (reason := own[table]
+                      or unstreamed_partition(f"{table[0]}.{table[1]}", leaves)
                       or unidentified_partition(f"{table[0]}.{table[1]}", leaves))}
-    for table, reason in _unstreamed_reasons(conn, tables).items():
-        if reason is not None:
-            unstreamed[table] = reason
     return ({table: frozenset((leaf.schema, leaf.table, leaf.oid) for leaf in leaves)
              for table, leaves in found.items()}, unstreamed)
 
