@@ -210,8 +210,9 @@ def _read_together(conn: psycopg.Connection[Any], reads: Sequence[SnapshotRead],
     a take that fails fails its own read."""
     queries = []
     params: list[Any] = []
+    compared_as_text = text_columns(shape)
     for tag, read in enumerate(reads):
-        query, read_params = read.bound.snapshot_query(tag, shape, text_columns(shape))
+        query, read_params = read.bound.snapshot_query(tag, shape, compared_as_text)
         queries.append(sql.SQL("({})").format(query))
         params += read_params
     rows_of: list[list[Values]] = [[] for _ in reads]
