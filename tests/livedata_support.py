@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -286,6 +286,19 @@ async def refused_in_one_line(client: DDPClient, caplog: pytest.LogCaptureFixtur
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert record.exc_info is None
     return record.getMessage()
+
+
+async def stopped_by(client: DDPClient, caplog: pytest.LogCaptureFixture, dsn: str,
+                     subs: Iterable[str], *statements: str) -> list[str]:
+    """Run ``statements``: each of the subscriptions ``subs`` must stop with a 500; returns
+    the error lines logged meanwhile."""
+    caplog.clear()
+    await asql(dsn, *statements)
+    await client.wait_for(lambda: set(subs) <= set(client.stopped_subs))
+    for sub in subs:
+        stopped = client.stopped_subs[sub]
+        assert stopped is not None and stopped.error == 500
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def store(client: DDPClient, collection: str = "items") -> dict[str, dict[str, Any]]:

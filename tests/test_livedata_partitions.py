@@ -5,7 +5,6 @@ the server with its slot, real WebSocket clients)."""
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,6 +27,7 @@ from tests.livedata_support import (
     check_message_log,
     live_server,
     refused_in_one_line,
+    stopped_by,
     store,
     wait_store,
 )
@@ -333,14 +333,9 @@ async def test_a_partition_whose_changes_are_never_streamed_stops_its_table(
             await asql(db_dsn, "ALTER TABLE events_ca SET LOGGED")
             await client.subscribe("events.all", sub_id="all")
             await client.subscribe("events.eu", sub_id="eu")
-            caplog.clear()
-            await asql(db_dsn, "CREATE UNLOGGED TABLE events_eu_3 PARTITION OF events_eu "
-                               "FOR VALUES FROM (2000) TO (3000)")
-            await client.wait_for(lambda: {"all", "eu"} <= set(client.stopped_subs))
-            for sub in ("all", "eu"):
-                stopped = client.stopped_subs[sub]
-                assert stopped is not None and stopped.error == 500
-            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+            assert await stopped_by(client, caplog, db_dsn, ["all", "eu"],
+                                    "CREATE UNLOGGED TABLE events_eu_3 PARTITION OF events_eu "
+                                    "FOR VALUES FROM (2000) TO (3000)") == [
                 f"public.events_eu_3 (a partition of public.{table}) is UNLOGGED: its changes "
                 "are not written to the WAL, so never streamed: run ALTER TABLE "
                 f"public.events_eu_3 SET LOGGED: 1 observer(s) of public.{table} stop"
@@ -348,12 +343,8 @@ async def test_a_partition_whose_changes_are_never_streamed_stops_its_table(
 
             # A published table made UNLOGGED itself (its rows, rewritten, stay): the same.
             await client.subscribe("events.us", sub_id="us")
-            caplog.clear()
-            await asql(db_dsn, "ALTER TABLE events_us SET UNLOGGED")
-            await client.wait_for(lambda: "us" in client.stopped_subs)
-            stopped = client.stopped_subs["us"]
-            assert stopped is not None and stopped.error == 500
-            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+            assert await stopped_by(client, caplog, db_dsn, ["us"],
+                                    "ALTER TABLE events_us SET UNLOGGED") == [
                 "public.events_us is UNLOGGED: its changes are not written to the WAL, so never "
                 "streamed: run ALTER TABLE public.events_us SET LOGGED: 1 observer(s) of "
                 "public.events_us stop"]
