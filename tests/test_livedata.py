@@ -583,6 +583,16 @@ async def test_a_table_whose_updates_and_deletes_are_never_streamed_is_refused(
                 "table public.notes has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs "
                 "are not streamed: run ALTER TABLE public.notes REPLICA IDENTITY DEFAULT: 1 "
                 "observer(s) of public.notes stop"]
+            # USING INDEX, and that index dropped: PostgreSQL then logs as for NOTHING.
+            await asql(db_dsn, "CREATE UNIQUE INDEX notes_id ON notes (id)",
+                       "ALTER TABLE notes REPLICA IDENTITY USING INDEX notes_id")
+            await client.subscribe("notes", sub_id="again")
+            assert await stopped_by(client, caplog, db_dsn, ["again"],
+                                    "DROP INDEX notes_id") == [
+                "table public.notes has REPLICA IDENTITY USING INDEX, but that index was "
+                "dropped, so its UPDATEs and DELETEs are not streamed: run ALTER TABLE "
+                "public.notes REPLICA IDENTITY USING INDEX (another unique index), DEFAULT "
+                "(with a primary key) or FULL: 1 observer(s) of public.notes stop"]
 
 
 async def test_initial_result_larger_than_the_send_buffer_goes_out_in_pieces(

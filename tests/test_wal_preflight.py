@@ -97,13 +97,23 @@ def test_tables_without_identity(db_dsn: str) -> None:
         conn.execute("ALTER TABLE nothing REPLICA IDENTITY NOTHING")
         conn.execute("CREATE TABLE full_ident (v int)")
         conn.execute("ALTER TABLE full_ident REPLICA IDENTITY FULL")
+        conn.execute("CREATE TABLE by_index (v int NOT NULL)")
+        conn.execute("CREATE UNIQUE INDEX by_index_v ON by_index (v)")
+        conn.execute("ALTER TABLE by_index REPLICA IDENTITY USING INDEX by_index_v")
+        conn.execute("CREATE TABLE index_gone (v int NOT NULL)")
+        conn.execute("CREATE UNIQUE INDEX index_gone_v ON index_gone (v)")
+        conn.execute("ALTER TABLE index_gone REPLICA IDENTITY USING INDEX index_gone_v")
+        conn.execute("DROP INDEX index_gone_v")  # (relreplident stays 'i': logged as NOTHING)
     findings = run_preflight(db_dsn, tables=["good", "public.nopk", "nothing", "full_ident",
-                                             "missing"])
-    table_findings = findings[-5:]
-    assert [f.severity for f in table_findings] == ["ok", "error", "error", "ok", "error"]
+                                             "by_index", "index_gone", "missing"])
+    table_findings = findings[-7:]
+    assert [f.severity for f in table_findings] == [
+        "ok", "error", "error", "ok", "ok", "error", "error"]
     assert table_findings[1].message.startswith("table nopk has no primary key")
     assert "ALTER TABLE nothing REPLICA IDENTITY DEFAULT" in table_findings[2].message
-    assert table_findings[4].message == ("table missing does not exist: create it or fix the "
+    assert table_findings[5].message.startswith(
+        "table index_gone has REPLICA IDENTITY USING INDEX, but that index was dropped")
+    assert table_findings[6].message == ("table missing does not exist: create it or fix the "
                                          "table name.")
 
 

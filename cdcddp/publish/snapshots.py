@@ -27,6 +27,7 @@ from cdcddp.wal.events import Relation
 from cdcddp.wal.lsn import SERVER_LSN_SQL, parse_lsn
 from cdcddp.wal.pgtypes import BINARY_LOADS_AS_DECODED
 from cdcddp.wal.preflight import (
+    IDENTITY_INDEX_SQL,
     partitions_of,
     unidentified_partition,
     unidentified_reason,
@@ -339,8 +340,7 @@ class TableNotStreamed(DatabaseSetupError):
 
 _RELATION_KINDS_SQL: Final = (
     "SELECT n.nspname, c.relname, c.relkind::text, c.relpersistence::text, "
-    "c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid "
-    "AND i.indisprimary) "
+    f"c.relreplident::text, {IDENTITY_INDEX_SQL} "
     "FROM unnest(%s::text[], %s::text[]) AS r(nspname, relname) "
     "JOIN pg_namespace n ON n.nspname = r.nspname "
     "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.relname")
@@ -352,9 +352,9 @@ def _unstreamed_reasons(conn: psycopg.Connection[Any], tables: Sequence[TableNam
     no replica identity) are not streamed (None: they are)."""
     rows = conn.execute(_RELATION_KINDS_SQL, ([t[0] for t in tables], [t[1] for t in tables]))
     return {(schema, name): unstreamed_reason(f"{schema}.{name}", relkind, persistence)
-            or (unidentified_reason(f"{schema}.{name}", identity, has_pk)
+            or (unidentified_reason(f"{schema}.{name}", identity, has_index)
                 if relkind == "r" else None)
-            for schema, name, relkind, persistence, identity, has_pk in rows}
+            for schema, name, relkind, persistence, identity, has_index in rows}
 
 
 def check_streamed(conn: psycopg.Connection[Any], table: TableName

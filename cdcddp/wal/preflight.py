@@ -139,6 +139,14 @@ def unstreamed_reason(name: str, relkind: str, persistence: str,
     return None
 
 
+# Whether pg_class ``c`` has the index its replica identity uses: its primary key under
+# DEFAULT, the one chosen under USING INDEX (dropped, it leaves relreplident 'i' behind, and
+# PostgreSQL then logs as for NOTHING).
+IDENTITY_INDEX_SQL = (
+    "EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND CASE c.relreplident "
+    "WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END)")
+
+
 @dataclass(slots=True, frozen=True)
 class Partition:
     """A table whose rows a query of another also reads: a partition of it (at any level
@@ -151,7 +159,7 @@ class Partition:
     relkind: str
     persistence: str
     identity: str  # pg_class.relreplident
-    has_pk: bool
+    has_identity_index: bool  # (see IDENTITY_INDEX_SQL)
 
     @property
     def name(self) -> str:
@@ -178,8 +186,7 @@ _PARTITIONS_SQL = (
     " SELECT b.nspname, b.relname, i.inhrelid FROM below b "
     " JOIN pg_inherits i ON i.inhparent = b.inhrelid AND NOT i.inhdetachpending) "
     "SELECT b.nspname, b.relname, n.nspname, c.relname, c.oid::int8, c.relispartition, "
-    "c.relkind::text, c.relpersistence::text, c.relreplident::text, EXISTS (SELECT 1 "
-    "FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) "
+    f"c.relkind::text, c.relpersistence::text, c.relreplident::text, {IDENTITY_INDEX_SQL} "
     "FROM below b JOIN pg_class c ON c.oid = b.inhrelid "
     "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind <> 'p'")
 
@@ -208,19 +215,24 @@ def unstreamed_partition(table: str, partitions: Iterable[Partition]) -> str | N
     return None
 
 
-def unidentified_reason(name: str, identity: str, has_pk: bool, part_of: str | None = None
-                        ) -> str | None:
+def unidentified_reason(name: str, identity: str, has_identity_index: bool,
+                        part_of: str | None = None) -> str | None:
     """Why the UPDATEs and DELETEs of table ``name`` (``pg_class.relreplident``, whether it
-    has a primary key) are not streamed (wal2json drops them: no identity), with what to do;
-    None when they are."""
+    has the index that uses: see :data:`IDENTITY_INDEX_SQL`) are not streamed (wal2json drops
+    them: no identity), with what to do; None when they are."""
     what = name if part_of is None else f"{name} ({part_of})"
     if identity == "n":
         return (f"table {what} has REPLICA IDENTITY NOTHING, so its UPDATEs and DELETEs are "
                 f"not streamed: run ALTER TABLE {name} REPLICA IDENTITY DEFAULT")
-    if identity == "d" and not has_pk:
+    if identity == "d" and not has_identity_index:
         return (f"table {what} has no primary key, so its UPDATEs and DELETEs are not "
                 f"streamed: add one (ALTER TABLE {name} ADD PRIMARY KEY (...)) or set "
                 "REPLICA IDENTITY USING INDEX or FULL")
+    if identity == "i" and not has_identity_index:
+        return (f"table {what} has REPLICA IDENTITY USING INDEX, but that index was dropped, "
+                "so its UPDATEs and DELETEs are not streamed: run ALTER TABLE "
+                f"{name} REPLICA IDENTITY USING INDEX (another unique index), DEFAULT (with "
+                "a primary key) or FULL")
     return None
 
 
@@ -228,16 +240,16 @@ def unidentified_partition(table: str, partitions: Iterable[Partition]) -> str |
     """Why the UPDATEs and DELETEs of a partition of ``table`` are not streamed, if one's
     are not (see :func:`unidentified_reason`)."""
     for leaf in partitions:
-        reason = unidentified_reason(leaf.name, leaf.identity, leaf.has_pk,
+        reason = unidentified_reason(leaf.name, leaf.identity, leaf.has_identity_index,
                                      leaf.part_of(table))
         if reason is not None:
             return reason
     return None
 
 
-def _identity_finding(name: str, identity: str, has_pk: bool, part_of: str | None = None
-                      ) -> Finding | None:
-    reason = unidentified_reason(name, identity, has_pk, part_of)
+def _identity_finding(name: str, identity: str, has_identity_index: bool,
+                      part_of: str | None = None) -> Finding | None:
+    reason = unidentified_reason(name, identity, has_identity_index, part_of)
     if reason is None:
         return None
     code = "table_identity_nothing" if identity == "n" else "table_no_identity"
@@ -246,15 +258,15 @@ def _identity_finding(name: str, identity: str, has_pk: bool, part_of: str | Non
 
 def check_table(conn: psycopg.Connection, table: str) -> Finding:
     row = conn.execute(
-        "SELECT c.oid::regclass::text, c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i "
-        "WHERE i.indrelid = c.oid AND i.indisprimary), has_table_privilege(c.oid, 'SELECT'), "
+        f"SELECT c.oid::regclass::text, c.relreplident::text, {IDENTITY_INDEX_SQL}, "
+        "has_table_privilege(c.oid, 'SELECT'), "
         "row_security_active(c.oid), current_user, c.relkind::text, c.relpersistence::text, "
         "n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.oid = to_regclass(%s)", (table,)).fetchone()
     if row is None:
         return Finding("error", "table_missing",
                        f"table {table} does not exist: create it or fix the table name.")
-    (name, identity, has_pk, readable, row_security, role, relkind, persistence,
+    (name, identity, has_identity_index, readable, row_security, role, relkind, persistence,
      schema, relname) = row
     unstreamed = unstreamed_reason(name, relkind, persistence)
     if unstreamed is not None:
@@ -266,10 +278,11 @@ def check_table(conn: psycopg.Connection, table: str) -> Finding:
     unstreamed = unstreamed_partition(name, partitions)
     if unstreamed is not None:
         return Finding("error", "table_not_streamed", f"{unstreamed}.")
-    findings = [_identity_finding(leaf.name, leaf.identity, leaf.has_pk, leaf.part_of(name))
+    findings = [_identity_finding(leaf.name, leaf.identity, leaf.has_identity_index,
+                                  leaf.part_of(name))
                 for leaf in partitions]
     if relkind != "p":
-        findings.insert(0, _identity_finding(name, identity, has_pk))
+        findings.insert(0, _identity_finding(name, identity, has_identity_index))
     finding = next((f for f in findings if f is not None), None)
     if finding is not None:
         return finding
