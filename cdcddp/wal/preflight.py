@@ -204,15 +204,15 @@ def partitions_of(conn: psycopg.Connection, tables: Iterable[tuple[str, str]]
     return found
 
 
+def _first(reasons: Iterable[str | None]) -> str | None:
+    return next((reason for reason in reasons if reason is not None), None)
+
+
 def unstreamed_partition(table: str, partitions: Iterable[Partition]) -> str | None:
     """Why the changes to a partition of ``table`` are never streamed, if one's are not
     (see :func:`unstreamed_reason`)."""
-    for leaf in partitions:
-        reason = unstreamed_reason(leaf.name, leaf.relkind, leaf.persistence,
-                                   leaf.part_of(table))
-        if reason is not None:
-            return reason
-    return None
+    return _first(unstreamed_reason(leaf.name, leaf.relkind, leaf.persistence,
+                                    leaf.part_of(table)) for leaf in partitions)
 
 
 def unidentified_reason(name: str, identity: str, has_identity_index: bool,
@@ -239,12 +239,8 @@ def unidentified_reason(name: str, identity: str, has_identity_index: bool,
 def unidentified_partition(table: str, partitions: Iterable[Partition]) -> str | None:
     """Why the UPDATEs and DELETEs of a partition of ``table`` are not streamed, if one's
     are not (see :func:`unidentified_reason`)."""
-    for leaf in partitions:
-        reason = unidentified_reason(leaf.name, leaf.identity, leaf.has_identity_index,
-                                     leaf.part_of(table))
-        if reason is not None:
-            return reason
-    return None
+    return _first(unidentified_reason(leaf.name, leaf.identity, leaf.has_identity_index,
+                                      leaf.part_of(table)) for leaf in partitions)
 
 
 def _identity_finding(name: str, identity: str, has_identity_index: bool,
